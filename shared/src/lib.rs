@@ -1,0 +1,30 @@
+//! Millrace's shared vocabulary: the factory event model that devices, edge, cloud and
+//! simulators all speak.
+//!
+//! # Layout
+//! - [`topic`]: the MQTT topic scheme `factory/{site}/{line}/{machine}/{kind}` and machine identity.
+//! - [`event`]: the events (state changes, parts, telemetry, operator actions), their JSON
+//!   payloads with a schema version, and strict decoding with errors that name field, value and
+//!   expectation.
+//! - [`master`]: machine master data (ideal cycle time) and the shift calendar that defines
+//!   planned production time.
+//! - [`kpi`]: ISO 22400 time and count accumulators and the OEE arithmetic used by the simulator's
+//!   ground truth and by the cloud's reports alike, so that both divide the same way.
+//!
+//! This crate depends on no other Millrace crate (see `docs/architecture.md`).
+#![warn(missing_docs)]
+
+pub mod event;
+pub mod kpi;
+pub mod master;
+pub mod topic;
+
+pub use event::{
+    DecodeError, Event, EventBody, EventKind, MachineState, OperatorAction, OperatorEvent,
+    PartOutcome, PartProduced, Reading, SCHEMA_VERSION, StateChange, StopReason, Telemetry,
+};
+pub use kpi::{Kpis, StateTimes, Tally};
+pub use master::{
+    BreakDef, CalendarError, CalendarSlot, MachineSpec, ShiftCalendar, ShiftDef, ShiftInstance,
+};
+pub use topic::{MachineId, TopicError};
