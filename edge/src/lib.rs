@@ -1,1 +1,196 @@
+//! The Millrace edge node: runs on a gateway in the factory.
+//!
+//! # Layout
+//! - [`config`]: configuration (defaults → TOML → `MILLRACE_EDGE_*` environment), validated.
+//! - [`broker`]: the embedded rumqttd broker, device authentication and the single device port
+//!   that serves MQTT 3.1.1 and 5.
+//! - [`ingest`]: the in-process consumer that decodes, deduplicates and batches events into the
+//!   store, with dead letters for what it refuses.
+//! - [`store`]: the RocksDB time-series store (compressed telemetry blocks, events, dead
+//!   letters, retention).
+//! - [`api`]: the HTTP API (health, Prometheus metrics, series, points, events, dead letters).
+//!
+//! [`Edge`] wires them together with an explicit shutdown: stop taking devices, write what was
+//! received, flush RocksDB.
+#![warn(missing_docs)]
 
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod ingest;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerError};
+use crate::config::EdgeConfig;
+use crate::ingest::{Ingest, IngestError};
+use crate::store::{Store, StoreError};
+
+/// Errors starting the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The data directory could not be made.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store failed to open.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The broker failed to start.
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
+    /// Ingest failed to start.
+    #[error("ingest: {0}")]
+    Ingest(#[from] IngestError),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A blocking task panicked.
+    #[error("startup task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The process-wide Prometheus recorder (one per process, shared by every edge in it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &buckets)
+                .expect("valid buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // A second recorder in the same process (tests) keeps the first one.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A running edge node.
+#[derive(Debug)]
+pub struct Edge {
+    /// The device port (MQTT 3.1.1 and 5).
+    pub mqtt_addr: SocketAddr,
+    /// The HTTP API.
+    pub http_addr: SocketAddr,
+    store: Arc<Store>,
+    ingest: Option<Ingest>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Edge {
+    /// Opens the store, starts the broker, ingest, maintenance and the HTTP API.
+    pub async fn start(cfg: EdgeConfig) -> Result<Self, EdgeError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| EdgeError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
+        let metrics = metrics_handle();
+        let path = cfg.data_dir.join("rocksdb");
+        let opts = cfg.store.options();
+        let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??);
+        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let broker = Arc::new(Broker::start(&cfg.mqtt, &tasks, stop.clone()).await?);
+        let ingest = {
+            let (broker, store, icfg) = (broker.clone(), store.clone(), cfg.ingest.clone());
+            tokio::task::spawn_blocking(move || Ingest::start(&broker, store, icfg)).await??
+        };
+
+        // Maintenance: seal full windows into compressed blocks, apply retention, report size.
+        tasks.spawn({
+            let (store, stop, every) = (store.clone(), stop.clone(), cfg.store.maintenance_interval);
+            async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
+                    let store = store.clone();
+                    let r = tokio::task::spawn_blocking(move || -> Result<(u64, u64), StoreError> {
+                        let now = chrono::Utc::now().timestamp_millis();
+                        let sealed = store.seal(now)?;
+                        store.enforce_retention(now)?;
+                        let sizes = store.size_by_cf()?;
+                        for (cf, bytes) in &sizes {
+                            metrics::gauge!("millrace_edge_store_bytes", "cf" => *cf).set(*bytes as f64);
+                        }
+                        Ok((sealed, sizes.values().sum()))
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok((sealed, _))) => {
+                            if sealed > 0 {
+                                tracing::debug!(sealed, "sealed telemetry into blocks");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "store maintenance failed"),
+                        Err(e) => tracing::error!(error = %e, "store maintenance panicked"),
+                    }
+                }
+            }
+        });
+
+        let listener = tokio::net::TcpListener::bind(cfg.http.listen).await.map_err(|source| EdgeError::Http { addr: cfg.http.listen, source })?;
+        let http_addr = listener.local_addr().map_err(|source| EdgeError::Http { addr: cfg.http.listen, source })?;
+        let state = api::ApiState {
+            store: store.clone(),
+            ingest: ingest.stats.clone(),
+            connections: { let b = broker.clone(); Arc::new(move || b.connections()) },
+            metrics,
+            api_keys: Arc::new(cfg.http.api_keys.clone()),
+            max_points: cfg.http.max_points,
+            edge_id: cfg.edge_id.clone(),
+            started,
+        };
+        tasks.spawn({
+            let stop = stop.clone();
+            async move {
+                let r = axum::serve(listener, api::app(state)).with_graceful_shutdown(stop.cancelled_owned()).await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            }
+        });
+        tracing::info!(edge_id = %cfg.edge_id, mqtt = %broker.addr, http = %http_addr, data_dir = %cfg.data_dir.display(), "edge started");
+        Ok(Self { mqtt_addr: broker.addr, http_addr, store, ingest: Some(ingest), tasks, stop })
+    }
+
+    /// The store (for tests and tools in the same process).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Stops taking devices and requests, writes everything received, flushes and closes RocksDB.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await.is_err() {
+            tracing::warn!("some tasks did not stop within 10 s");
+        }
+        if let Some(ingest) = self.ingest.take() {
+            let _ = tokio::task::spawn_blocking(move || ingest.shutdown()).await;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => tracing::info!("store flushed; edge stopped"),
+            Ok(Err(e)) => tracing::error!(error = %e, "store flush failed"),
+            Err(e) => tracing::error!(error = %e, "store flush panicked"),
+        }
+    }
+}

@@ -1,1 +1,177 @@
+//! Test harness shared by Millrace's integration and end-to-end tests: real peers on loopback.
+//!
+//! # Layout
+//! - [`Mosquitto`]: a real Mosquitto broker (Debian package) on a free loopback port, stopped on drop.
+//! - [`Recorder`]: an MQTT subscriber (rumqttc) that keeps every message it receives.
+//! - [`free_port`]: a port the OS just handed out on 127.0.0.1.
+#![warn(missing_docs)]
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// A port the OS just handed out on 127.0.0.1 (bound to port 0, then released), for peers such
+/// as Mosquitto that cannot report the port they bound.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Polls `check` until it is true or `timeout` passes. Used to wait for *conditions* (a message
+/// arrived, a process is listening), never to assert on how long something took.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+/// A Mosquitto broker on 127.0.0.1, killed when dropped.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with anonymous access and unbounded queues (so that a slow test
+    /// subscriber loses nothing).
+    pub fn start() -> Self {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("mosquitto is not installed: run `apt-get install -y mosquitto mosquitto-clients` (.ci/run does)");
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 100\npersistence false\n"
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start mosquitto");
+            let mut m = Self { child, port, _dir: dir };
+            if wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
+                return m;
+            }
+            let _ = m.child.kill();
+        }
+        panic!("mosquitto did not start listening");
+    }
+
+    /// `mqtt://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One received message.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// An MQTT subscriber that records every message on a filter.
+#[derive(Debug)]
+pub struct Recorder {
+    messages: Arc<Mutex<Vec<Received>>>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    /// Connects to `127.0.0.1:port`, subscribes to `filter` at QoS 1 and waits for the SUBACK.
+    pub async fn start(port: u16, filter: &str, credentials: Option<(&str, &str)>) -> Self {
+        let mut opts = MqttOptions::new(format!("recorder-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20).set_keep_alive(Duration::from_secs(30));
+        if let Some((u, p)) = credentials {
+            opts.set_credentials(u, p);
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+        loop {
+            match eventloop.poll().await.expect("recorder connects") {
+                Event::Incoming(Packet::SubAck(_)) => break,
+                _ => continue,
+            }
+        }
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().expect("lock").push(Received {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                    }),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Self { messages, client, task }
+    }
+
+    /// How many messages arrived so far.
+    pub fn count(&self) -> usize {
+        self.messages.lock().expect("lock").len()
+    }
+
+    /// A copy of every message so far.
+    pub fn messages(&self) -> Vec<Received> {
+        self.messages.lock().expect("lock").clone()
+    }
+
+    /// Waits until at least `n` messages arrived (or `timeout`), then returns the count.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        let start = Instant::now();
+        while self.count() < n && start.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.count()
+    }
+
+    /// Disconnects.
+    pub async fn stop(self) {
+        let _ = self.client.disconnect().await;
+        self.task.abort();
+    }
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())))
+        .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}

@@ -1,0 +1,336 @@
+//! The edge's HTTP API: health, Prometheus metrics, series, points (with downsampling),
+//! events and dead letters. See `docs/api.md`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use millrace_shared::{EventKind, MachineId};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::ingest::IngestStats;
+use crate::store::{Bucket, Store, StoreError};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Ingest counters.
+    pub ingest: Arc<IngestStats>,
+    /// Devices connected.
+    pub connections: Arc<dyn Fn() -> i64 + Send + Sync>,
+    /// Prometheus renderer.
+    pub metrics: PrometheusHandle,
+    /// Accepted API keys (empty: no key needed; the API then only listens on loopback).
+    pub api_keys: Arc<Vec<String>>,
+    /// Most points one query may return.
+    pub max_points: usize,
+    /// This edge's id.
+    pub edge_id: String,
+    /// When the edge started.
+    pub started: Instant,
+}
+
+/// Errors a handler returns: the client's mistakes as 4xx with a message, ours as a logged 500.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A parameter is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// No or a wrong API key.
+    #[error("missing or wrong API key: send `Authorization: Bearer <key>`")]
+    Unauthorized,
+    /// Our fault.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Internal(detail) => {
+                tracing::error!(error = %detail, "API request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        metrics::counter!("millrace_edge_http_errors_total", "status" => status.as_str().to_owned()).increment(1);
+        (status, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+/// The router, separate from serving so that tests can call it with `oneshot`.
+pub fn app(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/series", get(series))
+        .route("/points", get(points))
+        .route("/machines", get(machines))
+        .route("/events", get(events))
+        .route("/dead-letters", get(dead_letters))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(prometheus))
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::NotFound("no such endpoint: see docs/api.md".into()) })
+        .with_state(state)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_key(State(s): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Result<Response, ApiError> {
+    if !s.api_keys.is_empty() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !s.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), given.as_bytes())) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "edge_id": s.edge_id, "uptime_s": s.started.elapsed().as_secs() }))
+}
+
+async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+async fn status(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = s.store.clone();
+    let sizes = blocking(move || Ok(store.size_by_cf()?)).await?;
+    let i = &s.ingest;
+    Ok(Json(json!({
+        "edge_id": s.edge_id,
+        "mqtt_connections": (s.connections)(),
+        "ingest": {
+            "events": i.events.load(Ordering::Relaxed),
+            "points": i.points.load(Ordering::Relaxed),
+            "dead_letters": i.dead_letters.load(Ordering::Relaxed),
+            "duplicates": i.duplicates.load(Ordering::Relaxed),
+            "batches": i.batches.load(Ordering::Relaxed),
+            "bytes": i.bytes.load(Ordering::Relaxed),
+        },
+        "store_bytes": sizes,
+    })))
+}
+
+async fn series(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!({ "series": s.store.series() }))
+}
+
+async fn machines(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!({ "machines": s.store.machines() }))
+}
+
+/// Parses a time: Unix milliseconds or RFC 3339.
+fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(v).map(|d| d.timestamp_millis()).map_err(|_| {
+        ApiError::BadRequest(format!("`{name}` = `{v}` is not a time: expected Unix milliseconds or RFC 3339 (2026-01-05T06:00:00Z)"))
+    })
+}
+
+fn range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), ApiError> {
+    let to = match to {
+        Some(t) => parse_time("to", t)?,
+        None => chrono::Utc::now().timestamp_millis() + 1,
+    };
+    let from = match from {
+        Some(f) => parse_time("from", f)?,
+        None => to - 3_600_000,
+    };
+    if from >= to {
+        return Err(ApiError::BadRequest(format!("`from` ({from}) must be before `to` ({to})")));
+    }
+    Ok((from, to))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointsQuery {
+    series: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    step: Option<String>,
+}
+
+async fn points(State(s): State<ApiState>, q: Result<Query<PointsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let name = q.series.ok_or_else(|| ApiError::BadRequest("`series` is required: site/line/machine/metric (see /api/v1/series)".into()))?;
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let step = match q.step.as_deref() {
+        None => None,
+        Some(v) => {
+            let ms = v
+                .parse::<i64>()
+                .ok()
+                .or_else(|| humantime::parse_duration(v).ok().map(|d| d.as_millis() as i64))
+                .filter(|ms| *ms > 0)
+                .ok_or_else(|| ApiError::BadRequest(format!("`step` = `{v}` is not a positive duration: expected e.g. 10s, 1m, 1h or milliseconds")))?;
+            Some(ms)
+        }
+    };
+    if let Some(step) = step {
+        let buckets = (to - from) / step;
+        if buckets as usize > s.max_points {
+            return Err(ApiError::BadRequest(format!("{buckets} steps is more than the limit of {}: use a larger `step`", s.max_points)));
+        }
+    }
+    let store = s.store.clone();
+    let lookup = name.clone();
+    let pts = blocking(move || Ok(store.points(&lookup, from, to)?)).await?;
+    let pts = pts.ok_or_else(|| ApiError::NotFound(format!("no series `{name}`: see /api/v1/series")))?;
+    match step {
+        None => {
+            if pts.len() > s.max_points {
+                return Err(ApiError::BadRequest(format!(
+                    "the range holds {} points, more than the limit of {}: narrow it or downsample with `step`",
+                    pts.len(),
+                    s.max_points
+                )));
+            }
+            let points: Vec<[serde_json::Value; 2]> = pts.iter().map(|(t, v)| [json!(t), json!(v)]).collect();
+            Ok(Json(json!({ "series": name, "from": from, "to": to, "points": points })))
+        }
+        Some(step) => Ok(Json(json!({ "series": name, "from": from, "to": to, "step_ms": step, "buckets": downsample(&pts, from, step) }))),
+    }
+}
+
+/// min/max/mean/count per step, for steps that hold points.
+pub fn downsample(points: &[(i64, f64)], from: i64, step: i64) -> Vec<Bucket> {
+    let mut out: Vec<Bucket> = vec![];
+    for &(t, v) in points {
+        let start = from + (t - from).div_euclid(step) * step;
+        match out.last_mut() {
+            Some(b) if b.ts_ms == start => {
+                b.count += 1;
+                b.min = b.min.min(v);
+                b.max = b.max.max(v);
+                b.mean += v;
+            }
+            _ => out.push(Bucket { ts_ms: start, count: 1, min: v, max: v, mean: v }),
+        }
+    }
+    for b in &mut out {
+        b.mean /= b.count as f64;
+    }
+    out
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    machine: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    kind: Option<String>,
+    limit: Option<String>,
+}
+
+fn parse_limit(v: Option<&str>) -> Result<usize, ApiError> {
+    match v {
+        None => Ok(1000),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| ApiError::BadRequest(format!("`limit` = `{v}` is not a number from 1 to 100000"))),
+    }
+}
+
+async fn events(State(s): State<ApiState>, q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let m = q.machine.ok_or_else(|| ApiError::BadRequest("`machine` is required: site/line/machine (see /api/v1/machines)".into()))?;
+    let parts: Vec<&str> = m.split('/').collect();
+    let machine = match parts.as_slice() {
+        [s, l, m] => MachineId::new(*s, *l, *m).map_err(|e| ApiError::BadRequest(format!("`machine`: {e}")))?,
+        _ => return Err(ApiError::BadRequest(format!("`machine` = `{m}` is not site/line/machine"))),
+    };
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some(k) => Some(EventKind::parse(k).filter(|k| *k != EventKind::Telemetry).ok_or_else(|| {
+            ApiError::BadRequest(format!("`kind` = `{k}` is not one of state, part, operator (telemetry is under /api/v1/points)"))
+        })?),
+    };
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    if !s.store.machines().contains(&machine.to_string()) {
+        return Err(ApiError::NotFound(format!("no events from machine `{machine}`: see /api/v1/machines")));
+    }
+    let store = s.store.clone();
+    let evs = blocking(move || Ok(store.events(&machine, from, to, kind, limit)?)).await?;
+    Ok(Json(json!({ "events": evs })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadQuery {
+    from: Option<String>,
+    limit: Option<String>,
+}
+
+async fn dead_letters(State(s): State<ApiState>, q: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let from = q.from.as_deref().map(|f| parse_time("from", f)).transpose()?.unwrap_or(i64::MIN);
+    let limit = parse_limit(q.limit.as_deref())?;
+    let store = s.store.clone();
+    let dl = blocking(move || Ok(store.dead_letters(from, limit)?)).await?;
+    Ok(Json(json!({ "dead_letters": dl })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downsampling_buckets() {
+        let pts = [(0, 1.0), (500, 3.0), (1000, 10.0), (3500, 4.0)];
+        let b = downsample(&pts, 0, 1000);
+        assert_eq!(b.len(), 3);
+        assert_eq!((b[0].count, b[0].min, b[0].max, b[0].mean), (2, 1.0, 3.0, 2.0));
+        assert_eq!(b[2].ts_ms, 3000);
+    }
+
+    #[test]
+    fn times_and_keys() {
+        assert_eq!(parse_time("from", "1767600000000").unwrap(), 1_767_600_000_000);
+        assert_eq!(parse_time("from", "2026-01-05T08:00:00Z").unwrap(), 1_767_600_000_000);
+        assert!(parse_time("from", "yesterday").unwrap_err().to_string().contains("`from` = `yesterday` is not a time"));
+        assert!(range(Some("10"), Some("5")).is_err());
+        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc"));
+    }
+}

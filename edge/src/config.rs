@@ -1,0 +1,368 @@
+//! Edge configuration: defaults, then a TOML file, then `MILLRACE_EDGE_*` environment
+//! variables (`__` separates levels: `MILLRACE_EDGE_MQTT__LISTEN=0.0.0.0:1884`), then validation.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreOptions;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or has wrong fields.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value is not acceptable.
+    #[error("configuration: `{field}`: {reason}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A device allowed to connect to the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceUser {
+    /// MQTT username.
+    pub username: String,
+    /// Argon2 PHC string from `millrace-edge hash-password`; the password itself is never stored.
+    pub password_hash: String,
+}
+
+/// An extra TLS listener (served by rumqttd, one protocol version).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    /// Address to listen on, e.g. `0.0.0.0:8883`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// `v4` (MQTT 3.1.1) or `v5`.
+    #[serde(default = "default_tls_protocol")]
+    pub protocol: String,
+}
+
+fn default_tls_protocol() -> String {
+    "v4".into()
+}
+
+/// The embedded MQTT broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// The device port: MQTT 3.1.1 and 5 on one address.
+    pub listen: SocketAddr,
+    /// Also serve MQTT 3.1.1 directly on this address (no protocol detection).
+    pub v4_listen: Option<SocketAddr>,
+    /// Also serve MQTT 5 directly on this address.
+    pub v5_listen: Option<SocketAddr>,
+    /// Serve MQTT 3.1.1 over WebSocket on this address.
+    pub ws_listen: Option<SocketAddr>,
+    /// A TLS listener.
+    pub tls: Option<TlsListener>,
+    /// Let devices connect without a username and password. Off unless set.
+    pub allow_anonymous: bool,
+    /// Devices and their password hashes.
+    pub users: Vec<DeviceUser>,
+    /// Most devices connected at once.
+    pub max_connections: usize,
+    /// Largest MQTT payload the broker accepts (larger ones end the connection). Payloads over
+    /// 64 KiB are accepted by the broker but refused by ingest, and land in dead letters.
+    pub max_payload_bytes: usize,
+    /// rumqttd keeps messages in memory per subscription filter in segments: memory per filter
+    /// is at most `segment_bytes × segment_count`.
+    pub segment_bytes: usize,
+    /// See `segment_bytes`.
+    pub segment_count: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1883".parse().expect("valid"),
+            v4_listen: None,
+            v5_listen: None,
+            ws_listen: None,
+            tls: None,
+            allow_anonymous: false,
+            users: vec![],
+            max_connections: 10_000,
+            max_payload_bytes: 1 << 20,
+            segment_bytes: 8 << 20,
+            segment_count: 4,
+        }
+    }
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the API, health and metrics.
+    pub listen: SocketAddr,
+    /// Keys accepted as `Authorization: Bearer <key>` on `/api/`. Without keys the API only
+    /// listens on loopback.
+    pub api_keys: Vec<String>,
+    /// Most points one query may return (use downsampling for more).
+    pub max_points: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:8081".parse().expect("valid"), api_keys: vec![], max_points: 100_000 }
+    }
+}
+
+/// The ingest pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Most events in one RocksDB batch.
+    pub max_batch: usize,
+    /// Sequence numbers remembered per device to recognise duplicates cheaply (older duplicates
+    /// are still stored once, by key).
+    pub dedup_window: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self { max_batch: 4096, dedup_window: 4096 }
+    }
+}
+
+/// How long each kind of data is kept; `0s` keeps it forever.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Telemetry points.
+    #[serde(with = "humantime_serde")]
+    pub telemetry: Duration,
+    /// State, part and operator events.
+    #[serde(with = "humantime_serde")]
+    pub events: Duration,
+    /// Dead letters.
+    #[serde(with = "humantime_serde")]
+    pub dead_letters: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let d = StoreOptions::default();
+        Self { telemetry: d.telemetry_retention, events: d.event_retention, dead_letters: d.dead_letter_retention }
+    }
+}
+
+/// The RocksDB store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// fsync every write batch (group commit). Off trades power-loss safety for speed; a
+    /// process crash loses nothing written either way.
+    pub sync_writes: bool,
+    /// Time window of one compressed telemetry block.
+    #[serde(with = "humantime_serde")]
+    pub block_window: Duration,
+    /// How long a window stays open for late points after it ends.
+    #[serde(with = "humantime_serde")]
+    pub seal_grace: Duration,
+    /// How often sealing and retention run.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// Retention per kind of data.
+    pub retention: RetentionConfig,
+    /// RocksDB block cache, bytes.
+    pub cache_bytes: usize,
+    /// RocksDB memtable size per column family, bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let d = StoreOptions::default();
+        Self {
+            sync_writes: d.sync_writes,
+            block_window: d.block_window,
+            seal_grace: d.seal_grace,
+            maintenance_interval: Duration::from_secs(30),
+            retention: RetentionConfig::default(),
+            cache_bytes: d.cache_bytes,
+            write_buffer_bytes: d.write_buffer_bytes,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The store's options.
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions {
+            sync_writes: self.sync_writes,
+            block_window: self.block_window,
+            seal_grace: self.seal_grace,
+            telemetry_retention: self.retention.telemetry,
+            event_retention: self.retention.events,
+            dead_letter_retention: self.retention.dead_letters,
+            cache_bytes: self.cache_bytes,
+            write_buffer_bytes: self.write_buffer_bytes,
+        }
+    }
+}
+
+/// The whole edge configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// This edge's name (used by sync and in logs).
+    pub edge_id: String,
+    /// Where RocksDB keeps its files.
+    pub data_dir: PathBuf,
+    /// The MQTT broker.
+    pub mqtt: MqttConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// The ingest pipeline.
+    pub ingest: IngestConfig,
+    /// The store.
+    pub store: StoreConfig,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            edge_id: "edge-1".into(),
+            data_dir: PathBuf::from("data/edge"),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            ingest: IngestConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Loads defaults, then `file` if given, then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(EdgeConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Invalid { field: "--config", reason: format!("file {} does not exist", f.display()) });
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let cfg: EdgeConfig = fig.merge(Env::prefixed("MILLRACE_EDGE_").split("__")).extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.to_owned() });
+        if millrace_shared::topic::validate_id("edge_id", &self.edge_id).is_err() {
+            return invalid("edge_id", "1 to 64 characters of A-Z a-z 0-9 _ -");
+        }
+        if self.mqtt.max_connections == 0 {
+            return invalid("mqtt.max_connections", "must be at least 1 (rumqttd drops every connection at 0)");
+        }
+        if self.mqtt.segment_bytes < 1024 || self.mqtt.segment_count == 0 {
+            return invalid("mqtt.segment_bytes", "segments must be at least 1024 bytes and segment_count at least 1");
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            return invalid("mqtt.max_payload_bytes", "must be at least 1024");
+        }
+        for u in &self.mqtt.users {
+            if u.username.is_empty() {
+                return invalid("mqtt.users", "a user has an empty username");
+            }
+            if argon2::PasswordHash::new(&u.password_hash).is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "mqtt.users",
+                    reason: format!("password_hash of `{}` is not a PHC string: create one with `millrace-edge hash-password`", u.username),
+                });
+            }
+        }
+        if let Some(tls) = &self.mqtt.tls {
+            if tls.protocol != "v4" && tls.protocol != "v5" {
+                return invalid("mqtt.tls.protocol", "`v4` (MQTT 3.1.1) or `v5`");
+            }
+            for p in [&tls.cert, &tls.key] {
+                if !p.exists() {
+                    return Err(ConfigError::Invalid { field: "mqtt.tls", reason: format!("{} does not exist", p.display()) });
+                }
+            }
+        }
+        if self.http.api_keys.is_empty() && !self.http.listen.ip().is_loopback() {
+            return invalid("http.api_keys", "the API listens beyond loopback, so it needs at least one key");
+        }
+        if self.http.api_keys.iter().any(|k| k.len() < 16) {
+            return invalid("http.api_keys", "keys must be at least 16 characters");
+        }
+        if self.ingest.max_batch == 0 {
+            return invalid("ingest.max_batch", "must be at least 1");
+        }
+        if self.store.block_window < Duration::from_secs(1) {
+            return invalid("store.block_window", "must be at least 1s");
+        }
+        if self.store.maintenance_interval < Duration::from_millis(10) {
+            return invalid("store.maintenance_interval", "must be at least 10ms");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_with_no_config_at_all() {
+        let c = EdgeConfig::default();
+        c.validate().unwrap();
+        assert!(!c.mqtt.allow_anonymous, "anonymous access is off unless configured");
+    }
+
+    #[test]
+    fn file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("edge.toml", "edge_id = \"hall-3\"\n[mqtt]\nallow_anonymous = true\n[store.retention]\ntelemetry = \"2days\"\n")?;
+            jail.set_env("MILLRACE_EDGE_MQTT__LISTEN", "127.0.0.1:1999");
+            let c = EdgeConfig::load(Some(Path::new("edge.toml"))).unwrap();
+            assert_eq!(c.edge_id, "hall-3");
+            assert!(c.mqtt.allow_anonymous);
+            assert_eq!(c.mqtt.listen.port(), 1999);
+            assert_eq!(c.store.retention.telemetry, Duration::from_secs(2 * 86_400));
+            assert_eq!(c.store.retention.events, Duration::from_secs(90 * 86_400));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[mqtt]\nlisen = \"x\"\n")?;
+            let e = EdgeConfig::load(Some(Path::new("a.toml"))).unwrap_err().to_string();
+            assert!(e.contains("unknown field") && e.contains("lisen"), "{e}");
+            jail.create_file("b.toml", "[mqtt]\nmax_connections = 0\n")?;
+            let e = EdgeConfig::load(Some(Path::new("b.toml"))).unwrap_err().to_string();
+            assert!(e.contains("mqtt.max_connections"), "{e}");
+            jail.create_file("c.toml", "[http]\nlisten = \"0.0.0.0:8081\"\n")?;
+            let e = EdgeConfig::load(Some(Path::new("c.toml"))).unwrap_err().to_string();
+            assert!(e.contains("needs at least one key"), "{e}");
+            jail.create_file("d.toml", "[[mqtt.users]]\nusername = \"a\"\npassword_hash = \"secret\"\n")?;
+            let e = EdgeConfig::load(Some(Path::new("d.toml"))).unwrap_err().to_string();
+            assert!(e.contains("not a PHC string"), "{e}");
+            assert!(!e.contains("secret"), "the configured value is not echoed: {e}");
+            let e = EdgeConfig::load(Some(Path::new("missing.toml"))).unwrap_err().to_string();
+            assert!(e.contains("does not exist"), "{e}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,330 @@
+//! The ingest pipeline: an in-process rumqttd link (no TCP hop) subscribed to every topic,
+//! decoding with the shared model and writing batches to the store on a dedicated thread.
+//!
+//! - Batching: after each wake-up the thread drains everything the router has delivered (up to
+//!   `max_batch` events) and writes it in one RocksDB batch; under load batches grow, at low
+//!   rates each message is written at once.
+//! - Bad messages (not JSON, wrong fields, unknown topic, oversized, newer schema) become dead
+//!   letters with the reason, are counted, logged (rate-limited) and never stop ingest.
+//! - Duplicates (same machine and sequence number) seen within a window of recent sequence
+//!   numbers are counted and dropped; older ones are stored once anyway because store keys
+//!   contain the event's identity.
+//! - Topics under `millrace/` are the edge's own outputs and are not ingested.
+//! - rumqttd stops delivering to a link after ~200 undelivered messages and sends
+//!   `Notification::Unschedule`; the thread answers with `ready()` so delivery resumes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use millrace_shared::{Event, MachineId};
+use rumqttd::Notification;
+use rumqttd::local::LinkError;
+use serde::Serialize;
+
+use crate::broker::{Broker, BrokerError};
+use crate::config::IngestConfig;
+use crate::store::{DeadLetter, Store};
+
+/// Topics the edge publishes itself; ingest ignores them.
+pub const OWN_TOPIC_PREFIX: &str = "millrace/";
+
+/// Errors starting ingest.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The in-process link could not be made.
+    #[error("ingest link: {0}")]
+    Broker(#[from] BrokerError),
+    /// Subscribing failed.
+    #[error("ingest subscription: {0}")]
+    Link(#[from] LinkError),
+    /// The ingest thread could not start.
+    #[error("ingest thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Counters of the pipeline since start.
+#[derive(Debug, Default, Serialize)]
+pub struct IngestStats {
+    /// Events stored.
+    pub events: AtomicU64,
+    /// Telemetry points stored.
+    pub points: AtomicU64,
+    /// Messages refused into dead letters.
+    pub dead_letters: AtomicU64,
+    /// Duplicates dropped.
+    pub duplicates: AtomicU64,
+    /// Write batches.
+    pub batches: AtomicU64,
+    /// Payload bytes received.
+    pub bytes: AtomicU64,
+}
+
+/// Remembers which of the last `window` sequence numbers of a device were seen.
+#[derive(Debug)]
+struct DedupWindow {
+    max: u64,
+    bits: Vec<u64>,
+    window: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Fresh,
+    Duplicate,
+    /// Older than the window: cannot tell here (stored idempotently).
+    Unknown,
+}
+
+impl DedupWindow {
+    fn new(window: u64) -> Self {
+        let window = window.max(64).next_multiple_of(64);
+        Self { max: 0, bits: vec![0; (window / 64) as usize], window }
+    }
+
+    fn bit(&mut self, seq: u64) -> (&mut u64, u64) {
+        let i = seq % self.window;
+        (&mut self.bits[(i / 64) as usize], 1u64 << (i % 64))
+    }
+
+    fn check(&mut self, seq: u64) -> Seen {
+        if seq > self.max {
+            if seq - self.max >= self.window {
+                self.bits.iter_mut().for_each(|w| *w = 0);
+            } else {
+                for s in self.max + 1..seq {
+                    let (w, m) = self.bit(s);
+                    *w &= !m;
+                }
+            }
+            self.max = seq;
+            let (w, m) = self.bit(seq);
+            *w |= m;
+            return Seen::Fresh;
+        }
+        if self.max - seq >= self.window {
+            return Seen::Unknown;
+        }
+        let (w, m) = self.bit(seq);
+        if *w & m != 0 {
+            Seen::Duplicate
+        } else {
+            *w |= m;
+            Seen::Fresh
+        }
+    }
+}
+
+/// The running pipeline.
+#[derive(Debug)]
+pub struct Ingest {
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    /// Counters since start.
+    pub stats: Arc<IngestStats>,
+}
+
+impl Ingest {
+    /// Connects to the broker and starts the ingest thread. Blocks until subscribed.
+    pub fn start(broker: &Broker, store: Arc<Store>, cfg: IngestConfig) -> Result<Self, IngestError> {
+        let (mut tx, rx) = broker.local_link("millrace-ingest")?;
+        tx.subscribe("#")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(IngestStats::default());
+        let thread = std::thread::Builder::new().name("millrace-ingest".into()).spawn({
+            let (stop, stats) = (stop.clone(), stats.clone());
+            move || {
+                // The link's sender must live as long as the subscription.
+                let _tx = tx;
+                Pipeline { store, cfg, stats, dedup: HashMap::new(), events: vec![], dead: vec![], warned: WarnLimiter::default() }.run(rx, &stop);
+            }
+        })?;
+        Ok(Self { thread: Some(thread), stop, stats })
+    }
+
+    /// Stops after writing what was received. Blocks: call off the async runtime.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct WarnLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    fn warn(&mut self, d: &DeadLetter) {
+        let now = Instant::now();
+        if self.last.is_some_and(|l| now.duration_since(l) < Duration::from_secs(1)) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(topic = %d.topic, reason = %d.reason, error = %d.error, suppressed = self.suppressed, "message refused into dead letters");
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+struct Pipeline {
+    store: Arc<Store>,
+    cfg: IngestConfig,
+    stats: Arc<IngestStats>,
+    dedup: HashMap<MachineId, DedupWindow>,
+    events: Vec<Event>,
+    dead: Vec<DeadLetter>,
+    warned: WarnLimiter,
+}
+
+impl Pipeline {
+    fn run(mut self, mut rx: rumqttd::local::LinkRx, stop: &AtomicBool) {
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            let wait = if stopping { Duration::ZERO } else { Duration::from_millis(50) };
+            match rx.recv_deadline(Instant::now() + wait) {
+                Ok(Some(n)) => self.handle(n, &rx),
+                Ok(None) => {}
+                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {
+                    if stopping {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ingest link closed");
+                    break;
+                }
+            }
+            while self.events.len() + self.dead.len() < self.cfg.max_batch {
+                match rx.recv_deadline(Instant::now()) {
+                    Ok(Some(n)) => self.handle(n, &rx),
+                    _ => break,
+                }
+            }
+            self.write(stop);
+        }
+        self.write(stop);
+        tracing::info!("ingest stopped");
+    }
+
+    fn handle(&mut self, n: Notification, rx: &rumqttd::local::LinkRx) {
+        let f = match n {
+            Notification::Forward(f) => f,
+            Notification::Unschedule => {
+                // Ask the router to resume delivery.
+                let _ = rx.ready();
+                return;
+            }
+            _ => return,
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        let payload = &f.publish.payload;
+        self.stats.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let topic = match std::str::from_utf8(&f.publish.topic) {
+            Ok(t) => t,
+            Err(_) => {
+                self.refuse(DeadLetter::new(now, &String::from_utf8_lossy(&f.publish.topic), payload, "bad_topic", "topic is not UTF-8".into()));
+                return;
+            }
+        };
+        if topic.starts_with(OWN_TOPIC_PREFIX) {
+            return;
+        }
+        match Event::decode(topic, payload) {
+            Ok(e) => {
+                let window = self.cfg.dedup_window;
+                let seen = self.dedup.entry(e.machine.clone()).or_insert_with(|| DedupWindow::new(window)).check(e.seq);
+                if seen == Seen::Duplicate {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("millrace_edge_duplicates_total").increment(1);
+                    return;
+                }
+                self.events.push(e);
+            }
+            Err(err) => {
+                let reason = err.reason();
+                self.refuse(DeadLetter::new(now, topic, payload, reason, err.to_string()));
+            }
+        }
+    }
+
+    fn refuse(&mut self, d: DeadLetter) {
+        metrics::counter!("millrace_edge_dead_letters_total", "reason" => d.reason.clone()).increment(1);
+        self.warned.warn(&d);
+        self.dead.push(d);
+    }
+
+    fn write(&mut self, stop: &AtomicBool) {
+        if self.events.is_empty() && self.dead.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match self.store.write(&self.events, &self.dead) {
+                Ok(s) => {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let latency = metrics::histogram!("millrace_edge_ingest_latency_seconds");
+                    for e in &self.events {
+                        latency.record((now - e.ts_ms).max(0) as f64 / 1000.0);
+                        metrics::counter!("millrace_edge_ingest_events_total", "kind" => e.kind().as_str()).increment(1);
+                    }
+                    metrics::counter!("millrace_edge_ingest_points_total").increment(s.points);
+                    metrics::counter!("millrace_edge_ingest_write_bytes_total").increment(s.bytes);
+                    metrics::histogram!("millrace_edge_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+                    self.stats.events.fetch_add(s.events, Ordering::Relaxed);
+                    self.stats.points.fetch_add(s.points, Ordering::Relaxed);
+                    self.stats.dead_letters.fetch_add(s.dead_letters, Ordering::Relaxed);
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    metrics::counter!("millrace_edge_ingest_write_errors_total").increment(1);
+                    if stop.load(Ordering::Relaxed) && backoff > Duration::from_secs(1) {
+                        tracing::error!(error = %e, lost_events = self.events.len(), lost_dead_letters = self.dead.len(), "store write failed during shutdown");
+                        break;
+                    }
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, events = self.events.len(), "store write failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.events.clear();
+        self.dead.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_window() {
+        let mut w = DedupWindow::new(64);
+        assert_eq!(w.check(1), Seen::Fresh);
+        assert_eq!(w.check(1), Seen::Duplicate);
+        assert_eq!(w.check(5), Seen::Fresh);
+        assert_eq!(w.check(3), Seen::Fresh, "out of order but new");
+        assert_eq!(w.check(3), Seen::Duplicate);
+        assert_eq!(w.check(4), Seen::Fresh);
+        assert_eq!(w.check(200), Seen::Fresh);
+        assert_eq!(w.check(5), Seen::Unknown, "older than the window");
+        assert_eq!(w.check(199), Seen::Fresh);
+        assert_eq!(w.check(200), Seen::Duplicate);
+        // Bits of seqs skipped over are cleared, not left from a previous lap.
+        assert_eq!(w.check(200 + 64 - 1), Seen::Fresh);
+        assert_eq!(w.check(201), Seen::Fresh);
+    }
+}

@@ -1,0 +1,761 @@
+//! The edge's time-series store on RocksDB.
+//!
+//! Column families and key layouts (all integers big-endian; timestamps with the sign bit
+//! flipped so that byte order is time order):
+//!
+//! | CF | key | value |
+//! |---|---|---|
+//! | `series` | `t/{site}/{line}/{machine}/{metric}` or `m/{site}/{line}/{machine}` | id `u32` + unit |
+//! | `head` | series id `u32` · ts | `f64` (raw points not yet sealed) |
+//! | `blocks` | series id `u32` · window start | compressed block ([`block`]) |
+//! | `events` | machine id `u32` · ts · seq `u64` | JSON of the event body |
+//! | `dead_letters` | received ts · counter `u64` | JSON [`DeadLetter`] |
+//!
+//! Telemetry lands in `head` in the same write batch as everything else; a maintenance pass
+//! seals each full time window of a series into one Gorilla-style block and deletes the raw
+//! points in one atomic batch. Queries merge blocks and head. Because keys are (series, ts) and
+//! (machine, ts, seq), a duplicate event overwrites itself: it is stored once.
+//! Retention deletes by key range per series and machine.
+
+pub mod block;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use millrace_shared::{Event, EventBody, EventKind, MachineId};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+const CF_SERIES: &str = "series";
+const CF_HEAD: &str = "head";
+const CF_BLOCKS: &str = "blocks";
+const CF_EVENTS: &str = "events";
+const CF_DEAD: &str = "dead_letters";
+const CFS: [&str; 5] = [CF_SERIES, CF_HEAD, CF_BLOCKS, CF_EVENTS, CF_DEAD];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed.
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored value could not be read back.
+    #[error("corrupt record in {cf}: {reason}")]
+    Corrupt {
+        /// Column family.
+        cf: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// More series than ids.
+    #[error("series id space exhausted")]
+    SeriesExhausted,
+}
+
+impl StoreError {
+    /// Whether trying the same operation again may succeed (I/O trouble, a busy database).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Rocks(e) => matches!(
+                e.kind(),
+                rocksdb::ErrorKind::Busy | rocksdb::ErrorKind::TimedOut | rocksdb::ErrorKind::TryAgain | rocksdb::ErrorKind::IOError
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How the store keeps data.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// fsync the WAL on every batch (group commit): survives power loss, not only process crashes.
+    pub sync_writes: bool,
+    /// Time window of one compressed block.
+    pub block_window: Duration,
+    /// How long after a window's end it stays open for late points.
+    pub seal_grace: Duration,
+    /// How long telemetry is kept; zero keeps it forever.
+    pub telemetry_retention: Duration,
+    /// How long state, part and operator events are kept; zero keeps them forever.
+    pub event_retention: Duration,
+    /// How long dead letters are kept; zero keeps them forever.
+    pub dead_letter_retention: Duration,
+    /// Block cache size in bytes.
+    pub cache_bytes: usize,
+    /// Memtable size per column family in bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            sync_writes: true,
+            block_window: Duration::from_secs(3600),
+            seal_grace: Duration::from_secs(300),
+            telemetry_retention: Duration::from_secs(30 * 86_400),
+            event_retention: Duration::from_secs(90 * 86_400),
+            dead_letter_retention: Duration::from_secs(7 * 86_400),
+            cache_bytes: 32 << 20,
+            write_buffer_bytes: 16 << 20,
+        }
+    }
+}
+
+/// A payload the ingest pipeline refused, kept with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// When the edge received it, Unix ms.
+    pub received_ms: i64,
+    /// The topic it was published to.
+    pub topic: String,
+    /// Short reason code (`bad_json`, `bad_field`, `bad_topic`, `unknown_kind`, `too_large`, `unsupported_version`).
+    pub reason: String,
+    /// The full error message.
+    pub error: String,
+    /// The payload as text (lossy UTF-8), cut to 4 KiB.
+    pub payload: String,
+    /// The payload's full size in bytes.
+    pub payload_bytes: usize,
+}
+
+impl DeadLetter {
+    /// Builds a dead letter from a refused message.
+    pub fn new(received_ms: i64, topic: &str, payload: &[u8], reason: &str, error: String) -> Self {
+        const KEEP: usize = 4096;
+        let cut = &payload[..payload.len().min(KEEP)];
+        Self {
+            received_ms,
+            topic: topic.chars().take(512).collect(),
+            reason: reason.to_owned(),
+            error,
+            payload: String::from_utf8_lossy(cut).into_owned(),
+            payload_bytes: payload.len(),
+        }
+    }
+}
+
+/// One telemetry series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesInfo {
+    /// `site/line/machine/metric`.
+    pub name: String,
+    /// Unit of its values.
+    pub unit: String,
+    /// Internal id.
+    #[serde(skip)]
+    pub id: u32,
+}
+
+/// Aggregate of one downsampling step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Step start, Unix ms.
+    pub ts_ms: i64,
+    /// Points in the step.
+    pub count: u64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Mean value.
+    pub mean: f64,
+}
+
+/// Counts of one write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Events written.
+    pub events: u64,
+    /// Telemetry points written.
+    pub points: u64,
+    /// Dead letters written.
+    pub dead_letters: u64,
+    /// Bytes handed to RocksDB.
+    pub bytes: u64,
+}
+
+fn ts_key(ts: i64) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn key_ts(b: &[u8]) -> i64 {
+    (u64::from_be_bytes(b.try_into().expect("8 bytes")) ^ (1 << 63)) as i64
+}
+
+fn series_ts_key(id: u32, ts: i64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&id.to_be_bytes());
+    k[4..].copy_from_slice(&ts_key(ts));
+    k
+}
+
+#[derive(Default)]
+struct Index {
+    by_name: HashMap<String, (u32, String)>,
+    by_id: BTreeMap<u32, String>,
+    next_id: u32,
+}
+
+/// Windows with unsealed points, per series, and the newest point seen per series.
+#[derive(Default)]
+struct Unsealed {
+    windows: BTreeMap<u32, BTreeSet<i64>>,
+    newest: HashMap<u32, i64>,
+}
+
+/// The time-series store. Every method blocks: call it off the async runtime.
+pub struct Store {
+    db: DB,
+    opts: StoreOptions,
+    index: RwLock<Index>,
+    unsealed: Mutex<Unsealed>,
+    /// Serialises writes with sealing, so that a seal never deletes a point written meanwhile.
+    write_lock: Mutex<()>,
+    dead_counter: AtomicU64,
+    retention_done: Mutex<HashMap<&'static str, i64>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.db.path()).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `path`.
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(opts.cache_bytes);
+        let cf_opts = |name: &str| {
+            let mut o = Options::default();
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            t.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&t);
+            o.set_write_buffer_size(opts.write_buffer_bytes);
+            o.set_max_write_buffer_number(3);
+            match name {
+                // Already compressed: RocksDB's compression would only cost CPU.
+                CF_BLOCKS => o.set_compression_type(DBCompressionType::None),
+                CF_HEAD => {
+                    o.set_compression_type(DBCompressionType::Lz4);
+                    o.set_bottommost_compression_type(DBCompressionType::Zstd);
+                }
+                _ => {
+                    o.set_compression_type(DBCompressionType::Lz4);
+                    o.set_bottommost_compression_type(DBCompressionType::Zstd);
+                }
+            }
+            o
+        };
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(5);
+        db_opts.set_max_total_wal_size(64 << 20);
+        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        let store = Self {
+            db,
+            opts,
+            index: RwLock::new(Index::default()),
+            unsealed: Mutex::new(Unsealed::default()),
+            write_lock: Mutex::new(()),
+            dead_counter: AtomicU64::new(0),
+            retention_done: Mutex::new(HashMap::new()),
+        };
+        store.load()?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn load(&self) -> Result<(), StoreError> {
+        let mut index = self.index.write().expect("index lock");
+        for item in self.db.iterator_cf(self.cf(CF_SERIES), IteratorMode::Start) {
+            let (k, v) = item?;
+            let name = String::from_utf8(k.to_vec()).map_err(|e| StoreError::Corrupt { cf: CF_SERIES, reason: e.to_string() })?;
+            if v.len() < 4 {
+                return Err(StoreError::Corrupt { cf: CF_SERIES, reason: format!("short value for {name}") });
+            }
+            let id = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
+            let unit = String::from_utf8_lossy(&v[4..]).into_owned();
+            index.next_id = index.next_id.max(id + 1);
+            index.by_id.insert(id, name.clone());
+            index.by_name.insert(name, (id, unit));
+        }
+        drop(index);
+        // Rebuild the set of unsealed windows from the raw points still in `head`.
+        let window = self.window_ms();
+        let mut unsealed = self.unsealed.lock().expect("unsealed lock");
+        for item in self.db.iterator_cf(self.cf(CF_HEAD), IteratorMode::Start) {
+            let (k, _) = item?;
+            let id = u32::from_be_bytes(k[..4].try_into().expect("4 bytes"));
+            let ts = key_ts(&k[4..12]);
+            unsealed.windows.entry(id).or_default().insert(ts.div_euclid(window) * window);
+            let newest = unsealed.newest.entry(id).or_insert(ts);
+            *newest = (*newest).max(ts);
+        }
+        if let Some(item) = self.db.iterator_cf(self.cf(CF_DEAD), IteratorMode::End).next() {
+            let (k, _) = item?;
+            self.dead_counter.store(u64::from_be_bytes(k[8..16].try_into().expect("8 bytes")) + 1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn window_ms(&self) -> i64 {
+        self.opts.block_window.as_millis().max(1) as i64
+    }
+
+    /// Looks up or assigns the id of `name`, adding a new entry to `batch`.
+    fn id_for(&self, name: &str, unit: &str, batch: &mut WriteBatch, new: &mut Vec<(String, u32, String)>) -> Result<u32, StoreError> {
+        if let Some((id, _)) = self.index.read().expect("index lock").by_name.get(name) {
+            return Ok(*id);
+        }
+        if let Some((_, id, _)) = new.iter().find(|(n, _, _)| n == name) {
+            return Ok(*id);
+        }
+        let id = {
+            let index = self.index.read().expect("index lock");
+            index.next_id + new.len() as u32
+        };
+        if id == u32::MAX {
+            return Err(StoreError::SeriesExhausted);
+        }
+        let mut v = id.to_be_bytes().to_vec();
+        v.extend_from_slice(unit.as_bytes());
+        batch.put_cf(self.cf(CF_SERIES), name.as_bytes(), v);
+        new.push((name.to_owned(), id, unit.to_owned()));
+        Ok(id)
+    }
+
+    /// Writes decoded events and dead letters in one atomic batch.
+    pub fn write(&self, events: &[Event], dead: &[DeadLetter]) -> Result<WriteStats, StoreError> {
+        let _guard = self.write_lock.lock().expect("write lock");
+        let mut batch = WriteBatch::default();
+        let mut new = vec![];
+        let mut stats = WriteStats::default();
+        let mut touched: Vec<(u32, i64)> = vec![];
+        let (head, events_cf, dead_cf) = (self.cf(CF_HEAD), self.cf(CF_EVENTS), self.cf(CF_DEAD));
+        let mut name = String::with_capacity(128);
+        for e in events {
+            let m = &e.machine;
+            match &e.body {
+                EventBody::Telemetry(t) => {
+                    for r in &t.readings {
+                        name.clear();
+                        name.push_str("t/");
+                        name.push_str(&m.site);
+                        name.push('/');
+                        name.push_str(&m.line);
+                        name.push('/');
+                        name.push_str(&m.machine);
+                        name.push('/');
+                        name.push_str(&r.name);
+                        let id = self.id_for(&name, &r.unit, &mut batch, &mut new)?;
+                        batch.put_cf(head, series_ts_key(id, e.ts_ms), r.value.to_be_bytes());
+                        touched.push((id, e.ts_ms));
+                        stats.points += 1;
+                    }
+                }
+                body => {
+                    let id = self.id_for(&format!("m/{m}"), "", &mut batch, &mut new)?;
+                    let mut k = Vec::with_capacity(20);
+                    k.extend_from_slice(&id.to_be_bytes());
+                    k.extend_from_slice(&ts_key(e.ts_ms));
+                    k.extend_from_slice(&e.seq.to_be_bytes());
+                    let v = serde_json::to_vec(body).expect("event bodies serialize");
+                    batch.put_cf(events_cf, k, v);
+                }
+            }
+            stats.events += 1;
+        }
+        for d in dead {
+            let n = self.dead_counter.fetch_add(1, Ordering::Relaxed);
+            let mut k = ts_key(d.received_ms).to_vec();
+            k.extend_from_slice(&n.to_be_bytes());
+            batch.put_cf(dead_cf, k, serde_json::to_vec(d).expect("dead letters serialize"));
+            stats.dead_letters += 1;
+        }
+        stats.bytes = batch.size_in_bytes() as u64;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync_writes);
+        self.db.write_opt(batch, &wo)?;
+        if !new.is_empty() {
+            let mut index = self.index.write().expect("index lock");
+            for (name, id, unit) in new {
+                index.next_id = index.next_id.max(id + 1);
+                index.by_id.insert(id, name.clone());
+                index.by_name.insert(name, (id, unit));
+            }
+        }
+        let window = self.window_ms();
+        let mut unsealed = self.unsealed.lock().expect("unsealed lock");
+        for (id, ts) in touched {
+            unsealed.windows.entry(id).or_default().insert(ts.div_euclid(window) * window);
+            let newest = unsealed.newest.entry(id).or_insert(ts);
+            *newest = (*newest).max(ts);
+        }
+        Ok(stats)
+    }
+
+    /// Seals every window that ended more than the grace period before `now_ms` (or before the
+    /// series' newest point) into a compressed block. Returns the points sealed.
+    pub fn seal(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let window = self.window_ms();
+        let grace = self.opts.seal_grace.as_millis() as i64;
+        let due: Vec<(u32, i64)> = {
+            let unsealed = self.unsealed.lock().expect("unsealed lock");
+            unsealed
+                .windows
+                .iter()
+                .flat_map(|(id, ws)| {
+                    let horizon = now_ms.max(unsealed.newest.get(id).copied().unwrap_or(i64::MIN)) - grace;
+                    ws.iter().filter(move |w| **w + window <= horizon).map(move |w| (*id, *w))
+                })
+                .collect()
+        };
+        let mut sealed = 0;
+        for (id, start) in due {
+            sealed += self.seal_window(id, start, start + window)?;
+        }
+        Ok(sealed)
+    }
+
+    /// Seals every unsealed point regardless of time (used before measuring size on disk).
+    pub fn seal_all(&self) -> Result<u64, StoreError> {
+        let window = self.window_ms();
+        let due: Vec<(u32, i64)> = {
+            let unsealed = self.unsealed.lock().expect("unsealed lock");
+            unsealed.windows.iter().flat_map(|(id, ws)| ws.iter().map(move |w| (*id, *w))).collect()
+        };
+        let mut sealed = 0;
+        for (id, start) in due {
+            sealed += self.seal_window(id, start, start + window)?;
+        }
+        Ok(sealed)
+    }
+
+    fn seal_window(&self, id: u32, start: i64, end: i64) -> Result<u64, StoreError> {
+        let _guard = self.write_lock.lock().expect("write lock");
+        let (head, blocks) = (self.cf(CF_HEAD), self.cf(CF_BLOCKS));
+        let (from, to) = (series_ts_key(id, start), series_ts_key(id, end));
+        let mut points: BTreeMap<i64, f64> = BTreeMap::new();
+        let block_key = series_ts_key(id, start);
+        if let Some(existing) = self.db.get_cf(blocks, block_key)? {
+            let old = block::decode(&existing).map_err(|e| StoreError::Corrupt { cf: CF_BLOCKS, reason: e.to_string() })?;
+            points.extend(old);
+        }
+        let mut fresh = 0;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(from.to_vec()..to.to_vec());
+        for item in self.db.iterator_cf_opt(head, ro, IteratorMode::Start) {
+            let (k, v) = item?;
+            let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt { cf: CF_HEAD, reason: "value is not 8 bytes".into() })?;
+            points.insert(key_ts(&k[4..12]), f64::from_be_bytes(v));
+            fresh += 1;
+        }
+        let mut batch = WriteBatch::default();
+        if !points.is_empty() {
+            let pts: Vec<(i64, f64)> = points.into_iter().collect();
+            batch.put_cf(blocks, block_key, block::encode(&pts));
+        }
+        batch.delete_range_cf(head, from, to);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync_writes);
+        self.db.write_opt(batch, &wo)?;
+        let mut unsealed = self.unsealed.lock().expect("unsealed lock");
+        if let Some(ws) = unsealed.windows.get_mut(&id) {
+            ws.remove(&start);
+            if ws.is_empty() {
+                unsealed.windows.remove(&id);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Deletes data older than each kind's retention. Cheap to call often: it acts when a
+    /// cutoff has moved past a new block window.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<(), StoreError> {
+        let window = self.window_ms();
+        let cut = |d: Duration| (!d.is_zero()).then(|| (now_ms - d.as_millis() as i64).div_euclid(window) * window);
+        let mut done = self.retention_done.lock().expect("retention lock");
+        let mut fresh = |kind: &'static str, cutoff: Option<i64>| match cutoff {
+            Some(c) if done.get(kind) != Some(&c) => {
+                done.insert(kind, c);
+                Some(c)
+            }
+            _ => None,
+        };
+        let (telemetry, events, dead) = (
+            fresh("telemetry", cut(self.opts.telemetry_retention)),
+            fresh("events", cut(self.opts.event_retention)),
+            fresh("dead", cut(self.opts.dead_letter_retention)),
+        );
+        drop(done);
+        let _guard = self.write_lock.lock().expect("write lock");
+        let mut batch = WriteBatch::default();
+        let ids: Vec<(u32, bool)> = self
+            .index
+            .read()
+            .expect("index lock")
+            .by_id
+            .iter()
+            .map(|(id, name)| (*id, name.starts_with("t/")))
+            .collect();
+        for (id, is_series) in ids {
+            let lo = series_ts_key(id, i64::MIN);
+            match (is_series, telemetry, events) {
+                (true, Some(c), _) => {
+                    batch.delete_range_cf(self.cf(CF_HEAD), lo, series_ts_key(id, c));
+                    // Blocks start at window boundaries: a block starting before the cutoff is whole.
+                    batch.delete_range_cf(self.cf(CF_BLOCKS), lo, series_ts_key(id, c));
+                }
+                (false, _, Some(c)) => {
+                    batch.delete_range_cf(self.cf(CF_EVENTS), lo, series_ts_key(id, c));
+                }
+                _ => {}
+            }
+        }
+        if let Some(c) = dead {
+            batch.delete_range_cf(self.cf(CF_DEAD), ts_key(i64::MIN), ts_key(c));
+        }
+        if let Some(c) = telemetry {
+            let mut unsealed = self.unsealed.lock().expect("unsealed lock");
+            for ws in unsealed.windows.values_mut() {
+                ws.retain(|w| *w >= c);
+            }
+            unsealed.windows.retain(|_, ws| !ws.is_empty());
+        }
+        if !batch.is_empty() {
+            self.db.write(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Every telemetry series.
+    pub fn series(&self) -> Vec<SeriesInfo> {
+        let index = self.index.read().expect("index lock");
+        let mut out: Vec<SeriesInfo> = index
+            .by_name
+            .iter()
+            .filter_map(|(name, (id, unit))| {
+                name.strip_prefix("t/").map(|n| SeriesInfo { name: n.to_owned(), unit: unit.clone(), id: *id })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The points of `series` (`site/line/machine/metric`) in `[from_ms, to_ms)`, in time
+    /// order, or `None` for an unknown series.
+    pub fn points(&self, series: &str, from_ms: i64, to_ms: i64) -> Result<Option<Vec<(i64, f64)>>, StoreError> {
+        let Some((id, _)) = self.index.read().expect("index lock").by_name.get(&format!("t/{series}")).cloned() else {
+            return Ok(None);
+        };
+        let cutoff = self.visible_from(self.opts.telemetry_retention);
+        let from_ms = from_ms.max(cutoff);
+        let mut points: BTreeMap<i64, f64> = BTreeMap::new();
+        if from_ms < to_ms {
+            let window = self.window_ms();
+            let first_block = from_ms.div_euclid(window) * window;
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_range(series_ts_key(id, first_block).to_vec()..series_ts_key(id, to_ms).to_vec());
+            for item in self.db.iterator_cf_opt(self.cf(CF_BLOCKS), ro, IteratorMode::Start) {
+                let (_, v) = item?;
+                let pts = block::decode(&v).map_err(|e| StoreError::Corrupt { cf: CF_BLOCKS, reason: e.to_string() })?;
+                points.extend(pts.into_iter().filter(|(t, _)| *t >= from_ms && *t < to_ms));
+            }
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_range(series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec());
+            for item in self.db.iterator_cf_opt(self.cf(CF_HEAD), ro, IteratorMode::Start) {
+                let (k, v) = item?;
+                let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt { cf: CF_HEAD, reason: "value is not 8 bytes".into() })?;
+                points.insert(key_ts(&k[4..12]), f64::from_be_bytes(v));
+            }
+        }
+        Ok(Some(points.into_iter().collect()))
+    }
+
+    fn visible_from(&self, retention: Duration) -> i64 {
+        if retention.is_zero() {
+            i64::MIN
+        } else {
+            chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64
+        }
+    }
+
+    /// Events of one machine in `[from_ms, to_ms)`, optionally of one kind, at most `limit`.
+    pub fn events(&self, machine: &MachineId, from_ms: i64, to_ms: i64, kind: Option<EventKind>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let Some((id, _)) = self.index.read().expect("index lock").by_name.get(&format!("m/{machine}")).cloned() else {
+            return Ok(vec![]);
+        };
+        let from_ms = from_ms.max(self.visible_from(self.opts.event_retention));
+        let mut out = vec![];
+        if from_ms >= to_ms {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec());
+        for item in self.db.iterator_cf_opt(self.cf(CF_EVENTS), ro, IteratorMode::Start) {
+            let (k, v) = item?;
+            let body: EventBody = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { cf: CF_EVENTS, reason: e.to_string() })?;
+            if kind.is_some_and(|kd| kd != body.kind()) {
+                continue;
+            }
+            out.push(Event {
+                machine: machine.clone(),
+                ts_ms: key_ts(&k[4..12]),
+                seq: u64::from_be_bytes(k[12..20].try_into().expect("8 bytes")),
+                body,
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Machines that have sent state, part or operator events.
+    pub fn machines(&self) -> Vec<String> {
+        let index = self.index.read().expect("index lock");
+        let mut out: Vec<String> = index.by_name.keys().filter_map(|n| n.strip_prefix("m/").map(str::to_owned)).collect();
+        out.sort();
+        out
+    }
+
+    /// Dead letters received at or after `from_ms`, oldest first, at most `limit`.
+    pub fn dead_letters(&self, from_ms: i64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let from_ms = from_ms.max(self.visible_from(self.opts.dead_letter_retention));
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(ts_key(from_ms).to_vec()..);
+        let mut out = vec![];
+        for item in self.db.iterator_cf_opt(self.cf(CF_DEAD), ro, IteratorMode::Start).take(limit) {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { cf: CF_DEAD, reason: e.to_string() })?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of live SST files plus memtables, per column family.
+    pub fn size_by_cf(&self) -> Result<BTreeMap<&'static str, u64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for name in CFS {
+            let cf = self.cf(name);
+            let sst = self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size")?.unwrap_or(0);
+            let mem = self.db.property_int_value_cf(cf, "rocksdb.size-all-mem-tables")?.unwrap_or(0);
+            out.insert(name, sst + mem);
+        }
+        Ok(out)
+    }
+
+    /// Flushes memtables to SST files and syncs the WAL.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for name in CFS {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Compacts every column family fully (drops deleted ranges and overwritten values).
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        for name in CFS {
+            self.db.compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use millrace_shared::{MachineState, Reading, StateChange, Telemetry};
+
+    fn machine() -> MachineId {
+        MachineId::new("s", "l", "m").unwrap()
+    }
+
+    fn telemetry(ts: i64, seq: u64, v: f64) -> Event {
+        Event {
+            machine: machine(),
+            ts_ms: ts,
+            seq,
+            body: EventBody::Telemetry(Telemetry { readings: vec![Reading { name: "temp".into(), value: v, unit: "degC".into() }] }),
+        }
+    }
+
+    const T0: i64 = 1_767_600_000_000;
+
+    fn opts() -> StoreOptions {
+        StoreOptions { sync_writes: false, telemetry_retention: Duration::ZERO, event_retention: Duration::ZERO, dead_letter_retention: Duration::ZERO, ..Default::default() }
+    }
+
+    #[test]
+    fn points_survive_sealing_and_reopen_and_duplicates_are_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let events: Vec<Event> = (0..7200).map(|i| telemetry(T0 + i * 1000, i as u64 + 1, 20.0 + (i % 50) as f64 / 10.0)).collect();
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            s.write(&events, &[]).unwrap();
+            // The same events again, as a device retransmitting would send them.
+            s.write(&events[100..200], &[]).unwrap();
+            let state = Event { machine: machine(), ts_ms: T0, seq: 9999, body: EventBody::State(StateChange { state: MachineState::Down, reason: None }) };
+            s.write(&[state.clone(), state], &[]).unwrap();
+            assert_eq!(s.points("s/l/m/temp", T0, T0 + 7_200_000).unwrap().unwrap().len(), 7200);
+            // Two hours of data: the first window is sealed once the second has passed the grace.
+            let sealed = s.seal(T0 + 7_200_000).unwrap();
+            assert!(sealed >= 3600, "{sealed}");
+            let pts = s.points("s/l/m/temp", T0, T0 + 7_200_000).unwrap().unwrap();
+            assert_eq!(pts.len(), 7200);
+            assert_eq!(pts, events.iter().map(|e| match &e.body { EventBody::Telemetry(t) => (e.ts_ms, t.readings[0].value), _ => unreachable!() }).collect::<Vec<_>>());
+        }
+        let s = Store::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.points("s/l/m/temp", T0, T0 + 7_200_000).unwrap().unwrap().len(), 7200);
+        assert_eq!(s.series().iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["s/l/m/temp"]);
+        assert_eq!(s.events(&machine(), T0, T0 + 1, None, 100).unwrap().len(), 1);
+        // A late point for a sealed window merges into its block.
+        s.write(&[telemetry(T0 + 500, 1, 99.5)], &[]).unwrap();
+        s.seal_all().unwrap();
+        let pts = s.points("s/l/m/temp", T0, T0 + 1000).unwrap().unwrap();
+        assert_eq!(pts, vec![(T0, 20.0), (T0 + 500, 99.5)]);
+        assert!(s.points("nope", 0, 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn retention_removes_old_data_of_each_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let day = 86_400_000;
+        let s = Store::open(dir.path(), StoreOptions {
+            sync_writes: false,
+            telemetry_retention: Duration::from_secs(86_400),
+            event_retention: Duration::from_secs(2 * 86_400),
+            dead_letter_retention: Duration::from_secs(86_400),
+            ..Default::default()
+        }).unwrap();
+        let old = now - 3 * day;
+        let state = |ts| Event { machine: machine(), ts_ms: ts, seq: ts as u64, body: EventBody::State(StateChange { state: MachineState::Idle, reason: None }) };
+        s.write(
+            &[telemetry(old, 1, 1.0), telemetry(now - 1000, 2, 2.0), state(old), state(now - 1000)],
+            &[DeadLetter::new(old, "x", b"y", "bad_json", "e".into()), DeadLetter::new(now, "x", b"z", "bad_json", "e".into())],
+        ).unwrap();
+        s.seal_all().unwrap();
+        s.enforce_retention(now).unwrap();
+        s.compact().unwrap();
+        assert_eq!(s.points("s/l/m/temp", 0, now + 1).unwrap().unwrap(), vec![(now - 1000, 2.0)]);
+        assert_eq!(s.events(&machine(), 0, now + 1, None, 10).unwrap().len(), 1);
+        let dl = s.dead_letters(0, 10).unwrap();
+        assert_eq!(dl.len(), 1);
+        assert_eq!(dl[0].payload, "z");
+    }
+}

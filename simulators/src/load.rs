@@ -1,0 +1,138 @@
+//! Load mode for benchmarks: N devices, each its own MQTT connection, publishing telemetry at a
+//! fixed total rate (or as fast as the broker takes it) with the current wall-clock time as the
+//! event timestamp, so that the receiving side can measure latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use millrace_shared::{Event, EventBody, MachineId, Reading, Telemetry};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::publish::{BrokerOptions, PublishError, Publisher};
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Broker connection template; the client id gets the device number appended.
+    pub broker: BrokerOptions,
+    /// Number of devices (connections).
+    pub devices: u32,
+    /// Events per second over all devices; 0 means unlimited.
+    pub rate: u64,
+    /// How long to send.
+    pub duration: Duration,
+    /// Readings per telemetry event.
+    pub readings: usize,
+    /// Site id of the simulated devices.
+    pub site: String,
+}
+
+/// What was sent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Devices connected.
+    pub devices: u32,
+    /// Events published.
+    pub published: u64,
+    /// Acknowledgements received.
+    pub acked: u64,
+    /// Seconds spent publishing (until the last acknowledgement).
+    pub elapsed_s: f64,
+    /// Events per second achieved.
+    pub rate_per_s: f64,
+    /// Target rate (0 = unlimited).
+    pub target_rate: u64,
+}
+
+/// The id of load device `i`: 100 devices per line.
+pub fn device_id(site: &str, i: u32) -> MachineId {
+    MachineId::new(site, format!("line-{}", i / 100 + 1), format!("dev-{i:05}")).expect("valid ids")
+}
+
+/// Runs the load and reports what it achieved.
+pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
+    let mut publishers = Vec::with_capacity(opts.devices as usize);
+    for i in 0..opts.devices {
+        let mut b = opts.broker.clone();
+        b.client_id = format!("{}-{i}", opts.broker.client_id);
+        publishers.push(Arc::new(Publisher::connect(&b).await?));
+    }
+    let per_device = opts.rate as f64 / f64::from(opts.devices.max(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, p) in publishers.iter().enumerate() {
+        let p = p.clone();
+        let id = device_id(&opts.site, i as u32);
+        let (duration, readings, stop) = (opts.duration, opts.readings, stop.clone());
+        tasks.spawn(async move {
+            let topic = id.topic(millrace_shared::EventKind::Telemetry);
+            let mut seq = 0u64;
+            // Spread device starts over one millisecond step so they do not publish in lockstep.
+            while t0.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+                let due = if per_device > 0.0 {
+                    (t0.elapsed().as_secs_f64() * per_device) as u64
+                } else {
+                    seq + 256
+                };
+                while seq < due {
+                    seq += 1;
+                    let e = telemetry(&id, seq, readings);
+                    p.publish(topic.clone(), e.to_payload()).await?;
+                }
+                if per_device > 0.0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok::<u64, PublishError>(seq)
+        });
+    }
+    let mut published = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("load task panicked") {
+            Ok(n) => published += n,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    }
+    let mut acked = 0;
+    for p in publishers {
+        p.flush(Duration::from_secs(60)).await?;
+        acked += p.counters().acked.load(Ordering::Relaxed);
+        if let Ok(p) = Arc::try_unwrap(p) {
+            let _ = p.close(Duration::from_secs(5)).await;
+        }
+    }
+    let elapsed_s = t0.elapsed().as_secs_f64();
+    Ok(LoadReport {
+        devices: opts.devices,
+        published,
+        acked,
+        elapsed_s,
+        rate_per_s: published as f64 / elapsed_s.max(1e-9),
+        target_rate: opts.rate,
+    })
+}
+
+fn telemetry(id: &MachineId, seq: u64, readings: usize) -> Event {
+    let now = chrono::Utc::now().timestamp_millis();
+    const NAMES: [(&str, &str); 4] = [("temperature", "degC"), ("vibration", "mm/s"), ("spindle_load", "%"), ("power", "kW")];
+    let readings = (0..readings)
+        .map(|i| {
+            let (name, unit) = NAMES[i % NAMES.len()];
+            Reading {
+                name: if i < NAMES.len() { name.into() } else { format!("{name}_{i}") },
+                value: ((seq % 1000) as f64 * 0.01 + i as f64 * 10.0 + 20.0).round(),
+                unit: unit.into(),
+            }
+        })
+        .collect();
+    Event { machine: id.clone(), ts_ms: now, seq, body: EventBody::Telemetry(Telemetry { readings }) }
+}
