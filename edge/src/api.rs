@@ -40,6 +40,12 @@ pub struct ApiState {
     pub started: Instant,
 }
 
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState").field("edge_id", &self.edge_id).field("api_keys", &self.api_keys.len()).finish_non_exhaustive()
+    }
+}
+
 /// Errors a handler returns: the client's mistakes as 4xx with a message, ours as a logged 500.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -218,7 +218,8 @@ pub struct Store {
     /// Serialises writes with sealing, so that a seal never deletes a point written meanwhile.
     write_lock: Mutex<()>,
     dead_counter: AtomicU64,
-    retention_done: Mutex<HashMap<&'static str, i64>>,
+    /// Per kind: the cutoff and the number of ids when retention last ran.
+    retention_done: Mutex<HashMap<&'static str, (i64, u32)>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -483,14 +484,18 @@ impl Store {
     }
 
     /// Deletes data older than each kind's retention. Cheap to call often: it acts when a
-    /// cutoff has moved past a new block window.
+    /// cutoff has moved past a new block window or series were added. Data older than the
+    /// cutoff that arrives late is hidden from queries at once and deleted by the next pass
+    /// that acts (at the latest one block window later).
     pub fn enforce_retention(&self, now_ms: i64) -> Result<(), StoreError> {
         let window = self.window_ms();
         let cut = |d: Duration| (!d.is_zero()).then(|| (now_ms - d.as_millis() as i64).div_euclid(window) * window);
+        let ids_now = self.index.read().expect("index lock").next_id;
         let mut done = self.retention_done.lock().expect("retention lock");
+        // Act when the cutoff moved or series were added since the last pass.
         let mut fresh = |kind: &'static str, cutoff: Option<i64>| match cutoff {
-            Some(c) if done.get(kind) != Some(&c) => {
-                done.insert(kind, c);
+            Some(c) if done.get(kind) != Some(&(c, ids_now)) => {
+                done.insert(kind, (c, ids_now));
                 Some(c)
             }
             _ => None,
@@ -566,7 +571,7 @@ impl Store {
         let mut points: BTreeMap<i64, f64> = BTreeMap::new();
         if from_ms < to_ms {
             let window = self.window_ms();
-            let first_block = from_ms.div_euclid(window) * window;
+            let first_block = from_ms.div_euclid(window).saturating_mul(window);
             let mut ro = ReadOptions::default();
             ro.set_iterate_range(series_ts_key(id, first_block).to_vec()..series_ts_key(id, to_ms).to_vec());
             for item in self.db.iterator_cf_opt(self.cf(CF_BLOCKS), ro, IteratorMode::Start) {
