@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-$HOME/.cache/millrace-target}/release"
-SPEED="${MILLRACE_DEMO_SPEED:-60}"
 mkdir -p data
 pids=()
 stop() {
@@ -27,13 +26,19 @@ curl -fsS http://127.0.0.1:8081/health >/dev/null || { echo "the edge did not st
 
 # The demo device credential (demo/edge.toml holds only its Argon2 hash).
 export MILLRACE_MQTT_USERNAME=demo-device MILLRACE_MQTT_PASSWORD=millrace-demo
-"$BIN/millrace-sim" run --broker mqtt://127.0.0.1:1883 --speed "$SPEED" --duration 30days \
+# First run: a day of history, sent at once, then live. Later runs: live from now (the time in
+# between shows as a gap, as when a factory's gateway was off).
+start=now
+[ -f data/.demo-started ] || start=-1day
+touch data/.demo-started
+"$BIN/millrace-sim" run --broker mqtt://127.0.0.1:1883 --live --start "$start" --duration 30days \
   --telemetry-interval 10s --seed "${MILLRACE_DEMO_SEED:-1}" --quiet 2>data/sim.log &
 pids+=($!)
 
 cat <<MSG
 
-Millrace is running (simulated time runs ${SPEED}× faster than real time).
+Millrace is running: a simulated factory (1 site, 3 lines, 12 machines) in real time, with the
+previous day's history on the first run.
 
   Edge API     http://127.0.0.1:8081/api/v1/status     (health: /health, Prometheus: /metrics)
   MQTT         mqtt://127.0.0.1:1883  (MQTT 3.1.1 and 5; user demo-device, password millrace-demo)
@@ -41,8 +46,8 @@ Millrace is running (simulated time runs ${SPEED}× faster than real time).
 
 Try:
   curl -s http://127.0.0.1:8081/api/v1/series
-  curl -s "http://127.0.0.1:8081/api/v1/points?series=plant-1/line-1/machine-01/temperature&from=0&step=10m"
-  curl -s "http://127.0.0.1:8081/api/v1/events?machine=plant-1/line-1/machine-01&from=0&kind=state&limit=20"
+  curl -s "http://127.0.0.1:8081/api/v1/points?series=plant-1/line-1/machine-01/temperature&from=-1day&step=1h"
+  curl -s "http://127.0.0.1:8081/api/v1/events?machine=plant-1/line-1/machine-01&from=-1day&kind=state&limit=20"
   mosquitto_pub -p 1883 -u demo-device -P millrace-demo -t factory/plant-1/line-9/my-machine/state \\
     -m '{"ts":'\$(date +%s000)',"seq":1,"state":"running"}'
 

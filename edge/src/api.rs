@@ -42,7 +42,10 @@ pub struct ApiState {
 
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiState").field("edge_id", &self.edge_id).field("api_keys", &self.api_keys.len()).finish_non_exhaustive()
+        f.debug_struct("ApiState")
+            .field("edge_id", &self.edge_id)
+            .field("api_keys", &self.api_keys.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,22 +110,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_key(State(s): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_key(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if !s.api_keys.is_empty() {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !s.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), given.as_bytes())) {
+        if !s
+            .api_keys
+            .iter()
+            .any(|k| constant_time_eq(k.as_bytes(), given.as_bytes()))
+        {
             return Err(ApiError::Unauthorized);
         }
     }
     Ok(next.run(req).await)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
@@ -130,7 +146,10 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
 }
 
 async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
 }
 
 async fn status(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -160,13 +179,19 @@ async fn machines(State(s): State<ApiState>) -> Json<serde_json::Value> {
     Json(json!({ "machines": s.store.machines() }))
 }
 
-/// Parses a time: Unix milliseconds or RFC 3339.
+/// Parses a time: Unix milliseconds, RFC 3339, or a duration before now (`-2h`).
 fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
     if let Ok(ms) = v.parse::<i64>() {
         return Ok(ms);
     }
+    if let Some(d) = v
+        .strip_prefix('-')
+        .and_then(|d| humantime::parse_duration(d).ok())
+    {
+        return Ok(chrono::Utc::now().timestamp_millis() - d.as_millis() as i64);
+    }
     chrono::DateTime::parse_from_rfc3339(v).map(|d| d.timestamp_millis()).map_err(|_| {
-        ApiError::BadRequest(format!("`{name}` = `{v}` is not a time: expected Unix milliseconds or RFC 3339 (2026-01-05T06:00:00Z)"))
+        ApiError::BadRequest(format!("`{name}` = `{v}` is not a time: expected Unix milliseconds, RFC 3339 (2026-01-05T06:00:00Z) or a duration before now (-2h)"))
     })
 }
 
@@ -180,7 +205,9 @@ fn range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), ApiError> {
         None => to - 3_600_000,
     };
     if from >= to {
-        return Err(ApiError::BadRequest(format!("`from` ({from}) must be before `to` ({to})")));
+        return Err(ApiError::BadRequest(format!(
+            "`from` ({from}) must be before `to` ({to})"
+        )));
     }
     Ok((from, to))
 }
@@ -194,9 +221,16 @@ struct PointsQuery {
     step: Option<String>,
 }
 
-async fn points(State(s): State<ApiState>, q: Result<Query<PointsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn points(
+    State(s): State<ApiState>,
+    q: Result<Query<PointsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let name = q.series.ok_or_else(|| ApiError::BadRequest("`series` is required: site/line/machine/metric (see /api/v1/series)".into()))?;
+    let name = q.series.ok_or_else(|| {
+        ApiError::BadRequest(
+            "`series` is required: site/line/machine/metric (see /api/v1/series)".into(),
+        )
+    })?;
     let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
     let step = match q.step.as_deref() {
         None => None,
@@ -213,13 +247,17 @@ async fn points(State(s): State<ApiState>, q: Result<Query<PointsQuery>, axum::e
     if let Some(step) = step {
         let buckets = (to - from) / step;
         if buckets as usize > s.max_points {
-            return Err(ApiError::BadRequest(format!("{buckets} steps is more than the limit of {}: use a larger `step`", s.max_points)));
+            return Err(ApiError::BadRequest(format!(
+                "{buckets} steps is more than the limit of {}: use a larger `step`",
+                s.max_points
+            )));
         }
     }
     let store = s.store.clone();
     let lookup = name.clone();
     let pts = blocking(move || Ok(store.points(&lookup, from, to)?)).await?;
-    let pts = pts.ok_or_else(|| ApiError::NotFound(format!("no series `{name}`: see /api/v1/series")))?;
+    let pts =
+        pts.ok_or_else(|| ApiError::NotFound(format!("no series `{name}`: see /api/v1/series")))?;
     match step {
         None => {
             if pts.len() > s.max_points {
@@ -229,10 +267,15 @@ async fn points(State(s): State<ApiState>, q: Result<Query<PointsQuery>, axum::e
                     s.max_points
                 )));
             }
-            let points: Vec<[serde_json::Value; 2]> = pts.iter().map(|(t, v)| [json!(t), json!(v)]).collect();
-            Ok(Json(json!({ "series": name, "from": from, "to": to, "points": points })))
+            let points: Vec<[serde_json::Value; 2]> =
+                pts.iter().map(|(t, v)| [json!(t), json!(v)]).collect();
+            Ok(Json(
+                json!({ "series": name, "from": from, "to": to, "points": points }),
+            ))
         }
-        Some(step) => Ok(Json(json!({ "series": name, "from": from, "to": to, "step_ms": step, "buckets": downsample(&pts, from, step) }))),
+        Some(step) => Ok(Json(
+            json!({ "series": name, "from": from, "to": to, "step_ms": step, "buckets": downsample(&pts, from, step) }),
+        )),
     }
 }
 
@@ -248,7 +291,13 @@ pub fn downsample(points: &[(i64, f64)], from: i64, step: i64) -> Vec<Bucket> {
                 b.max = b.max.max(v);
                 b.mean += v;
             }
-            _ => out.push(Bucket { ts_ms: start, count: 1, min: v, max: v, mean: v }),
+            _ => out.push(Bucket {
+                ts_ms: start,
+                count: 1,
+                min: v,
+                max: v,
+                mean: v,
+            }),
         }
     }
     for b in &mut out {
@@ -274,17 +323,31 @@ fn parse_limit(v: Option<&str>) -> Result<usize, ApiError> {
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=100_000).contains(n))
-            .ok_or_else(|| ApiError::BadRequest(format!("`limit` = `{v}` is not a number from 1 to 100000"))),
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("`limit` = `{v}` is not a number from 1 to 100000"))
+            }),
     }
 }
 
-async fn events(State(s): State<ApiState>, q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn events(
+    State(s): State<ApiState>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let m = q.machine.ok_or_else(|| ApiError::BadRequest("`machine` is required: site/line/machine (see /api/v1/machines)".into()))?;
+    let m = q.machine.ok_or_else(|| {
+        ApiError::BadRequest(
+            "`machine` is required: site/line/machine (see /api/v1/machines)".into(),
+        )
+    })?;
     let parts: Vec<&str> = m.split('/').collect();
     let machine = match parts.as_slice() {
-        [s, l, m] => MachineId::new(*s, *l, *m).map_err(|e| ApiError::BadRequest(format!("`machine`: {e}")))?,
-        _ => return Err(ApiError::BadRequest(format!("`machine` = `{m}` is not site/line/machine"))),
+        [s, l, m] => MachineId::new(*s, *l, *m)
+            .map_err(|e| ApiError::BadRequest(format!("`machine`: {e}")))?,
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "`machine` = `{m}` is not site/line/machine"
+            )));
+        }
     };
     let kind = match q.kind.as_deref() {
         None => None,
@@ -295,7 +358,9 @@ async fn events(State(s): State<ApiState>, q: Result<Query<EventsQuery>, axum::e
     let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
     let limit = parse_limit(q.limit.as_deref())?;
     if !s.store.machines().contains(&machine.to_string()) {
-        return Err(ApiError::NotFound(format!("no events from machine `{machine}`: see /api/v1/machines")));
+        return Err(ApiError::NotFound(format!(
+            "no events from machine `{machine}`: see /api/v1/machines"
+        )));
     }
     let store = s.store.clone();
     let evs = blocking(move || Ok(store.events(&machine, from, to, kind, limit)?)).await?;
@@ -309,9 +374,17 @@ struct DeadQuery {
     limit: Option<String>,
 }
 
-async fn dead_letters(State(s): State<ApiState>, q: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn dead_letters(
+    State(s): State<ApiState>,
+    q: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let from = q.from.as_deref().map(|f| parse_time("from", f)).transpose()?.unwrap_or(i64::MIN);
+    let from = q
+        .from
+        .as_deref()
+        .map(|f| parse_time("from", f))
+        .transpose()?
+        .unwrap_or(i64::MIN);
     let limit = parse_limit(q.limit.as_deref())?;
     let store = s.store.clone();
     let dl = blocking(move || Ok(store.dead_letters(from, limit)?)).await?;
@@ -327,16 +400,36 @@ mod tests {
         let pts = [(0, 1.0), (500, 3.0), (1000, 10.0), (3500, 4.0)];
         let b = downsample(&pts, 0, 1000);
         assert_eq!(b.len(), 3);
-        assert_eq!((b[0].count, b[0].min, b[0].max, b[0].mean), (2, 1.0, 3.0, 2.0));
+        assert_eq!(
+            (b[0].count, b[0].min, b[0].max, b[0].mean),
+            (2, 1.0, 3.0, 2.0)
+        );
         assert_eq!(b[2].ts_ms, 3000);
     }
 
     #[test]
     fn times_and_keys() {
-        assert_eq!(parse_time("from", "1767600000000").unwrap(), 1_767_600_000_000);
-        assert_eq!(parse_time("from", "2026-01-05T08:00:00Z").unwrap(), 1_767_600_000_000);
-        assert!(parse_time("from", "yesterday").unwrap_err().to_string().contains("`from` = `yesterday` is not a time"));
+        assert_eq!(
+            parse_time("from", "1767600000000").unwrap(),
+            1_767_600_000_000
+        );
+        assert_eq!(
+            parse_time("from", "2026-01-05T08:00:00Z").unwrap(),
+            1_767_600_000_000
+        );
+        assert!(
+            parse_time("from", "yesterday")
+                .unwrap_err()
+                .to_string()
+                .contains("`from` = `yesterday` is not a time")
+        );
         assert!(range(Some("10"), Some("5")).is_err());
-        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc"));
+        let two_hours_ago = parse_time("from", "-2h").unwrap();
+        assert!((chrono::Utc::now().timestamp_millis() - two_hours_ago - 7_200_000).abs() < 60_000);
+        assert!(
+            constant_time_eq(b"abc", b"abc")
+                && !constant_time_eq(b"abc", b"abd")
+                && !constant_time_eq(b"ab", b"abc")
+        );
     }
 }

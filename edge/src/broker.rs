@@ -18,7 +18,9 @@ use std::time::Duration;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, TlsConfig};
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, TlsConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -58,7 +60,9 @@ pub struct Broker {
 }
 
 fn loopback_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
 }
 
 /// Checks device credentials against Argon2 hashes.
@@ -70,7 +74,12 @@ pub struct DeviceAuth {
 impl DeviceAuth {
     /// From the configured users.
     pub fn new(users: &[crate::config::DeviceUser]) -> Self {
-        Self { users: users.iter().map(|u| (u.username.clone(), u.password_hash.clone())).collect() }
+        Self {
+            users: users
+                .iter()
+                .map(|u| (u.username.clone(), u.password_hash.clone()))
+                .collect(),
+        }
     }
 
     /// Whether `password` is right for `username`. CPU-heavy (Argon2): call off the runtime.
@@ -78,7 +87,11 @@ impl DeviceAuth {
         let Some(hash) = self.users.get(username) else {
             return false;
         };
-        PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        PasswordHash::new(hash).is_ok_and(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
     }
 }
 
@@ -86,19 +99,30 @@ impl DeviceAuth {
 pub fn hash_password(password: &str) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 hashing").to_string()
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 hashing")
+        .to_string()
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("addr", &self.addr).field("v4_addr", &self.v4_addr).field("v5_addr", &self.v5_addr).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("addr", &self.addr)
+            .field("v4_addr", &self.v4_addr)
+            .field("v5_addr", &self.v5_addr)
+            .finish_non_exhaustive()
     }
 }
 
 impl Broker {
     /// Starts the router, rumqttd's listeners and the device port. Tasks are tracked by
     /// `tasks` and stop when `stop` is cancelled.
-    pub async fn start(cfg: &MqttConfig, tasks: &TaskTracker, stop: CancellationToken) -> Result<Self, BrokerError> {
+    pub async fn start(
+        cfg: &MqttConfig,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Self, BrokerError> {
         let router_cfg = RouterConfig {
             max_connections: cfg.max_connections + 16,
             max_outgoing_packet_count: 200,
@@ -139,7 +163,9 @@ impl Broker {
                 }
             });
             if cfg.users.is_empty() {
-                tracing::warn!("no device users are configured and anonymous access is off: no device can connect (add [[mqtt.users]] or set mqtt.allow_anonymous)");
+                tracing::warn!(
+                    "no device users are configured and anonymous access is off: no device can connect (add [[mqtt.users]] or set mqtt.allow_anonymous)"
+                );
             }
         }
         let settings = |name: &str, listen: SocketAddr, tls: Option<TlsConfig>| ServerSettings {
@@ -164,7 +190,11 @@ impl Broker {
                 certpath: tls.cert.display().to_string(),
                 keypath: tls.key.display().to_string(),
             };
-            servers.push((settings("tls", tls.listen, Some(t)), tls.protocol == "v5", LinkType::Remote));
+            servers.push((
+                settings("tls", tls.listen, Some(t)),
+                tls.protocol == "v5",
+                LinkType::Remote,
+            ));
         }
         for (s, v5, link) in servers {
             let (name, stop) = (s.name.clone(), stop.clone());
@@ -183,20 +213,31 @@ impl Broker {
                 tokio::select! { _ = run => {}, _ = stop.cancelled() => {} }
             });
         }
-        // rumqttd binds asynchronously: wait until its listeners accept before taking devices.
+        // rumqttd binds asynchronously: wait until its listeners listen before taking devices.
         for addr in [v4_addr, v5_addr] {
             let mut waited = Duration::ZERO;
-            while TcpStream::connect(addr).await.is_err() {
+            while !is_listening(addr).await {
                 if waited > Duration::from_secs(10) {
-                    return Err(BrokerError::Bind { addr, source: std::io::Error::other("rumqttd listener did not start") });
+                    return Err(BrokerError::Bind {
+                        addr,
+                        source: std::io::Error::other("rumqttd listener did not start"),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 waited += Duration::from_millis(5);
             }
         }
 
-        let front = TcpListener::bind(cfg.listen).await.map_err(|source| BrokerError::Bind { addr: cfg.listen, source })?;
-        let addr = front.local_addr().map_err(|source| BrokerError::Bind { addr: cfg.listen, source })?;
+        let front = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = front.local_addr().map_err(|source| BrokerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let connections = Arc::new(AtomicI64::new(0));
         let count = connections.clone();
         let max = cfg.max_connections as i64;
@@ -232,10 +273,18 @@ impl Broker {
         });
         tracing::info!(%addr, %v4_addr, %v5_addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
         let links: LinkFactory = Arc::new(move |client_id: &str| {
-            let (tx, rx, _) = LinkBuilder::new(client_id, router_tx.clone()).dynamic_filters(true).build()?;
+            let (tx, rx, _) = LinkBuilder::new(client_id, router_tx.clone())
+                .dynamic_filters(true)
+                .build()?;
             Ok((tx, rx))
         });
-        Ok(Self { links, addr, v4_addr, v5_addr, connections })
+        Ok(Self {
+            links,
+            addr,
+            v4_addr,
+            v5_addr,
+            connections,
+        })
     }
 
     /// Devices connected through the device port now.
@@ -248,6 +297,20 @@ impl Broker {
     pub fn local_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
         Ok((self.links)(client_id)?)
     }
+}
+
+/// Whether something listens on `addr`. On Linux this reads the kernel's socket table, so that
+/// no probe connection makes rumqttd log an aborted CONNECT; elsewhere it connects.
+async fn is_listening(addr: SocketAddr) -> bool {
+    if let Ok(table) = tokio::fs::read_to_string("/proc/net/tcp").await {
+        let port = format!(":{:04X}", addr.port());
+        return table.lines().skip(1).any(|l| {
+            let mut f = l.split_whitespace();
+            let (local, state) = (f.nth(1).unwrap_or(""), f.nth(1).unwrap_or(""));
+            local.ends_with(&port) && state == "0A"
+        });
+    }
+    TcpStream::connect(addr).await.is_ok()
 }
 
 /// Why a connection could not be routed.
@@ -274,14 +337,16 @@ async fn splice(mut sock: TcpStream, v4: SocketAddr, v5: SocketAddr) -> Result<(
         5 => v5,
         3 | 4 => v4,
         other => {
-            metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "protocol").increment(1);
+            metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "protocol")
+                .increment(1);
             return Err(SpliceError::Level(other));
         }
     };
     let mut upstream = TcpStream::connect(target).await?;
     upstream.set_nodelay(true)?;
     upstream.write_all(&head).await?;
-    tokio::io::copy_bidirectional_with_sizes(&mut sock, &mut upstream, 64 * 1024, 64 * 1024).await?;
+    tokio::io::copy_bidirectional_with_sizes(&mut sock, &mut upstream, 64 * 1024, 64 * 1024)
+        .await?;
     Ok(())
 }
 

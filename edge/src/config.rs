@@ -119,7 +119,11 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8081".parse().expect("valid"), api_keys: vec![], max_points: 100_000 }
+        Self {
+            listen: "127.0.0.1:8081".parse().expect("valid"),
+            api_keys: vec![],
+            max_points: 100_000,
+        }
     }
 }
 
@@ -127,6 +131,8 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
+    /// Store what devices send. Off only to measure the bare broker in benchmarks.
+    pub enabled: bool,
     /// Most events in one RocksDB batch.
     pub max_batch: usize,
     /// Sequence numbers remembered per device to recognise duplicates cheaply (older duplicates
@@ -136,7 +142,11 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { max_batch: 4096, dedup_window: 4096 }
+        Self {
+            enabled: true,
+            max_batch: 4096,
+            dedup_window: 4096,
+        }
     }
 }
 
@@ -158,7 +168,11 @@ pub struct RetentionConfig {
 impl Default for RetentionConfig {
     fn default() -> Self {
         let d = StoreOptions::default();
-        Self { telemetry: d.telemetry_retention, events: d.event_retention, dead_letters: d.dead_letter_retention }
+        Self {
+            telemetry: d.telemetry_retention,
+            events: d.event_retention,
+            dead_letters: d.dead_letter_retention,
+        }
     }
 }
 
@@ -254,26 +268,43 @@ impl EdgeConfig {
         let mut fig = Figment::from(Serialized::defaults(EdgeConfig::default()));
         if let Some(f) = file {
             if !f.exists() {
-                return Err(ConfigError::Invalid { field: "--config", reason: format!("file {} does not exist", f.display()) });
+                return Err(ConfigError::Invalid {
+                    field: "--config",
+                    reason: format!("file {} does not exist", f.display()),
+                });
             }
             fig = fig.merge(Toml::file(f));
         }
-        let cfg: EdgeConfig = fig.merge(Env::prefixed("MILLRACE_EDGE_").split("__")).extract().map_err(Box::new)?;
+        let cfg: EdgeConfig = fig
+            .merge(Env::prefixed("MILLRACE_EDGE_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks values that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.to_owned() });
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
         if millrace_shared::topic::validate_id("edge_id", &self.edge_id).is_err() {
             return invalid("edge_id", "1 to 64 characters of A-Z a-z 0-9 _ -");
         }
         if self.mqtt.max_connections == 0 {
-            return invalid("mqtt.max_connections", "must be at least 1 (rumqttd drops every connection at 0)");
+            return invalid(
+                "mqtt.max_connections",
+                "must be at least 1 (rumqttd drops every connection at 0)",
+            );
         }
         if self.mqtt.segment_bytes < 1024 || self.mqtt.segment_count == 0 {
-            return invalid("mqtt.segment_bytes", "segments must be at least 1024 bytes and segment_count at least 1");
+            return invalid(
+                "mqtt.segment_bytes",
+                "segments must be at least 1024 bytes and segment_count at least 1",
+            );
         }
         if self.mqtt.max_payload_bytes < 1024 {
             return invalid("mqtt.max_payload_bytes", "must be at least 1024");
@@ -285,7 +316,10 @@ impl EdgeConfig {
             if argon2::PasswordHash::new(&u.password_hash).is_err() {
                 return Err(ConfigError::Invalid {
                     field: "mqtt.users",
-                    reason: format!("password_hash of `{}` is not a PHC string: create one with `millrace-edge hash-password`", u.username),
+                    reason: format!(
+                        "password_hash of `{}` is not a PHC string: create one with `millrace-edge hash-password`",
+                        u.username
+                    ),
                 });
             }
         }
@@ -295,12 +329,18 @@ impl EdgeConfig {
             }
             for p in [&tls.cert, &tls.key] {
                 if !p.exists() {
-                    return Err(ConfigError::Invalid { field: "mqtt.tls", reason: format!("{} does not exist", p.display()) });
+                    return Err(ConfigError::Invalid {
+                        field: "mqtt.tls",
+                        reason: format!("{} does not exist", p.display()),
+                    });
                 }
             }
         }
         if self.http.api_keys.is_empty() && !self.http.listen.ip().is_loopback() {
-            return invalid("http.api_keys", "the API listens beyond loopback, so it needs at least one key");
+            return invalid(
+                "http.api_keys",
+                "the API listens beyond loopback, so it needs at least one key",
+            );
         }
         if self.http.api_keys.iter().any(|k| k.len() < 16) {
             return invalid("http.api_keys", "keys must be at least 16 characters");
@@ -326,7 +366,10 @@ mod tests {
     fn starts_with_no_config_at_all() {
         let c = EdgeConfig::default();
         c.validate().unwrap();
-        assert!(!c.mqtt.allow_anonymous, "anonymous access is off unless configured");
+        assert!(
+            !c.mqtt.allow_anonymous,
+            "anonymous access is off unless configured"
+        );
     }
 
     #[test]
@@ -348,19 +391,35 @@ mod tests {
     fn mistakes_are_named() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("a.toml", "[mqtt]\nlisen = \"x\"\n")?;
-            let e = EdgeConfig::load(Some(Path::new("a.toml"))).unwrap_err().to_string();
+            let e = EdgeConfig::load(Some(Path::new("a.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("unknown field") && e.contains("lisen"), "{e}");
             jail.create_file("b.toml", "[mqtt]\nmax_connections = 0\n")?;
-            let e = EdgeConfig::load(Some(Path::new("b.toml"))).unwrap_err().to_string();
+            let e = EdgeConfig::load(Some(Path::new("b.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("mqtt.max_connections"), "{e}");
             jail.create_file("c.toml", "[http]\nlisten = \"0.0.0.0:8081\"\n")?;
-            let e = EdgeConfig::load(Some(Path::new("c.toml"))).unwrap_err().to_string();
+            let e = EdgeConfig::load(Some(Path::new("c.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("needs at least one key"), "{e}");
-            jail.create_file("d.toml", "[[mqtt.users]]\nusername = \"a\"\npassword_hash = \"secret\"\n")?;
-            let e = EdgeConfig::load(Some(Path::new("d.toml"))).unwrap_err().to_string();
+            jail.create_file(
+                "d.toml",
+                "[[mqtt.users]]\nusername = \"a\"\npassword_hash = \"secret\"\n",
+            )?;
+            let e = EdgeConfig::load(Some(Path::new("d.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("not a PHC string"), "{e}");
-            assert!(!e.contains("secret"), "the configured value is not echoed: {e}");
-            let e = EdgeConfig::load(Some(Path::new("missing.toml"))).unwrap_err().to_string();
+            assert!(
+                !e.contains("secret"),
+                "the configured value is not echoed: {e}"
+            );
+            let e = EdgeConfig::load(Some(Path::new("missing.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("does not exist"), "{e}");
             Ok(())
         });

@@ -81,7 +81,11 @@ enum Seen {
 impl DedupWindow {
     fn new(window: u64) -> Self {
         let window = window.max(64).next_multiple_of(64);
-        Self { max: 0, bits: vec![0; (window / 64) as usize], window }
+        Self {
+            max: 0,
+            bits: vec![0; (window / 64) as usize],
+            window,
+        }
     }
 
     fn bit(&mut self, seq: u64) -> (&mut u64, u64) {
@@ -128,20 +132,39 @@ pub struct Ingest {
 
 impl Ingest {
     /// Connects to the broker and starts the ingest thread. Blocks until subscribed.
-    pub fn start(broker: &Broker, store: Arc<Store>, cfg: IngestConfig) -> Result<Self, IngestError> {
+    pub fn start(
+        broker: &Broker,
+        store: Arc<Store>,
+        cfg: IngestConfig,
+    ) -> Result<Self, IngestError> {
         let (mut tx, rx) = broker.local_link("millrace-ingest")?;
         tx.subscribe("#")?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(IngestStats::default());
-        let thread = std::thread::Builder::new().name("millrace-ingest".into()).spawn({
-            let (stop, stats) = (stop.clone(), stats.clone());
-            move || {
-                // The link's sender must live as long as the subscription.
-                let _tx = tx;
-                Pipeline { store, cfg, stats, dedup: HashMap::new(), events: vec![], dead: vec![], warned: WarnLimiter::default() }.run(rx, &stop);
-            }
-        })?;
-        Ok(Self { thread: Some(thread), stop, stats })
+        let thread = std::thread::Builder::new()
+            .name("millrace-ingest".into())
+            .spawn({
+                let (stop, stats) = (stop.clone(), stats.clone());
+                move || {
+                    // The link's sender must live as long as the subscription.
+                    let _tx = tx;
+                    Pipeline {
+                        store,
+                        cfg,
+                        stats,
+                        dedup: HashMap::new(),
+                        events: vec![],
+                        dead: vec![],
+                        warned: WarnLimiter::default(),
+                    }
+                    .run(rx, &stop);
+                }
+            })?;
+        Ok(Self {
+            thread: Some(thread),
+            stop,
+            stats,
+        })
     }
 
     /// Stops after writing what was received. Blocks: call off the async runtime.
@@ -168,7 +191,10 @@ struct WarnLimiter {
 impl WarnLimiter {
     fn warn(&mut self, d: &DeadLetter) {
         let now = Instant::now();
-        if self.last.is_some_and(|l| now.duration_since(l) < Duration::from_secs(1)) {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < Duration::from_secs(1))
+        {
             self.suppressed += 1;
             return;
         }
@@ -192,7 +218,11 @@ impl Pipeline {
     fn run(mut self, mut rx: rumqttd::local::LinkRx, stop: &AtomicBool) {
         loop {
             let stopping = stop.load(Ordering::Relaxed);
-            let wait = if stopping { Duration::ZERO } else { Duration::from_millis(50) };
+            let wait = if stopping {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(50)
+            };
             match rx.recv_deadline(Instant::now() + wait) {
                 Ok(Some(n)) => self.handle(n, &rx),
                 Ok(None) => {}
@@ -230,11 +260,19 @@ impl Pipeline {
         };
         let now = chrono::Utc::now().timestamp_millis();
         let payload = &f.publish.payload;
-        self.stats.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
         let topic = match std::str::from_utf8(&f.publish.topic) {
             Ok(t) => t,
             Err(_) => {
-                self.refuse(DeadLetter::new(now, &String::from_utf8_lossy(&f.publish.topic), payload, "bad_topic", "topic is not UTF-8".into()));
+                self.refuse(DeadLetter::new(
+                    now,
+                    &String::from_utf8_lossy(&f.publish.topic),
+                    payload,
+                    "bad_topic",
+                    "topic is not UTF-8".into(),
+                ));
                 return;
             }
         };
@@ -244,7 +282,11 @@ impl Pipeline {
         match Event::decode(topic, payload) {
             Ok(e) => {
                 let window = self.cfg.dedup_window;
-                let seen = self.dedup.entry(e.machine.clone()).or_insert_with(|| DedupWindow::new(window)).check(e.seq);
+                let seen = self
+                    .dedup
+                    .entry(e.machine.clone())
+                    .or_insert_with(|| DedupWindow::new(window))
+                    .check(e.seq);
                 if seen == Seen::Duplicate {
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("millrace_edge_duplicates_total").increment(1);
@@ -254,13 +296,20 @@ impl Pipeline {
             }
             Err(err) => {
                 let reason = err.reason();
-                self.refuse(DeadLetter::new(now, topic, payload, reason, err.to_string()));
+                self.refuse(DeadLetter::new(
+                    now,
+                    topic,
+                    payload,
+                    reason,
+                    err.to_string(),
+                ));
             }
         }
     }
 
     fn refuse(&mut self, d: DeadLetter) {
-        metrics::counter!("millrace_edge_dead_letters_total", "reason" => d.reason.clone()).increment(1);
+        metrics::counter!("millrace_edge_dead_letters_total", "reason" => d.reason.clone())
+            .increment(1);
         self.warned.warn(&d);
         self.dead.push(d);
     }
@@ -282,10 +331,13 @@ impl Pipeline {
                     }
                     metrics::counter!("millrace_edge_ingest_points_total").increment(s.points);
                     metrics::counter!("millrace_edge_ingest_write_bytes_total").increment(s.bytes);
-                    metrics::histogram!("millrace_edge_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("millrace_edge_ingest_batch_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     self.stats.events.fetch_add(s.events, Ordering::Relaxed);
                     self.stats.points.fetch_add(s.points, Ordering::Relaxed);
-                    self.stats.dead_letters.fetch_add(s.dead_letters, Ordering::Relaxed);
+                    self.stats
+                        .dead_letters
+                        .fetch_add(s.dead_letters, Ordering::Relaxed);
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                     break;
                 }

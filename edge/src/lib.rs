@@ -71,7 +71,9 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let buckets = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &buckets)
                 .expect("valid buckets")
@@ -101,38 +103,49 @@ impl Edge {
     /// Opens the store, starts the broker, ingest, maintenance and the HTTP API.
     pub async fn start(cfg: EdgeConfig) -> Result<Self, EdgeError> {
         let started = Instant::now();
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| EdgeError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| EdgeError::DataDir {
+            path: cfg.data_dir.display().to_string(),
+            source,
+        })?;
         let metrics = metrics_handle();
         let path = cfg.data_dir.join("rocksdb");
         let opts = cfg.store.options();
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??);
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         let broker = Arc::new(Broker::start(&cfg.mqtt, &tasks, stop.clone()).await?);
-        let ingest = {
+        let ingest = if cfg.ingest.enabled {
             let (broker, store, icfg) = (broker.clone(), store.clone(), cfg.ingest.clone());
-            tokio::task::spawn_blocking(move || Ingest::start(&broker, store, icfg)).await??
+            Some(tokio::task::spawn_blocking(move || Ingest::start(&broker, store, icfg)).await??)
+        } else {
+            tracing::warn!(
+                "ingest is disabled (ingest.enabled = false): nothing devices send is stored"
+            );
+            None
         };
 
         // Maintenance: seal full windows into compressed blocks, apply retention, report size.
         tasks.spawn({
-            let (store, stop, every) = (store.clone(), stop.clone(), cfg.store.maintenance_interval);
+            let (store, stop, every) =
+                (store.clone(), stop.clone(), cfg.store.maintenance_interval);
             async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
                     let store = store.clone();
-                    let r = tokio::task::spawn_blocking(move || -> Result<(u64, u64), StoreError> {
-                        let now = chrono::Utc::now().timestamp_millis();
-                        let sealed = store.seal(now)?;
-                        store.enforce_retention(now)?;
-                        let sizes = store.size_by_cf()?;
-                        for (cf, bytes) in &sizes {
-                            metrics::gauge!("millrace_edge_store_bytes", "cf" => *cf).set(*bytes as f64);
-                        }
-                        Ok((sealed, sizes.values().sum()))
-                    })
-                    .await;
+                    let r =
+                        tokio::task::spawn_blocking(move || -> Result<(u64, u64), StoreError> {
+                            let now = chrono::Utc::now().timestamp_millis();
+                            let sealed = store.seal(now)?;
+                            store.enforce_retention(now)?;
+                            let sizes = store.size_by_cf()?;
+                            for (cf, bytes) in &sizes {
+                                metrics::gauge!("millrace_edge_store_bytes", "cf" => *cf)
+                                    .set(*bytes as f64);
+                            }
+                            Ok((sealed, sizes.values().sum()))
+                        })
+                        .await;
                     match r {
                         Ok(Ok((sealed, _))) => {
                             if sealed > 0 {
@@ -146,12 +159,25 @@ impl Edge {
             }
         });
 
-        let listener = tokio::net::TcpListener::bind(cfg.http.listen).await.map_err(|source| EdgeError::Http { addr: cfg.http.listen, source })?;
-        let http_addr = listener.local_addr().map_err(|source| EdgeError::Http { addr: cfg.http.listen, source })?;
+        let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+            .await
+            .map_err(|source| EdgeError::Http {
+                addr: cfg.http.listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| EdgeError::Http {
+            addr: cfg.http.listen,
+            source,
+        })?;
         let state = api::ApiState {
             store: store.clone(),
-            ingest: ingest.stats.clone(),
-            connections: { let b = broker.clone(); Arc::new(move || b.connections()) },
+            ingest: ingest
+                .as_ref()
+                .map_or_else(Default::default, |i| i.stats.clone()),
+            connections: {
+                let b = broker.clone();
+                Arc::new(move || b.connections())
+            },
             metrics,
             api_keys: Arc::new(cfg.http.api_keys.clone()),
             max_points: cfg.http.max_points,
@@ -161,14 +187,23 @@ impl Edge {
         tasks.spawn({
             let stop = stop.clone();
             async move {
-                let r = axum::serve(listener, api::app(state)).with_graceful_shutdown(stop.cancelled_owned()).await;
+                let r = axum::serve(listener, api::app(state))
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "HTTP server stopped");
                 }
             }
         });
         tracing::info!(edge_id = %cfg.edge_id, mqtt = %broker.addr, http = %http_addr, data_dir = %cfg.data_dir.display(), "edge started");
-        Ok(Self { mqtt_addr: broker.addr, http_addr, store, ingest: Some(ingest), tasks, stop })
+        Ok(Self {
+            mqtt_addr: broker.addr,
+            http_addr,
+            store,
+            ingest,
+            tasks,
+            stop,
+        })
     }
 
     /// The store (for tests and tools in the same process).
@@ -180,7 +215,10 @@ impl Edge {
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop within 10 s");
         }
         if let Some(ingest) = self.ingest.take() {

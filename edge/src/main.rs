@@ -43,12 +43,21 @@ enum Command {
     HashPassword,
     /// Load and check the configuration, print it as TOML (API keys hidden) and exit.
     CheckConfig,
+    /// Report the store's size and points per column family (the edge must be stopped).
+    StoreStats {
+        /// First seal every raw point into blocks and compact fully (what the store does over
+        /// time), to measure the size data settles at.
+        #[arg(long)]
+        compact: bool,
+    },
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,rumqttd=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -59,7 +68,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -85,13 +95,52 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             let mut cfg = EdgeConfig::load(cli.config.as_deref())?;
-            cfg.http.api_keys.iter_mut().for_each(|k| *k = "<hidden>".into());
-            print!("{}", toml::to_string_pretty(&cfg).context("render configuration")?);
+            cfg.http
+                .api_keys
+                .iter_mut()
+                .for_each(|k| *k = "<hidden>".into());
+            print!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("render configuration")?
+            );
+        }
+        Command::StoreStats { compact } => {
+            let cfg = EdgeConfig::load(cli.config.as_deref())?;
+            let path = cfg.data_dir.join("rocksdb");
+            let store = millrace_edge::store::Store::open(&path, cfg.store.options())
+                .with_context(|| format!("open {} (is the edge still running?)", path.display()))?;
+            if compact {
+                store.seal_all()?;
+                store.compact()?;
+            }
+            let sizes = store.size_by_cf()?;
+            let mut points = 0u64;
+            for s in store.series() {
+                points += store
+                    .points(&s.name, i64::MIN, i64::MAX)?
+                    .map_or(0, |p| p.len() as u64);
+            }
+            let total: u64 = sizes.values().sum();
+            let telemetry = sizes["head"] + sizes["blocks"];
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bytes_by_cf": sizes,
+                    "bytes_total": total,
+                    "series": store.series().len(),
+                    "points": points,
+                    "telemetry_bytes_per_point": if points > 0 { telemetry as f64 / points as f64 } else { 0.0 },
+                    "all_bytes_per_point": if points > 0 { total as f64 / points as f64 } else { 0.0 },
+                })
+            );
         }
         Command::Run => {
             let cfg = EdgeConfig::load(cli.config.as_deref())?;
             let edge = Edge::start(cfg).await?;
-            eprintln!("millrace-edge: devices on mqtt://{}, API on http://{}", edge.mqtt_addr, edge.http_addr);
+            eprintln!(
+                "millrace-edge: devices on mqtt://{}, API on http://{}",
+                edge.mqtt_addr, edge.http_addr
+            );
             shutdown_signal().await;
             tracing::info!("shutting down");
             edge.shutdown().await;

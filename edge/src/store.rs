@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use millrace_shared::{Event, EventBody, EventKind, MachineId};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +64,10 @@ impl StoreError {
         match self {
             Self::Rocks(e) => matches!(
                 e.kind(),
-                rocksdb::ErrorKind::Busy | rocksdb::ErrorKind::TimedOut | rocksdb::ErrorKind::TryAgain | rocksdb::ErrorKind::IOError
+                rocksdb::ErrorKind::Busy
+                    | rocksdb::ErrorKind::TimedOut
+                    | rocksdb::ErrorKind::TryAgain
+                    | rocksdb::ErrorKind::IOError
             ),
             _ => false,
         }
@@ -224,7 +227,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish_non_exhaustive()
     }
 }
 
@@ -260,7 +265,9 @@ impl Store {
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(5);
         db_opts.set_max_total_wal_size(64 << 20);
-        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
+        let cfs = CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self {
             db,
@@ -276,16 +283,24 @@ impl Store {
     }
 
     fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn load(&self) -> Result<(), StoreError> {
         let mut index = self.index.write().expect("index lock");
         for item in self.db.iterator_cf(self.cf(CF_SERIES), IteratorMode::Start) {
             let (k, v) = item?;
-            let name = String::from_utf8(k.to_vec()).map_err(|e| StoreError::Corrupt { cf: CF_SERIES, reason: e.to_string() })?;
+            let name = String::from_utf8(k.to_vec()).map_err(|e| StoreError::Corrupt {
+                cf: CF_SERIES,
+                reason: e.to_string(),
+            })?;
             if v.len() < 4 {
-                return Err(StoreError::Corrupt { cf: CF_SERIES, reason: format!("short value for {name}") });
+                return Err(StoreError::Corrupt {
+                    cf: CF_SERIES,
+                    reason: format!("short value for {name}"),
+                });
             }
             let id = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
             let unit = String::from_utf8_lossy(&v[4..]).into_owned();
@@ -301,13 +316,24 @@ impl Store {
             let (k, _) = item?;
             let id = u32::from_be_bytes(k[..4].try_into().expect("4 bytes"));
             let ts = key_ts(&k[4..12]);
-            unsealed.windows.entry(id).or_default().insert(ts.div_euclid(window) * window);
+            unsealed
+                .windows
+                .entry(id)
+                .or_default()
+                .insert(ts.div_euclid(window) * window);
             let newest = unsealed.newest.entry(id).or_insert(ts);
             *newest = (*newest).max(ts);
         }
-        if let Some(item) = self.db.iterator_cf(self.cf(CF_DEAD), IteratorMode::End).next() {
+        if let Some(item) = self
+            .db
+            .iterator_cf(self.cf(CF_DEAD), IteratorMode::End)
+            .next()
+        {
             let (k, _) = item?;
-            self.dead_counter.store(u64::from_be_bytes(k[8..16].try_into().expect("8 bytes")) + 1, Ordering::Relaxed);
+            self.dead_counter.store(
+                u64::from_be_bytes(k[8..16].try_into().expect("8 bytes")) + 1,
+                Ordering::Relaxed,
+            );
         }
         Ok(())
     }
@@ -317,7 +343,13 @@ impl Store {
     }
 
     /// Looks up or assigns the id of `name`, adding a new entry to `batch`.
-    fn id_for(&self, name: &str, unit: &str, batch: &mut WriteBatch, new: &mut Vec<(String, u32, String)>) -> Result<u32, StoreError> {
+    fn id_for(
+        &self,
+        name: &str,
+        unit: &str,
+        batch: &mut WriteBatch,
+        new: &mut Vec<(String, u32, String)>,
+    ) -> Result<u32, StoreError> {
         if let Some((id, _)) = self.index.read().expect("index lock").by_name.get(name) {
             return Ok(*id);
         }
@@ -383,7 +415,11 @@ impl Store {
             let n = self.dead_counter.fetch_add(1, Ordering::Relaxed);
             let mut k = ts_key(d.received_ms).to_vec();
             k.extend_from_slice(&n.to_be_bytes());
-            batch.put_cf(dead_cf, k, serde_json::to_vec(d).expect("dead letters serialize"));
+            batch.put_cf(
+                dead_cf,
+                k,
+                serde_json::to_vec(d).expect("dead letters serialize"),
+            );
             stats.dead_letters += 1;
         }
         stats.bytes = batch.size_in_bytes() as u64;
@@ -401,7 +437,11 @@ impl Store {
         let window = self.window_ms();
         let mut unsealed = self.unsealed.lock().expect("unsealed lock");
         for (id, ts) in touched {
-            unsealed.windows.entry(id).or_default().insert(ts.div_euclid(window) * window);
+            unsealed
+                .windows
+                .entry(id)
+                .or_default()
+                .insert(ts.div_euclid(window) * window);
             let newest = unsealed.newest.entry(id).or_insert(ts);
             *newest = (*newest).max(ts);
         }
@@ -419,8 +459,11 @@ impl Store {
                 .windows
                 .iter()
                 .flat_map(|(id, ws)| {
-                    let horizon = now_ms.max(unsealed.newest.get(id).copied().unwrap_or(i64::MIN)) - grace;
-                    ws.iter().filter(move |w| **w + window <= horizon).map(move |w| (*id, *w))
+                    let horizon =
+                        now_ms.max(unsealed.newest.get(id).copied().unwrap_or(i64::MIN)) - grace;
+                    ws.iter()
+                        .filter(move |w| **w + window <= horizon)
+                        .map(move |w| (*id, *w))
                 })
                 .collect()
         };
@@ -436,7 +479,11 @@ impl Store {
         let window = self.window_ms();
         let due: Vec<(u32, i64)> = {
             let unsealed = self.unsealed.lock().expect("unsealed lock");
-            unsealed.windows.iter().flat_map(|(id, ws)| ws.iter().map(move |w| (*id, *w))).collect()
+            unsealed
+                .windows
+                .iter()
+                .flat_map(|(id, ws)| ws.iter().map(move |w| (*id, *w)))
+                .collect()
         };
         let mut sealed = 0;
         for (id, start) in due {
@@ -452,7 +499,10 @@ impl Store {
         let mut points: BTreeMap<i64, f64> = BTreeMap::new();
         let block_key = series_ts_key(id, start);
         if let Some(existing) = self.db.get_cf(blocks, block_key)? {
-            let old = block::decode(&existing).map_err(|e| StoreError::Corrupt { cf: CF_BLOCKS, reason: e.to_string() })?;
+            let old = block::decode(&existing).map_err(|e| StoreError::Corrupt {
+                cf: CF_BLOCKS,
+                reason: e.to_string(),
+            })?;
             points.extend(old);
         }
         let mut fresh = 0;
@@ -460,7 +510,10 @@ impl Store {
         ro.set_iterate_range(from.to_vec()..to.to_vec());
         for item in self.db.iterator_cf_opt(head, ro, IteratorMode::Start) {
             let (k, v) = item?;
-            let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt { cf: CF_HEAD, reason: "value is not 8 bytes".into() })?;
+            let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                cf: CF_HEAD,
+                reason: "value is not 8 bytes".into(),
+            })?;
             points.insert(key_ts(&k[4..12]), f64::from_be_bytes(v));
             fresh += 1;
         }
@@ -489,7 +542,9 @@ impl Store {
     /// that acts (at the latest one block window later).
     pub fn enforce_retention(&self, now_ms: i64) -> Result<(), StoreError> {
         let window = self.window_ms();
-        let cut = |d: Duration| (!d.is_zero()).then(|| (now_ms - d.as_millis() as i64).div_euclid(window) * window);
+        let cut = |d: Duration| {
+            (!d.is_zero()).then(|| (now_ms - d.as_millis() as i64).div_euclid(window) * window)
+        };
         let ids_now = self.index.read().expect("index lock").next_id;
         let mut done = self.retention_done.lock().expect("retention lock");
         // Act when the cutoff moved or series were added since the last pass.
@@ -553,7 +608,11 @@ impl Store {
             .by_name
             .iter()
             .filter_map(|(name, (id, unit))| {
-                name.strip_prefix("t/").map(|n| SeriesInfo { name: n.to_owned(), unit: unit.clone(), id: *id })
+                name.strip_prefix("t/").map(|n| SeriesInfo {
+                    name: n.to_owned(),
+                    unit: unit.clone(),
+                    id: *id,
+                })
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -562,8 +621,20 @@ impl Store {
 
     /// The points of `series` (`site/line/machine/metric`) in `[from_ms, to_ms)`, in time
     /// order, or `None` for an unknown series.
-    pub fn points(&self, series: &str, from_ms: i64, to_ms: i64) -> Result<Option<Vec<(i64, f64)>>, StoreError> {
-        let Some((id, _)) = self.index.read().expect("index lock").by_name.get(&format!("t/{series}")).cloned() else {
+    pub fn points(
+        &self,
+        series: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Option<Vec<(i64, f64)>>, StoreError> {
+        let Some((id, _)) = self
+            .index
+            .read()
+            .expect("index lock")
+            .by_name
+            .get(&format!("t/{series}"))
+            .cloned()
+        else {
             return Ok(None);
         };
         let cutoff = self.visible_from(self.opts.telemetry_retention);
@@ -573,17 +644,33 @@ impl Store {
             let window = self.window_ms();
             let first_block = from_ms.div_euclid(window).saturating_mul(window);
             let mut ro = ReadOptions::default();
-            ro.set_iterate_range(series_ts_key(id, first_block).to_vec()..series_ts_key(id, to_ms).to_vec());
-            for item in self.db.iterator_cf_opt(self.cf(CF_BLOCKS), ro, IteratorMode::Start) {
+            ro.set_iterate_range(
+                series_ts_key(id, first_block).to_vec()..series_ts_key(id, to_ms).to_vec(),
+            );
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(CF_BLOCKS), ro, IteratorMode::Start)
+            {
                 let (_, v) = item?;
-                let pts = block::decode(&v).map_err(|e| StoreError::Corrupt { cf: CF_BLOCKS, reason: e.to_string() })?;
+                let pts = block::decode(&v).map_err(|e| StoreError::Corrupt {
+                    cf: CF_BLOCKS,
+                    reason: e.to_string(),
+                })?;
                 points.extend(pts.into_iter().filter(|(t, _)| *t >= from_ms && *t < to_ms));
             }
             let mut ro = ReadOptions::default();
-            ro.set_iterate_range(series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec());
-            for item in self.db.iterator_cf_opt(self.cf(CF_HEAD), ro, IteratorMode::Start) {
+            ro.set_iterate_range(
+                series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec(),
+            );
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(CF_HEAD), ro, IteratorMode::Start)
+            {
                 let (k, v) = item?;
-                let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt { cf: CF_HEAD, reason: "value is not 8 bytes".into() })?;
+                let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_HEAD,
+                    reason: "value is not 8 bytes".into(),
+                })?;
                 points.insert(key_ts(&k[4..12]), f64::from_be_bytes(v));
             }
         }
@@ -599,8 +686,22 @@ impl Store {
     }
 
     /// Events of one machine in `[from_ms, to_ms)`, optionally of one kind, at most `limit`.
-    pub fn events(&self, machine: &MachineId, from_ms: i64, to_ms: i64, kind: Option<EventKind>, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let Some((id, _)) = self.index.read().expect("index lock").by_name.get(&format!("m/{machine}")).cloned() else {
+    pub fn events(
+        &self,
+        machine: &MachineId,
+        from_ms: i64,
+        to_ms: i64,
+        kind: Option<EventKind>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let Some((id, _)) = self
+            .index
+            .read()
+            .expect("index lock")
+            .by_name
+            .get(&format!("m/{machine}"))
+            .cloned()
+        else {
             return Ok(vec![]);
         };
         let from_ms = from_ms.max(self.visible_from(self.opts.event_retention));
@@ -609,10 +710,18 @@ impl Store {
             return Ok(out);
         }
         let mut ro = ReadOptions::default();
-        ro.set_iterate_range(series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec());
-        for item in self.db.iterator_cf_opt(self.cf(CF_EVENTS), ro, IteratorMode::Start) {
+        ro.set_iterate_range(
+            series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec(),
+        );
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_EVENTS), ro, IteratorMode::Start)
+        {
             let (k, v) = item?;
-            let body: EventBody = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { cf: CF_EVENTS, reason: e.to_string() })?;
+            let body: EventBody = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: CF_EVENTS,
+                reason: e.to_string(),
+            })?;
             if kind.is_some_and(|kd| kd != body.kind()) {
                 continue;
             }
@@ -632,7 +741,11 @@ impl Store {
     /// Machines that have sent state, part or operator events.
     pub fn machines(&self) -> Vec<String> {
         let index = self.index.read().expect("index lock");
-        let mut out: Vec<String> = index.by_name.keys().filter_map(|n| n.strip_prefix("m/").map(str::to_owned)).collect();
+        let mut out: Vec<String> = index
+            .by_name
+            .keys()
+            .filter_map(|n| n.strip_prefix("m/").map(str::to_owned))
+            .collect();
         out.sort();
         out
     }
@@ -643,9 +756,16 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_range(ts_key(from_ms).to_vec()..);
         let mut out = vec![];
-        for item in self.db.iterator_cf_opt(self.cf(CF_DEAD), ro, IteratorMode::Start).take(limit) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_DEAD), ro, IteratorMode::Start)
+            .take(limit)
+        {
             let (_, v) = item?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { cf: CF_DEAD, reason: e.to_string() })?);
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: CF_DEAD,
+                reason: e.to_string(),
+            })?);
         }
         Ok(out)
     }
@@ -655,8 +775,14 @@ impl Store {
         let mut out = BTreeMap::new();
         for name in CFS {
             let cf = self.cf(name);
-            let sst = self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size")?.unwrap_or(0);
-            let mem = self.db.property_int_value_cf(cf, "rocksdb.size-all-mem-tables")?.unwrap_or(0);
+            let sst = self
+                .db
+                .property_int_value_cf(cf, "rocksdb.total-sst-files-size")?
+                .unwrap_or(0);
+            let mem = self
+                .db
+                .property_int_value_cf(cf, "rocksdb.size-all-mem-tables")?
+                .unwrap_or(0);
             out.insert(name, sst + mem);
         }
         Ok(out)
@@ -675,7 +801,8 @@ impl Store {
     pub fn compact(&self) -> Result<(), StoreError> {
         self.flush()?;
         for name in CFS {
-            self.db.compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }
@@ -695,39 +822,91 @@ mod tests {
             machine: machine(),
             ts_ms: ts,
             seq,
-            body: EventBody::Telemetry(Telemetry { readings: vec![Reading { name: "temp".into(), value: v, unit: "degC".into() }] }),
+            body: EventBody::Telemetry(Telemetry {
+                readings: vec![Reading {
+                    name: "temp".into(),
+                    value: v,
+                    unit: "degC".into(),
+                }],
+            }),
         }
     }
 
     const T0: i64 = 1_767_600_000_000;
 
     fn opts() -> StoreOptions {
-        StoreOptions { sync_writes: false, telemetry_retention: Duration::ZERO, event_retention: Duration::ZERO, dead_letter_retention: Duration::ZERO, ..Default::default() }
+        StoreOptions {
+            sync_writes: false,
+            telemetry_retention: Duration::ZERO,
+            event_retention: Duration::ZERO,
+            dead_letter_retention: Duration::ZERO,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn points_survive_sealing_and_reopen_and_duplicates_are_stored_once() {
         let dir = tempfile::tempdir().unwrap();
-        let events: Vec<Event> = (0..7200).map(|i| telemetry(T0 + i * 1000, i as u64 + 1, 20.0 + (i % 50) as f64 / 10.0)).collect();
+        let events: Vec<Event> = (0..7200)
+            .map(|i| telemetry(T0 + i * 1000, i as u64 + 1, 20.0 + (i % 50) as f64 / 10.0))
+            .collect();
         {
             let s = Store::open(dir.path(), opts()).unwrap();
             s.write(&events, &[]).unwrap();
             // The same events again, as a device retransmitting would send them.
             s.write(&events[100..200], &[]).unwrap();
-            let state = Event { machine: machine(), ts_ms: T0, seq: 9999, body: EventBody::State(StateChange { state: MachineState::Down, reason: None }) };
+            let state = Event {
+                machine: machine(),
+                ts_ms: T0,
+                seq: 9999,
+                body: EventBody::State(StateChange {
+                    state: MachineState::Down,
+                    reason: None,
+                }),
+            };
             s.write(&[state.clone(), state], &[]).unwrap();
-            assert_eq!(s.points("s/l/m/temp", T0, T0 + 7_200_000).unwrap().unwrap().len(), 7200);
+            assert_eq!(
+                s.points("s/l/m/temp", T0, T0 + 7_200_000)
+                    .unwrap()
+                    .unwrap()
+                    .len(),
+                7200
+            );
             // Two hours of data: the first window is sealed once the second has passed the grace.
             let sealed = s.seal(T0 + 7_200_000).unwrap();
             assert!(sealed >= 3600, "{sealed}");
             let pts = s.points("s/l/m/temp", T0, T0 + 7_200_000).unwrap().unwrap();
             assert_eq!(pts.len(), 7200);
-            assert_eq!(pts, events.iter().map(|e| match &e.body { EventBody::Telemetry(t) => (e.ts_ms, t.readings[0].value), _ => unreachable!() }).collect::<Vec<_>>());
+            assert_eq!(
+                pts,
+                events
+                    .iter()
+                    .map(|e| match &e.body {
+                        EventBody::Telemetry(t) => (e.ts_ms, t.readings[0].value),
+                        _ => unreachable!(),
+                    })
+                    .collect::<Vec<_>>()
+            );
         }
         let s = Store::open(dir.path(), opts()).unwrap();
-        assert_eq!(s.points("s/l/m/temp", T0, T0 + 7_200_000).unwrap().unwrap().len(), 7200);
-        assert_eq!(s.series().iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["s/l/m/temp"]);
-        assert_eq!(s.events(&machine(), T0, T0 + 1, None, 100).unwrap().len(), 1);
+        assert_eq!(
+            s.points("s/l/m/temp", T0, T0 + 7_200_000)
+                .unwrap()
+                .unwrap()
+                .len(),
+            7200
+        );
+        assert_eq!(
+            s.series()
+                .iter()
+                .map(|x| x.name.as_str())
+                .collect::<Vec<_>>(),
+            ["s/l/m/temp"]
+        );
+        assert_eq!(
+            s.events(&machine(), T0, T0 + 1, None, 100).unwrap().len(),
+            1
+        );
         // A late point for a sealed window merges into its block.
         s.write(&[telemetry(T0 + 500, 1, 99.5)], &[]).unwrap();
         s.seal_all().unwrap();
@@ -741,23 +920,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = chrono::Utc::now().timestamp_millis();
         let day = 86_400_000;
-        let s = Store::open(dir.path(), StoreOptions {
-            sync_writes: false,
-            telemetry_retention: Duration::from_secs(86_400),
-            event_retention: Duration::from_secs(2 * 86_400),
-            dead_letter_retention: Duration::from_secs(86_400),
-            ..Default::default()
-        }).unwrap();
+        let s = Store::open(
+            dir.path(),
+            StoreOptions {
+                sync_writes: false,
+                telemetry_retention: Duration::from_secs(86_400),
+                event_retention: Duration::from_secs(2 * 86_400),
+                dead_letter_retention: Duration::from_secs(86_400),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let old = now - 3 * day;
-        let state = |ts| Event { machine: machine(), ts_ms: ts, seq: ts as u64, body: EventBody::State(StateChange { state: MachineState::Idle, reason: None }) };
+        let state = |ts| Event {
+            machine: machine(),
+            ts_ms: ts,
+            seq: ts as u64,
+            body: EventBody::State(StateChange {
+                state: MachineState::Idle,
+                reason: None,
+            }),
+        };
         s.write(
-            &[telemetry(old, 1, 1.0), telemetry(now - 1000, 2, 2.0), state(old), state(now - 1000)],
-            &[DeadLetter::new(old, "x", b"y", "bad_json", "e".into()), DeadLetter::new(now, "x", b"z", "bad_json", "e".into())],
-        ).unwrap();
+            &[
+                telemetry(old, 1, 1.0),
+                telemetry(now - 1000, 2, 2.0),
+                state(old),
+                state(now - 1000),
+            ],
+            &[
+                DeadLetter::new(old, "x", b"y", "bad_json", "e".into()),
+                DeadLetter::new(now, "x", b"z", "bad_json", "e".into()),
+            ],
+        )
+        .unwrap();
         s.seal_all().unwrap();
         s.enforce_retention(now).unwrap();
         s.compact().unwrap();
-        assert_eq!(s.points("s/l/m/temp", 0, now + 1).unwrap().unwrap(), vec![(now - 1000, 2.0)]);
+        assert_eq!(
+            s.points("s/l/m/temp", 0, now + 1).unwrap().unwrap(),
+            vec![(now - 1000, 2.0)]
+        );
         assert_eq!(s.events(&machine(), 0, now + 1, None, 10).unwrap().len(), 1);
         let dl = s.dead_letters(0, 10).unwrap();
         assert_eq!(dl.len(), 1);

@@ -18,7 +18,8 @@ const T0: i64 = 1_767_600_000_000;
 
 fn password_hash() -> String {
     static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| millrace_edge::broker::hash_password(PASS)).clone()
+    HASH.get_or_init(|| millrace_edge::broker::hash_password(PASS))
+        .clone()
 }
 
 fn config(dir: &Path) -> EdgeConfig {
@@ -26,7 +27,10 @@ fn config(dir: &Path) -> EdgeConfig {
     c.data_dir = dir.to_path_buf();
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
-    c.mqtt.users = vec![DeviceUser { username: USER.into(), password_hash: password_hash() }];
+    c.mqtt.users = vec![DeviceUser {
+        username: USER.into(),
+        password_hash: password_hash(),
+    }];
     c.store.sync_writes = false;
     c.store.retention.telemetry = Duration::ZERO;
     c.store.retention.events = Duration::ZERO;
@@ -34,7 +38,11 @@ fn config(dir: &Path) -> EdgeConfig {
     c
 }
 
-async fn device(edge: &Edge, id: &str, creds: Option<(&str, &str)>) -> Result<(AsyncClient, tokio::task::JoinHandle<()>), rumqttc::ConnectionError> {
+async fn device(
+    edge: &Edge,
+    id: &str,
+    creds: Option<(&str, &str)>,
+) -> Result<(AsyncClient, tokio::task::JoinHandle<()>), rumqttc::ConnectionError> {
     let mut o = MqttOptions::new(id, "127.0.0.1", edge.mqtt_addr.port());
     o.set_max_packet_size(1 << 20, 1 << 20);
     if let Some((u, p)) = creds {
@@ -69,7 +77,9 @@ async fn status(edge: &Edge) -> Value {
 async fn wait_stored(edge: &Edge, events: u64, dead: u64) -> Value {
     for _ in 0..1500 {
         let s = status(edge).await;
-        if s["ingest"]["events"].as_u64() >= Some(events) && s["ingest"]["dead_letters"].as_u64() >= Some(dead) {
+        if s["ingest"]["events"].as_u64() >= Some(events)
+            && s["ingest"]["dead_letters"].as_u64() >= Some(dead)
+        {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -86,12 +96,26 @@ fn temp(seq: u64, value: f64) -> Event {
         machine: machine(),
         ts_ms: T0 + seq as i64 * 1000,
         seq,
-        body: EventBody::Telemetry(Telemetry { readings: vec![Reading { name: "temperature".into(), value, unit: "degC".into() }] }),
+        body: EventBody::Telemetry(Telemetry {
+            readings: vec![Reading {
+                name: "temperature".into(),
+                value,
+                unit: "degC".into(),
+            }],
+        }),
     }
 }
 
 fn state(seq: u64) -> Event {
-    Event { machine: machine(), ts_ms: T0 + seq as i64 * 1000, seq, body: EventBody::State(StateChange { state: MachineState::Running, reason: None }) }
+    Event {
+        machine: machine(),
+        ts_ms: T0 + seq as i64 * 1000,
+        seq,
+        body: EventBody::State(StateChange {
+            state: MachineState::Running,
+            reason: None,
+        }),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,17 +126,31 @@ async fn events_at_every_qos_are_stored_and_queryable_and_survive_restart() {
     let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
     for seq in 1..=300u64 {
         let e = temp(seq, 20.0 + seq as f64 / 100.0);
-        client.publish(e.topic(), qos[(seq % 3) as usize], false, e.to_payload()).await.unwrap();
+        client
+            .publish(e.topic(), qos[(seq % 3) as usize], false, e.to_payload())
+            .await
+            .unwrap();
     }
     let s = state(301);
-    client.publish(s.topic(), QoS::AtLeastOnce, false, s.to_payload()).await.unwrap();
+    client
+        .publish(s.topic(), QoS::AtLeastOnce, false, s.to_payload())
+        .await
+        .unwrap();
     wait_stored(&edge, 301, 0).await;
 
     let (code, series) = get(&format!("{}/api/v1/series", http(&edge))).await;
     assert_eq!(code, 200);
-    assert_eq!(series["series"][0]["name"], "plant-1/line-1/press-01/temperature");
+    assert_eq!(
+        series["series"][0]["name"],
+        "plant-1/line-1/press-01/temperature"
+    );
     assert_eq!(series["series"][0]["unit"], "degC");
-    let url = format!("{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}", http(&edge), T0, T0 + 1_000_000);
+    let url = format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}",
+        http(&edge),
+        T0,
+        T0 + 1_000_000
+    );
     let (code, pts) = get(&url).await;
     assert_eq!(code, 200, "{pts}");
     let pts = pts["points"].as_array().unwrap().clone();
@@ -120,15 +158,36 @@ async fn events_at_every_qos_are_stored_and_queryable_and_survive_restart() {
     assert_eq!(pts[0], serde_json::json!([T0 + 1000, 20.01]));
     let (_, ds) = get(&format!("{url}&step=1m")).await;
     let buckets = ds["buckets"].as_array().unwrap();
-    assert_eq!(buckets.iter().map(|b| b["count"].as_u64().unwrap()).sum::<u64>(), 300);
-    let (_, evs) = get(&format!("{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}", http(&edge), T0 + 1_000_000)).await;
+    assert_eq!(
+        buckets
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        300
+    );
+    let (_, evs) = get(&format!(
+        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}",
+        http(&edge),
+        T0 + 1_000_000
+    ))
+    .await;
     assert_eq!(evs["events"].as_array().unwrap().len(), 1);
     assert_eq!(evs["events"][0]["seq"], 301);
 
     edge.shutdown().await;
     let edge = Edge::start(config(dir.path())).await.unwrap();
-    let (_, again) = get(&format!("{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}", http(&edge), T0, T0 + 1_000_000)).await;
-    assert_eq!(again["points"].as_array().unwrap(), &pts, "restart keeps every point");
+    let (_, again) = get(&format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}",
+        http(&edge),
+        T0,
+        T0 + 1_000_000
+    ))
+    .await;
+    assert_eq!(
+        again["points"].as_array().unwrap(),
+        &pts,
+        "restart keeps every point"
+    );
     edge.shutdown().await;
 }
 
@@ -136,16 +195,41 @@ async fn events_at_every_qos_are_stored_and_queryable_and_survive_restart() {
 async fn credentials_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
-    assert!(device(&edge, "intruder", Some((USER, "wrong password"))).await.is_err());
+    assert!(
+        device(&edge, "intruder", Some((USER, "wrong password")))
+            .await
+            .is_err()
+    );
     assert!(device(&edge, "anonymous", None).await.is_err());
-    assert!(device(&edge, "nobody", Some(("nobody", PASS))).await.is_err());
+    assert!(
+        device(&edge, "nobody", Some(("nobody", PASS)))
+            .await
+            .is_err()
+    );
     assert!(device(&edge, "ok", Some((USER, PASS))).await.is_ok());
     edge.shutdown().await;
 }
 
 fn mosquitto_pub(edge: &Edge, version: &str, topic: &str, payload: &str, pass: &str) -> bool {
     let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &edge.mqtt_addr.port().to_string(), "-V", version, "-q", "1", "-u", USER, "-P", pass, "-t", topic, "-m", payload])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &edge.mqtt_addr.port().to_string(),
+            "-V",
+            version,
+            "-q",
+            "1",
+            "-u",
+            USER,
+            "-P",
+            pass,
+            "-t",
+            topic,
+            "-m",
+            payload,
+        ])
         .output()
         .expect("mosquitto_pub is installed (apt-get install mosquitto-clients; .ci/run does)");
     out.status.success()
@@ -156,14 +240,31 @@ async fn mosquitto_clients_speak_3_1_1_and_5_on_one_port() {
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
     let (e1, e2) = (state(1), state(2));
-    let (t, p1, p2) = (e1.topic(), String::from_utf8(e1.to_payload()).unwrap(), String::from_utf8(e2.to_payload()).unwrap());
+    let (t, p1, p2) = (
+        e1.topic(),
+        String::from_utf8(e1.to_payload()).unwrap(),
+        String::from_utf8(e2.to_payload()).unwrap(),
+    );
     let edge_ref = &edge;
     let ok = tokio::task::block_in_place(|| {
-        (mosquitto_pub(edge_ref, "mqttv311", &t, &p1, PASS), mosquitto_pub(edge_ref, "mqttv5", &t, &p2, PASS), mosquitto_pub(edge_ref, "mqttv5", &t, &p2, "bad password"))
+        (
+            mosquitto_pub(edge_ref, "mqttv311", &t, &p1, PASS),
+            mosquitto_pub(edge_ref, "mqttv5", &t, &p2, PASS),
+            mosquitto_pub(edge_ref, "mqttv5", &t, &p2, "bad password"),
+        )
     });
-    assert_eq!(ok, (true, true, false), "3.1.1 ok, 5 ok, wrong password refused");
+    assert_eq!(
+        ok,
+        (true, true, false),
+        "3.1.1 ok, 5 ok, wrong password refused"
+    );
     wait_stored(&edge, 2, 0).await;
-    let (_, evs) = get(&format!("{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}", http(&edge), T0 + 10_000)).await;
+    let (_, evs) = get(&format!(
+        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}",
+        http(&edge),
+        T0 + 10_000
+    ))
+    .await;
     assert_eq!(evs["events"].as_array().unwrap().len(), 2);
     edge.shutdown().await;
 }
@@ -176,29 +277,77 @@ async fn bad_payloads_become_dead_letters_and_ingest_goes_on() {
     let topic = machine().topic(millrace_shared::EventKind::State);
     let bad: Vec<(String, Vec<u8>)> = vec![
         (topic.clone(), b"{not json".to_vec()),
-        (topic.clone(), br#"{"ts":1767600000000,"seq":1,"state":"exploded"}"#.to_vec()),
-        ("factory/plant-1/line-1/press-01/alarm".into(), b"{}".to_vec()),
+        (
+            topic.clone(),
+            br#"{"ts":1767600000000,"seq":1,"state":"exploded"}"#.to_vec(),
+        ),
+        (
+            "factory/plant-1/line-1/press-01/alarm".into(),
+            b"{}".to_vec(),
+        ),
         ("sensors/legacy/temp".into(), b"42".to_vec()),
         (topic.clone(), vec![b' '; 70 * 1024]),
-        (topic.clone(), br#"{"v":9,"ts":1767600000000,"seq":1,"state":"idle"}"#.to_vec()),
+        (
+            topic.clone(),
+            br#"{"v":9,"ts":1767600000000,"seq":1,"state":"idle"}"#.to_vec(),
+        ),
     ];
     for (i, (t, p)) in bad.into_iter().enumerate() {
         client.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
         let good = state(i as u64 + 1);
-        client.publish(good.topic(), QoS::AtLeastOnce, false, good.to_payload()).await.unwrap();
+        client
+            .publish(good.topic(), QoS::AtLeastOnce, false, good.to_payload())
+            .await
+            .unwrap();
     }
     // The edge's own outputs are not ingested.
-    client.publish("millrace/alerts/x", QoS::AtLeastOnce, false, b"ignored".to_vec()).await.unwrap();
+    client
+        .publish(
+            "millrace/alerts/x",
+            QoS::AtLeastOnce,
+            false,
+            b"ignored".to_vec(),
+        )
+        .await
+        .unwrap();
     let s = wait_stored(&edge, 6, 6).await;
     let (code, dl) = get(&format!("{}/api/v1/dead-letters", http(&edge))).await;
     assert_eq!(code, 200);
-    let reasons: Vec<&str> = dl["dead_letters"].as_array().unwrap().iter().map(|d| d["reason"].as_str().unwrap()).collect();
-    assert_eq!(reasons, ["bad_json", "bad_json", "unknown_kind", "bad_topic", "too_large", "unsupported_version"]);
-    assert!(dl["dead_letters"][1]["error"].as_str().unwrap().contains("unknown variant `exploded`"));
+    let reasons: Vec<&str> = dl["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "bad_json",
+            "bad_json",
+            "unknown_kind",
+            "bad_topic",
+            "too_large",
+            "unsupported_version"
+        ]
+    );
+    assert!(
+        dl["dead_letters"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `exploded`")
+    );
     assert_eq!(dl["dead_letters"][4]["payload_bytes"], 70 * 1024);
     assert_eq!(s["ingest"]["events"], 6);
-    let metrics = reqwest::get(format!("{}/metrics", http(&edge))).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("millrace_edge_dead_letters_total{reason=\"too_large\"}"), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("millrace_edge_dead_letters_total{reason=\"too_large\"}"),
+        "{metrics}"
+    );
     edge.shutdown().await;
 }
 
@@ -210,17 +359,26 @@ async fn duplicates_are_stored_once_and_bursts_past_the_router_stall_arrive_whol
     // 5,000 messages at once: far past the ~200 at which rumqttd unschedules a slow link.
     for seq in 1..=5000u64 {
         let e = temp(seq, seq as f64);
-        client.publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload()).await.unwrap();
+        client
+            .publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload())
+            .await
+            .unwrap();
     }
     // Recent duplicates are recognised and dropped; one older than the dedup window (seq 10)
     // passes to the store, where its key makes it overwrite itself.
     for seq in [4990u64, 4999, 10] {
         let e = temp(seq, seq as f64);
-        client.publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload()).await.unwrap();
+        client
+            .publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload())
+            .await
+            .unwrap();
     }
     let s = state(5001);
     for _ in 0..2 {
-        client.publish(s.topic(), QoS::AtLeastOnce, false, s.to_payload()).await.unwrap();
+        client
+            .publish(s.topic(), QoS::AtLeastOnce, false, s.to_payload())
+            .await
+            .unwrap();
     }
     wait_stored(&edge, 5002, 0).await;
     for _ in 0..500 {
@@ -232,9 +390,24 @@ async fn duplicates_are_stored_once_and_bursts_past_the_router_stall_arrive_whol
     let st = status(&edge).await;
     assert_eq!(st["ingest"]["duplicates"], 3, "{st}");
     assert_eq!(st["ingest"]["events"], 5002, "{st}");
-    let (_, evs) = get(&format!("{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}", http(&edge), T0 + 10_000_000)).await;
-    assert_eq!(evs["events"].as_array().unwrap().len(), 1, "the state event is stored once");
-    let (_, pts) = get(&format!("{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}", http(&edge), T0, T0 + 10_000_000)).await;
+    let (_, evs) = get(&format!(
+        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}",
+        http(&edge),
+        T0 + 10_000_000
+    ))
+    .await;
+    assert_eq!(
+        evs["events"].as_array().unwrap().len(),
+        1,
+        "the state event is stored once"
+    );
+    let (_, pts) = get(&format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}",
+        http(&edge),
+        T0,
+        T0 + 10_000_000
+    ))
+    .await;
     assert_eq!(pts["points"].as_array().unwrap().len(), 5000);
     edge.shutdown().await;
 }
@@ -254,31 +427,68 @@ async fn api_refuses_bad_requests_and_missing_keys() {
         }
         async move {
             let r = r.send().await.unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
         }
     };
     let key = Some("k3y-for-the-edge-api");
     assert_eq!(call("/health", None).await.0, 200);
     assert_eq!(call("/api/v1/series", None).await.0, 401);
-    assert_eq!(call("/api/v1/series", Some("wrong-key-wrong-key")).await.0, 401);
+    assert_eq!(
+        call("/api/v1/series", Some("wrong-key-wrong-key")).await.0,
+        401
+    );
     assert_eq!(call("/api/v1/series", key).await.0, 200);
     let cases = [
         ("/api/v1/points", 400, "`series` is required"),
-        ("/api/v1/points?series=a/b/c/d&from=yesterday", 400, "`from` = `yesterday` is not a time"),
-        ("/api/v1/points?series=a/b/c/d&from=10&to=5", 400, "must be before"),
-        ("/api/v1/points?series=a/b/c/d&step=-1", 400, "`step` = `-1` is not a positive duration"),
-        ("/api/v1/points?series=a/b/c/d&colour=red", 400, "unknown field `colour`"),
+        (
+            "/api/v1/points?series=a/b/c/d&from=yesterday",
+            400,
+            "`from` = `yesterday` is not a time",
+        ),
+        (
+            "/api/v1/points?series=a/b/c/d&from=10&to=5",
+            400,
+            "must be before",
+        ),
+        (
+            "/api/v1/points?series=a/b/c/d&step=-1",
+            400,
+            "`step` = `-1` is not a positive duration",
+        ),
+        (
+            "/api/v1/points?series=a/b/c/d&colour=red",
+            400,
+            "unknown field `colour`",
+        ),
         ("/api/v1/points?series=a/b/c/d", 404, "no series `a/b/c/d`"),
-        ("/api/v1/events?machine=a/b", 400, "is not site/line/machine"),
-        ("/api/v1/events?machine=a/b/c&kind=telemetry", 400, "`kind` = `telemetry`"),
-        ("/api/v1/events?machine=a/b/c", 404, "no events from machine `a/b/c`"),
+        (
+            "/api/v1/events?machine=a/b",
+            400,
+            "is not site/line/machine",
+        ),
+        (
+            "/api/v1/events?machine=a/b/c&kind=telemetry",
+            400,
+            "`kind` = `telemetry`",
+        ),
+        (
+            "/api/v1/events?machine=a/b/c",
+            404,
+            "no events from machine `a/b/c`",
+        ),
         ("/api/v1/dead-letters?limit=0", 400, "`limit` = `0`"),
         ("/api/v1/nope", 404, "no such endpoint"),
     ];
     for (path, code, msg) in cases {
         let (got, body) = call(path, key).await;
         assert_eq!(got, code, "{path}: {body}");
-        assert!(body["error"].as_str().unwrap_or("").contains(msg), "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or("").contains(msg),
+            "{path}: {body}"
+        );
     }
     edge.shutdown().await;
 }
@@ -297,15 +507,24 @@ async fn retention_removes_old_data() {
     let mut fresh = temp(2, 2.0);
     fresh.ts_ms = now - 1000;
     for e in [&old, &fresh] {
-        client.publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload()).await.unwrap();
+        client
+            .publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload())
+            .await
+            .unwrap();
     }
     wait_stored(&edge, 2, 0).await;
-    let url = format!("{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from=0&to={}", http(&edge), now + 1);
+    let url = format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from=0&to={}",
+        http(&edge),
+        now + 1
+    );
     // Maintenance seals and applies retention in the background; wait for it to have run.
     let store = edge.store().clone();
     for _ in 0..500 {
         let s = store.clone();
-        let sizes = tokio::task::spawn_blocking(move || s.size_by_cf().unwrap()).await.unwrap();
+        let sizes = tokio::task::spawn_blocking(move || s.size_by_cf().unwrap())
+            .await
+            .unwrap();
         if sizes["blocks"] > 0 {
             break;
         }
@@ -313,7 +532,8 @@ async fn retention_removes_old_data() {
     }
     let s = store.clone();
     tokio::task::spawn_blocking(move || {
-        s.enforce_retention(chrono::Utc::now().timestamp_millis()).unwrap();
+        s.enforce_retention(chrono::Utc::now().timestamp_millis())
+            .unwrap();
         s.compact().unwrap();
     })
     .await
@@ -323,8 +543,94 @@ async fn retention_removes_old_data() {
     edge.shutdown().await;
     drop(store);
     // The old point is gone from disk, not only hidden: read the files without any retention.
-    let opts = millrace_edge::store::StoreOptions { telemetry_retention: Duration::ZERO, ..Default::default() };
+    let opts = millrace_edge::store::StoreOptions {
+        telemetry_retention: Duration::ZERO,
+        ..Default::default()
+    };
     let raw = millrace_edge::store::Store::open(&dir.path().join("rocksdb"), opts).unwrap();
-    let all = raw.points("plant-1/line-1/press-01/temperature", i64::MIN, i64::MAX).unwrap().unwrap();
+    let all = raw
+        .points("plant-1/line-1/press-01/temperature", i64::MIN, i64::MAX)
+        .unwrap()
+        .unwrap();
     assert_eq!(all, vec![(fresh.ts_ms, 2.0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_takes_devices_with_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .args([
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ])
+        .output()
+        .expect("openssl is installed")
+        .status
+        .success();
+    assert!(ok, "openssl made a certificate");
+    let mut c = config(&dir.path().join("data"));
+    // rumqttd binds its TLS listener itself, so it gets a port the OS just handed out.
+    let port = millrace_tests::free_port();
+    c.mqtt.tls = Some(millrace_edge::config::TlsListener {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        cert: cert.clone(),
+        key,
+        protocol: "v4".into(),
+    });
+    let edge = Edge::start(c).await.unwrap();
+    let e = state(1);
+    let (topic, payload) = (e.topic(), String::from_utf8(e.to_payload()).unwrap());
+    let publish = |pass: &str| {
+        Command::new("mosquitto_pub")
+            // By name: rumqttd's rustls refuses an IP address as TLS server name (SNI).
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &port.to_string(),
+                "--cafile",
+                cert.to_str().unwrap(),
+                "-q",
+                "1",
+                "-u",
+                USER,
+                "-P",
+                pass,
+                "-t",
+                &topic,
+                "-m",
+                &payload,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(millrace_tests::wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
+    let (good, bad) = tokio::task::block_in_place(|| (publish(PASS), publish("wrong")));
+    assert!(
+        good,
+        "a device with the CA and credentials publishes over TLS"
+    );
+    assert!(!bad, "wrong credentials are refused over TLS too");
+    wait_stored(&edge, 1, 0).await;
+    edge.shutdown().await;
 }

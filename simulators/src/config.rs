@@ -163,7 +163,11 @@ impl FactoryConfig {
                 for m in 1..=self.machines_per_line {
                     let spread = rng.random_range(0.9..1.1);
                     out.push(MachineSpec {
-                        id: MachineId::new(format!("plant-{s}"), format!("line-{l}"), format!("machine-{m:02}"))?,
+                        id: MachineId::new(
+                            format!("plant-{s}"),
+                            format!("line-{l}"),
+                            format!("machine-{m:02}"),
+                        )?,
                         ideal_cycle_time_ms: (f64::from(base) * spread).round() as u32,
                     });
                 }
@@ -173,33 +177,123 @@ impl FactoryConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        fn range(field: &'static str, v: f64, lo: f64, hi: f64, expected: &'static str) -> Result<(), ConfigError> {
+        fn range(
+            field: &'static str,
+            v: f64,
+            lo: f64,
+            hi: f64,
+            expected: &'static str,
+        ) -> Result<(), ConfigError> {
             if v.is_finite() && (lo..=hi).contains(&v) {
                 Ok(())
             } else {
-                Err(ConfigError::Range { field, value: v.to_string(), expected })
+                Err(ConfigError::Range {
+                    field,
+                    value: v.to_string(),
+                    expected,
+                })
             }
         }
         let p = &self.profile;
         range("profile.speed_loss", p.speed_loss, 0.0, 5.0, "0 to 5")?;
         range("profile.cycle_jitter", p.cycle_jitter, 0.0, 0.5, "0 to 0.5")?;
-        range("profile.scrap_rate", p.scrap_rate, 0.0, 1.0, "a probability from 0 to 1")?;
-        range("profile.rework_rate", p.rework_rate, 0.0, 1.0 - p.scrap_rate, "a probability from 0 to 1 − scrap_rate")?;
-        range("profile.mtbf_minutes", p.mtbf_minutes, 1.0, 1e7, "1 to 10,000,000 minutes")?;
-        range("profile.mttr_minutes", p.mttr_minutes, 0.1, 1e5, "0.1 to 100,000 minutes")?;
-        range("profile.minor_stops_per_hour", p.minor_stops_per_hour, 0.0, 60.0, "0 to 60")?;
-        range("profile.minor_stop_minutes", p.minor_stop_minutes, 0.1, 1e4, "0.1 to 10,000 minutes")?;
-        range("profile.idle_per_hour", p.idle_per_hour, 0.0, 60.0, "0 to 60")?;
-        range("profile.idle_minutes", p.idle_minutes, 0.1, 1e4, "0.1 to 10,000 minutes")?;
-        range("profile.changeover_minutes", p.changeover_minutes, 0.1, 1e4, "0.1 to 10,000 minutes")?;
-        range("profile.batch_size", f64::from(p.batch_size), 1.0, 1e9, "at least 1")?;
-        range("telemetry_interval_ms", self.telemetry_interval_ms as f64, 10.0, 86_400_000.0, "10 ms to one day")?;
+        range(
+            "profile.scrap_rate",
+            p.scrap_rate,
+            0.0,
+            1.0,
+            "a probability from 0 to 1",
+        )?;
+        range(
+            "profile.rework_rate",
+            p.rework_rate,
+            0.0,
+            1.0 - p.scrap_rate,
+            "a probability from 0 to 1 − scrap_rate",
+        )?;
+        range(
+            "profile.mtbf_minutes",
+            p.mtbf_minutes,
+            1.0,
+            1e7,
+            "1 to 10,000,000 minutes",
+        )?;
+        range(
+            "profile.mttr_minutes",
+            p.mttr_minutes,
+            0.1,
+            1e5,
+            "0.1 to 100,000 minutes",
+        )?;
+        range(
+            "profile.minor_stops_per_hour",
+            p.minor_stops_per_hour,
+            0.0,
+            60.0,
+            "0 to 60",
+        )?;
+        range(
+            "profile.minor_stop_minutes",
+            p.minor_stop_minutes,
+            0.1,
+            1e4,
+            "0.1 to 10,000 minutes",
+        )?;
+        range(
+            "profile.idle_per_hour",
+            p.idle_per_hour,
+            0.0,
+            60.0,
+            "0 to 60",
+        )?;
+        range(
+            "profile.idle_minutes",
+            p.idle_minutes,
+            0.1,
+            1e4,
+            "0.1 to 10,000 minutes",
+        )?;
+        range(
+            "profile.changeover_minutes",
+            p.changeover_minutes,
+            0.1,
+            1e4,
+            "0.1 to 10,000 minutes",
+        )?;
+        range(
+            "profile.batch_size",
+            f64::from(p.batch_size),
+            1.0,
+            1e9,
+            "at least 1",
+        )?;
+        range(
+            "telemetry_interval_ms",
+            self.telemetry_interval_ms as f64,
+            10.0,
+            86_400_000.0,
+            "10 ms to one day",
+        )?;
         if self.machines.is_empty() {
-            let n = u64::from(self.sites) * u64::from(self.lines_per_site) * u64::from(self.machines_per_line);
-            range("sites × lines_per_site × machines_per_line", n as f64, 1.0, 100_000.0, "1 to 100,000 machines")?;
+            let n = u64::from(self.sites)
+                * u64::from(self.lines_per_site)
+                * u64::from(self.machines_per_line);
+            range(
+                "sites × lines_per_site × machines_per_line",
+                n as f64,
+                1.0,
+                100_000.0,
+                "1 to 100,000 machines",
+            )?;
         }
         for m in &self.machines {
-            range("machines.ideal_cycle_time_ms", f64::from(m.ideal_cycle_time_ms), 100.0, 86_400_000.0, "100 ms to one day")?;
+            range(
+                "machines.ideal_cycle_time_ms",
+                f64::from(m.ideal_cycle_time_ms),
+                100.0,
+                86_400_000.0,
+                "100 ms to one day",
+            )?;
         }
         self.calendar.validate()?;
         Ok(())
@@ -218,7 +312,10 @@ mod tests {
         assert_eq!(a[0].id.to_string(), "plant-1/line-1/machine-01");
         assert_eq!(a, c.machines(7).unwrap());
         assert_ne!(a, c.machines(8).unwrap());
-        assert!(a.iter().all(|m| (18_000..=66_000).contains(&m.ideal_cycle_time_ms)));
+        assert!(
+            a.iter()
+                .all(|m| (18_000..=66_000).contains(&m.ideal_cycle_time_ms))
+        );
     }
 
     #[test]
@@ -245,8 +342,13 @@ mod tests {
         let mut bad = c.clone();
         bad.profile.scrap_rate = 1.5;
         let e = bad.machines(1).unwrap_err().to_string();
-        assert_eq!(e, "factory setting `profile.scrap_rate` = 1.5 is out of range: expected a probability from 0 to 1");
-        let e = toml::from_str::<FactoryConfig>("[profile]\nscrap = 1").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "factory setting `profile.scrap_rate` = 1.5 is out of range: expected a probability from 0 to 1"
+        );
+        let e = toml::from_str::<FactoryConfig>("[profile]\nscrap = 1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `scrap`"), "{e}");
     }
 }

@@ -8,7 +8,7 @@ use millrace_shared::{Event, EventKind, Kpis, MachineSpec, Tally};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, FactoryConfig};
-use crate::machine::MachineSim;
+use crate::machine::{MachineSim, RunPlan};
 
 /// Version of the ground-truth JSON layout.
 pub const TRUTH_SCHEMA: u32 = 1;
@@ -27,24 +27,25 @@ pub struct FactorySim {
 
 impl FactorySim {
     /// Lays out the factory; nothing is simulated until events are pulled.
-    pub fn new(config: &FactoryConfig, seed: u64, start_ms: i64, end_ms: i64) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: &FactoryConfig,
+        seed: u64,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Self, ConfigError> {
         let specs = config.machines(seed)?;
-        let calendar = Arc::new(config.calendar.clone());
+        let plan = RunPlan {
+            profile: config.profile.clone(),
+            calendar: Arc::new(config.calendar.clone()),
+            telemetry_interval_ms: config.telemetry_interval_ms,
+            seed,
+            start_ms,
+            end_ms,
+        };
         let mut machines: Vec<MachineSim> = specs
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| {
-                MachineSim::new(
-                    spec,
-                    config.profile.clone(),
-                    calendar.clone(),
-                    config.telemetry_interval_ms,
-                    seed,
-                    i as u64,
-                    start_ms,
-                    end_ms,
-                )
-            })
+            .map(|(i, spec)| MachineSim::new(spec, &plan, i as u64))
             .collect();
         let heap = machines
             .iter_mut()
@@ -91,7 +92,10 @@ impl FactorySim {
                     .entry((spec.id.site.clone(), spec.id.line.clone()))
                     .or_default()
                     .add(&st.shift, &st.tally);
-                sites.entry(spec.id.site.clone()).or_default().add(&st.shift, &st.tally);
+                sites
+                    .entry(spec.id.site.clone())
+                    .or_default()
+                    .add(&st.shift, &st.tally);
             }
             let (totals, shifts, days) = own.finish();
             machines.push(MachineTruth {
@@ -110,17 +114,33 @@ impl FactorySim {
             .into_iter()
             .map(|((site, line), r)| {
                 let (totals, shifts, days) = r.finish();
-                GroupTruth { site, line: Some(line), totals, shifts, days }
+                GroupTruth {
+                    site,
+                    line: Some(line),
+                    totals,
+                    shifts,
+                    days,
+                }
             })
             .collect();
         let sites = sites
             .into_iter()
             .map(|(site, r)| {
                 let (totals, shifts, days) = r.finish();
-                GroupTruth { site, line: None, totals, shifts, days }
+                GroupTruth {
+                    site,
+                    line: None,
+                    totals,
+                    shifts,
+                    days,
+                }
             })
             .collect();
-        let events = self.emitted.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect();
+        let events = self
+            .emitted
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), *v))
+            .collect();
         GroundTruth {
             schema: TRUTH_SCHEMA,
             seed: self.seed,
@@ -163,19 +183,42 @@ impl Rollup {
         self.total.merge(t);
         self.shifts
             .entry((shift.start_ms, shift.id()))
-            .or_insert_with(|| (shift.name.clone(), shift.start_ms, shift.end_ms, Tally::default()))
+            .or_insert_with(|| {
+                (
+                    shift.name.clone(),
+                    shift.start_ms,
+                    shift.end_ms,
+                    Tally::default(),
+                )
+            })
             .3
             .merge(t);
-        self.days.entry(shift.date.to_string()).or_default().merge(t);
+        self.days
+            .entry(shift.date.to_string())
+            .or_default()
+            .merge(t);
     }
 
     fn finish(self) -> (Kpis, Vec<ShiftTruth>, Vec<DayTruth>) {
         let shifts = self
             .shifts
             .into_iter()
-            .map(|((_, id), (name, start_ms, end_ms, t))| ShiftTruth { shift: id, name, start_ms, end_ms, kpis: Kpis::from_tally(t) })
+            .map(|((_, id), (name, start_ms, end_ms, t))| ShiftTruth {
+                shift: id,
+                name,
+                start_ms,
+                end_ms,
+                kpis: Kpis::from_tally(t),
+            })
             .collect();
-        let days = self.days.into_iter().map(|(date, t)| DayTruth { date, kpis: Kpis::from_tally(t) }).collect();
+        let days = self
+            .days
+            .into_iter()
+            .map(|(date, t)| DayTruth {
+                date,
+                kpis: Kpis::from_tally(t),
+            })
+            .collect();
         (Kpis::from_tally(self.total), shifts, days)
     }
 }
@@ -281,7 +324,10 @@ mod tests {
     }
 
     fn run(seed: u64, hours: i64) -> (Vec<Event>, GroundTruth) {
-        let cfg = FactoryConfig { telemetry_interval_ms: 60_000, ..Default::default() };
+        let cfg = FactoryConfig {
+            telemetry_interval_ms: 60_000,
+            ..Default::default()
+        };
         let start = ts("2026-01-05T00:00:00Z");
         let mut sim = FactorySim::new(&cfg, seed, start, start + hours * 3_600_000).unwrap();
         let events: Vec<Event> = sim.by_ref().collect();
@@ -293,7 +339,10 @@ mod tests {
         let (ea, ta) = run(42, 24);
         let (eb, tb) = run(42, 24);
         assert_eq!(ea, eb);
-        assert_eq!(serde_json::to_vec(&ta).unwrap(), serde_json::to_vec(&tb).unwrap());
+        assert_eq!(
+            serde_json::to_vec(&ta).unwrap(),
+            serde_json::to_vec(&tb).unwrap()
+        );
         let (_, tc) = run(43, 24);
         assert_ne!(ta, tc);
     }
@@ -308,7 +357,10 @@ mod tests {
             assert_eq!(e.seq, prev + 1, "{}", e.machine);
         }
         for m in &truth.machines {
-            assert_eq!(last[&format!("{}/{}/{}", m.site, m.line, m.machine)], m.last_seq);
+            assert_eq!(
+                last[&format!("{}/{}/{}", m.site, m.line, m.machine)],
+                m.last_seq
+            );
         }
         assert_eq!(truth.total_events, events.len() as u64);
     }
@@ -325,10 +377,23 @@ mod tests {
             for s in &m.shifts {
                 let k = &s.kpis;
                 assert_eq!(k.tally.good + k.tally.scrap + k.tally.rework, k.total);
-                assert_eq!(k.tally.times.total_ms() as i64, s.end_ms - s.start_ms, "{}", s.shift);
-                assert_eq!(k.tally.times.planned_stop_ms, 30 * 60_000, "one 30-minute break");
+                assert_eq!(
+                    k.tally.times.total_ms() as i64,
+                    s.end_ms - s.start_ms,
+                    "{}",
+                    s.shift
+                );
+                assert_eq!(
+                    k.tally.times.planned_stop_ms,
+                    30 * 60_000,
+                    "one 30-minute break"
+                );
                 assert_eq!(k.planned_production_ms, 7 * 3_600_000 + 30 * 60_000);
-                let (a, p, q) = (k.availability.unwrap(), k.performance.unwrap(), k.quality.unwrap());
+                let (a, p, q) = (
+                    k.availability.unwrap(),
+                    k.performance.unwrap(),
+                    k.quality.unwrap(),
+                );
                 assert!(close(a * p * q, k.oee.unwrap()));
                 assert!((0.3..1.0).contains(&a), "availability {a}");
                 assert!((0.8..1.0).contains(&p), "performance {p}");
@@ -341,18 +406,39 @@ mod tests {
         }
         // Lines and sites are sums of machines, with ratios from the sums.
         for l in &truth.lines {
-            let ms: Vec<_> = truth.machines.iter().filter(|m| m.site == l.site && Some(&m.line) == l.line.as_ref()).collect();
+            let ms: Vec<_> = truth
+                .machines
+                .iter()
+                .filter(|m| m.site == l.site && Some(&m.line) == l.line.as_ref())
+                .collect();
             assert_eq!(ms.len(), 4);
-            assert_eq!(l.totals.total, ms.iter().map(|m| m.totals.total).sum::<u64>());
-            assert_eq!(l.totals.tally.times.running_ms, ms.iter().map(|m| m.totals.tally.times.running_ms).sum::<u64>());
+            assert_eq!(
+                l.totals.total,
+                ms.iter().map(|m| m.totals.total).sum::<u64>()
+            );
+            assert_eq!(
+                l.totals.tally.times.running_ms,
+                ms.iter()
+                    .map(|m| m.totals.tally.times.running_ms)
+                    .sum::<u64>()
+            );
             let run: u64 = ms.iter().map(|m| m.totals.tally.times.running_ms).sum();
             let planned: u64 = ms.iter().map(|m| m.totals.planned_production_ms).sum();
-            assert!(close(l.totals.availability.unwrap(), run as f64 / planned as f64));
+            assert!(close(
+                l.totals.availability.unwrap(),
+                run as f64 / planned as f64
+            ));
         }
         let site = &truth.sites[0];
-        assert_eq!(site.totals.total, truth.machines.iter().map(|m| m.totals.total).sum::<u64>());
+        assert_eq!(
+            site.totals.total,
+            truth.machines.iter().map(|m| m.totals.total).sum::<u64>()
+        );
         // The event stream says the same as the truth: parts and failures.
-        let parts = events.iter().filter(|e| matches!(e.body, EventBody::Part(_))).count() as u64;
+        let parts = events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::Part(_)))
+            .count() as u64;
         assert_eq!(parts, site.totals.total);
         let failures = events
             .iter()

@@ -123,16 +123,30 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
 
 fn telemetry(id: &MachineId, seq: u64, readings: usize) -> Event {
     let now = chrono::Utc::now().timestamp_millis();
-    const NAMES: [(&str, &str); 4] = [("temperature", "degC"), ("vibration", "mm/s"), ("spindle_load", "%"), ("power", "kW")];
+    const NAMES: [(&str, &str); 4] = [
+        ("temperature", "degC"),
+        ("vibration", "mm/s"),
+        ("spindle_load", "%"),
+        ("power", "kW"),
+    ];
     let readings = (0..readings)
         .map(|i| {
             let (name, unit) = NAMES[i % NAMES.len()];
             Reading {
-                name: if i < NAMES.len() { name.into() } else { format!("{name}_{i}") },
+                name: if i < NAMES.len() {
+                    name.into()
+                } else {
+                    format!("{name}_{i}")
+                },
                 value: ((seq % 1000) as f64 * 0.01 + i as f64 * 10.0 + 20.0).round(),
                 unit: unit.into(),
             }
         })
         .collect();
-    Event { machine: id.clone(), ts_ms: now, seq, body: EventBody::Telemetry(Telemetry { readings }) }
+    Event {
+        machine: id.clone(),
+        ts_ms: now,
+        seq,
+        body: EventBody::Telemetry(Telemetry { readings }),
+    }
 }

@@ -32,6 +32,23 @@ pub struct ShiftTally {
     pub tally: Tally,
 }
 
+/// What every machine of one run shares.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    /// Behaviour of the machines.
+    pub profile: MachineProfile,
+    /// The shifts.
+    pub calendar: Arc<ShiftCalendar>,
+    /// Milliseconds between telemetry readings.
+    pub telemetry_interval_ms: u64,
+    /// The run's seed.
+    pub seed: u64,
+    /// Start of the simulated period, Unix ms.
+    pub start_ms: i64,
+    /// End of the simulated period (exclusive), Unix ms.
+    pub end_ms: i64,
+}
+
 /// One simulated machine.
 #[derive(Debug)]
 pub struct MachineSim {
@@ -60,24 +77,16 @@ pub struct MachineSim {
 }
 
 impl MachineSim {
-    /// A machine that will simulate `[start_ms, end_ms)` with its own random stream.
-    pub fn new(
-        spec: MachineSpec,
-        profile: MachineProfile,
-        calendar: Arc<ShiftCalendar>,
-        telemetry_interval_ms: u64,
-        seed: u64,
-        stream: u64,
-        start_ms: i64,
-        end_ms: i64,
-    ) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    /// A machine that will simulate the plan's period with its own random stream.
+    pub fn new(spec: MachineSpec, plan: &RunPlan, stream: u64) -> Self {
+        let (start_ms, end_ms) = (plan.start_ms, plan.end_ms);
+        let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
         rng.set_stream(stream);
         let mut m = Self {
             spec,
-            profile,
-            calendar,
-            telemetry_interval_ms: telemetry_interval_ms as i64,
+            profile: plan.profile.clone(),
+            calendar: plan.calendar.clone(),
+            telemetry_interval_ms: plan.telemetry_interval_ms as i64,
             rng,
             now: start_ms,
             end: end_ms,
@@ -144,16 +153,21 @@ impl MachineSim {
     }
 
     fn draw_exp_minutes(&mut self, mean_minutes: f64) -> i64 {
-        let d = Exp::new(1.0 / (mean_minutes * 60_000.0)).expect("validated").sample(&mut self.rng);
+        let d = Exp::new(1.0 / (mean_minutes * 60_000.0))
+            .expect("validated")
+            .sample(&mut self.rng);
         (d as i64).max(1_000)
     }
 
     fn draw_cycle_ms(&mut self) -> i64 {
         let mean = f64::from(self.spec.ideal_cycle_time_ms) * (1.0 + self.profile.speed_loss);
         let sd = mean * self.profile.cycle_jitter;
-        let c = Normal::new(mean, sd.max(f64::MIN_POSITIVE)).expect("validated").sample(&mut self.rng);
+        let c = Normal::new(mean, sd.max(f64::MIN_POSITIVE))
+            .expect("validated")
+            .sample(&mut self.rng);
         // A machine cannot beat its ideal cycle time by much.
-        c.max(f64::from(self.spec.ideal_cycle_time_ms) * 0.9).round() as i64
+        c.max(f64::from(self.spec.ideal_cycle_time_ms) * 0.9)
+            .round() as i64
     }
 
     fn push(&mut self, ts_ms: i64, body: EventBody) {
@@ -177,16 +191,21 @@ impl MachineSim {
             .tally
     }
 
-    fn set_state(&mut self, state: MachineState, reason: Option<StopReason>, shift: Option<&ShiftInstance>) {
+    fn set_state(
+        &mut self,
+        state: MachineState,
+        reason: Option<StopReason>,
+        shift: Option<&ShiftInstance>,
+    ) {
         if self.state == Some((state, reason)) {
             return;
         }
         self.state = Some((state, reason));
         self.push(self.now, EventBody::State(StateChange { state, reason }));
-        if state == MachineState::Down && reason == Some(StopReason::TechnicalFailure) {
-            if let Some(shift) = shift {
-                self.tally_for(shift).add_failure();
-            }
+        if let (MachineState::Down, Some(StopReason::TechnicalFailure), Some(shift)) =
+            (state, reason, shift)
+        {
+            self.tally_for(shift).add_failure();
         }
     }
 
@@ -229,8 +248,10 @@ impl MachineSim {
         let approach = 1.0 - (-dt / (10.0 * 60_000.0)).exp();
         self.temperature += (target - self.temperature) * approach;
         self.drift = (self.drift + self.rng.random_range(-0.05..0.05)).clamp(-2.0, 2.0);
-        let noise = |rng: &mut ChaCha8Rng, sd: f64| Normal::new(0.0, sd).expect("sd > 0").sample(rng);
-        let temperature = self.temperature + self.drift + 15.0 * precursor + noise(&mut self.rng, 0.3);
+        let noise =
+            |rng: &mut ChaCha8Rng, sd: f64| Normal::new(0.0, sd).expect("sd > 0").sample(rng);
+        let temperature =
+            self.temperature + self.drift + 15.0 * precursor + noise(&mut self.rng, 0.3);
         let (vibration, load, power) = if running {
             (
                 2.0 + 3.0 * precursor + noise(&mut self.rng, 0.2),
@@ -238,8 +259,16 @@ impl MachineSim {
                 11.0 + 2.0 * precursor + noise(&mut self.rng, 0.4),
             )
         } else {
-            let standby = if state == MachineState::PlannedStop || state == MachineState::Down { 0.3 } else { 2.5 };
-            (0.1 + noise(&mut self.rng, 0.02).abs(), 0.0, standby + noise(&mut self.rng, 0.05).abs())
+            let standby = if state == MachineState::PlannedStop || state == MachineState::Down {
+                0.3
+            } else {
+                2.5
+            };
+            (
+                0.1 + noise(&mut self.rng, 0.02).abs(),
+                0.0,
+                standby + noise(&mut self.rng, 0.05).abs(),
+            )
         };
         let r = |name: &str, v: f64, unit: &str| Reading {
             name: name.into(),
@@ -261,13 +290,25 @@ impl MachineSim {
         }
         self.logout();
         let operator = format!("op-{:02}", self.rng.random_range(1..=40));
-        self.push(self.now, EventBody::Operator(OperatorEvent { action: OperatorAction::Login, operator: operator.clone() }));
+        self.push(
+            self.now,
+            EventBody::Operator(OperatorEvent {
+                action: OperatorAction::Login,
+                operator: operator.clone(),
+            }),
+        );
         self.operator = Some((shift_id, operator));
     }
 
     fn logout(&mut self) {
         if let Some((_, operator)) = self.operator.take() {
-            self.push(self.now, EventBody::Operator(OperatorEvent { action: OperatorAction::Logout, operator }));
+            self.push(
+                self.now,
+                EventBody::Operator(OperatorEvent {
+                    action: OperatorAction::Logout,
+                    operator,
+                }),
+            );
         }
     }
 
@@ -279,14 +320,20 @@ impl MachineSim {
             if shift.is_none() {
                 self.logout();
             }
-            let reason = if shift.is_some() { StopReason::Break } else { StopReason::NoShift };
+            let reason = if shift.is_some() {
+                StopReason::Break
+            } else {
+                StopReason::NoShift
+            };
             self.set_state(MachineState::PlannedStop, Some(reason), shift);
             self.span(limit, shift);
             return;
         };
         self.operator_for(shift);
         match self.state.map(|(s, _)| s) {
-            None | Some(MachineState::PlannedStop) => self.set_state(MachineState::Running, None, Some(shift)),
+            None | Some(MachineState::PlannedStop) => {
+                self.set_state(MachineState::Running, None, Some(shift))
+            }
             Some(MachineState::Running) => self.run_cycle(limit, shift),
             Some(_) => {
                 self.span(self.state_until.min(limit), Some(shift));
@@ -309,7 +356,11 @@ impl MachineSim {
                 .max(30_000.0);
             self.state_until = self.now + repair as i64;
             self.run_to_failure_ms = self.draw_time_to_failure();
-            self.set_state(MachineState::Down, Some(StopReason::TechnicalFailure), Some(shift));
+            self.set_state(
+                MachineState::Down,
+                Some(StopReason::TechnicalFailure),
+                Some(shift),
+            );
             return;
         }
         if cycle_end > limit {
@@ -328,7 +379,14 @@ impl MachineSim {
         };
         self.parts_made += 1;
         let part_id = Some(format!("{}-{:07}", self.spec.id.machine, self.parts_made));
-        self.push(self.now, EventBody::Part(PartProduced { outcome, cycle_time_ms: cycle as u32, part_id }));
+        self.push(
+            self.now,
+            EventBody::Part(PartProduced {
+                outcome,
+                cycle_time_ms: cycle as u32,
+                part_id,
+            }),
+        );
         let ideal = u64::from(self.spec.ideal_cycle_time_ms);
         self.tally_for(shift).add_part(outcome, ideal);
         self.parts_since_changeover += 1;
@@ -336,15 +394,25 @@ impl MachineSim {
         let hours = cycle as f64 / 3_600_000.0;
         let p = &self.profile;
         let (minor_p, idle_p) = (p.minor_stops_per_hour * hours, p.idle_per_hour * hours);
-        let (minor_minutes, idle_minutes, changeover_minutes) = (p.minor_stop_minutes, p.idle_minutes, p.changeover_minutes);
+        let (minor_minutes, idle_minutes, changeover_minutes) =
+            (p.minor_stop_minutes, p.idle_minutes, p.changeover_minutes);
         if self.parts_since_changeover >= self.profile.batch_size {
             self.parts_since_changeover = 0;
-            let d = Normal::new(changeover_minutes, changeover_minutes * 0.2).expect("validated").sample(&mut self.rng);
+            let d = Normal::new(changeover_minutes, changeover_minutes * 0.2)
+                .expect("validated")
+                .sample(&mut self.rng);
             self.state_until = self.now + (d.max(1.0) * 60_000.0) as i64;
-            self.set_state(MachineState::Changeover, Some(StopReason::Tooling), Some(shift));
+            self.set_state(
+                MachineState::Changeover,
+                Some(StopReason::Tooling),
+                Some(shift),
+            );
         } else if self.rng.random::<f64>() < minor_p {
-            let reason = [StopReason::MaterialShortage, StopReason::OperatorAbsence, StopReason::QualityCheck]
-                [self.rng.random_range(0..3)];
+            let reason = [
+                StopReason::MaterialShortage,
+                StopReason::OperatorAbsence,
+                StopReason::QualityCheck,
+            ][self.rng.random_range(0..3)];
             self.state_until = self.now + self.draw_exp_minutes(minor_minutes);
             self.set_state(MachineState::Down, Some(reason), Some(shift));
         } else if self.rng.random::<f64>() < idle_p {

@@ -69,7 +69,13 @@ impl BrokerArgs {
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
-        Ok(BrokerOptions { host, port, client_id: self.client_id.clone(), credentials, qos })
+        Ok(BrokerOptions {
+            host,
+            port,
+            client_id: self.client_id.clone(),
+            credentials,
+            qos,
+        })
     }
 }
 
@@ -93,8 +99,9 @@ struct FactoryArgs {
     /// Time between two telemetry readings of a machine, e.g. 1s, 10s, 1m.
     #[arg(long, value_parser = humantime::parse_duration)]
     telemetry_interval: Option<Duration>,
-    /// Start of the simulated period: RFC 3339 (2026-01-05T00:00:00Z) or `now`.
-    #[arg(long, default_value = "now")]
+    /// Start of the simulated period: RFC 3339 (2026-01-05T00:00:00Z), `now`, or a time before
+    /// now such as `-1day` or `-8h`.
+    #[arg(long, default_value = "now", allow_hyphen_values = true)]
     start: String,
     /// Length of the simulated period, e.g. 8h, 1day, 7days.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1day")]
@@ -119,12 +126,26 @@ impl FactoryArgs {
         if let Some(d) = self.telemetry_interval {
             cfg.telemetry_interval_ms = d.as_millis() as u64;
         }
+        // Whole seconds, so that two runs started in the same second agree.
+        let now_ms = chrono::Utc::now().timestamp() * 1000;
         let start_ms = if self.start == "now" {
-            // Whole seconds, so that two runs started in the same second agree.
-            chrono::Utc::now().timestamp() * 1000
+            now_ms
+        } else if let Some(ago) = self.start.strip_prefix('-') {
+            let d = humantime::parse_duration(ago).with_context(|| {
+                format!(
+                    "--start `{}`: `{ago}` is not a duration (e.g. 1day, 8h)",
+                    self.start
+                )
+            })?;
+            now_ms - d.as_millis() as i64
         } else {
             chrono::DateTime::parse_from_rfc3339(&self.start)
-                .with_context(|| format!("--start `{}` is not RFC 3339 (e.g. 2026-01-05T00:00:00Z) or `now`", self.start))?
+                .with_context(|| {
+                    format!(
+                        "--start `{}` is not RFC 3339 (e.g. 2026-01-05T00:00:00Z) or `now`",
+                        self.start
+                    )
+                })?
                 .timestamp_millis()
         };
         let end_ms = start_ms + self.duration.as_millis() as i64;
@@ -142,6 +163,11 @@ struct RunArgs {
     /// as the broker takes it.
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
+    /// Follow the wall clock instead of --speed: events stamped before now are sent at once
+    /// (a backfill), later ones when their time comes. With --start -1day: a day of history,
+    /// then live.
+    #[arg(long)]
+    live: bool,
     /// Fault mode: probability per event of also sending a malformed payload, a bad field, an
     /// unknown topic, an oversized payload, a duplicate or a disconnect.
     #[arg(long, default_value_t = 0.0)]
@@ -203,7 +229,11 @@ fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<(
 }
 
 fn summary(truth: &GroundTruth) {
-    eprintln!("simulated {} events from {} machines", truth.total_events, truth.machines.len());
+    eprintln!(
+        "simulated {} events from {} machines",
+        truth.total_events,
+        truth.machines.len()
+    );
     let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}%", v * 100.0));
     for l in &truth.lines {
         let k = &l.totals;
@@ -225,7 +255,9 @@ fn summary(truth: &GroundTruth) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -249,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(broker = %args.broker.broker, machines = sim.specs().len(), speed = args.speed, "publishing simulated factory");
             let run = RunOptions {
                 speed: args.speed,
+                live: args.live,
                 fault_rate: args.faults,
                 seed: args.factory.seed,
                 progress: !args.quiet,
@@ -264,7 +297,11 @@ async fn main() -> anyhow::Result<()> {
             }
             eprintln!(
                 "published {} messages ({} acknowledged, {} reconnects) in {:.1} s: {:.0} messages/s",
-                report.messages, report.acked, report.reconnects, report.elapsed_s, report.rate_per_s
+                report.messages,
+                report.acked,
+                report.reconnects,
+                report.elapsed_s,
+                report.rate_per_s
             );
             if interrupted {
                 eprintln!("interrupted: the run did not complete, so no ground truth was written");

@@ -70,13 +70,21 @@ impl BrokerOptions {
             .or_else(|| addr.strip_prefix("tcp://"))
             .unwrap_or(addr);
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| PublishError::Address(addr.into()))?),
+            Some((h, p)) => (
+                h,
+                p.parse().map_err(|_| PublishError::Address(addr.into()))?,
+            ),
             None => (rest, 1883),
         };
         if host.is_empty() || host.contains('/') {
             return Err(PublishError::Address(addr.into()));
         }
-        Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+        Ok((
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+        ))
     }
 }
 
@@ -111,7 +119,10 @@ impl Publisher {
         Self::connect_with(opts, Arc::new(Counters::default())).await
     }
 
-    async fn connect_with(opts: &BrokerOptions, counters: Arc<Counters>) -> Result<Self, PublishError> {
+    async fn connect_with(
+        opts: &BrokerOptions,
+        counters: Arc<Counters>,
+    ) -> Result<Self, PublishError> {
         let addr = format!("{}:{}", opts.host, opts.port);
         let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
         mqtt.set_keep_alive(Duration::from_secs(30))
@@ -212,12 +223,15 @@ impl Publisher {
 
 fn describe(e: &ConnectionError) -> String {
     match e {
-        ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection ({code:?})"),
+        ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection ({code:?})")
+        }
         ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "connection refused: is a broker listening there?".into()
         }
         ConnectionError::MqttState(rumqttc::StateError::Io(io))
-            if io.kind() == std::io::ErrorKind::ConnectionAborted || io.kind() == std::io::ErrorKind::UnexpectedEof =>
+            if io.kind() == std::io::ErrorKind::ConnectionAborted
+                || io.kind() == std::io::ErrorKind::UnexpectedEof =>
         {
             "the broker closed the connection before CONNACK: wrong username or password?".into()
         }
@@ -225,7 +239,12 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-async fn drive(mut eventloop: rumqttc::EventLoop, counters: Arc<Counters>, mut stopping: watch::Receiver<bool>, addr: String) {
+async fn drive(
+    mut eventloop: rumqttc::EventLoop,
+    counters: Arc<Counters>,
+    mut stopping: watch::Receiver<bool>,
+    addr: String,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let polled = tokio::select! {
@@ -267,9 +286,18 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(BrokerOptions::parse_address("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".into(), 1884));
-        assert_eq!(BrokerOptions::parse_address("localhost").unwrap(), ("localhost".into(), 1883));
-        assert_eq!(BrokerOptions::parse_address("[::1]:1883").unwrap(), ("::1".into(), 1883));
+        assert_eq!(
+            BrokerOptions::parse_address("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            BrokerOptions::parse_address("localhost").unwrap(),
+            ("localhost".into(), 1883)
+        );
+        assert_eq!(
+            BrokerOptions::parse_address("[::1]:1883").unwrap(),
+            ("::1".into(), 1883)
+        );
         assert!(BrokerOptions::parse_address("mqtt://host:notaport").is_err());
         assert!(BrokerOptions::parse_address("http://x/y").is_err());
     }

@@ -49,6 +49,9 @@ impl Fault {
 pub struct RunOptions {
     /// Simulated seconds per wall-clock second; 0 means as fast as the broker takes it.
     pub speed: f64,
+    /// Follow the wall clock: events stamped in the past go out at once, later ones when the
+    /// wall clock reaches their timestamp (overrides `speed`).
+    pub live: bool,
     /// Probability per valid event of also injecting one fault.
     pub fault_rate: f64,
     /// Seed of the fault stream (independent of the factory's).
@@ -96,8 +99,20 @@ pub async fn run_factory(
     tokio::pin!(stop);
     let mut interrupted = false;
     for event in sim.by_ref() {
-        if opts.speed > 0.0 {
-            let due = t0 + Duration::from_secs_f64((event.ts_ms - start_ms) as f64 / 1000.0 / opts.speed);
+        if opts.live {
+            let ahead = event.ts_ms - chrono::Utc::now().timestamp_millis();
+            if ahead > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ahead as u64)) => {}
+                    _ = &mut stop => { interrupted = true; break; }
+                }
+            } else if report.messages % 1024 == 0 && futures_poll_ready(&mut stop).await {
+                interrupted = true;
+                break;
+            }
+        } else if opts.speed > 0.0 {
+            let due =
+                t0 + Duration::from_secs_f64((event.ts_ms - start_ms) as f64 / 1000.0 / opts.speed);
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
                 _ = &mut stop => { interrupted = true; break; }
@@ -107,11 +122,21 @@ pub async fn run_factory(
             break;
         }
         publisher.publish(event.topic(), event.to_payload()).await?;
-        *report.events.entry(event.kind().as_str().to_owned()).or_default() += 1;
+        *report
+            .events
+            .entry(event.kind().as_str().to_owned())
+            .or_default() += 1;
         report.messages += 1;
         if opts.fault_rate > 0.0 && faults_rng.random::<f64>() < opts.fault_rate {
             let fault = Fault::ALL[faults_rng.random_range(0..Fault::ALL.len())];
-            inject(fault, &event, last_valid.as_ref(), &mut *publisher, &mut faults_rng).await?;
+            inject(
+                fault,
+                &event,
+                last_valid.as_ref(),
+                &mut *publisher,
+                &mut faults_rng,
+            )
+            .await?;
             *report.faults.entry(fault).or_default() += 1;
             if fault != Fault::Disconnect {
                 report.messages += 1;
@@ -143,7 +168,9 @@ pub async fn run_factory(
 }
 
 /// Checks a future once without waiting.
-async fn futures_poll_ready(f: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
+async fn futures_poll_ready(
+    f: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
     tokio::select! {
         biased;
         _ = f.as_mut() => true,
@@ -167,7 +194,8 @@ async fn inject(
             publisher.publish(topic, p).await
         }
         Fault::BadField => {
-            let mut v: serde_json::Value = serde_json::from_slice(&event.to_payload()).expect("own payload");
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&event.to_payload()).expect("own payload");
             let field = match &event.body {
                 EventBody::State(_) => "state",
                 EventBody::Part(_) => "cycle_time_ms",
@@ -175,20 +203,28 @@ async fn inject(
                 EventBody::Operator(_) => "action",
             };
             v[field] = serde_json::json!(-1);
-            publisher.publish(topic, serde_json::to_vec(&v).expect("json")).await
+            publisher
+                .publish(topic, serde_json::to_vec(&v).expect("json"))
+                .await
         }
         Fault::UnknownTopic => {
             let t = if rng.random::<bool>() {
-                format!("factory/{}/{}/{}/alarm", event.machine.site, event.machine.line, event.machine.machine)
+                format!(
+                    "factory/{}/{}/{}/alarm",
+                    event.machine.site, event.machine.line, event.machine.machine
+                )
             } else {
                 format!("plant/{}/misc", event.machine.machine)
             };
             publisher.publish(t, event.to_payload()).await
         }
         Fault::Oversized => {
-            let mut v: serde_json::Value = serde_json::from_slice(&event.to_payload()).expect("own payload");
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&event.to_payload()).expect("own payload");
             v["padding"] = serde_json::json!("x".repeat(70 * 1024));
-            publisher.publish(topic, serde_json::to_vec(&v).expect("json")).await
+            publisher
+                .publish(topic, serde_json::to_vec(&v).expect("json"))
+                .await
         }
         Fault::Duplicate => {
             let dup = previous.unwrap_or(event);

@@ -11,7 +11,11 @@ use millrace_tests::{Mosquitto, Recorder, read_json};
 const SIM: &str = env!("CARGO_BIN_EXE_millrace-sim");
 
 fn sim(args: &[&str]) -> std::process::Output {
-    let out = Command::new(SIM).args(args).env("RUST_LOG", "warn").output().expect("run millrace-sim");
+    let out = Command::new(SIM)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run millrace-sim");
     assert!(
         out.status.success(),
         "millrace-sim {args:?} failed:\n{}",
@@ -21,7 +25,14 @@ fn sim(args: &[&str]) -> std::process::Output {
 }
 
 const SHIFT: &[&str] = &[
-    "--seed", "42", "--start", "2026-01-05T06:00:00Z", "--duration", "8h", "--telemetry-interval", "1m",
+    "--seed",
+    "42",
+    "--start",
+    "2026-01-05T06:00:00Z",
+    "--duration",
+    "8h",
+    "--telemetry-interval",
+    "1m",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,16 +40,37 @@ async fn a_shift_published_to_mosquitto_arrives_complete() {
     let broker = Mosquitto::start();
     let recorder = Recorder::start(broker.port, "#", None).await;
     let dir = tempfile::tempdir().unwrap();
-    let (truth, report) = (dir.path().join("truth.json"), dir.path().join("report.json"));
-    let mut args: Vec<String> = ["run", "--broker", &broker.url(), "--speed", "0", "--quiet"].map(String::from).to_vec();
+    let (truth, report) = (
+        dir.path().join("truth.json"),
+        dir.path().join("report.json"),
+    );
+    let mut args: Vec<String> = ["run", "--broker", &broker.url(), "--speed", "0", "--quiet"]
+        .map(String::from)
+        .to_vec();
     args.extend(SHIFT.iter().map(|s| s.to_string()));
-    args.extend(["--truth", truth.to_str().unwrap(), "--report", report.to_str().unwrap()].map(String::from));
-    tokio::task::spawn_blocking(move || sim(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    args.extend(
+        [
+            "--truth",
+            truth.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    tokio::task::spawn_blocking(move || sim(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap();
 
     let report = read_json(&report);
     let sent = report["messages"].as_u64().unwrap();
-    assert_eq!(report["acked"].as_u64().unwrap(), sent, "QoS 1: every publish acknowledged");
-    let got = recorder.wait_for(sent as usize, Duration::from_secs(60)).await;
+    assert_eq!(
+        report["acked"].as_u64().unwrap(),
+        sent,
+        "QoS 1: every publish acknowledged"
+    );
+    let got = recorder
+        .wait_for(sent as usize, Duration::from_secs(60))
+        .await;
     // Anything more than `sent` would be a duplicate: give stragglers a moment to show up.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(got, sent as usize);
@@ -57,7 +89,12 @@ async fn a_shift_published_to_mosquitto_arrives_complete() {
     assert_eq!(kinds.values().sum::<u64>(), sent);
     assert_eq!(seqs.len(), 12);
     for m in truth["machines"].as_array().unwrap() {
-        let key = format!("{}/{}/{}", m["site"].as_str().unwrap(), m["line"].as_str().unwrap(), m["machine"].as_str().unwrap());
+        let key = format!(
+            "{}/{}/{}",
+            m["site"].as_str().unwrap(),
+            m["line"].as_str().unwrap(),
+            m["machine"].as_str().unwrap()
+        );
         let mut s = seqs.remove(&key).unwrap();
         s.sort_unstable();
         let expected: Vec<u64> = (1..=m["last_seq"].as_u64().unwrap()).collect();
@@ -70,7 +107,10 @@ async fn a_shift_published_to_mosquitto_arrives_complete() {
     let mut args = vec!["truth", "--out", offline.to_str().unwrap()];
     args.extend_from_slice(SHIFT);
     sim(&args);
-    assert_eq!(std::fs::read(dir.path().join("truth.json")).unwrap(), std::fs::read(&offline).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("truth.json")).unwrap(),
+        std::fs::read(&offline).unwrap()
+    );
 }
 
 #[test]
@@ -78,7 +118,17 @@ fn same_seed_gives_byte_identical_truth_and_another_seed_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let run = |seed: &str, name: &str| {
         let out = dir.path().join(name);
-        sim(&["truth", "--seed", seed, "--start", "2026-01-05T00:00:00Z", "--duration", "2days", "--out", out.to_str().unwrap()]);
+        sim(&[
+            "truth",
+            "--seed",
+            seed,
+            "--start",
+            "2026-01-05T00:00:00Z",
+            "--duration",
+            "2days",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         std::fs::read(out).unwrap()
     };
     let (a, b, c) = (run("7", "a.json"), run("7", "b.json"), run("8", "c.json"));
@@ -95,14 +145,39 @@ async fn fault_mode_sends_each_kind_of_bad_traffic_and_the_valid_events_survive(
     let broker = Mosquitto::start();
     let recorder = Recorder::start(broker.port, "#", None).await;
     let dir = tempfile::tempdir().unwrap();
-    let (truth, report) = (dir.path().join("truth.json"), dir.path().join("report.json"));
+    let (truth, report) = (
+        dir.path().join("truth.json"),
+        dir.path().join("report.json"),
+    );
     let url = broker.url();
-    let (t, r) = (truth.to_str().unwrap().to_owned(), report.to_str().unwrap().to_owned());
+    let (t, r) = (
+        truth.to_str().unwrap().to_owned(),
+        report.to_str().unwrap().to_owned(),
+    );
     tokio::task::spawn_blocking(move || {
         sim(&[
-            "run", "--broker", &url, "--speed", "0", "--quiet", "--faults", "0.05", "--seed", "3",
-            "--start", "2026-01-05T06:00:00Z", "--duration", "4h", "--telemetry-interval", "1m",
-            "--lines", "1", "--truth", &t, "--report", &r,
+            "run",
+            "--broker",
+            &url,
+            "--speed",
+            "0",
+            "--quiet",
+            "--faults",
+            "0.05",
+            "--seed",
+            "3",
+            "--start",
+            "2026-01-05T06:00:00Z",
+            "--duration",
+            "4h",
+            "--telemetry-interval",
+            "1m",
+            "--lines",
+            "1",
+            "--truth",
+            &t,
+            "--report",
+            &r,
         ])
     })
     .await
@@ -110,8 +185,18 @@ async fn fault_mode_sends_each_kind_of_bad_traffic_and_the_valid_events_survive(
     let report = read_json(&report);
     let truth = read_json(&truth);
     let faults = &report["faults"];
-    for f in ["malformed", "bad_field", "unknown_topic", "oversized", "duplicate", "disconnect"] {
-        assert!(faults[f].as_u64().unwrap_or(0) > 0, "fault {f} injected: {faults}");
+    for f in [
+        "malformed",
+        "bad_field",
+        "unknown_topic",
+        "oversized",
+        "duplicate",
+        "disconnect",
+    ] {
+        assert!(
+            faults[f].as_u64().unwrap_or(0) > 0,
+            "fault {f} injected: {faults}"
+        );
     }
     let sent = report["messages"].as_u64().unwrap() as usize;
     recorder.wait_for(sent, Duration::from_secs(60)).await;
@@ -130,9 +215,17 @@ async fn fault_mode_sends_each_kind_of_bad_traffic_and_the_valid_events_survive(
     // Every valid event arrived (QoS 1 survives the disconnects), and every bad message was refused.
     assert_eq!(valid.len() as u64, truth["total_events"].as_u64().unwrap());
     let n = |k: &str| faults[k].as_u64().unwrap();
-    assert_eq!(refused.get("bad_json").copied().unwrap_or(0) + refused.get("bad_field").copied().unwrap_or(0), n("malformed") + n("bad_field"));
+    assert_eq!(
+        refused.get("bad_json").copied().unwrap_or(0)
+            + refused.get("bad_field").copied().unwrap_or(0),
+        n("malformed") + n("bad_field")
+    );
     assert_eq!(refused["too_large"], n("oversized"));
-    assert_eq!(refused.get("unknown_kind").copied().unwrap_or(0) + refused.get("bad_topic").copied().unwrap_or(0), n("unknown_topic"));
+    assert_eq!(
+        refused.get("unknown_kind").copied().unwrap_or(0)
+            + refused.get("bad_topic").copied().unwrap_or(0),
+        n("unknown_topic")
+    );
     // Retransmissions after a disconnect may add duplicates of their own.
     assert!(duplicates >= n("duplicate"));
     recorder.stop().await;
@@ -145,17 +238,35 @@ fn bad_flags_and_files_get_clear_errors() {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    assert!(fail(&["truth", "--start", "yesterday"]).contains("--start `yesterday` is not RFC 3339"));
-    assert!(fail(&["truth", "--config", "/nonexistent.toml"]).contains("cannot read factory file /nonexistent.toml"));
+    assert!(
+        fail(&["truth", "--start", "yesterday"]).contains("--start `yesterday` is not RFC 3339")
+    );
+    assert!(
+        fail(&["truth", "--config", "/nonexistent.toml"])
+            .contains("cannot read factory file /nonexistent.toml")
+    );
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("f.toml");
     std::fs::write(&bad, "[profile]\nscrap_rate = 2.0\n").unwrap();
-    assert!(fail(&["truth", "--config", bad.to_str().unwrap()]).contains("`profile.scrap_rate` = 2 is out of range"));
-    assert!(fail(&["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "1m"]).contains("cannot connect to broker 127.0.0.1:1"));
+    assert!(
+        fail(&["truth", "--config", bad.to_str().unwrap()])
+            .contains("`profile.scrap_rate` = 2 is out of range")
+    );
+    assert!(
+        fail(&["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "1m"])
+            .contains("cannot connect to broker 127.0.0.1:1")
+    );
     assert!(fail(&["run", "--qos", "3"]).contains("3 is not in 0..=2"));
     let help = Command::new(SIM).args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--seed", "--speed", "--faults", "--truth", "--telemetry-interval", "--duration"] {
+    for flag in [
+        "--seed",
+        "--speed",
+        "--faults",
+        "--truth",
+        "--telemetry-interval",
+        "--duration",
+    ] {
         assert!(help.contains(flag), "{flag} in --help");
     }
     let _ = Path::new(SIM);

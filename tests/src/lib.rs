@@ -72,8 +72,14 @@ impl Mosquitto {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start mosquitto");
-            let mut m = Self { child, port, _dir: dir };
-            if wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
+            let mut m = Self {
+                child,
+                port,
+                _dir: dir,
+            };
+            if wait_until(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }) {
                 return m;
             }
             let _ = m.child.kill();
@@ -115,12 +121,16 @@ impl Recorder {
     /// Connects to `127.0.0.1:port`, subscribes to `filter` at QoS 1 and waits for the SUBACK.
     pub async fn start(port: u16, filter: &str, credentials: Option<(&str, &str)>) -> Self {
         let mut opts = MqttOptions::new(format!("recorder-{}", free_port()), "127.0.0.1", port);
-        opts.set_max_packet_size(1 << 20, 1 << 20).set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20)
+            .set_keep_alive(Duration::from_secs(30));
         if let Some((u, p)) = credentials {
             opts.set_credentials(u, p);
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
         loop {
             match eventloop.poll().await.expect("recorder connects") {
                 Event::Incoming(Packet::SubAck(_)) => break,
@@ -132,16 +142,22 @@ impl Recorder {
         let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().expect("lock").push(Received {
-                        topic: p.topic.clone(),
-                        payload: p.payload.to_vec(),
-                    }),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        sink.lock().expect("lock").push(Received {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                        })
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         });
-        Self { messages, client, task }
+        Self {
+            messages,
+            client,
+            task,
+        }
     }
 
     /// How many messages arrived so far.
@@ -172,6 +188,8 @@ impl Recorder {
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())))
-        .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    )
+    .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }

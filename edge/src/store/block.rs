@@ -36,7 +36,11 @@ struct BitWriter {
 
 impl BitWriter {
     fn new(out: Vec<u8>) -> Self {
-        Self { out, acc: 0, bits: 0 }
+        Self {
+            out,
+            acc: 0,
+            bits: 0,
+        }
     }
 
     /// Writes the low `n` bits of `v` (n ≤ 64), most significant first.
@@ -76,7 +80,10 @@ impl<'a> BitReader<'a> {
     fn read(&mut self, n: u32) -> Result<u64, BlockError> {
         let mut v = 0u64;
         for _ in 0..n {
-            let byte = *self.data.get(self.pos / 8).ok_or(BlockError::Corrupt("bitstream ended early"))?;
+            let byte = *self
+                .data
+                .get(self.pos / 8)
+                .ok_or(BlockError::Corrupt("bitstream ended early"))?;
             let bit = (byte >> (7 - (self.pos % 8))) & 1;
             v = (v << 1) | u64::from(bit);
             self.pos += 1;
@@ -108,7 +115,9 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 fn get_varint(data: &[u8], pos: &mut usize) -> Result<u64, BlockError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let b = *data.get(*pos).ok_or(BlockError::Corrupt("varint ended early"))?;
+        let b = *data
+            .get(*pos)
+            .ok_or(BlockError::Corrupt("varint ended early"))?;
         *pos += 1;
         v |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
@@ -119,9 +128,20 @@ fn get_varint(data: &[u8], pos: &mut usize) -> Result<u64, BlockError> {
 }
 
 /// Timestamp delta-of-delta buckets: (prefix bits, prefix length, payload bits).
-const TS_BUCKETS: [(u64, u32, u32); 4] = [(0b10, 2, 7), (0b110, 3, 9), (0b1110, 4, 12), (0b1111, 4, 64)];
+const TS_BUCKETS: [(u64, u32, u32); 4] = [
+    (0b10, 2, 7),
+    (0b110, 3, 9),
+    (0b1110, 4, 12),
+    (0b1111, 4, 64),
+];
 /// Decimal delta buckets over zig-zag values.
-const DEC_BUCKETS: [(u64, u32, u32); 5] = [(0b10, 2, 7), (0b110, 3, 10), (0b1110, 4, 14), (0b11110, 5, 20), (0b11111, 5, 64)];
+const DEC_BUCKETS: [(u64, u32, u32); 5] = [
+    (0b10, 2, 7),
+    (0b110, 3, 10),
+    (0b1110, 4, 14),
+    (0b11110, 5, 20),
+    (0b11111, 5, 64),
+];
 
 fn put_bucketed(w: &mut BitWriter, z: u64, buckets: &[(u64, u32, u32)]) {
     if z == 0 {
@@ -165,15 +185,24 @@ fn scaled(points: &[(i64, f64)]) -> Option<(u32, Vec<i64>)> {
         scale = scale.max(decimal_scale(v)?);
     }
     let p = 10f64.powi(scale as i32);
-    let ints: Vec<i64> = points.iter().map(|&(_, v)| (v * p).round() as i64).collect();
+    let ints: Vec<i64> = points
+        .iter()
+        .map(|&(_, v)| (v * p).round() as i64)
+        .collect();
     // Every value must come back bit for bit at the common scale.
-    let exact = ints.iter().zip(points).all(|(&i, &(_, v))| ((i as f64) / p).to_bits() == v.to_bits());
+    let exact = ints
+        .iter()
+        .zip(points)
+        .all(|(&i, &(_, v))| ((i as f64) / p).to_bits() == v.to_bits());
     exact.then_some((scale, ints))
 }
 
 /// Encodes points sorted by strictly increasing timestamp.
 pub fn encode(points: &[(i64, f64)]) -> Vec<u8> {
-    debug_assert!(points.windows(2).all(|w| w[0].0 < w[1].0), "points sorted and unique");
+    debug_assert!(
+        points.windows(2).all(|w| w[0].0 < w[1].0),
+        "points sorted and unique"
+    );
     let mut out = Vec::with_capacity(16 + points.len() * 2);
     out.push(VERSION);
     put_varint(&mut out, points.len() as u64);
@@ -251,7 +280,9 @@ pub fn decode(data: &[u8]) -> Result<Vec<(i64, f64)>, BlockError> {
         return Err(BlockError::Corrupt("implausible point count"));
     }
     let t0 = unzigzag(get_varint(data, &mut pos)?);
-    let enc = *data.get(pos).ok_or(BlockError::Corrupt("missing encoding"))?;
+    let enc = *data
+        .get(pos)
+        .ok_or(BlockError::Corrupt("missing encoding"))?;
     pos += 1;
     let (scale, first) = match enc {
         ENC_DECIMAL => {
@@ -263,13 +294,20 @@ pub fn decode(data: &[u8]) -> Result<Vec<(i64, f64)>, BlockError> {
             (Some(s), unzigzag(get_varint(data, &mut pos)?) as u64)
         }
         ENC_XOR => {
-            let b: [u8; 8] = data.get(pos..pos + 8).ok_or(BlockError::Corrupt("missing first value"))?.try_into().expect("8 bytes");
+            let b: [u8; 8] = data
+                .get(pos..pos + 8)
+                .ok_or(BlockError::Corrupt("missing first value"))?
+                .try_into()
+                .expect("8 bytes");
             pos += 8;
             (None, u64::from_be_bytes(b))
         }
         _ => return Err(BlockError::Corrupt("unknown value encoding")),
     };
-    let mut r = BitReader { data: &data[pos..], pos: 0 };
+    let mut r = BitReader {
+        data: &data[pos..],
+        pos: 0,
+    };
     let mut ts = Vec::with_capacity(n);
     ts.push(t0);
     let mut delta = 0i64;
@@ -350,11 +388,24 @@ mod tests {
     fn any_floats_and_irregular_timestamps_round_trip() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         let mut t = -5_000i64;
-        let specials = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, f64::MIN_POSITIVE, f64::MAX, 1e-300, 0.1 + 0.2];
+        let specials = [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.0,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            1e-300,
+            0.1 + 0.2,
+        ];
         let points: Vec<(i64, f64)> = (0..2000)
             .map(|i| {
                 t += rng.random_range(1..100_000_000);
-                let v = if i % 7 == 0 { specials[i % specials.len()] } else { rng.random::<f64>() * 1e6 - 5e5 };
+                let v = if i % 7 == 0 {
+                    specials[i % specials.len()]
+                } else {
+                    rng.random::<f64>() * 1e6 - 5e5
+                };
                 (t, v)
             })
             .collect();
@@ -363,7 +414,13 @@ mod tests {
         round_trip(&[]);
         round_trip(&[(i64::MIN / 4, 1.5), (i64::MAX / 4, -2.25)]);
         // Decimal blocks with large and negative values and the widest deltas.
-        round_trip(&[(1, 123456.123456), (2, -987654.654321), (3, 0.000001), (4, 9.0e9), (5, -9.0e9)]);
+        round_trip(&[
+            (1, 123456.123456),
+            (2, -987654.654321),
+            (3, 0.000001),
+            (4, 9.0e9),
+            (5, -9.0e9),
+        ]);
     }
 
     #[test]

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Edge ingest benchmark (release build), all measured in one run on this machine.
+
+1. Throughput: the same load (millrace-sim load, N devices, as fast as possible) against
+   (a) the bare embedded broker (ingest off), (b) Mosquitto, (c) the full edge; for (c) the rate
+   counts events durable in RocksDB (the edge's own counter), not only acknowledged.
+2. Latency: p99 device timestamp -> stored at half the edge's measured maximum.
+3. Bytes on disk per telemetry point: a simulated day (12 machines, 1 s telemetry) through the
+   edge, then `store-stats --compact`.
+4. Memory: edge RSS with 1,000 devices connected publishing 10,000 events/s.
+
+Usage: python3 benches/ingest.py [--duration 20] [--devices 8] [--qos 1]
+Writes a JSON summary to stdout and progress to stderr.
+"""
+import argparse, json, os, re, shutil, signal, subprocess, sys, tempfile, time, urllib.request
+
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/millrace-target"))
+BIN = os.path.join(TARGET, "release")
+EDGE, SIM = os.path.join(BIN, "millrace-edge"), os.path.join(BIN, "millrace-sim")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+class Edge:
+    def __init__(self, work, name, ingest=True, sync=True):
+        self.dir = os.path.join(work, name)
+        os.makedirs(self.dir)
+        self.mqtt, self.http = free_port(), free_port()
+        cfg = os.path.join(self.dir, "edge.toml")
+        with open(cfg, "w") as f:
+            f.write(f'data_dir = "{self.dir}/data"\n[mqtt]\nlisten = "127.0.0.1:{self.mqtt}"\nallow_anonymous = true\n'
+                    f'[http]\nlisten = "127.0.0.1:{self.http}"\n[ingest]\nenabled = {str(ingest).lower()}\n'
+                    f'[store]\nsync_writes = {str(sync).lower()}\n[store.retention]\ntelemetry = "0s"\nevents = "0s"\n')
+        self.cfg = cfg
+        self.proc = subprocess.Popen([EDGE, "--config", cfg], stderr=open(os.path.join(self.dir, "edge.log"), "w"),
+                                     env={**os.environ, "RUST_LOG": "warn"})
+        for _ in range(200):
+            try:
+                get(f"http://127.0.0.1:{self.http}/health")
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("edge did not start")
+
+    def status(self):
+        return json.loads(get(f"http://127.0.0.1:{self.http}/api/v1/status"))
+
+    def stored(self):
+        return self.status()["ingest"]["events"]
+
+    def metrics(self):
+        return get(f"http://127.0.0.1:{self.http}/metrics")
+
+    def rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            s = f.read()
+        return int(re.search(r"VmRSS:\s+(\d+)", s).group(1)), int(re.search(r"VmHWM:\s+(\d+)", s).group(1))
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def load(port, devices, rate, duration, qos, report):
+    subprocess.run([SIM, "load", "--broker", f"mqtt://127.0.0.1:{port}", "--devices", str(devices), "--rate", str(rate),
+                    "--duration", f"{duration}s", "--qos", str(qos), "--report", report],
+                   check=True, env={**os.environ, "RUST_LOG": "warn"}, stderr=subprocess.DEVNULL)
+    with open(report) as f:
+        return json.load(f)
+
+
+def p99_from_histogram(text, name):
+    buckets = []
+    count = None
+    for line in text.splitlines():
+        m = re.match(rf'{name}_bucket{{le="([^"]+)"}} (\S+)', line)
+        if m:
+            buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+        m = re.match(rf"{name}_count (\S+)", line)
+        if m:
+            count = float(m.group(1))
+    if not count:
+        return None, 0
+    for le, c in sorted(buckets):
+        if c >= 0.99 * count:
+            return le, int(count)
+    return None, int(count)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=20)
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--qos", type=int, default=1)
+    ap.add_argument("--skip-size", action="store_true")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="millrace-bench-")
+    out = {"machine": f"{os.cpu_count()} cores", "devices": a.devices, "qos": a.qos, "duration_s": a.duration}
+
+    # 1a. bare embedded broker
+    log("bare embedded broker …")
+    e = Edge(work, "bare", ingest=False)
+    r = load(e.mqtt, a.devices, 0, a.duration, a.qos, os.path.join(work, "bare.json"))
+    e.stop()
+    out["bare_broker_events_per_s"] = r["rate_per_s"]
+
+    # 1b. Mosquitto
+    log("mosquitto …")
+    port = free_port()
+    conf = os.path.join(work, "mosquitto.conf")
+    with open(conf, "w") as f:
+        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    mq = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", conf], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    r = load(port, a.devices, 0, a.duration, a.qos, os.path.join(work, "mosquitto.json"))
+    mq.terminate(); mq.wait()
+    out["mosquitto_events_per_s"] = r["rate_per_s"]
+
+    # 1c. full edge: acknowledged rate and durable (stored) rate
+    log("edge with ingest …")
+    e = Edge(work, "edge")
+    r = load(e.mqtt, a.devices, 0, a.duration, a.qos, os.path.join(work, "edge.json"))
+    t_exit = time.monotonic()
+    while e.stored() < r["published"]:
+        time.sleep(0.01)
+    drain = time.monotonic() - t_exit
+    # Stored rate: everything published, over the publishing time plus the time until the last
+    # event was durable in RocksDB.
+    out["edge_acked_events_per_s"] = r["rate_per_s"]
+    out["edge_drain_after_load_s"] = drain
+    out["edge_stored_events_per_s"] = r["published"] / (r["elapsed_s"] + drain)
+    out["edge_vs_bare_broker"] = out["edge_stored_events_per_s"] / out["bare_broker_events_per_s"]
+    e.stop()
+
+    # 2. latency at half the edge's maximum
+    half = int(out["edge_stored_events_per_s"] / 2)
+    log(f"latency at {half} events/s …")
+    e = Edge(work, "latency")
+    load(e.mqtt, a.devices, half, a.duration, a.qos, os.path.join(work, "latency.json"))
+    time.sleep(0.5)
+    p99, n = p99_from_histogram(e.metrics(), "millrace_edge_ingest_latency_seconds")
+    out["latency_rate_events_per_s"] = half
+    out["latency_p99_le_s"] = p99
+    out["latency_samples"] = n
+    e.stop()
+
+    # 4. RSS with 1,000 devices at 10,000 events/s
+    log("1,000 devices at 10,000 events/s …")
+    e = Edge(work, "rss")
+    load(e.mqtt, 1000, 10000, a.duration, a.qos, os.path.join(work, "rss.json"))
+    out["rss_1000_devices_kib"], out["rss_peak_1000_devices_kib"] = e.rss_kib()
+    e.stop()
+
+    # 3. bytes per point on simulator telemetry
+    if not a.skip_size:
+        log("a simulated day at 1 s telemetry …")
+        e = Edge(work, "size", sync=False)
+        rep = os.path.join(work, "day.json")
+        subprocess.run([SIM, "run", "--broker", f"mqtt://127.0.0.1:{e.mqtt}", "--speed", "0", "--quiet", "--seed", "1",
+                        "--start", "2026-01-05T00:00:00Z", "--duration", "1day", "--telemetry-interval", "1s",
+                        "--report", rep], check=True, env={**os.environ, "RUST_LOG": "warn"}, stderr=subprocess.DEVNULL)
+        sent = json.load(open(rep))["messages"]
+        while e.stored() < sent:
+            time.sleep(0.1)
+        e.stop()
+        stats = json.loads(subprocess.run([EDGE, "--config", e.cfg, "store-stats", "--compact"], check=True,
+                                          capture_output=True, env={**os.environ, "RUST_LOG": "warn"}).stdout)
+        out["size"] = stats
+    print(json.dumps(out, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
