@@ -1,10 +1,19 @@
-//! The embedded MQTT broker (rumqttd) and the single device port.
+//! The embedded MQTT broker (rumqttd) and the device listeners in front of it.
 //!
 //! rumqttd serves one protocol version per listener, while devices expect one port (1883) for
-//! MQTT 3.1.1 and 5, as Mosquitto offers. The front listener reads each connection's CONNECT
-//! fixed header and protocol level, then splices the connection to rumqttd's v4 or v5 listener
-//! on loopback. rumqttd's own listeners bind their addresses themselves (its API takes no bound
-//! socket), so the internal ones get a port the OS just handed out on 127.0.0.1.
+//! MQTT 3.1.1 and 5, as Mosquitto offers. Every device listener (the device port, the optional
+//! per-version ports and TLS) is Millrace's own: it reads each connection's CONNECT protocol
+//! level and splices the connection to rumqttd's v4 or v5 listener on loopback. rumqttd's
+//! listeners bind their addresses themselves (its API takes no bound socket), so they get a port
+//! the OS just handed out on 127.0.0.1.
+//!
+//! **Ingest at the door.** On the way in, the splice finds PUBLISH packets in the byte stream
+//! ([`frames`]), hands them to ingest, and forwards those bytes to rumqttd only once ingest has
+//! written them to RocksDB. So a device's QoS 1 and 2 acknowledgements come after its events are
+//! durable, and when ingest is slower than the devices, the devices are slowed (TCP
+//! backpressure) instead of rumqttd's in-memory log overflowing. rumqttd hands an in-process
+//! subscriber at most 200 messages per router round (about 90,000 a second here) and silently
+//! skips what its log no longer holds, so subscribing inside the broker lost data under load.
 //!
 //! rumqttd's router runs on its own thread and has no stop API; its listeners run as tasks on
 //! our runtime and stop with it.
@@ -18,15 +27,16 @@ use std::time::Duration;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{
-    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, TlsConfig,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::MqttConfig;
+use crate::ingest::{IngestChunk, IngestTx};
+
+pub mod frames;
 
 /// Errors of the broker.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +52,9 @@ pub enum BrokerError {
     /// The in-process link to the router failed.
     #[error("broker link: {0}")]
     Link(#[from] LinkError),
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Makes in-process links to rumqttd's router (whose sender type rumqttd does not export).
@@ -118,11 +131,18 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Starts the router, rumqttd's listeners and the device port. Tasks are tracked by
     /// `tasks` and stop when `stop` is cancelled.
+    /// With `ingest`, every PUBLISH is written to the store before rumqttd sees it.
     pub async fn start(
         cfg: &MqttConfig,
+        ingest: Option<IngestTx>,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, BrokerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BrokerError::Bind { addr, source })
+        };
         let router_cfg = RouterConfig {
             max_connections: cfg.max_connections + 16,
             max_outgoing_packet_count: 200,
@@ -168,34 +188,18 @@ impl Broker {
                 );
             }
         }
-        let settings = |name: &str, listen: SocketAddr, tls: Option<TlsConfig>| ServerSettings {
+        let settings = |name: &str, listen: SocketAddr| ServerSettings {
             name: name.to_owned(),
             listen,
-            tls,
+            tls: None,
             next_connection_delay_ms: 0,
             connections: connections.clone(),
         };
-        let v4_addr = cfg.v4_listen.unwrap_or_else(loopback_port);
-        let v5_addr = cfg.v5_listen.unwrap_or_else(loopback_port);
-        let mut servers: Vec<(ServerSettings, bool, LinkType)> = vec![
-            (settings("v4", v4_addr, None), false, LinkType::Remote),
-            (settings("v5", v5_addr, None), true, LinkType::Remote),
+        let (v4_addr, v5_addr) = (loopback_port(), loopback_port());
+        let servers: Vec<(ServerSettings, bool, LinkType)> = vec![
+            (settings("v4", v4_addr), false, LinkType::Remote),
+            (settings("v5", v5_addr), true, LinkType::Remote),
         ];
-        if let Some(ws) = cfg.ws_listen {
-            servers.push((settings("ws", ws, None), false, LinkType::Websocket));
-        }
-        if let Some(tls) = &cfg.tls {
-            let t = TlsConfig::Rustls {
-                capath: None,
-                certpath: tls.cert.display().to_string(),
-                keypath: tls.key.display().to_string(),
-            };
-            servers.push((
-                settings("tls", tls.listen, Some(t)),
-                tls.protocol == "v5",
-                LinkType::Remote,
-            ));
-        }
         for (s, v5, link) in servers {
             let (name, stop) = (s.name.clone(), stop.clone());
             let router_tx = router_tx.clone();
@@ -228,50 +232,38 @@ impl Broker {
             }
         }
 
-        let front = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| BrokerError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
+        let connections = Arc::new(AtomicI64::new(0));
+        let door = Arc::new(Door {
+            v4: v4_addr,
+            v5: v5_addr,
+            ingest,
+            connections: connections.clone(),
+            max: cfg.max_connections as i64,
+        });
+        let front = bind(cfg.listen).await?;
         let addr = front.local_addr().map_err(|source| BrokerError::Bind {
             addr: cfg.listen,
             source,
         })?;
-        let connections = Arc::new(AtomicI64::new(0));
-        let count = connections.clone();
-        let max = cfg.max_connections as i64;
-        let inner = tasks.clone();
-        tasks.spawn(async move {
-            loop {
-                let (sock, peer) = tokio::select! {
-                    a = front.accept() => match a {
-                        Ok(a) => a,
-                        Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
-                    },
-                    _ = stop.cancelled() => return,
-                };
-                if count.load(Ordering::Relaxed) >= max {
-                    metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "max_connections").increment(1);
-                    tracing::warn!(%peer, max, "device refused: too many connections");
-                    continue;
-                }
-                let (count, stop) = (count.clone(), stop.clone());
-                inner.spawn(async move {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    metrics::gauge!("millrace_edge_mqtt_connections").increment(1.0);
-                    tokio::select! {
-                        r = splice(sock, v4_addr, v5_addr) => if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "device connection ended");
-                        },
-                        _ = stop.cancelled() => {}
-                    }
-                    count.fetch_sub(1, Ordering::Relaxed);
-                    metrics::gauge!("millrace_edge_mqtt_connections").decrement(1.0);
-                });
+        door.clone().serve(front, None, None, tasks, stop.clone());
+        for (listen, level) in [(cfg.v4_listen, 4u8), (cfg.v5_listen, 5u8)] {
+            if let Some(listen) = listen {
+                door.clone()
+                    .serve(bind(listen).await?, Some(level), None, tasks, stop.clone());
             }
-        });
-        tracing::info!(%addr, %v4_addr, %v5_addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
+        }
+        if let Some(tls) = &cfg.tls {
+            let acceptor = tls_acceptor(&tls.cert, &tls.key)?;
+            let only = if tls.protocol == "v5" { 5 } else { 4 };
+            door.clone().serve(
+                bind(tls.listen).await?,
+                Some(only),
+                Some(acceptor),
+                tasks,
+                stop.clone(),
+            );
+        }
+        tracing::info!(%addr, rumqttd_v4 = %v4_addr, rumqttd_v5 = %v5_addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
         let links: LinkFactory = Arc::new(move |client_id: &str| {
             let (tx, rx, _) = LinkBuilder::new(client_id, router_tx.clone())
                 .dynamic_filters(true)
@@ -324,36 +316,190 @@ enum SpliceError {
     Level(u8),
     #[error("no CONNECT within 10 s")]
     Timeout,
+    #[error("ingest stopped")]
+    Stopped,
 }
 
-/// Reads enough of the CONNECT to know the protocol level, then splices to rumqttd.
-async fn splice(mut sock: TcpStream, v4: SocketAddr, v5: SocketAddr) -> Result<(), SpliceError> {
-    sock.set_nodelay(true)?;
-    let mut head = Vec::with_capacity(64);
-    let level = tokio::time::timeout(Duration::from_secs(10), read_level(&mut sock, &mut head))
-        .await
-        .map_err(|_| SpliceError::Timeout)??;
-    let target = match level {
-        5 => v5,
-        3 | 4 => v4,
-        other => {
-            metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "protocol")
-                .increment(1);
-            return Err(SpliceError::Level(other));
-        }
+/// The device listeners' shared state.
+struct Door {
+    v4: SocketAddr,
+    v5: SocketAddr,
+    ingest: Option<IngestTx>,
+    connections: Arc<AtomicI64>,
+    max: i64,
+}
+
+impl Door {
+    /// Accepts devices on `listener`; `only` restricts the protocol level (4 or 5).
+    fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        only: Option<u8>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) {
+        let inner = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let (sock, peer) = tokio::select! {
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                    },
+                    _ = stop.cancelled() => return,
+                };
+                if self.connections.load(Ordering::Relaxed) >= self.max {
+                    metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "max_connections").increment(1);
+                    tracing::warn!(%peer, max = self.max, "device refused: too many connections");
+                    continue;
+                }
+                let (door, stop, tls) = (self.clone(), stop.clone(), tls.clone());
+                inner.spawn(async move {
+                    door.connections.fetch_add(1, Ordering::Relaxed);
+                    metrics::gauge!("millrace_edge_mqtt_connections").increment(1.0);
+                    let run = async {
+                        let _ = sock.set_nodelay(true);
+                        match tls {
+                            Some(acceptor) => {
+                                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                                    Ok(Ok(s)) => door.splice(s, only).await,
+                                    Ok(Err(e)) => Err(SpliceError::Io(e)),
+                                    Err(_) => Err(SpliceError::Timeout),
+                                }
+                            }
+                            None => door.splice(sock, only).await,
+                        }
+                    };
+                    tokio::select! {
+                        r = run => if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "device connection ended");
+                        },
+                        _ = stop.cancelled() => {}
+                    }
+                    door.connections.fetch_sub(1, Ordering::Relaxed);
+                    metrics::gauge!("millrace_edge_mqtt_connections").decrement(1.0);
+                });
+            }
+        });
+    }
+
+    /// Reads enough of the CONNECT to know the protocol level, then splices to rumqttd, handing
+    /// every PUBLISH to ingest and forwarding it once it is stored.
+    async fn splice<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut sock: S,
+        only: Option<u8>,
+    ) -> Result<(), SpliceError> {
+        let mut head = Vec::with_capacity(64);
+        let level = tokio::time::timeout(Duration::from_secs(10), read_level(&mut sock, &mut head))
+            .await
+            .map_err(|_| SpliceError::Timeout)??;
+        let target = match (level, only) {
+            (5, None | Some(5)) => self.v5,
+            (3 | 4, None | Some(4)) => self.v4,
+            (other, _) => {
+                metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "protocol")
+                    .increment(1);
+                return Err(SpliceError::Level(other));
+            }
+        };
+        let mut upstream = TcpStream::connect(target).await?;
+        upstream.set_nodelay(true)?;
+        let Some(ingest) = &self.ingest else {
+            upstream.write_all(&head).await?;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut sock,
+                &mut upstream,
+                64 * 1024,
+                64 * 1024,
+            )
+            .await?;
+            return Ok(());
+        };
+        let (mut dev_r, mut dev_w) = tokio::io::split(sock);
+        let (mut up_r, mut up_w) = upstream.into_split();
+        let down = async {
+            tokio::io::copy(&mut up_r, &mut dev_w).await?;
+            dev_w.shutdown().await?;
+            Ok::<(), SpliceError>(())
+        };
+        let up = async {
+            let mut scanner = frames::Scanner::new(level == 5);
+            let mut publishes = vec![];
+            let mut framed = scanner.push(&head, &mut publishes).is_ok();
+            up_w.write_all(&head).await?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = dev_r.read(&mut buf).await?;
+                if n == 0 {
+                    up_w.shutdown().await?;
+                    return Ok(());
+                }
+                if framed {
+                    if let Err(e) = scanner.push(&buf[..n], &mut publishes) {
+                        // rumqttd receives the same bytes and closes the connection.
+                        tracing::warn!(error = %e, "device sent a malformed MQTT stream");
+                        framed = false;
+                    }
+                }
+                if !publishes.is_empty() {
+                    let (done, stored) = tokio::sync::oneshot::channel();
+                    let chunk = IngestChunk {
+                        publishes: std::mem::take(&mut publishes),
+                        done,
+                    };
+                    ingest
+                        .send_async(chunk)
+                        .await
+                        .map_err(|_| SpliceError::Stopped)?;
+                    // Forward (and so let rumqttd acknowledge) only what is durable.
+                    stored.await.map_err(|_| SpliceError::Stopped)?;
+                }
+                up_w.write_all(&buf[..n]).await?;
+            }
+        };
+        tokio::select! { r = down => r, r = up => r }
+    }
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, BrokerError> {
+    use tokio_rustls::rustls;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| BrokerError::Tls(format!("{}: {e}", p.display())))
     };
-    let mut upstream = TcpStream::connect(target).await?;
-    upstream.set_nodelay(true)?;
-    upstream.write_all(&head).await?;
-    tokio::io::copy_bidirectional_with_sizes(&mut sock, &mut upstream, 64 * 1024, 64 * 1024)
-        .await?;
-    Ok(())
+    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(BrokerError::Tls(format!(
+            "{} holds no PEM certificate",
+            cert.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| BrokerError::Tls(format!("{} holds no PEM private key", key.display())))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| BrokerError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// CONNECT: fixed header 0x10, remaining length (1–4 bytes), protocol name (2-byte length +
 /// "MQTT" or "MQIsdp"), protocol level.
-async fn read_level(sock: &mut TcpStream, head: &mut Vec<u8>) -> Result<u8, SpliceError> {
-    async fn byte(sock: &mut TcpStream, head: &mut Vec<u8>) -> Result<u8, SpliceError> {
+async fn read_level<S: AsyncRead + Unpin>(
+    sock: &mut S,
+    head: &mut Vec<u8>,
+) -> Result<u8, SpliceError> {
+    async fn byte<S: AsyncRead + Unpin>(
+        sock: &mut S,
+        head: &mut Vec<u8>,
+    ) -> Result<u8, SpliceError> {
         let b = sock.read_u8().await?;
         head.push(b);
         Ok(b)

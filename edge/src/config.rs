@@ -66,7 +66,7 @@ pub struct MqttConfig {
     pub v4_listen: Option<SocketAddr>,
     /// Also serve MQTT 5 directly on this address.
     pub v5_listen: Option<SocketAddr>,
-    /// Serve MQTT 3.1.1 over WebSocket on this address.
+    /// MQTT over WebSocket: not supported yet; setting it is refused with an explanation.
     pub ws_listen: Option<SocketAddr>,
     /// A TLS listener.
     pub tls: Option<TlsListener>,
@@ -344,6 +344,12 @@ impl EdgeConfig {
         }
         if self.http.api_keys.iter().any(|k| k.len() < 16) {
             return invalid("http.api_keys", "keys must be at least 16 characters");
+        }
+        if self.mqtt.ws_listen.is_some() {
+            return invalid(
+                "mqtt.ws_listen",
+                "MQTT over WebSocket is not supported yet (its traffic would bypass durable ingest); use the device port or TLS",
+            );
         }
         if self.ingest.max_batch == 0 {
             return invalid("ingest.max_batch", "must be at least 1");

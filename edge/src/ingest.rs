@@ -1,17 +1,19 @@
-//! The ingest pipeline: an in-process rumqttd link (no TCP hop) subscribed to every topic,
-//! decoding with the shared model and writing batches to the store on a dedicated thread.
+//! The ingest pipeline: takes the PUBLISH packets the device listeners find in each
+//! connection's byte stream (see [`crate::broker`]), decodes them with the shared model and
+//! writes them in batches to the store on a dedicated thread, then tells each connection its
+//! packets are durable so the broker may acknowledge them.
 //!
-//! - Batching: after each wake-up the thread drains everything the router has delivered (up to
-//!   `max_batch` events) and writes it in one RocksDB batch; under load batches grow, at low
-//!   rates each message is written at once.
+//! - Batching: the thread takes every chunk waiting (up to `max_batch` events) and writes them
+//!   in one RocksDB batch (one fsync with `store.sync_writes`): under load batches grow, at low
+//!   rates each chunk is written at once.
 //! - Bad messages (not JSON, wrong fields, unknown topic, oversized, newer schema) become dead
 //!   letters with the reason, are counted, logged (rate-limited) and never stop ingest.
 //! - Duplicates (same machine and sequence number) seen within a window of recent sequence
 //!   numbers are counted and dropped; older ones are stored once anyway because store keys
 //!   contain the event's identity.
 //! - Topics under `millrace/` are the edge's own outputs and are not ingested.
-//! - rumqttd stops delivering to a link after ~200 undelivered messages and sends
-//!   `Notification::Unschedule`; the thread answers with `ready()` so delivery resumes.
+//! - The channel from the listeners is bounded, and each connection waits for its chunk to be
+//!   stored: a slow disk slows devices down instead of losing their data.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,11 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use millrace_shared::{Event, MachineId};
-use rumqttd::Notification;
-use rumqttd::local::LinkError;
 use serde::Serialize;
 
-use crate::broker::{Broker, BrokerError};
+use crate::broker::frames::Publish;
 use crate::config::IngestConfig;
 use crate::store::{DeadLetter, Store};
 
@@ -34,16 +34,25 @@ pub const OWN_TOPIC_PREFIX: &str = "millrace/";
 /// Errors starting ingest.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The in-process link could not be made.
-    #[error("ingest link: {0}")]
-    Broker(#[from] BrokerError),
-    /// Subscribing failed.
-    #[error("ingest subscription: {0}")]
-    Link(#[from] LinkError),
     /// The ingest thread could not start.
     #[error("ingest thread: {0}")]
     Thread(#[from] std::io::Error),
 }
+
+/// PUBLISH packets from one read of one device connection; `done` fires once they are stored.
+#[derive(Debug)]
+pub struct IngestChunk {
+    /// The packets, in the order the device sent them.
+    pub publishes: Vec<Publish>,
+    /// Fired after the batch holding them was written.
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Where the device listeners send what they find.
+pub type IngestTx = flume::Sender<IngestChunk>;
+
+/// Chunks waiting for the ingest thread at most (each is at most one 64 KiB read).
+const CHANNEL_CHUNKS: usize = 256;
 
 /// Counters of the pipeline since start.
 #[derive(Debug, Default, Serialize)]
@@ -126,19 +135,15 @@ impl DedupWindow {
 pub struct Ingest {
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    tx: IngestTx,
     /// Counters since start.
     pub stats: Arc<IngestStats>,
 }
 
 impl Ingest {
-    /// Connects to the broker and starts the ingest thread. Blocks until subscribed.
-    pub fn start(
-        broker: &Broker,
-        store: Arc<Store>,
-        cfg: IngestConfig,
-    ) -> Result<Self, IngestError> {
-        let (mut tx, rx) = broker.local_link("millrace-ingest")?;
-        tx.subscribe("#")?;
+    /// Starts the ingest thread.
+    pub fn start(store: Arc<Store>, cfg: IngestConfig) -> Result<Self, IngestError> {
+        let (tx, rx) = flume::bounded(CHANNEL_CHUNKS);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(IngestStats::default());
         let thread = std::thread::Builder::new()
@@ -146,8 +151,6 @@ impl Ingest {
             .spawn({
                 let (stop, stats) = (stop.clone(), stats.clone());
                 move || {
-                    // The link's sender must live as long as the subscription.
-                    let _tx = tx;
                     Pipeline {
                         store,
                         cfg,
@@ -155,6 +158,7 @@ impl Ingest {
                         dedup: HashMap::new(),
                         events: vec![],
                         dead: vec![],
+                        done: vec![],
                         warned: WarnLimiter::default(),
                     }
                     .run(rx, &stop);
@@ -163,11 +167,18 @@ impl Ingest {
         Ok(Self {
             thread: Some(thread),
             stop,
+            tx,
             stats,
         })
     }
 
-    /// Stops after writing what was received. Blocks: call off the async runtime.
+    /// The sender the device listeners use.
+    pub fn sender(&self) -> IngestTx {
+        self.tx.clone()
+    }
+
+    /// Stops after writing every chunk already taken. Chunks not taken are not acknowledged,
+    /// so their devices send them again. Blocks: call off the async runtime.
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -211,35 +222,27 @@ struct Pipeline {
     dedup: HashMap<MachineId, DedupWindow>,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
+    done: Vec<tokio::sync::oneshot::Sender<()>>,
     warned: WarnLimiter,
 }
 
 impl Pipeline {
-    fn run(mut self, mut rx: rumqttd::local::LinkRx, stop: &AtomicBool) {
+    fn run(mut self, rx: flume::Receiver<IngestChunk>, stop: &AtomicBool) {
         loop {
-            let stopping = stop.load(Ordering::Relaxed);
-            let wait = if stopping {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(50)
-            };
-            match rx.recv_deadline(Instant::now() + wait) {
-                Ok(Some(n)) => self.handle(n, &rx),
-                Ok(None) => {}
-                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {
-                    if stopping {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(chunk) => self.take(chunk),
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "ingest link closed");
-                    break;
-                }
+                Err(flume::RecvTimeoutError::Disconnected) => break,
             }
             while self.events.len() + self.dead.len() < self.cfg.max_batch {
-                match rx.recv_deadline(Instant::now()) {
-                    Ok(Some(n)) => self.handle(n, &rx),
-                    _ => break,
+                match rx.try_recv() {
+                    Ok(chunk) => self.take(chunk),
+                    Err(_) => break,
                 }
             }
             self.write(stop);
@@ -248,27 +251,26 @@ impl Pipeline {
         tracing::info!("ingest stopped");
     }
 
-    fn handle(&mut self, n: Notification, rx: &rumqttd::local::LinkRx) {
-        let f = match n {
-            Notification::Forward(f) => f,
-            Notification::Unschedule => {
-                // Ask the router to resume delivery.
-                let _ = rx.ready();
-                return;
-            }
-            _ => return,
-        };
+    fn take(&mut self, chunk: IngestChunk) {
+        for p in &chunk.publishes {
+            self.handle(p);
+        }
+        self.done.push(chunk.done);
+    }
+
+    fn handle(&mut self, p: &Publish) {
         let now = chrono::Utc::now().timestamp_millis();
-        let payload = &f.publish.payload;
+        let payload = &p.payload;
         self.stats
             .bytes
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        let topic = match std::str::from_utf8(&f.publish.topic) {
+        let topic = match std::str::from_utf8(&p.topic) {
             Ok(t) => t,
             Err(_) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 self.refuse(DeadLetter::new(
                     now,
-                    &String::from_utf8_lossy(&f.publish.topic),
+                    &topic,
                     payload,
                     "bad_topic",
                     "topic is not UTF-8".into(),
@@ -276,7 +278,7 @@ impl Pipeline {
                 return;
             }
         };
-        if topic.starts_with(OWN_TOPIC_PREFIX) {
+        if topic.starts_with(OWN_TOPIC_PREFIX) || topic.starts_with('$') {
             return;
         }
         match Event::decode(topic, payload) {
@@ -316,6 +318,10 @@ impl Pipeline {
 
     fn write(&mut self, stop: &AtomicBool) {
         if self.events.is_empty() && self.dead.is_empty() {
+            // Chunks with nothing to store (the edge's own topics, duplicates) are done too.
+            self.done.drain(..).for_each(|d| {
+                let _ = d.send(());
+            });
             return;
         }
         let started = Instant::now();
@@ -339,12 +345,17 @@ impl Pipeline {
                         .dead_letters
                         .fetch_add(s.dead_letters, Ordering::Relaxed);
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.done.drain(..).for_each(|d| {
+                        let _ = d.send(());
+                    });
                     break;
                 }
                 Err(e) => {
                     metrics::counter!("millrace_edge_ingest_write_errors_total").increment(1);
                     if stop.load(Ordering::Relaxed) && backoff > Duration::from_secs(1) {
-                        tracing::error!(error = %e, lost_events = self.events.len(), lost_dead_letters = self.dead.len(), "store write failed during shutdown");
+                        // Not acknowledged to the devices, so they will send these again.
+                        tracing::error!(error = %e, events = self.events.len(), "store write failed during shutdown; devices were not acknowledged");
+                        self.done.clear();
                         break;
                     }
                     tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, events = self.events.len(), "store write failed; retrying");

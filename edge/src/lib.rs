@@ -112,16 +112,23 @@ impl Edge {
         let opts = cfg.store.options();
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??);
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-        let broker = Arc::new(Broker::start(&cfg.mqtt, &tasks, stop.clone()).await?);
         let ingest = if cfg.ingest.enabled {
-            let (broker, store, icfg) = (broker.clone(), store.clone(), cfg.ingest.clone());
-            Some(tokio::task::spawn_blocking(move || Ingest::start(&broker, store, icfg)).await??)
+            Some(Ingest::start(store.clone(), cfg.ingest.clone())?)
         } else {
             tracing::warn!(
                 "ingest is disabled (ingest.enabled = false): nothing devices send is stored"
             );
             None
         };
+        let broker = Arc::new(
+            Broker::start(
+                &cfg.mqtt,
+                ingest.as_ref().map(Ingest::sender),
+                &tasks,
+                stop.clone(),
+            )
+            .await?,
+        );
 
         // Maintenance: seal full windows into compressed blocks, apply retention, report size.
         tasks.spawn({
