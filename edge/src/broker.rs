@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -49,20 +48,13 @@ pub enum BrokerError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The in-process link to the router failed.
-    #[error("broker link: {0}")]
-    Link(#[from] LinkError),
     /// The TLS certificate or key could not be used.
     #[error("TLS: {0}")]
     Tls(String),
 }
 
-/// Makes in-process links to rumqttd's router (whose sender type rumqttd does not export).
-type LinkFactory = Arc<dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync>;
-
 /// The running broker.
 pub struct Broker {
-    links: LinkFactory,
     /// The device port (3.1.1 and 5).
     pub addr: SocketAddr,
     /// rumqttd's MQTT 3.1.1 listener.
@@ -264,14 +256,7 @@ impl Broker {
             );
         }
         tracing::info!(%addr, rumqttd_v4 = %v4_addr, rumqttd_v5 = %v5_addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
-        let links: LinkFactory = Arc::new(move |client_id: &str| {
-            let (tx, rx, _) = LinkBuilder::new(client_id, router_tx.clone())
-                .dynamic_filters(true)
-                .build()?;
-            Ok((tx, rx))
-        });
         Ok(Self {
-            links,
             addr,
             v4_addr,
             v5_addr,
@@ -282,12 +267,6 @@ impl Broker {
     /// Devices connected through the device port now.
     pub fn connections(&self) -> i64 {
         self.connections.load(Ordering::Relaxed)
-    }
-
-    /// Connects an in-process client (no TCP hop). Blocks until the router answers: call it
-    /// off the async runtime.
-    pub fn local_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
-        Ok((self.links)(client_id)?)
     }
 }
 
@@ -318,6 +297,8 @@ enum SpliceError {
     Timeout,
     #[error("ingest stopped")]
     Stopped,
+    #[error("login refused")]
+    Refused,
 }
 
 /// The device listeners' shared state.
@@ -419,7 +400,19 @@ impl Door {
         };
         let (mut dev_r, mut dev_w) = tokio::io::split(sock);
         let (mut up_r, mut up_w) = upstream.into_split();
+        // Nothing a connection publishes is ingested before rumqttd has accepted its login:
+        // the way back reports whether the CONNACK said yes.
+        let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel::<bool>();
         let down = async {
+            let mut connack = Vec::with_capacity(8);
+            let accepted = read_connack(&mut up_r, &mut connack).await;
+            let _ = accepted_tx.send(accepted.as_ref().is_ok_and(|ok| *ok));
+            let ok = accepted?;
+            dev_w.write_all(&connack).await?;
+            if !ok {
+                dev_w.shutdown().await?;
+                return Err(SpliceError::Refused);
+            }
             tokio::io::copy(&mut up_r, &mut dev_w).await?;
             dev_w.shutdown().await?;
             Ok::<(), SpliceError>(())
@@ -429,6 +422,8 @@ impl Door {
             let mut publishes = vec![];
             let mut framed = scanner.push(&head, &mut publishes).is_ok();
             up_w.write_all(&head).await?;
+            let (mut fed, mut accepted) = (head.len() as u64, None);
+            let mut accepted_rx = Some(accepted_rx);
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = dev_r.read(&mut buf).await?;
@@ -436,19 +431,47 @@ impl Door {
                     up_w.shutdown().await?;
                     return Ok(());
                 }
-                if framed {
-                    if let Err(e) = scanner.push(&buf[..n], &mut publishes) {
-                        // rumqttd receives the same bytes and closes the connection.
-                        tracing::warn!(error = %e, "device sent a malformed MQTT stream");
-                        framed = false;
+                let start = fed;
+                fed += n as u64;
+                if framed && let Err(e) = scanner.push(&buf[..n], &mut publishes) {
+                    // rumqttd receives the same bytes and closes the connection.
+                    tracing::warn!(error = %e, "device sent a malformed MQTT stream");
+                    framed = false;
+                }
+                let mut rest = &buf[..n];
+                if accepted.is_none() {
+                    match scanner.connect_end() {
+                        Some(end) if framed => {
+                            // Forward the rest of the CONNECT, then wait for rumqttd's verdict.
+                            let cut = (end.saturating_sub(start) as usize).min(n);
+                            up_w.write_all(&rest[..cut]).await?;
+                            rest = &rest[cut..];
+                            let rx = accepted_rx.take().expect("awaited once");
+                            let ok = tokio::time::timeout(Duration::from_secs(30), rx)
+                                .await
+                                .is_ok_and(|r| r.unwrap_or(false));
+                            if !ok {
+                                return Err(SpliceError::Refused);
+                            }
+                            accepted = Some(true);
+                        }
+                        _ => {
+                            // Still inside the CONNECT (or not MQTT): nothing to ingest yet.
+                            publishes.clear();
+                            up_w.write_all(rest).await?;
+                            continue;
+                        }
                     }
                 }
                 if !publishes.is_empty() {
                     let (done, stored) = tokio::sync::oneshot::channel();
-                    let chunk = IngestChunk {
-                        publishes: std::mem::take(&mut publishes),
-                        done,
-                    };
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let bytes = publishes.iter().map(|p| p.payload.len() as u64).sum();
+                    let items = publishes
+                        .drain(..)
+                        .map(|p| crate::ingest::decode(&p, now))
+                        .collect();
+                    let chunk = IngestChunk { items, bytes, done };
                     ingest
                         .send_async(chunk)
                         .await
@@ -456,7 +479,7 @@ impl Door {
                     // Forward (and so let rumqttd acknowledge) only what is durable.
                     stored.await.map_err(|_| SpliceError::Stopped)?;
                 }
-                up_w.write_all(&buf[..n]).await?;
+                up_w.write_all(rest).await?;
             }
         };
         tokio::select! { r = down => r, r = up => r }
@@ -488,6 +511,29 @@ fn tls_acceptor(
         .with_single_cert(certs, key)
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Reads rumqttd's first packet into `out` and tells whether it is a CONNACK that accepts the
+/// login (return code / reason code 0, both in MQTT 3.1.1 and 5).
+async fn read_connack<R: AsyncRead + Unpin>(
+    r: &mut R,
+    out: &mut Vec<u8>,
+) -> Result<bool, SpliceError> {
+    let first = r.read_u8().await?;
+    out.push(first);
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = r.read_u8().await?;
+        out.push(b);
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let start = out.len();
+    out.resize(start + len, 0);
+    r.read_exact(&mut out[start..]).await?;
+    Ok(first == 0x20 && len >= 2 && out[start + 1] == 0)
 }
 
 /// CONNECT: fixed header 0x10, remaining length (1–4 bytes), protocol name (2-byte length +

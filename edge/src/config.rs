@@ -365,6 +365,8 @@ impl EdgeConfig {
 }
 
 #[cfg(test)]
+// figment's test jail returns its own large error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

@@ -1,7 +1,7 @@
 //! The ingest pipeline: takes the PUBLISH packets the device listeners find in each
-//! connection's byte stream (see [`crate::broker`]), decodes them with the shared model and
-//! writes them in batches to the store on a dedicated thread, then tells each connection its
-//! packets are durable so the broker may acknowledge them.
+//! connection's byte stream (see [`crate::broker`]), decoded with the shared model on the
+//! connection's task, and writes them in batches to the store on a dedicated thread, then tells
+//! each connection its packets are durable so the broker may acknowledge them.
 //!
 //! - Batching: the thread takes every chunk waiting (up to `max_batch` events) and writes them
 //!   in one RocksDB batch (one fsync with `store.sync_writes`): under load batches grow, at low
@@ -39,11 +39,55 @@ pub enum IngestError {
     Thread(#[from] std::io::Error),
 }
 
-/// PUBLISH packets from one read of one device connection; `done` fires once they are stored.
+/// One PUBLISH, decoded where it was read (on the connection's task, so that decoding runs in
+/// parallel with the ingest thread's writes).
+#[derive(Debug)]
+pub enum Decoded {
+    /// A valid event.
+    Event(Event),
+    /// A refused message.
+    Dead(DeadLetter),
+    /// The edge's own output (`millrace/…`) or a `$` topic: not ingested.
+    Skip,
+}
+
+/// Decodes one PUBLISH found in a device's stream.
+pub fn decode(p: &Publish, now_ms: i64) -> Decoded {
+    let topic = match std::str::from_utf8(&p.topic) {
+        Ok(t) => t,
+        Err(_) => {
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            return Decoded::Dead(DeadLetter::new(
+                now_ms,
+                &topic,
+                &p.payload,
+                "bad_topic",
+                "topic is not UTF-8".into(),
+            ));
+        }
+    };
+    if topic.starts_with(OWN_TOPIC_PREFIX) || topic.starts_with('$') {
+        return Decoded::Skip;
+    }
+    match Event::decode(topic, &p.payload) {
+        Ok(e) => Decoded::Event(e),
+        Err(err) => Decoded::Dead(DeadLetter::new(
+            now_ms,
+            topic,
+            &p.payload,
+            err.reason(),
+            err.to_string(),
+        )),
+    }
+}
+
+/// What one read of one device connection held; `done` fires once it is stored.
 #[derive(Debug)]
 pub struct IngestChunk {
-    /// The packets, in the order the device sent them.
-    pub publishes: Vec<Publish>,
+    /// The decoded packets, in the order the device sent them.
+    pub items: Vec<Decoded>,
+    /// Payload bytes they carried.
+    pub bytes: u64,
     /// Fired after the batch holding them was written.
     pub done: tokio::sync::oneshot::Sender<()>,
 }
@@ -252,61 +296,35 @@ impl Pipeline {
     }
 
     fn take(&mut self, chunk: IngestChunk) {
-        for p in &chunk.publishes {
-            self.handle(p);
+        self.stats.bytes.fetch_add(chunk.bytes, Ordering::Relaxed);
+        for item in chunk.items {
+            match item {
+                Decoded::Event(e) => self.accept(e),
+                Decoded::Dead(d) => self.refuse(d),
+                Decoded::Skip => {}
+            }
         }
         self.done.push(chunk.done);
     }
 
-    fn handle(&mut self, p: &Publish) {
-        let now = chrono::Utc::now().timestamp_millis();
-        let payload = &p.payload;
-        self.stats
-            .bytes
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        let topic = match std::str::from_utf8(&p.topic) {
-            Ok(t) => t,
-            Err(_) => {
-                let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                self.refuse(DeadLetter::new(
-                    now,
-                    &topic,
-                    payload,
-                    "bad_topic",
-                    "topic is not UTF-8".into(),
-                ));
-                return;
+    fn accept(&mut self, e: Event) {
+        let window = self.cfg.dedup_window;
+        // Look up before inserting: cloning the id for every event costs three allocations.
+        let seen = match self.dedup.get_mut(&e.machine) {
+            Some(w) => w.check(e.seq),
+            None => {
+                let mut w = DedupWindow::new(window);
+                let seen = w.check(e.seq);
+                self.dedup.insert(e.machine.clone(), w);
+                seen
             }
         };
-        if topic.starts_with(OWN_TOPIC_PREFIX) || topic.starts_with('$') {
+        if seen == Seen::Duplicate {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("millrace_edge_duplicates_total").increment(1);
             return;
         }
-        match Event::decode(topic, payload) {
-            Ok(e) => {
-                let window = self.cfg.dedup_window;
-                let seen = self
-                    .dedup
-                    .entry(e.machine.clone())
-                    .or_insert_with(|| DedupWindow::new(window))
-                    .check(e.seq);
-                if seen == Seen::Duplicate {
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("millrace_edge_duplicates_total").increment(1);
-                    return;
-                }
-                self.events.push(e);
-            }
-            Err(err) => {
-                let reason = err.reason();
-                self.refuse(DeadLetter::new(
-                    now,
-                    topic,
-                    payload,
-                    reason,
-                    err.to_string(),
-                ));
-            }
-        }
+        self.events.push(e);
     }
 
     fn refuse(&mut self, d: DeadLetter) {

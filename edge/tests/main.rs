@@ -23,8 +23,10 @@ fn password_hash() -> String {
 }
 
 fn config(dir: &Path) -> EdgeConfig {
-    let mut c = EdgeConfig::default();
-    c.data_dir = dir.to_path_buf();
+    let mut c = EdgeConfig {
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
     c.mqtt.users = vec![DeviceUser {
@@ -631,6 +633,89 @@ async fn tls_listener_takes_devices_with_credentials() {
         "a device with the CA and credentials publishes over TLS"
     );
     assert!(!bad, "wrong credentials are refused over TLS too");
+    wait_stored(&edge, 1, 0).await;
+    edge.shutdown().await;
+}
+
+/// CONNECT (MQTT 3.1.1, username and password) followed by a QoS 1 PUBLISH, as one buffer.
+fn connect_and_publish(user: &str, pass: &str, topic: &str, payload: &[u8]) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![first];
+        let mut len = body.len();
+        loop {
+            let mut b = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if len == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    let mut connect = vec![];
+    field(&mut connect, b"MQTT");
+    connect.extend_from_slice(&[4, 0xC2, 0, 60]);
+    field(&mut connect, b"raw-client");
+    field(&mut connect, user.as_bytes());
+    field(&mut connect, pass.as_bytes());
+    let mut publish = vec![];
+    field(&mut publish, topic.as_bytes());
+    publish.extend_from_slice(&[0, 1]);
+    publish.extend_from_slice(payload);
+    [packet(0x10, &connect), packet(0x32, &publish)].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_ingested_from_a_connection_whose_login_was_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let e = state(1);
+    let send = |pass: &'static str| {
+        let bytes = connect_and_publish(USER, pass, &e.topic(), &e.to_payload());
+        let addr = edge.mqtt_addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // CONNECT and PUBLISH in one write, before any CONNACK.
+            s.write_all(&bytes).await.unwrap();
+            let mut reply = vec![0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut reply))
+                .await
+                .unwrap()
+                .unwrap_or(0);
+            reply.truncate(n);
+            reply
+        }
+    };
+    let refused = send("wrong password").await;
+    assert!(
+        refused.is_empty(),
+        "no CONNACK for a wrong password: {refused:?}"
+    );
+    let st = status(&edge).await;
+    assert_eq!(
+        (
+            st["ingest"]["events"].as_u64(),
+            st["ingest"]["dead_letters"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+    // The same bytes with the right password: CONNACK 0 and PUBACK, after the event was stored.
+    let accepted = send(PASS).await;
+    assert_eq!(
+        &accepted[..4],
+        &[0x20, 2, 0, 0],
+        "CONNACK accepted: {accepted:?}"
+    );
     wait_stored(&edge, 1, 0).await;
     edge.shutdown().await;
 }

@@ -403,16 +403,19 @@ struct Out<'a, B: Serialize> {
 }
 
 fn parse<'de, T: Deserialize<'de>>(kind: EventKind, payload: &'de [u8]) -> Result<T, DecodeError> {
-    let de = &mut serde_json::Deserializer::from_slice(payload);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = if path == "." || path.is_empty() {
-            inner.to_string()
-        } else {
-            format!("field `{path}`: {inner}")
-        };
-        DecodeError::Json { kind, message }
+    // The fast path; on failure, parse again with path tracking for a message naming the field.
+    serde_json::from_slice(payload).or_else(|_| {
+        let de = &mut serde_json::Deserializer::from_slice(payload);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = if path == "." || path.is_empty() {
+                inner.to_string()
+            } else {
+                format!("field `{path}`: {inner}")
+            };
+            DecodeError::Json { kind, message }
+        })
     })
 }
 

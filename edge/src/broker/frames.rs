@@ -38,6 +38,10 @@ pub struct Scanner {
     v5: bool,
     pending: BytesMut,
     aliases: HashMap<u16, Bytes>,
+    /// Stream bytes in complete packets so far.
+    consumed: u64,
+    /// Where the first packet (the CONNECT) ends in the stream, once complete.
+    connect_end: Option<u64>,
 }
 
 fn varint(b: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
@@ -62,7 +66,14 @@ impl Scanner {
             v5,
             pending: BytesMut::with_capacity(16 * 1024),
             aliases: HashMap::new(),
+            consumed: 0,
+            connect_end: None,
         }
+    }
+
+    /// Where the connection's first packet (its CONNECT) ends in the stream, once it is complete.
+    pub fn connect_end(&self) -> Option<u64> {
+        self.connect_end
     }
 
     /// Adds bytes read from the device and returns the PUBLISH packets they complete.
@@ -81,6 +92,10 @@ impl Scanner {
                 return Ok(());
             }
             let mut packet = self.pending.split_to(total).freeze();
+            self.consumed += total as u64;
+            if self.connect_end.is_none() {
+                self.connect_end = Some(self.consumed);
+            }
             if first >> 4 == 3 {
                 packet.advance(1 + len_bytes);
                 let qos = (first >> 1) & 3;
