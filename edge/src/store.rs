@@ -198,6 +198,22 @@ fn series_ts_key(id: u32, ts: i64) -> [u8; 12] {
     k
 }
 
+/// A raw point from `head`: (ts from the key, value).
+fn head_point(k: &[u8], v: &[u8]) -> Result<(i64, f64), StoreError> {
+    let v: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
+        cf: CF_HEAD,
+        reason: "value is not 8 bytes".into(),
+    })?;
+    Ok((key_ts(&k[4..12]), f64::from_be_bytes(v)))
+}
+
+fn decode_block(v: &[u8]) -> Result<Vec<(i64, f64)>, StoreError> {
+    block::decode(v).map_err(|e| StoreError::Corrupt {
+        cf: CF_BLOCKS,
+        reason: e.to_string(),
+    })
+}
+
 #[derive(Default)]
 struct Index {
     by_name: HashMap<String, (u32, String)>,
@@ -336,6 +352,19 @@ impl Store {
             );
         }
         Ok(())
+    }
+
+    /// Iterates `cf` over keys in `[from, to)`.
+    fn scan(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(from.to_vec()..to.to_vec());
+        self.db
+            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
     }
 
     fn window_ms(&self) -> i64 {
@@ -499,22 +528,13 @@ impl Store {
         let mut points: BTreeMap<i64, f64> = BTreeMap::new();
         let block_key = series_ts_key(id, start);
         if let Some(existing) = self.db.get_cf(blocks, block_key)? {
-            let old = block::decode(&existing).map_err(|e| StoreError::Corrupt {
-                cf: CF_BLOCKS,
-                reason: e.to_string(),
-            })?;
-            points.extend(old);
+            points.extend(decode_block(&existing)?);
         }
         let mut fresh = 0;
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_range(from.to_vec()..to.to_vec());
-        for item in self.db.iterator_cf_opt(head, ro, IteratorMode::Start) {
+        for item in self.scan(CF_HEAD, &from, &to) {
             let (k, v) = item?;
-            let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                cf: CF_HEAD,
-                reason: "value is not 8 bytes".into(),
-            })?;
-            points.insert(key_ts(&k[4..12]), f64::from_be_bytes(v));
+            let (ts, value) = head_point(&k, &v)?;
+            points.insert(ts, value);
             fresh += 1;
         }
         let mut batch = WriteBatch::default();
@@ -643,35 +663,23 @@ impl Store {
         if from_ms < to_ms {
             let window = self.window_ms();
             let first_block = from_ms.div_euclid(window).saturating_mul(window);
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_range(
-                series_ts_key(id, first_block).to_vec()..series_ts_key(id, to_ms).to_vec(),
-            );
-            for item in self
-                .db
-                .iterator_cf_opt(self.cf(CF_BLOCKS), ro, IteratorMode::Start)
-            {
+            for item in self.scan(
+                CF_BLOCKS,
+                &series_ts_key(id, first_block),
+                &series_ts_key(id, to_ms),
+            ) {
                 let (_, v) = item?;
-                let pts = block::decode(&v).map_err(|e| StoreError::Corrupt {
-                    cf: CF_BLOCKS,
-                    reason: e.to_string(),
-                })?;
+                let pts = decode_block(&v)?;
                 points.extend(pts.into_iter().filter(|(t, _)| *t >= from_ms && *t < to_ms));
             }
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_range(
-                series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec(),
-            );
-            for item in self
-                .db
-                .iterator_cf_opt(self.cf(CF_HEAD), ro, IteratorMode::Start)
-            {
+            for item in self.scan(
+                CF_HEAD,
+                &series_ts_key(id, from_ms),
+                &series_ts_key(id, to_ms),
+            ) {
                 let (k, v) = item?;
-                let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    cf: CF_HEAD,
-                    reason: "value is not 8 bytes".into(),
-                })?;
-                points.insert(key_ts(&k[4..12]), f64::from_be_bytes(v));
+                let (ts, value) = head_point(&k, &v)?;
+                points.insert(ts, value);
             }
         }
         Ok(Some(points.into_iter().collect()))
@@ -709,14 +717,11 @@ impl Store {
         if from_ms >= to_ms {
             return Ok(out);
         }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_range(
-            series_ts_key(id, from_ms).to_vec()..series_ts_key(id, to_ms).to_vec(),
-        );
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_EVENTS), ro, IteratorMode::Start)
-        {
+        for item in self.scan(
+            CF_EVENTS,
+            &series_ts_key(id, from_ms),
+            &series_ts_key(id, to_ms),
+        ) {
             let (k, v) = item?;
             let body: EventBody = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 cf: CF_EVENTS,
