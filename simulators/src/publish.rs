@@ -11,6 +11,17 @@ use tokio::task::JoinHandle;
 /// Largest packet the simulator sends or receives (fault mode sends oversized payloads).
 const MAX_PACKET: usize = 1024 * 1024;
 
+/// Messages kept for resending after a reconnect: more than rumqttc's in-flight window (1000)
+/// plus its request queue (4096) can hold.
+const REPLAY: usize = 8192;
+
+/// Most messages unacknowledged at once (QoS 1 and 2): `publish` waits beyond it, so the replay
+/// ring always holds every message that may need resending.
+const MAX_UNACKED: u64 = 4096;
+
+/// The most recent messages handed to rumqttc, oldest first.
+type Replay = Arc<std::sync::Mutex<std::collections::VecDeque<(String, Vec<u8>)>>>;
+
 /// Why publishing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -111,6 +122,7 @@ pub struct Publisher {
     task: JoinHandle<()>,
     addr: String,
     opts: BrokerOptions,
+    replay: Replay,
 }
 
 impl Publisher {
@@ -147,7 +159,16 @@ impl Publisher {
             }
         }
         let (stopping, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(drive(eventloop, counters.clone(), stop_rx, addr.clone()));
+        let replay: Replay = Arc::default();
+        let resend =
+            (opts.qos != QoS::AtMostOnce).then(|| (client.clone(), opts.qos, replay.clone()));
+        let task = tokio::spawn(drive(
+            eventloop,
+            counters.clone(),
+            stop_rx,
+            addr.clone(),
+            resend,
+        ));
         Ok(Self {
             client,
             qos: opts.qos,
@@ -156,6 +177,7 @@ impl Publisher {
             task,
             addr,
             opts: opts.clone(),
+            replay,
         })
     }
 
@@ -166,6 +188,22 @@ impl Publisher {
 
     /// Queues one message; waits while the client's queue is full.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), PublishError> {
+        if self.qos != QoS::AtMostOnce {
+            let c = &self.counters;
+            while c
+                .published
+                .load(Ordering::Relaxed)
+                .saturating_sub(c.acked.load(Ordering::Relaxed))
+                >= MAX_UNACKED
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut r = self.replay.lock().expect("replay lock");
+            if r.len() == REPLAY {
+                r.pop_front();
+            }
+            r.push_back((topic.clone(), payload.clone()));
+        }
         self.client
             .publish(topic, self.qos, false, payload)
             .await
@@ -239,11 +277,15 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
+/// Polls the connection, counts, reconnects with backoff. With `resend`, after reconnecting to
+/// a broker that kept no session, it publishes again what was not acknowledged: rumqttc drops
+/// its unacknowledged QoS 1/2 messages on a new session, and a device must not lose them.
 async fn drive(
     mut eventloop: rumqttc::EventLoop,
     counters: Arc<Counters>,
     mut stopping: watch::Receiver<bool>,
     addr: String,
+    resend: Option<(AsyncClient, QoS, Replay)>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -262,9 +304,36 @@ async fn drive(
             Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
                 counters.acked.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
+                if let (Some((client, qos, replay)), false) = (&resend, ack.session_present) {
+                    // Acknowledgements arrive in order on one connection: the unacknowledged
+                    // messages are the newest ones.
+                    let lost = counters
+                        .published
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(counters.acked.load(Ordering::Relaxed));
+                    let again: Vec<(String, Vec<u8>)> = {
+                        let r = replay.lock().expect("replay lock");
+                        r.iter()
+                            .skip(r.len().saturating_sub(lost as usize))
+                            .cloned()
+                            .collect()
+                    };
+                    if !again.is_empty() {
+                        tracing::info!(broker = %addr, messages = again.len(), "resending unacknowledged messages after reconnect");
+                        // Counted as published already; their acknowledgements will count.
+                        let (client, qos) = (client.clone(), *qos);
+                        tokio::spawn(async move {
+                            for (t, p) in again {
+                                if client.publish(t, qos, false, p).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                }
             }
             Ok(_) => {}
             Err(e) => {
