@@ -357,13 +357,15 @@ async fn events(
     };
     let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
     let limit = parse_limit(q.limit.as_deref())?;
-    if !s.store.machines().contains(&machine.to_string()) {
-        return Err(ApiError::NotFound(format!(
-            "no events from machine `{machine}`: see /api/v1/machines"
-        )));
-    }
     let store = s.store.clone();
-    let evs = blocking(move || Ok(store.events(&machine, from, to, kind, limit)?)).await?;
+    let name = machine.to_string();
+    let evs = blocking(move || Ok(store.events(&machine, from, to, kind, limit)?))
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no events from machine `{name}`: see /api/v1/machines"
+            ))
+        })?;
     Ok(Json(json!({ "events": evs })))
 }
 

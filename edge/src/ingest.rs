@@ -349,9 +349,16 @@ impl Pipeline {
                 Ok(s) => {
                     let now = chrono::Utc::now().timestamp_millis();
                     let latency = metrics::histogram!("millrace_edge_ingest_latency_seconds");
+                    // One labelled counter update per kind and batch, not per event.
+                    let mut by_kind = [0u64; 4];
                     for e in &self.events {
                         latency.record((now - e.ts_ms).max(0) as f64 / 1000.0);
-                        metrics::counter!("millrace_edge_ingest_events_total", "kind" => e.kind().as_str()).increment(1);
+                        by_kind[e.kind() as usize] += 1;
+                    }
+                    for (kind, n) in millrace_shared::EventKind::ALL.into_iter().zip(by_kind) {
+                        if n > 0 {
+                            metrics::counter!("millrace_edge_ingest_events_total", "kind" => kind.as_str()).increment(n);
+                        }
                     }
                     metrics::counter!("millrace_edge_ingest_points_total").increment(s.points);
                     metrics::counter!("millrace_edge_ingest_write_bytes_total").increment(s.bytes);

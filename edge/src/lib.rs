@@ -4,8 +4,8 @@
 //! - [`config`]: configuration (defaults → TOML → `MILLRACE_EDGE_*` environment), validated.
 //! - [`broker`]: the embedded rumqttd broker, device authentication and the single device port
 //!   that serves MQTT 3.1.1 and 5.
-//! - [`ingest`]: the in-process consumer that decodes, deduplicates and batches events into the
-//!   store, with dead letters for what it refuses.
+//! - [`ingest`]: the writer thread that deduplicates the events the device listeners decoded and
+//!   batches them into the store, with dead letters for what it refuses.
 //! - [`store`]: the RocksDB time-series store (compressed telemetry blocks, events, dead
 //!   letters, retention).
 //! - [`api`]: the HTTP API (health, Prometheus metrics, series, points, events, dead letters).

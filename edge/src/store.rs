@@ -367,6 +367,16 @@ impl Store {
             .iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
     }
 
+    /// The id of a series (`t/…`) or machine (`m/…`) name, if known.
+    fn id_of(&self, name: &str) -> Option<u32> {
+        self.index
+            .read()
+            .expect("index lock")
+            .by_name
+            .get(name)
+            .map(|(id, _)| *id)
+    }
+
     fn window_ms(&self) -> i64 {
         self.opts.block_window.as_millis().max(1) as i64
     }
@@ -379,8 +389,8 @@ impl Store {
         batch: &mut WriteBatch,
         new: &mut Vec<(String, u32, String)>,
     ) -> Result<u32, StoreError> {
-        if let Some((id, _)) = self.index.read().expect("index lock").by_name.get(name) {
-            return Ok(*id);
+        if let Some(id) = self.id_of(name) {
+            return Ok(id);
         }
         if let Some((_, id, _)) = new.iter().find(|(n, _, _)| n == name) {
             return Ok(*id);
@@ -647,14 +657,7 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Option<Vec<(i64, f64)>>, StoreError> {
-        let Some((id, _)) = self
-            .index
-            .read()
-            .expect("index lock")
-            .by_name
-            .get(&format!("t/{series}"))
-            .cloned()
-        else {
+        let Some(id) = self.id_of(&format!("t/{series}")) else {
             return Ok(None);
         };
         let cutoff = self.visible_from(self.opts.telemetry_retention);
@@ -693,7 +696,8 @@ impl Store {
         }
     }
 
-    /// Events of one machine in `[from_ms, to_ms)`, optionally of one kind, at most `limit`.
+    /// Events of one machine in `[from_ms, to_ms)`, optionally of one kind, at most `limit`,
+    /// or `None` for a machine that never sent state, part or operator events.
     pub fn events(
         &self,
         machine: &MachineId,
@@ -701,21 +705,14 @@ impl Store {
         to_ms: i64,
         kind: Option<EventKind>,
         limit: usize,
-    ) -> Result<Vec<Event>, StoreError> {
-        let Some((id, _)) = self
-            .index
-            .read()
-            .expect("index lock")
-            .by_name
-            .get(&format!("m/{machine}"))
-            .cloned()
-        else {
-            return Ok(vec![]);
+    ) -> Result<Option<Vec<Event>>, StoreError> {
+        let Some(id) = self.id_of(&format!("m/{machine}")) else {
+            return Ok(None);
         };
         let from_ms = from_ms.max(self.visible_from(self.opts.event_retention));
         let mut out = vec![];
         if from_ms >= to_ms {
-            return Ok(out);
+            return Ok(Some(out));
         }
         for item in self.scan(
             CF_EVENTS,
@@ -740,7 +737,7 @@ impl Store {
                 break;
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Machines that have sent state, part or operator events.
@@ -909,7 +906,10 @@ mod tests {
             ["s/l/m/temp"]
         );
         assert_eq!(
-            s.events(&machine(), T0, T0 + 1, None, 100).unwrap().len(),
+            s.events(&machine(), T0, T0 + 1, None, 100)
+                .unwrap()
+                .unwrap()
+                .len(),
             1
         );
         // A late point for a sealed window merges into its block.
@@ -966,7 +966,13 @@ mod tests {
             s.points("s/l/m/temp", 0, now + 1).unwrap().unwrap(),
             vec![(now - 1000, 2.0)]
         );
-        assert_eq!(s.events(&machine(), 0, now + 1, None, 10).unwrap().len(), 1);
+        assert_eq!(
+            s.events(&machine(), 0, now + 1, None, 10)
+                .unwrap()
+                .unwrap()
+                .len(),
+            1
+        );
         let dl = s.dead_letters(0, 10).unwrap();
         assert_eq!(dl.len(), 1);
         assert_eq!(dl[0].payload, "z");

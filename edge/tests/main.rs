@@ -65,6 +65,22 @@ fn http(edge: &Edge) -> String {
     format!("http://{}", edge.http_addr)
 }
 
+/// The temperature points of the test machine in `[from, to)`.
+fn temperature_url(edge: &Edge, from: i64, to: i64) -> String {
+    format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={from}&to={to}",
+        http(edge)
+    )
+}
+
+/// The state, part and operator events of the test machine in `[from, to)`.
+fn events_url(edge: &Edge, from: i64, to: i64) -> String {
+    format!(
+        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={from}&to={to}",
+        http(edge)
+    )
+}
+
 async fn get(url: &str) -> (u16, Value) {
     let r = reqwest::get(url).await.unwrap();
     let status = r.status().as_u16();
@@ -147,12 +163,7 @@ async fn events_at_every_qos_are_stored_and_queryable_and_survive_restart() {
         "plant-1/line-1/press-01/temperature"
     );
     assert_eq!(series["series"][0]["unit"], "degC");
-    let url = format!(
-        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}",
-        http(&edge),
-        T0,
-        T0 + 1_000_000
-    );
+    let url = temperature_url(&edge, T0, T0 + 1_000_000);
     let (code, pts) = get(&url).await;
     assert_eq!(code, 200, "{pts}");
     let pts = pts["points"].as_array().unwrap().clone();
@@ -167,24 +178,13 @@ async fn events_at_every_qos_are_stored_and_queryable_and_survive_restart() {
             .sum::<u64>(),
         300
     );
-    let (_, evs) = get(&format!(
-        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}",
-        http(&edge),
-        T0 + 1_000_000
-    ))
-    .await;
+    let (_, evs) = get(&events_url(&edge, T0, T0 + 1_000_000)).await;
     assert_eq!(evs["events"].as_array().unwrap().len(), 1);
     assert_eq!(evs["events"][0]["seq"], 301);
 
     edge.shutdown().await;
     let edge = Edge::start(config(dir.path())).await.unwrap();
-    let (_, again) = get(&format!(
-        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}",
-        http(&edge),
-        T0,
-        T0 + 1_000_000
-    ))
-    .await;
+    let (_, again) = get(&temperature_url(&edge, T0, T0 + 1_000_000)).await;
     assert_eq!(
         again["points"].as_array().unwrap(),
         &pts,
@@ -261,12 +261,7 @@ async fn mosquitto_clients_speak_3_1_1_and_5_on_one_port() {
         "3.1.1 ok, 5 ok, wrong password refused"
     );
     wait_stored(&edge, 2, 0).await;
-    let (_, evs) = get(&format!(
-        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}",
-        http(&edge),
-        T0 + 10_000
-    ))
-    .await;
+    let (_, evs) = get(&events_url(&edge, T0, T0 + 10_000)).await;
     assert_eq!(evs["events"].as_array().unwrap().len(), 2);
     edge.shutdown().await;
 }
@@ -358,7 +353,7 @@ async fn duplicates_are_stored_once_and_bursts_past_the_router_stall_arrive_whol
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
     let (client, _t) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
-    // 5,000 messages at once: far past the ~200 at which rumqttd unschedules a slow link.
+    // 5,000 messages at once: many full reads, each stored before rumqttd may acknowledge it.
     for seq in 1..=5000u64 {
         let e = temp(seq, seq as f64);
         client
@@ -392,24 +387,13 @@ async fn duplicates_are_stored_once_and_bursts_past_the_router_stall_arrive_whol
     let st = status(&edge).await;
     assert_eq!(st["ingest"]["duplicates"], 3, "{st}");
     assert_eq!(st["ingest"]["events"], 5002, "{st}");
-    let (_, evs) = get(&format!(
-        "{}/api/v1/events?machine=plant-1/line-1/press-01&from={T0}&to={}",
-        http(&edge),
-        T0 + 10_000_000
-    ))
-    .await;
+    let (_, evs) = get(&events_url(&edge, T0, T0 + 10_000_000)).await;
     assert_eq!(
         evs["events"].as_array().unwrap().len(),
         1,
         "the state event is stored once"
     );
-    let (_, pts) = get(&format!(
-        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature&from={}&to={}",
-        http(&edge),
-        T0,
-        T0 + 10_000_000
-    ))
-    .await;
+    let (_, pts) = get(&temperature_url(&edge, T0, T0 + 10_000_000)).await;
     assert_eq!(pts["points"].as_array().unwrap().len(), 5000);
     edge.shutdown().await;
 }

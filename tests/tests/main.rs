@@ -108,6 +108,20 @@ fn password_hash() -> String {
         .to_owned()
 }
 
+/// `millrace-sim run` against `edge` as the device user `sim` (password in the environment).
+fn sim_run(edge: &EdgeProcess) -> Command {
+    let mut c = Command::new(bin("millrace-sim"));
+    c.args([
+        "run",
+        "--broker",
+        &format!("mqtt://127.0.0.1:{}", edge.mqtt_port),
+        "--username",
+        "sim",
+    ])
+    .env("MILLRACE_MQTT_PASSWORD", PASSWORD);
+    c
+}
+
 /// Writes an edge config with the device `sim`, the MQTT port given (0 for any) and no retention.
 fn edge_config(dir: &Path, mqtt_port: u16) -> PathBuf {
     let config = dir.join("edge.toml");
@@ -187,16 +201,8 @@ fn acknowledged_events_survive_kill_9_of_the_edge() {
     let config = edge_config(dir.path(), millrace_tests::free_port());
     let edge = EdgeProcess::start(&config);
     let truth_path = dir.path().join("truth.json");
-    let mut sim = Command::new(bin("millrace-sim"))
-        .args([
-            "run",
-            "--broker",
-            &format!("mqtt://127.0.0.1:{}", edge.mqtt_port),
-            "--username",
-            "sim",
-            "--qos",
-            "1",
-        ])
+    let mut sim = sim_run(&edge)
+        .args(["--qos", "1"])
         .args([
             "--seed",
             "9",
@@ -211,7 +217,6 @@ fn acknowledged_events_survive_kill_9_of_the_edge() {
             "--quiet",
         ])
         .args(["--truth", truth_path.to_str().unwrap()])
-        .env("MILLRACE_MQTT_PASSWORD", PASSWORD)
         .env("RUST_LOG", "error")
         .spawn()
         .unwrap();
@@ -246,14 +251,7 @@ fn a_simulated_shift_flows_through_the_edge_and_matches_the_ground_truth() {
         dir.path().join("truth.json"),
         dir.path().join("report.json"),
     );
-    let out = Command::new(bin("millrace-sim"))
-        .args([
-            "run",
-            "--broker",
-            &format!("mqtt://127.0.0.1:{}", edge.mqtt_port),
-            "--username",
-            "sim",
-        ])
+    let out = sim_run(&edge)
         .args([
             "--seed",
             "5",
@@ -273,7 +271,6 @@ fn a_simulated_shift_flows_through_the_edge_and_matches_the_ground_truth() {
             "--report",
             report.to_str().unwrap(),
         ])
-        .env("MILLRACE_MQTT_PASSWORD", PASSWORD)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
