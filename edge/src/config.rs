@@ -425,6 +425,16 @@ mod tests {
                 !e.contains("secret"),
                 "the configured value is not echoed: {e}"
             );
+            jail.create_file("e.toml", "[mqtt]\nws_listen = \"127.0.0.1:8083\"\n")?;
+            let e = EdgeConfig::load(Some(Path::new("e.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("WebSocket is not supported yet"), "{e}");
+            jail.create_file("f.toml", "[mqtt.tls]\nlisten = \"127.0.0.1:8883\"\ncert = \"nope.pem\"\nkey = \"nope.key\"\n")?;
+            let e = EdgeConfig::load(Some(Path::new("f.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("nope.pem does not exist"), "{e}");
             let e = EdgeConfig::load(Some(Path::new("missing.toml")))
                 .unwrap_err()
                 .to_string();

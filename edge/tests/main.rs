@@ -703,3 +703,76 @@ async fn nothing_is_ingested_from_a_connection_whose_login_was_refused() {
     wait_stored(&edge, 1, 0).await;
     edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_unknown_protocol_levels_are_refused_and_ingest_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let closed = |bytes: &'static [u8]| {
+        let addr = edge.mqtt_addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+            let mut buf = [0u8; 16];
+            // The edge closes the connection without answering.
+            tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(closed(b"GET / HTTP/1.1\r\n\r\n").await, 0, "not MQTT");
+    assert_eq!(
+        closed(b"\x10\x0a\x00\x04MQTT\x07\x02\x00\x3c\x00\x00").await,
+        0,
+        "protocol level 7"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("millrace_edge_mqtt_refused_total{reason=\"protocol\"}"),
+        "{metrics}"
+    );
+    // Devices that speak MQTT are not disturbed.
+    let (client, _t) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    let e = state(1);
+    client
+        .publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload())
+        .await
+        .unwrap();
+    wait_stored(&edge, 1, 0).await;
+    edge.shutdown().await;
+}
+
+#[test]
+fn hash_password_refuses_short_passwords_and_makes_verifiable_hashes() {
+    use std::io::Write;
+    let run = |input: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let short = run("short\n");
+    assert!(!short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8 characters"));
+    let ok = run("a long enough password\n");
+    assert!(ok.status.success());
+    let hash = String::from_utf8(ok.stdout).unwrap();
+    let auth = millrace_edge::broker::DeviceAuth::new(&[DeviceUser {
+        username: "u".into(),
+        password_hash: hash.trim().into(),
+    }]);
+    assert!(auth.verify("u", "a long enough password"));
+    assert!(!auth.verify("u", "a long enough passwore"));
+}

@@ -161,7 +161,7 @@ struct RunArgs {
     factory: FactoryArgs,
     /// Simulated seconds per real second: 1 is real time, 3600 an hour a second; 0 is as fast
     /// as the broker takes it.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     speed: f64,
     /// Follow the wall clock instead of --speed: events stamped before now are sent at once
     /// (a backfill), later ones when their time comes. With --start -1day: a day of history,
@@ -170,7 +170,7 @@ struct RunArgs {
     live: bool,
     /// Fault mode: probability per event of also sending a malformed payload, a bad field, an
     /// unknown topic, an oversized payload, a duplicate or a disconnect.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     faults: f64,
     /// Write the ground truth (JSON) here when the run completes.
     #[arg(long)]

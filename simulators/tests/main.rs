@@ -257,6 +257,11 @@ fn bad_flags_and_files_get_clear_errors() {
             .contains("cannot connect to broker 127.0.0.1:1")
     );
     assert!(fail(&["run", "--qos", "3"]).contains("3 is not in 0..=2"));
+    assert!(fail(&["run", "--speed", "-1", "--duration", "1m"]).contains("--speed must be 0"));
+    assert!(
+        fail(&["run", "--faults", "2", "--duration", "1m"]).contains("--faults is a probability")
+    );
+    assert!(fail(&["run", "--start", "-soon"]).contains("`soon` is not a duration"));
     let help = Command::new(SIM).args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in [
