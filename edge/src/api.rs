@@ -38,6 +38,8 @@ pub struct ApiState {
     pub edge_id: String,
     /// When the edge started.
     pub started: Instant,
+    /// Sync counters (`None`: sync is off).
+    pub sync: Option<(Arc<crate::sync::SyncStats>, String)>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -97,6 +99,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/machines", get(machines))
         .route("/events", get(events))
         .route("/dead-letters", get(dead_letters))
+        .route("/sync", get(sync_status))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
@@ -168,6 +171,27 @@ async fn status(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, Ap
             "bytes": i.bytes.load(Ordering::Relaxed),
         },
         "store_bytes": sizes,
+    })))
+}
+
+/// The outbox and the sync client: what waits, how old the oldest item is, what was sent.
+async fn sync_status(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some((stats, cloud_url)) = s.sync.clone() else {
+        return Ok(Json(json!({ "enabled": false })));
+    };
+    let store = s.store.clone();
+    let outbox = blocking(move || Ok(store.outbox_status()?)).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let lag = outbox
+        .as_ref()
+        .and_then(|o| o.oldest_stored_ms)
+        .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+    Ok(Json(json!({
+        "enabled": true,
+        "cloud_url": cloud_url,
+        "outbox": outbox,
+        "lag_seconds": lag,
+        "sent": stats.figures(),
     })))
 }
 

@@ -216,9 +216,11 @@ impl Default for StoreConfig {
 }
 
 impl StoreConfig {
-    /// The store's options.
-    pub fn options(&self) -> StoreOptions {
+    /// The store's options (`outbox_quota`: keep an outbox of that many bytes for sync).
+    pub fn options(&self, outbox_quota: Option<u64>) -> StoreOptions {
         StoreOptions {
+            outbox_quota_bytes: outbox_quota,
+            recent_events: StoreOptions::default().recent_events,
             sync_writes: self.sync_writes,
             block_window: self.block_window,
             seal_grace: self.seal_grace,
@@ -227,6 +229,61 @@ impl StoreConfig {
             dead_letter_retention: self.retention.dead_letters,
             cache_bytes: self.cache_bytes,
             write_buffer_bytes: self.write_buffer_bytes,
+        }
+    }
+}
+
+/// Sync to the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Forward everything stored to the cloud. Off: no outbox is kept.
+    pub enabled: bool,
+    /// The cloud's base URL, e.g. `http://cloud.example:8090`.
+    pub cloud_url: String,
+    /// This edge's token (from `millrace-cloud edge-token`). Prefer the environment variable
+    /// `MILLRACE_EDGE_SYNC__TOKEN` to keep it out of files.
+    pub token: String,
+    /// Most items per batch.
+    pub batch_max_items: usize,
+    /// About the most record bytes per batch.
+    pub batch_max_bytes: u64,
+    /// How long to wait for more data before sending a small batch.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// First delay after a failure (doubles up to `retry_max`, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest delay between retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Disk quota of the outbox in bytes (records' key + value sizes).
+    pub outbox_quota_bytes: u64,
+    /// Data sent later than this after it was stored is marked as backfill.
+    #[serde(with = "humantime_serde")]
+    pub live_window: Duration,
+    /// Upper bound of bytes per second on the wire; 0 means no limit.
+    pub max_bytes_per_sec: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cloud_url: "http://127.0.0.1:8090".into(),
+            token: String::new(),
+            batch_max_items: 20_000,
+            batch_max_bytes: 4 << 20,
+            linger: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(30),
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+            outbox_quota_bytes: 2 << 30,
+            live_window: Duration::from_secs(30),
+            max_bytes_per_sec: 0,
         }
     }
 }
@@ -247,6 +304,8 @@ pub struct EdgeConfig {
     pub ingest: IngestConfig,
     /// The store.
     pub store: StoreConfig,
+    /// Sync to the cloud.
+    pub sync: SyncConfig,
 }
 
 impl Default for EdgeConfig {
@@ -258,6 +317,7 @@ impl Default for EdgeConfig {
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             store: StoreConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -293,6 +353,28 @@ impl EdgeConfig {
         };
         if millrace_shared::topic::validate_id("edge_id", &self.edge_id).is_err() {
             return invalid("edge_id", "1 to 64 characters of A-Z a-z 0-9 _ -");
+        }
+        if self.sync.enabled {
+            if !(self.sync.cloud_url.starts_with("http://")
+                || self.sync.cloud_url.starts_with("https://"))
+            {
+                return invalid("sync.cloud_url", "an http:// or https:// URL");
+            }
+            if self.sync.token.len() < 16 {
+                return invalid(
+                    "sync.token",
+                    "missing or shorter than 16 characters: create one with `millrace-cloud edge-token <edge_id>` and set MILLRACE_EDGE_SYNC__TOKEN",
+                );
+            }
+            if self.sync.batch_max_items == 0 || self.sync.batch_max_bytes < 1024 {
+                return invalid(
+                    "sync.batch_max_items",
+                    "at least 1 item and batch_max_bytes at least 1024",
+                );
+            }
+            if self.sync.outbox_quota_bytes < 1 << 20 {
+                return invalid("sync.outbox_quota_bytes", "at least 1 MiB (1048576)");
+            }
         }
         if self.mqtt.max_connections == 0 {
             return invalid(

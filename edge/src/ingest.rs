@@ -8,14 +8,18 @@
 //!   rates each chunk is written at once.
 //! - Bad messages (not JSON, wrong fields, unknown topic, oversized, newer schema) become dead
 //!   letters with the reason, are counted, logged (rate-limited) and never stop ingest.
-//! - Duplicates (same machine and sequence number) seen within a window of recent sequence
-//!   numbers are counted and dropped; older ones are stored once anyway because store keys
-//!   contain the event's identity.
+//! - Duplicates (same machine, sequence number and timestamp) seen within a window of recent
+//!   sequence numbers are counted and dropped; older ones are stored once anyway because store
+//!   keys contain the event's identity. A lower sequence number with a newer timestamp is a
+//!   device that restarted its numbering, not a duplicate. After a restart of the edge, the
+//!   events written just before it (`store.recent_events`) are remembered too, so a device
+//!   re-sending what was stored but not yet acknowledged when the edge stopped is recognised:
+//!   the outbox, and so the cloud, gets each event once.
 //! - Topics under `millrace/` are the edge's own outputs and are not ingested.
 //! - The channel from the listeners is bounded, and each connection waits for its chunk to be
 //!   stored: a slow disk slows devices down instead of losing their data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -37,6 +41,9 @@ pub enum IngestError {
     /// The ingest thread could not start.
     #[error("ingest thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The events stored before the restart could not be read.
+    #[error("reading recent events: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// One PUBLISH, decoded where it was read (on the connection's task, so that decoding runs in
@@ -119,6 +126,7 @@ pub struct IngestStats {
 #[derive(Debug)]
 struct DedupWindow {
     max: u64,
+    max_ts: i64,
     bits: Vec<u64>,
     window: u64,
 }
@@ -136,6 +144,7 @@ impl DedupWindow {
         let window = window.max(64).next_multiple_of(64);
         Self {
             max: 0,
+            max_ts: i64::MIN,
             bits: vec![0; (window / 64) as usize],
             window,
         }
@@ -146,7 +155,13 @@ impl DedupWindow {
         (&mut self.bits[(i / 64) as usize], 1u64 << (i % 64))
     }
 
-    fn check(&mut self, seq: u64) -> Seen {
+    fn check(&mut self, seq: u64, ts: i64) -> Seen {
+        if seq <= self.max && ts > self.max_ts {
+            // Newer than anything seen, yet an old number: the device restarted its sequence.
+            self.bits.iter_mut().for_each(|w| *w = 0);
+            self.max = 0;
+        }
+        self.max_ts = self.max_ts.max(ts);
         if seq > self.max {
             if seq - self.max >= self.window {
                 self.bits.iter_mut().for_each(|w| *w = 0);
@@ -188,6 +203,16 @@ impl Ingest {
     /// Starts the ingest thread.
     pub fn start(store: Arc<Store>, cfg: IngestConfig) -> Result<Self, IngestError> {
         let (tx, rx) = flume::bounded(CHANNEL_CHUNKS);
+        let recent_budget = store.recent_limit();
+        let mut recent: HashMap<MachineId, HashSet<(u64, i64)>> = HashMap::new();
+        for (name, seq, ts) in store.recent_events(recent_budget)? {
+            let mut p = name.splitn(3, '/');
+            if let (Some(s), Some(l), Some(m)) = (p.next(), p.next(), p.next())
+                && let Ok(id) = MachineId::new(s, l, m)
+            {
+                recent.entry(id).or_default().insert((seq, ts));
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(IngestStats::default());
         let thread = std::thread::Builder::new()
@@ -200,6 +225,8 @@ impl Ingest {
                         cfg,
                         stats,
                         dedup: HashMap::new(),
+                        recent,
+                        recent_budget,
                         events: vec![],
                         dead: vec![],
                         done: vec![],
@@ -264,6 +291,9 @@ struct Pipeline {
     cfg: IngestConfig,
     stats: Arc<IngestStats>,
     dedup: HashMap<MachineId, DedupWindow>,
+    /// Events stored just before this run started (emptied once as many were stored since).
+    recent: HashMap<MachineId, HashSet<(u64, i64)>>,
+    recent_budget: usize,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
     done: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -311,13 +341,24 @@ impl Pipeline {
         let window = self.cfg.dedup_window;
         // Look up before inserting: cloning the id for every event costs three allocations.
         let seen = match self.dedup.get_mut(&e.machine) {
-            Some(w) => w.check(e.seq),
+            Some(w) => w.check(e.seq, e.ts_ms),
             None => {
                 let mut w = DedupWindow::new(window);
-                let seen = w.check(e.seq);
+                let seen = w.check(e.seq, e.ts_ms);
                 self.dedup.insert(e.machine.clone(), w);
                 seen
             }
+        };
+        let seen = if seen != Seen::Duplicate
+            && !self.recent.is_empty()
+            && self
+                .recent
+                .get(&e.machine)
+                .is_some_and(|r| r.contains(&(e.seq, e.ts_ms)))
+        {
+            Seen::Duplicate
+        } else {
+            seen
         };
         if seen == Seen::Duplicate {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -370,6 +411,12 @@ impl Pipeline {
                         .dead_letters
                         .fetch_add(s.dead_letters, Ordering::Relaxed);
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    if !self.recent.is_empty() {
+                        self.recent_budget = self.recent_budget.saturating_sub(self.events.len());
+                        if self.recent_budget == 0 {
+                            self.recent = HashMap::new();
+                        }
+                    }
                     self.done.drain(..).for_each(|d| {
                         let _ = d.send(());
                     });
@@ -398,21 +445,43 @@ impl Pipeline {
 mod tests {
     use super::*;
 
+    fn ts(seq: u64) -> i64 {
+        seq as i64 * 10
+    }
+
     #[test]
     fn dedup_window() {
         let mut w = DedupWindow::new(64);
-        assert_eq!(w.check(1), Seen::Fresh);
-        assert_eq!(w.check(1), Seen::Duplicate);
-        assert_eq!(w.check(5), Seen::Fresh);
-        assert_eq!(w.check(3), Seen::Fresh, "out of order but new");
-        assert_eq!(w.check(3), Seen::Duplicate);
-        assert_eq!(w.check(4), Seen::Fresh);
-        assert_eq!(w.check(200), Seen::Fresh);
-        assert_eq!(w.check(5), Seen::Unknown, "older than the window");
-        assert_eq!(w.check(199), Seen::Fresh);
-        assert_eq!(w.check(200), Seen::Duplicate);
+        assert_eq!(w.check(1, ts(1)), Seen::Fresh);
+        assert_eq!(w.check(1, ts(1)), Seen::Duplicate);
+        assert_eq!(w.check(5, ts(5)), Seen::Fresh);
+        assert_eq!(w.check(3, ts(3)), Seen::Fresh, "out of order but new");
+        assert_eq!(w.check(3, ts(3)), Seen::Duplicate);
+        assert_eq!(w.check(4, ts(4)), Seen::Fresh);
+        assert_eq!(w.check(200, ts(200)), Seen::Fresh);
+        assert_eq!(w.check(5, ts(5)), Seen::Unknown, "older than the window");
+        assert_eq!(w.check(199, ts(199)), Seen::Fresh);
+        assert_eq!(w.check(200, ts(200)), Seen::Duplicate);
         // Bits of seqs skipped over are cleared, not left from a previous lap.
-        assert_eq!(w.check(200 + 64 - 1), Seen::Fresh);
-        assert_eq!(w.check(201), Seen::Fresh);
+        assert_eq!(w.check(200 + 64 - 1, ts(200 + 64 - 1)), Seen::Fresh);
+        assert_eq!(w.check(201, ts(201)), Seen::Fresh);
+    }
+
+    #[test]
+    fn a_sequence_restarted_by_the_device_is_not_a_duplicate() {
+        let mut w = DedupWindow::new(64);
+        for s in 1..=50 {
+            assert_eq!(w.check(s, ts(s)), Seen::Fresh);
+        }
+        // The device restarted: seq 1 again, but later than anything seen.
+        assert_eq!(w.check(1, ts(100)), Seen::Fresh);
+        assert_eq!(w.check(2, ts(101)), Seen::Fresh);
+        assert_eq!(w.check(2, ts(101)), Seen::Duplicate);
+        // A re-send of the first run's seq 3 (old timestamp) is not new.
+        assert_eq!(
+            w.check(3, ts(3)),
+            Seen::Fresh,
+            "a late re-send from before the device restarted is not recognised here"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //!   batches them into the store, with dead letters for what it refuses.
 //! - [`store`]: the RocksDB time-series store (compressed telemetry blocks, events, dead
 //!   letters, retention).
+//! - [`sync`]: the sync client that sends the store's outbox to the cloud.
 //! - [`api`]: the HTTP API (health, Prometheus metrics, series, points, events, dead letters).
 //!
 //! [`Edge`] wires them together with an explicit shutdown: stop taking devices, write what was
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod config;
 pub mod ingest;
 pub mod store;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -61,6 +63,9 @@ pub enum EdgeError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The sync client could not be built.
+    #[error("sync: {0}")]
+    Sync(sync::SyncError),
     /// A blocking task panicked.
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -110,7 +115,9 @@ impl Edge {
         })?;
         let metrics = metrics_handle();
         let path = cfg.data_dir.join("rocksdb");
-        let opts = cfg.store.options();
+        let opts = cfg
+            .store
+            .options(cfg.sync.enabled.then_some(cfg.sync.outbox_quota_bytes));
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??);
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         let ingest = if cfg.ingest.enabled {
@@ -167,6 +174,49 @@ impl Edge {
             }
         });
 
+        let sync_stats = cfg
+            .sync
+            .enabled
+            .then(|| Arc::new(sync::SyncStats::default()));
+        if let Some(stats) = &sync_stats {
+            let client = sync::SyncClient::new(
+                store.clone(),
+                cfg.sync.clone(),
+                cfg.edge_id.clone(),
+                stats.clone(),
+            )
+            .map_err(EdgeError::Sync)?;
+            tasks.spawn(client.run(stop.clone()));
+            // Outbox gauges for Prometheus.
+            tasks.spawn({
+                let (store, stop) = (store.clone(), stop.clone());
+                async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
+                        let store = store.clone();
+                        if let Ok(Ok(Some(o))) =
+                            tokio::task::spawn_blocking(move || store.outbox_status()).await
+                        {
+                            for (lane, items, bytes) in [
+                                ("events", o.items.events, o.bytes.events),
+                                ("telemetry", o.items.telemetry, o.bytes.telemetry),
+                            ] {
+                                metrics::gauge!("millrace_edge_outbox_items", "lane" => lane)
+                                    .set(items as f64);
+                                metrics::gauge!("millrace_edge_outbox_bytes", "lane" => lane)
+                                    .set(bytes as f64);
+                            }
+                            let lag = o
+                                .oldest_stored_ms
+                                .map_or(0, |t| (chrono::Utc::now().timestamp_millis() - t).max(0));
+                            metrics::gauge!("millrace_edge_sync_lag_seconds")
+                                .set(lag as f64 / 1000.0);
+                        }
+                    }
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
             .map_err(|source| EdgeError::Http {
@@ -191,6 +241,7 @@ impl Edge {
             max_points: cfg.http.max_points,
             edge_id: cfg.edge_id.clone(),
             started,
+            sync: sync_stats.map(|s| (s, cfg.sync.cloud_url.clone())),
         };
         tasks.spawn({
             let stop = stop.clone();

@@ -99,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
                 .api_keys
                 .iter_mut()
                 .for_each(|k| *k = "<hidden>".into());
+            if !cfg.sync.token.is_empty() {
+                cfg.sync.token = "<hidden>".into();
+            }
             print!(
                 "{}",
                 toml::to_string_pretty(&cfg).context("render configuration")?
@@ -107,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         Command::StoreStats { compact } => {
             let cfg = EdgeConfig::load(cli.config.as_deref())?;
             let path = cfg.data_dir.join("rocksdb");
-            let store = millrace_edge::store::Store::open(&path, cfg.store.options())
+            let store = millrace_edge::store::Store::open(&path, cfg.store.options(None))
                 .with_context(|| format!("open {} (is the edge still running?)", path.display()))?;
             if compact {
                 store.seal_all()?;

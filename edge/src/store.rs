@@ -10,6 +10,9 @@
 //! | `blocks` | series id `u32` · window start | compressed block ([`block`]) |
 //! | `events` | machine id `u32` · ts · seq `u64` | JSON of the event body |
 //! | `dead_letters` | received ts · counter `u64` | JSON [`DeadLetter`] |
+//! | `outbox` | lane `u8` · outbox seq `u64` | the event for the cloud ([`outbox`]) |
+//! | `meta` | name | outbox counters, dropped ranges |
+//! | `recent` | write counter `u64` | (id, device seq, ts) of each event written, for dedup after a restart |
 //!
 //! Telemetry lands in `head` in the same write batch as everything else; a maintenance pass
 //! seals each full time window of a series into one Gorilla-style block and deletes the raw
@@ -18,6 +21,7 @@
 //! Retention deletes by key range per series and machine.
 
 pub mod block;
+pub mod outbox;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -37,7 +41,12 @@ const CF_HEAD: &str = "head";
 const CF_BLOCKS: &str = "blocks";
 const CF_EVENTS: &str = "events";
 const CF_DEAD: &str = "dead_letters";
-const CFS: [&str; 5] = [CF_SERIES, CF_HEAD, CF_BLOCKS, CF_EVENTS, CF_DEAD];
+const CF_OUTBOX: &str = "outbox";
+const CF_META: &str = "meta";
+const CF_RECENT: &str = "recent";
+const CFS: [&str; 8] = [
+    CF_SERIES, CF_HEAD, CF_BLOCKS, CF_EVENTS, CF_DEAD, CF_OUTBOX, CF_META, CF_RECENT,
+];
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +65,9 @@ pub enum StoreError {
     /// More series than ids.
     #[error("series id space exhausted")]
     SeriesExhausted,
+    /// The store was opened without an outbox (sync is off).
+    #[error("this store has no outbox (sync is not enabled)")]
+    NoOutbox,
 }
 
 impl StoreError {
@@ -93,6 +105,11 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Memtable size per column family in bytes.
     pub write_buffer_bytes: usize,
+    /// Keep an outbox for the cloud, and its disk quota in bytes (`None`: no sync, no outbox).
+    pub outbox_quota_bytes: Option<u64>,
+    /// Events remembered across a restart to recognise devices re-sending what was stored just
+    /// before it.
+    pub recent_events: usize,
 }
 
 impl Default for StoreOptions {
@@ -106,6 +123,8 @@ impl Default for StoreOptions {
             dead_letter_retention: Duration::from_secs(7 * 86_400),
             cache_bytes: 32 << 20,
             write_buffer_bytes: 16 << 20,
+            outbox_quota_bytes: None,
+            recent_events: 100_000,
         }
     }
 }
@@ -239,6 +258,10 @@ pub struct Store {
     dead_counter: AtomicU64,
     /// Per kind: the cutoff and the number of ids when retention last ran.
     retention_done: Mutex<HashMap<&'static str, (i64, u32)>>,
+    outbox: Option<outbox::OutboxState>,
+    /// Next key of `recent`.
+    recent_counter: AtomicU64,
+    recent_log: outbox::RecentLog,
 }
 
 impl std::fmt::Debug for Store {
@@ -293,8 +316,15 @@ impl Store {
             write_lock: Mutex::new(()),
             dead_counter: AtomicU64::new(0),
             retention_done: Mutex::new(HashMap::new()),
+            outbox: None,
+            recent_counter: AtomicU64::new(0),
+            recent_log: Default::default(),
         };
         store.load()?;
+        let mut store = store;
+        if let Some(quota) = store.opts.outbox_quota_bytes {
+            store.outbox = Some(store.load_outbox(quota)?);
+        }
         Ok(store)
     }
 
@@ -339,6 +369,17 @@ impl Store {
                 .insert(ts.div_euclid(window) * window);
             let newest = unsealed.newest.entry(id).or_insert(ts);
             *newest = (*newest).max(ts);
+        }
+        if let Some(item) = self
+            .db
+            .iterator_cf(self.cf(CF_RECENT), IteratorMode::End)
+            .next()
+        {
+            let (k, _) = item?;
+            if let Ok(k) = <[u8; 8]>::try_from(k.as_ref()) {
+                self.recent_counter
+                    .store(u64::from_be_bytes(k) + 1, Ordering::Relaxed);
+            }
         }
         if let Some(item) = self
             .db
@@ -418,8 +459,13 @@ impl Store {
         let mut touched: Vec<(u32, i64)> = vec![];
         let (head, events_cf, dead_cf) = (self.cf(CF_HEAD), self.cf(CF_EVENTS), self.cf(CF_DEAD));
         let mut name = String::with_capacity(128);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut outbox = self.outbox.as_ref().map(|o| o.begin());
+        let mut recent = Vec::with_capacity(events.len() * 10);
+        let mut item = Vec::with_capacity(128);
         for e in events {
             let m = &e.machine;
+            let mut first_id = None;
             match &e.body {
                 EventBody::Telemetry(t) => {
                     for r in &t.readings {
@@ -433,6 +479,7 @@ impl Store {
                         name.push('/');
                         name.push_str(&r.name);
                         let id = self.id_for(&name, &r.unit, &mut batch, &mut new)?;
+                        first_id.get_or_insert(id);
                         batch.put_cf(head, series_ts_key(id, e.ts_ms), r.value.to_be_bytes());
                         touched.push((id, e.ts_ms));
                         stats.points += 1;
@@ -440,6 +487,7 @@ impl Store {
                 }
                 body => {
                     let id = self.id_for(&format!("m/{m}"), "", &mut batch, &mut new)?;
+                    first_id = Some(id);
                     let mut k = Vec::with_capacity(20);
                     k.extend_from_slice(&id.to_be_bytes());
                     k.extend_from_slice(&ts_key(e.ts_ms));
@@ -448,7 +496,24 @@ impl Store {
                     batch.put_cf(events_cf, k, v);
                 }
             }
+            if let Some(id) = first_id {
+                outbox::put_recent(&mut recent, id, e.seq, e.ts_ms);
+            }
+            if let Some(ob) = outbox.as_mut() {
+                item.clear();
+                let seq = ob.next_seq();
+                millrace_shared::sync::encode_item(&mut item, seq, now_ms, e);
+                ob.put(&mut batch, self.cf(CF_OUTBOX), e.kind(), seq, &item);
+            }
             stats.events += 1;
+        }
+        if !recent.is_empty() && self.opts.recent_events > 0 {
+            let n = self.recent_counter.fetch_add(1, Ordering::Relaxed);
+            batch.put_cf(self.cf(CF_RECENT), n.to_be_bytes(), &recent);
+            self.trim_recent(&mut batch, n, recent.len() / 20);
+        }
+        if let Some(ob) = outbox.as_ref() {
+            ob.finish(&mut batch, self.cf(CF_META));
         }
         for d in dead {
             let n = self.dead_counter.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +530,9 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(self.opts.sync_writes);
         self.db.write_opt(batch, &wo)?;
+        if let (Some(ob), Some(state)) = (outbox, self.outbox.as_ref()) {
+            state.commit(ob);
+        }
         if !new.is_empty() {
             let mut index = self.index.write().expect("index lock");
             for (name, id, unit) in new {
@@ -484,7 +552,16 @@ impl Store {
             let newest = unsealed.newest.entry(id).or_insert(ts);
             *newest = (*newest).max(ts);
         }
+        drop(_guard);
+        if self.outbox.is_some() {
+            self.enforce_outbox_quota()?;
+        }
         Ok(stats)
+    }
+
+    /// How many events are remembered across a restart for dedup.
+    pub fn recent_limit(&self) -> usize {
+        self.opts.recent_events
     }
 
     /// Seals every window that ended more than the grace period before `now_ms` (or before the

@@ -8,6 +8,8 @@
 //!   expectation.
 //! - [`master`]: machine master data (ideal cycle time) and the shift calendar that defines
 //!   planned production time.
+//! - [`sync`]: the edge → cloud sync protocol: outbox items, batches, their compact wire
+//!   encoding, and sets of sequence ranges.
 //! - [`kpi`]: ISO 22400 time and count accumulators and the OEE arithmetic used by the simulator's
 //!   ground truth and by the cloud's reports alike, so that both divide the same way.
 //!
@@ -17,6 +19,7 @@
 pub mod event;
 pub mod kpi;
 pub mod master;
+pub mod sync;
 pub mod topic;
 
 pub use event::{
@@ -27,4 +30,5 @@ pub use kpi::{Kpis, StateTimes, Tally};
 pub use master::{
     BreakDef, CalendarError, CalendarSlot, MachineSpec, ShiftCalendar, ShiftDef, ShiftInstance,
 };
+pub use sync::{RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
 pub use topic::{MachineId, TopicError};

@@ -193,3 +193,120 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     )
     .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
+
+/// What a [`FaultProxy`] does to the traffic through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward both ways.
+    Pass,
+    /// Close every connection and refuse new ones (a cut link).
+    Cut,
+    /// Accept and hold connections but forward nothing (a stalled link).
+    Stall,
+    /// Forward requests, but throw the answers away and close the connection: the server did
+    /// the work, the client never learns it (a lost acknowledgement).
+    LoseReplies,
+}
+
+/// A TCP proxy on 127.0.0.1 that injects network faults between a client and a server.
+#[derive(Debug)]
+pub struct FaultProxy {
+    /// The address clients connect to.
+    pub addr: std::net::SocketAddr,
+    mode: Arc<tokio::sync::watch::Sender<Fault>>,
+    /// Replies thrown away in [`Fault::LoseReplies`] mode.
+    pub lost_replies: Arc<std::sync::atomic::AtomicU64>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FaultProxy {
+    /// Starts forwarding to `upstream`.
+    pub fn start(upstream: std::net::SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::watch::channel(Fault::Pass);
+        let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost2 = lost.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut rx = rx.clone();
+                let lost = lost2.clone();
+                tokio::spawn(async move {
+                    let mode = *rx.borrow_and_update();
+                    match mode {
+                        Fault::Cut => return,
+                        Fault::Stall => {
+                            // Hold until the mode changes, then drop the connection.
+                            let _ = rx.changed().await;
+                            return;
+                        }
+                        Fault::Pass | Fault::LoseReplies => {}
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = sr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            if mode == Fault::LoseReplies {
+                                lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                break;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    // Any change of mode ends the connection (a cut drops links in use).
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            mode: Arc::new(tx),
+            lost_replies: lost,
+            _runtime: runtime,
+        }
+    }
+
+    /// Changes what the proxy does; connections open now are closed.
+    pub fn set(&self, fault: Fault) {
+        self.mode.send_replace(fault);
+    }
+
+    /// The proxy as an `http://` base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}

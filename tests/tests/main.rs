@@ -32,9 +32,14 @@ struct EdgeProcess {
 
 impl EdgeProcess {
     fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(bin("millrace-edge"))
             .args(["--config", config.to_str().unwrap()])
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -297,4 +302,368 @@ fn a_simulated_shift_flows_through_the_edge_and_matches_the_ground_truth() {
     let edge = EdgeProcess::start(&config);
     assert_matches_truth(&edge, &truth);
     edge.stop();
+}
+
+/// `millrace-cloud` as a process on a fixed loopback port (so that it can be restarted there).
+struct CloudProcess {
+    child: Child,
+    http: String,
+}
+
+impl CloudProcess {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(bin("millrace-cloud"))
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let line = loop {
+            let l = lines
+                .next()
+                .expect("cloud exited before it started")
+                .unwrap();
+            if l.starts_with("millrace-cloud: API on") {
+                break l;
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            child,
+            http: line.rsplit(' ').next().unwrap().to_owned(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        get_json(&format!("{}{path}", self.http))
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "cloud exits cleanly on SIGTERM: {status}");
+    }
+}
+
+impl Drop for CloudProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn get_json(url: &str) -> Value {
+    let out = Command::new("curl")
+        .args(["-fsS", url])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A token for edge `id` from `millrace-cloud edge-token`: (token, its SHA-256).
+fn edge_token(id: &str) -> (String, String) {
+    let out = Command::new(bin("millrace-cloud"))
+        .args(["edge-token", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MILLRACE_EDGE_SYNC__TOKEN="))
+        .unwrap()
+        .to_owned();
+    let digest = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token_sha256 = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    (token, digest)
+}
+
+/// A cloud config on `port` that accepts edge `edge` with `digest`.
+fn cloud_config(dir: &Path, port: u16, edge: &str, digest: &str) -> PathBuf {
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[edges.{edge}]\ntoken_sha256 = \"{digest}\"\n",
+            dir.join("cloud-data").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Adds a `[sync]` section to an edge config.
+fn with_sync(config: &Path, cloud_url: &str, extra: &str) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text.push_str(&format!(
+        "[sync]\nenabled = true\ncloud_url = \"{cloud_url}\"\nbatch_max_items = 2000\nlinger = \"20ms\"\nretry_initial = \"20ms\"\nretry_max = \"300ms\"\nrequest_timeout = \"5s\"\n{extra}"
+    ));
+    std::fs::write(config, text).unwrap();
+}
+
+/// Everything one machine has in a store, in a form both sides can be compared in: events as
+/// (ts, device seq, kind, detail) and points per metric as (ts, value bits).
+#[derive(Debug, PartialEq, Default)]
+struct MachineContents {
+    events: Vec<(i64, u64, String, String)>,
+    points: BTreeMap<String, Vec<(i64, u64)>>,
+}
+
+fn event_detail(kind: &str, fields: [&Value; 6]) -> String {
+    let s = |v: &Value| match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    format!(
+        "{kind}|{}",
+        fields.iter().map(|v| s(v)).collect::<Vec<_>>().join("|")
+    )
+}
+
+fn edge_contents(edge: &EdgeProcess, machine: &str, from: i64, to: i64) -> MachineContents {
+    let mut c = MachineContents::default();
+    let evs = edge.get(&format!(
+        "/api/v1/events?machine={machine}&from={from}&to={to}&limit=100000"
+    ));
+    for e in evs["events"].as_array().unwrap() {
+        let b = &e["body"];
+        let kind = b["kind"].as_str().unwrap();
+        let detail = event_detail(
+            kind,
+            [
+                &b["state"],
+                &b["reason"],
+                &b["outcome"],
+                &b["cycle_time_ms"],
+                &b["part_id"],
+                &b["operator"],
+            ],
+        );
+        c.events.push((
+            e["ts_ms"].as_i64().unwrap(),
+            e["seq"].as_u64().unwrap(),
+            kind.to_owned(),
+            detail,
+        ));
+    }
+    c.events.sort();
+    for s in edge.get("/api/v1/series")["series"].as_array().unwrap() {
+        let name = s["name"].as_str().unwrap();
+        let Some(metric) = name.strip_prefix(&format!("{machine}/")) else {
+            continue;
+        };
+        let pts = edge.get(&format!("/api/v1/points?series={name}&from={from}&to={to}"));
+        let v: Vec<(i64, u64)> = pts["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap().to_bits()))
+            .collect();
+        c.points.insert(metric.to_owned(), v);
+    }
+    c
+}
+
+fn cloud_contents(cloud: &CloudProcess, machine: &str, from: i64, to: i64) -> MachineContents {
+    let mut c = MachineContents::default();
+    let evs = cloud.get(&format!(
+        "/api/v1/events?machine={machine}&from={from}&to={to}"
+    ));
+    for e in evs["events"].as_array().unwrap() {
+        let kind = e["kind"].as_str().unwrap();
+        // The edge keeps operator events' action in `action`, too; compare the same fields.
+        let detail = event_detail(
+            kind,
+            [
+                &e["state"],
+                &e["reason"],
+                &e["outcome"],
+                &e["cycle_time_ms"],
+                &e["part_id"],
+                &e["operator"],
+            ],
+        );
+        c.events.push((
+            e["ts"].as_i64().unwrap(),
+            e["device_seq"].as_u64().unwrap(),
+            kind.to_owned(),
+            detail,
+        ));
+    }
+    c.events.sort();
+    let pts = cloud.get(&format!(
+        "/api/v1/telemetry?machine={machine}&from={from}&to={to}"
+    ));
+    for p in pts["points"].as_array().unwrap() {
+        c.points
+            .entry(p["metric"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((
+                p["ts"].as_i64().unwrap(),
+                p["value"].as_f64().unwrap().to_bits(),
+            ));
+    }
+    for v in c.points.values_mut() {
+        v.sort();
+    }
+    c
+}
+
+#[test]
+fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, digest) = edge_token("e2e");
+    let cloud_config = cloud_config(dir.path(), millrace_tests::free_port(), "e2e", &digest);
+    let mut cloud = CloudProcess::start(&cloud_config);
+    let upstream = cloud.http.trim_start_matches("http://").parse().unwrap();
+    let proxy = millrace_tests::FaultProxy::start(upstream);
+    let config = edge_config(dir.path(), millrace_tests::free_port());
+    with_sync(&config, &proxy.url(), "");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", "e2e"),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+    ];
+    let mut edge = EdgeProcess::start_with_env(&config, &env);
+    let truth_path = dir.path().join("truth.json");
+    let mut sim = sim_run(&edge)
+        .args([
+            "--qos",
+            "1",
+            "--seed",
+            "11",
+            "--start",
+            "2026-02-02T00:00:00Z",
+        ])
+        // Paced (an hour per second) so that the faults below happen while devices still send.
+        .args([
+            "--duration",
+            "2days",
+            "--telemetry-interval",
+            "10s",
+            "--speed",
+            "3600",
+            "--quiet",
+        ])
+        .args(["--truth", truth_path.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    let cloud_items = |c: &CloudProcess| {
+        c.get("/api/v1/edges")["edges"]
+            .as_array()
+            .and_then(|a| a.first().map(|e| e["items"].as_u64().unwrap()))
+            .unwrap_or(0)
+    };
+    let sync = |e: &EdgeProcess| e.get("/api/v1/sync");
+    let failures = |e: &EdgeProcess| sync(e)["sent"]["failures"].as_u64().unwrap();
+    let timeout = Duration::from_secs(120);
+
+    // 1. Lost acknowledgements: the cloud stores, the edge never hears it and sends again.
+    assert!(wait_until(timeout, || cloud_items(&cloud) > 0));
+    proxy.set(millrace_tests::Fault::LoseReplies);
+    assert!(wait_until(timeout, || proxy
+        .lost_replies
+        .load(std::sync::atomic::Ordering::Relaxed)
+        >= 3));
+    proxy.set(millrace_tests::Fault::Pass);
+
+    // 2. The cloud stops mid-sync and comes back.
+    let before = failures(&edge);
+    cloud.stop();
+    assert!(wait_until(timeout, || failures(&edge) > before));
+    cloud = CloudProcess::start(&cloud_config);
+
+    // 3. A partition: the link is cut, then stalls; meanwhile the edge is killed (SIGKILL) with
+    //    data waiting in its outbox, and restarted.
+    proxy.set(millrace_tests::Fault::Cut);
+    let held = cloud_items(&cloud);
+    assert!(wait_until(timeout, || {
+        let o = &sync(&edge)["outbox"]["items"];
+        o["events"].as_u64().unwrap() + o["telemetry"].as_u64().unwrap() > 1000
+    }));
+    edge.child.kill().unwrap();
+    edge.child.wait().unwrap();
+    drop(edge);
+    let edge = EdgeProcess::start_with_env(&config, &env);
+    proxy.set(millrace_tests::Fault::Stall);
+    let before = failures(&edge);
+    assert!(wait_until(timeout, || failures(&edge) > before));
+    proxy.set(millrace_tests::Fault::Pass);
+    assert!(wait_until(timeout, || cloud_items(&cloud) > held));
+
+    // The simulator exits once the edge acknowledged (stored) everything; then the outbox drains.
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "simulator finished: {status}");
+    assert!(
+        wait_until(Duration::from_secs(300), || {
+            let s = sync(&edge);
+            s["outbox"]["items"]["events"] == 0 && s["outbox"]["items"]["telemetry"] == 0
+        }),
+        "outbox drained: {}",
+        sync(&edge)
+    );
+
+    // Every outbox sequence number the edge ever gave out is held once, with no gap.
+    let s = sync(&edge);
+    let last_seq = s["outbox"]["next_seq"].as_u64().unwrap() - 1;
+    assert_eq!(s["outbox"]["dropped"]["telemetry"], 0);
+    let ledger = &cloud.get("/api/v1/edges?ranges=true")["edges"][0];
+    assert_eq!(
+        ledger["received"],
+        serde_json::json!([[1, last_seq]]),
+        "{ledger}"
+    );
+    assert_eq!(ledger["items"].as_u64(), Some(last_seq));
+    assert_eq!(ledger["gap_items"], 0);
+    assert!(
+        s["sent"]["duplicates"].as_u64().unwrap() > 0,
+        "lost acknowledgements made the edge re-send: {s}"
+    );
+
+    // Full contents, machine by machine: the cloud holds exactly what the edge stored.
+    let truth = read_json(&truth_path);
+    let (from, to) = (
+        truth["start_ms"].as_i64().unwrap(),
+        truth["end_ms"].as_i64().unwrap() + 1,
+    );
+    let mut events = 0;
+    let mut points = 0;
+    for m in truth["machines"].as_array().unwrap() {
+        let id = format!(
+            "{}/{}/{}",
+            m["site"].as_str().unwrap(),
+            m["line"].as_str().unwrap(),
+            m["machine"].as_str().unwrap()
+        );
+        let on_edge = edge_contents(&edge, &id, from, to);
+        let in_cloud = cloud_contents(&cloud, &id, from, to);
+        assert!(
+            !on_edge.events.is_empty() && !on_edge.points.is_empty(),
+            "{id}"
+        );
+        assert_eq!(on_edge.events.len(), in_cloud.events.len(), "{id}: events");
+        assert_eq!(on_edge, in_cloud, "{id}: contents differ");
+        events += on_edge.events.len();
+        points += on_edge.points.values().map(Vec::len).sum::<usize>();
+    }
+    // And what the edge stored is what the devices sent (the ground truth).
+    assert_eq!(
+        events as u64 + truth["events"]["telemetry"].as_u64().unwrap(),
+        truth["total_events"].as_u64().unwrap()
+    );
+    assert!(points > 0);
+    edge.stop();
+    cloud.stop();
 }

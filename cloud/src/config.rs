@@ -1,0 +1,220 @@
+//! Cloud configuration: defaults, then a TOML file, then `MILLRACE_CLOUD_*` environment
+//! variables (`__` separates levels: `MILLRACE_CLOUD_HTTP__LISTEN=0.0.0.0:8090`), then validation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use millrace_shared::{MachineSpec, ShiftCalendar};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or has wrong fields.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value is not acceptable.
+    #[error("configuration: `{field}`: {reason}")]
+    Invalid {
+        /// The setting.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An edge allowed to sync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeAuth {
+    /// SHA-256 (hex) of the edge's token, from `millrace-cloud edge-token`. Tokens are 256-bit
+    /// random values, so a fast hash is enough; the token itself is never stored.
+    pub token_sha256: String,
+}
+
+/// The SHA-256 hex digest of a token.
+pub fn token_digest(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the API, the sync endpoint, the dashboard, health and metrics.
+    pub listen: SocketAddr,
+    /// Keys that may read reports (`Authorization: Bearer <key>` or `?api_key=` for the
+    /// dashboard's event stream). Without any key the API only listens on loopback.
+    pub read_keys: Vec<String>,
+    /// Keys that may also change master data.
+    pub admin_keys: Vec<String>,
+    /// Largest sync request body, bytes (compressed).
+    pub max_batch_bytes: usize,
+    /// Largest decoded batch, bytes.
+    pub max_batch_raw_bytes: usize,
+    /// Longest time range one report may cover.
+    #[serde(with = "humantime_serde")]
+    pub max_query_range: Duration,
+    /// Most rows a raw-data query returns.
+    pub max_rows: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8090".parse().expect("valid"),
+            read_keys: vec![],
+            admin_keys: vec![],
+            max_batch_bytes: 32 << 20,
+            max_batch_raw_bytes: 256 << 20,
+            max_query_range: Duration::from_secs(400 * 86_400),
+            max_rows: 1_000_000,
+        }
+    }
+}
+
+/// The dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetConfig {
+    /// fsync files and the manifest before acknowledging. Off loses acknowledged batches on
+    /// power loss; only for tests of throughput.
+    pub fsync: bool,
+    /// How often small files are compacted.
+    #[serde(with = "humantime_serde")]
+    pub compaction_interval: Duration,
+    /// A partition with at least this many files is compacted.
+    pub compaction_min_files: usize,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            compaction_interval: Duration::from_secs(300),
+            compaction_min_files: 16,
+        }
+    }
+}
+
+/// Master data: machines and the shift calendar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MasterConfig {
+    /// Machines with their ideal cycle time, by `site/line/machine`.
+    pub machines: Vec<MachineSpec>,
+    /// Ideal cycle time for machines not listed, milliseconds (0: performance unknown).
+    pub default_ideal_cycle_ms: u32,
+    /// The shift calendar (UTC).
+    pub calendar: ShiftCalendar,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        Self {
+            machines: vec![],
+            default_ideal_cycle_ms: 0,
+            calendar: ShiftCalendar::default(),
+        }
+    }
+}
+
+/// The whole cloud configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// Where the dataset lives.
+    pub data_dir: PathBuf,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// The dataset.
+    pub dataset: DatasetConfig,
+    /// Edges allowed to sync, by edge id.
+    pub edges: BTreeMap<String, EdgeAuth>,
+    /// Master data.
+    pub master: MasterConfig,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data/cloud"),
+            http: HttpConfig::default(),
+            dataset: DatasetConfig::default(),
+            edges: BTreeMap::new(),
+            master: MasterConfig::default(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Loads defaults, then `file` if given, then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(CloudConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Invalid {
+                    field: "--config".into(),
+                    reason: format!("file {} does not exist", f.display()),
+                });
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let cfg: CloudConfig = fig
+            .merge(Env::prefixed("MILLRACE_CLOUD_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        let keys = self.http.read_keys.iter().chain(&self.http.admin_keys);
+        if keys.clone().any(|k| k.len() < 16) {
+            return invalid("http.read_keys", "keys must be at least 16 characters");
+        }
+        if keys.count() == 0 && !self.http.listen.ip().is_loopback() {
+            return invalid(
+                "http.read_keys",
+                "the API listens beyond loopback, so it needs at least one read or admin key",
+            );
+        }
+        for (id, e) in &self.edges {
+            if millrace_shared::topic::validate_id("edge", id).is_err() {
+                return invalid(
+                    &format!("edges.{id}"),
+                    "edge ids are 1 to 64 characters of A-Z a-z 0-9 _ -",
+                );
+            }
+            if e.token_sha256.len() != 64 || !e.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return invalid(
+                    &format!("edges.{id}.token_sha256"),
+                    "64 hex digits: create it with `millrace-cloud edge-token <edge-id>`",
+                );
+            }
+        }
+        if self.http.max_batch_bytes < 1024 || self.http.max_batch_raw_bytes < 1024 {
+            return invalid("http.max_batch_bytes", "at least 1024");
+        }
+        if self.dataset.compaction_min_files < 2 {
+            return invalid("dataset.compaction_min_files", "at least 2");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,339 @@
+//! Queries over the dataset with Polars (lazy, run on blocking threads): raw rows and the
+//! factory reports.
+
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use polars::prelude::*;
+use serde::Deserialize;
+
+use crate::api::{ApiError, ApiState, Caller, blocking};
+use crate::dataset::{Table, scan_files};
+
+/// Parses a time: Unix milliseconds, RFC 3339, or a duration before now (`-2h`).
+pub(crate) fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Some(d) = v
+        .strip_prefix('-')
+        .and_then(|d| humantime::parse_duration(d).ok())
+    {
+        return Ok(chrono::Utc::now().timestamp_millis() - d.as_millis() as i64);
+    }
+    chrono::DateTime::parse_from_rfc3339(v).map(|d| d.timestamp_millis()).map_err(|_| {
+        ApiError::BadRequest(format!("`{name}` = `{v}` is not a time: expected Unix milliseconds, RFC 3339 (2026-01-05T06:00:00Z) or a duration before now (-2h)"))
+    })
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// JSON (default).
+    #[default]
+    Json,
+    /// CSV with a header row.
+    Csv,
+}
+
+/// Filters shared by data queries and reports.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filters {
+    /// Only this site.
+    pub site: Option<String>,
+    /// Only this line.
+    pub line: Option<String>,
+    /// Only this machine (`machine` or `site/line/machine`).
+    pub machine: Option<String>,
+    /// Only this metric (telemetry).
+    pub metric: Option<String>,
+    /// Only this kind (`state`, `part`, `operator`).
+    pub kind: Option<String>,
+    /// From (inclusive): Unix ms, RFC 3339 or `-2h`.
+    pub from: Option<String>,
+    /// To (exclusive).
+    pub to: Option<String>,
+    /// Most rows.
+    pub limit: Option<usize>,
+    /// `json` or `csv`.
+    #[serde(default)]
+    pub format: Format,
+    /// API key (for clients that cannot set headers).
+    pub api_key: Option<String>,
+}
+
+/// A checked time range and row filter.
+pub(crate) struct Selection {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub predicate: Option<Expr>,
+    pub sites: Option<Vec<String>>,
+}
+
+fn and(a: Option<Expr>, b: Expr) -> Option<Expr> {
+    Some(match a {
+        Some(a) => a.and(b),
+        None => b,
+    })
+}
+
+impl Filters {
+    pub(crate) fn select(&self, max_range_ms: i64) -> Result<Selection, ApiError> {
+        let to_ms = match &self.to {
+            Some(t) => parse_time("to", t)?,
+            None => chrono::Utc::now().timestamp_millis() + 1,
+        };
+        let from_ms = match &self.from {
+            Some(f) => parse_time("from", f)?,
+            None => to_ms - 86_400_000,
+        };
+        if from_ms >= to_ms {
+            return Err(ApiError::BadRequest(format!(
+                "`from` ({from_ms}) must be before `to` ({to_ms})"
+            )));
+        }
+        if to_ms - from_ms > max_range_ms {
+            return Err(ApiError::BadRequest(format!(
+                "the range covers {} days; at most {} days per query",
+                (to_ms - from_ms) / 86_400_000,
+                max_range_ms / 86_400_000
+            )));
+        }
+        let mut p = Some(
+            col("ts")
+                .cast(DataType::Int64)
+                .gt_eq(lit(from_ms))
+                .and(col("ts").cast(DataType::Int64).lt(lit(to_ms))),
+        );
+        let mut site = self.site.clone();
+        let mut line = self.line.clone();
+        let mut machine = self.machine.clone();
+        if let Some(m) = &self.machine
+            && m.contains('/')
+        {
+            let parts: Vec<&str> = m.split('/').collect();
+            let [s, l, mm] = parts[..] else {
+                return Err(ApiError::BadRequest(format!(
+                    "`machine` = `{m}`: expected `machine` or `site/line/machine`"
+                )));
+            };
+            site = Some(s.to_owned());
+            line = Some(l.to_owned());
+            machine = Some(mm.to_owned());
+        }
+        for (name, v) in [("site", &site), ("line", &line), ("machine", &machine)] {
+            if let Some(v) = v {
+                if millrace_shared::topic::validate_id(name, v).is_err() {
+                    return Err(ApiError::BadRequest(format!(
+                        "`{name}` = `{v}` is not a valid id (1 to 64 of A-Z a-z 0-9 _ -)"
+                    )));
+                }
+                p = and(p, col(name).eq(lit(v.clone())));
+            }
+        }
+        if let Some(m) = &self.metric {
+            p = and(p, col("metric").eq(lit(m.clone())));
+        }
+        if let Some(k) = &self.kind {
+            if !["state", "part", "operator"].contains(&k.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "`kind` = `{k}`: expected state, part or operator"
+                )));
+            }
+            p = and(p, col("kind").eq(lit(k.clone())));
+        }
+        Ok(Selection {
+            from_ms,
+            to_ms,
+            predicate: p,
+            sites: site.map(|s| vec![s]),
+        })
+    }
+}
+
+/// The dates (UTC, `YYYY-MM-DD`) a range touches, for partition pruning.
+pub(crate) fn date_range(from_ms: i64, to_ms: i64) -> (String, String) {
+    let d = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map_or_else(|| "0000-00-00".into(), |d| d.format("%Y-%m-%d").to_string())
+    };
+    (d(from_ms), d(to_ms - 1))
+}
+
+/// Scans `table` for `sel` (partition-pruned, filtered).
+pub(crate) fn scan(
+    ds: &crate::dataset::Dataset,
+    table: Table,
+    sel: &Selection,
+) -> PolarsResult<Option<LazyFrame>> {
+    let (a, b) = date_range(sel.from_ms, sel.to_ms);
+    let files = ds.files(table, Some((&a, &b)), sel.sites.as_deref());
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let mut lf = scan_files(&files)?;
+    if let Some(p) = sel.predicate.clone() {
+        lf = lf.filter(p);
+    }
+    Ok(Some(lf))
+}
+
+/// Renders a frame as JSON rows or CSV.
+pub(crate) fn render(mut df: DataFrame, format: Format, key: &str) -> Result<Response, ApiError> {
+    match format {
+        Format::Csv => {
+            let mut buf = vec![];
+            CsvWriter::new(&mut buf)
+                .include_header(true)
+                .finish(&mut df)?;
+            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], buf).into_response())
+        }
+        Format::Json => {
+            Ok(axum::Json(serde_json::json!({ key: frame_to_json(&df) })).into_response())
+        }
+    }
+}
+
+/// A frame as a list of JSON objects (timestamps as Unix ms).
+pub(crate) fn frame_to_json(df: &DataFrame) -> Vec<serde_json::Value> {
+    use serde_json::Value;
+    let names: Vec<String> = df
+        .get_column_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let cols: Vec<Vec<Value>> = df
+        .columns()
+        .iter()
+        .map(|c| {
+            let s = c.as_materialized_series();
+            (0..s.len())
+                .map(|i| match s.get(i) {
+                    Ok(AnyValue::Null) | Err(_) => Value::Null,
+                    Ok(AnyValue::Boolean(b)) => Value::Bool(b),
+                    Ok(AnyValue::String(v)) => Value::String(v.to_owned()),
+                    Ok(AnyValue::StringOwned(v)) => Value::String(v.to_string()),
+                    Ok(AnyValue::UInt32(v)) => v.into(),
+                    Ok(AnyValue::UInt64(v)) => v.into(),
+                    Ok(AnyValue::Int32(v)) => v.into(),
+                    Ok(AnyValue::Int64(v)) => v.into(),
+                    Ok(AnyValue::Float64(v)) => {
+                        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+                    }
+                    Ok(AnyValue::Float32(v)) => serde_json::Number::from_f64(f64::from(v))
+                        .map_or(Value::Null, Value::Number),
+                    Ok(AnyValue::Datetime(v, _, _)) | Ok(AnyValue::DatetimeOwned(v, _, _)) => {
+                        v.into()
+                    }
+                    Ok(other) => Value::String(other.to_string()),
+                })
+                .collect()
+        })
+        .collect();
+    (0..df.height())
+        .map(|i| {
+            let mut m = serde_json::Map::with_capacity(names.len());
+            for (n, c) in names.iter().zip(&cols) {
+                m.insert(n.clone(), c[i].clone());
+            }
+            Value::Object(m)
+        })
+        .collect()
+}
+
+fn max_range(s: &ApiState) -> i64 {
+    s.cfg.http.max_query_range.as_millis() as i64
+}
+
+async fn rows(
+    s: ApiState,
+    f: Filters,
+    table: Table,
+    cols: &'static [&'static str],
+    key: &'static str,
+) -> Result<Response, ApiError> {
+    let sel = f.select(max_range(&s))?;
+    let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
+    if limit == 0 || limit > s.cfg.http.max_rows {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be between 1 and {}",
+            s.cfg.http.max_rows
+        )));
+    }
+    let ds = s.dataset.clone();
+    let format = f.format;
+    let df = blocking(move || {
+        let Some(lf) = scan(&ds, table, &sel)? else {
+            return Ok(DataFrame::empty());
+        };
+        let exprs: Vec<Expr> = cols.iter().map(|c| col(*c)).collect();
+        Ok(lf
+            .select(exprs)
+            .sort(
+                ["ts"],
+                SortMultipleOptions::default().with_maintain_order(true),
+            )
+            .limit(limit as IdxSize)
+            .collect()?)
+    })
+    .await?;
+    render(df, format, key)
+}
+
+type Q = Result<Query<Filters>, axum::extract::rejection::QueryRejection>;
+
+fn query(q: Q) -> Result<Filters, ApiError> {
+    q.map(|Query(f)| f)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+/// `GET /api/v1/telemetry`: raw telemetry points.
+pub(crate) async fn telemetry_rows(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    const COLS: &[&str] = &[
+        "site",
+        "line",
+        "machine",
+        "metric",
+        "unit",
+        "ts",
+        "value",
+        "device_seq",
+        "edge",
+        "outbox_seq",
+        "backfill",
+    ];
+    rows(s, query(q)?, Table::Telemetry, COLS, "points").await
+}
+
+/// `GET /api/v1/events`: raw state, part and operator events.
+pub(crate) async fn event_rows(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    const COLS: &[&str] = &[
+        "site",
+        "line",
+        "machine",
+        "ts",
+        "device_seq",
+        "kind",
+        "state",
+        "reason",
+        "outcome",
+        "cycle_time_ms",
+        "part_id",
+        "action",
+        "operator",
+        "edge",
+        "outbox_seq",
+        "backfill",
+    ];
+    rows(s, query(q)?, Table::Events, COLS, "events").await
+}

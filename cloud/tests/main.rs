@@ -1,0 +1,425 @@
+//! The cloud's integration tests: the dataset on real files, the API through `Router::oneshot`
+//! and over real HTTP on 127.0.0.1:0.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use millrace_cloud::api::{ApiState, app};
+use millrace_cloud::config::{CloudConfig, EdgeAuth, token_digest};
+use millrace_cloud::dataset::{Dataset, Table};
+use millrace_shared::sync::{CONTENT_TYPE, SYNC_PATH, SyncBatch, SyncItem};
+use millrace_shared::{
+    Event, EventBody, MachineId, MachineState, PartOutcome, PartProduced, Reading, StateChange,
+    Telemetry,
+};
+use serde_json::Value;
+use tower::ServiceExt;
+
+const TOKEN: &str = "mrt_test-token-of-edge-one-0123456789";
+const READ_KEY: &str = "read-key-0123456789";
+
+fn machine(i: u32) -> MachineId {
+    MachineId::new(format!("site-{}", i % 2), "line-a", format!("m{i}")).unwrap()
+}
+
+/// `n` items from seq `first`: mostly telemetry, some parts and state changes.
+fn items(first: u64, n: u64) -> Vec<SyncItem> {
+    (first..first + n)
+        .map(|seq| {
+            let body = match seq % 10 {
+                0 => EventBody::Part(PartProduced {
+                    outcome: PartOutcome::Good,
+                    cycle_time_ms: 30_000,
+                    part_id: None,
+                }),
+                5 => EventBody::State(StateChange {
+                    state: MachineState::Running,
+                    reason: None,
+                }),
+                _ => EventBody::Telemetry(Telemetry {
+                    readings: vec![
+                        Reading {
+                            name: "temperature".into(),
+                            value: 60.0 + (seq % 7) as f64 / 4.0,
+                            unit: "C".into(),
+                        },
+                        Reading {
+                            name: "power".into(),
+                            value: 3.25,
+                            unit: "kW".into(),
+                        },
+                    ],
+                }),
+            };
+            SyncItem {
+                seq,
+                stored_ms: 1_767_600_000_000 + seq as i64,
+                backfill: false,
+                event: Event {
+                    machine: machine((seq % 4) as u32),
+                    // Spans two days, so batches touch several partitions.
+                    ts_ms: 1_767_600_000_000 + seq as i64 * 60_000,
+                    seq,
+                    body,
+                },
+            }
+        })
+        .collect()
+}
+
+fn rows(ds: &Dataset, table: Table) -> u64 {
+    ds.sizes().get(&table).map_or(0, |s| s.1)
+}
+
+#[test]
+fn a_batch_sent_twice_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    let batch = items(1, 3000);
+    let ack = ds.commit("e1", &batch, &[], 1).unwrap();
+    assert_eq!((ack.stored, ack.duplicates), (3000, 0));
+    let telemetry = rows(&ds, Table::Telemetry);
+    assert_eq!(telemetry, 2 * 2400);
+    // The same batch again (a lost acknowledgement), and one overlapping it (rebuilt
+    // differently after an edge restart): only the new items are stored.
+    let again = ds.commit("e1", &batch, &[], 2).unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 3000));
+    let overlap = ds.commit("e1", &items(2001, 2000), &[], 3).unwrap();
+    assert_eq!((overlap.stored, overlap.duplicates), (1000, 1000));
+    assert_eq!(rows(&ds, Table::Telemetry), 2 * 3200);
+    assert_eq!(rows(&ds, Table::Events), 800);
+    // Another edge's seqs are its own.
+    assert_eq!(ds.commit("e2", &items(1, 10), &[], 4).unwrap().stored, 10);
+    let edges = ds.edges();
+    assert_eq!(edges["e1"].received.ranges(), &[(1, 4000)]);
+    assert_eq!(edges["e1"].items, 4000);
+    assert!(edges["e1"].gaps().is_empty());
+    // Reopened: the same ledger and rows.
+    drop(ds);
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 4000)]);
+    assert_eq!(
+        rows(&ds, Table::Telemetry),
+        2 * 3200 + 2 * 8,
+        "e1's and e2's"
+    );
+    assert_eq!(ds.commit("e1", &batch, &[], 5).unwrap().stored, 0);
+}
+
+#[test]
+fn an_interrupted_commit_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    ds.commit("e1", &items(1, 100), &[], 1).unwrap();
+    drop(ds);
+    // A crash after writing a file but before the manifest line was complete.
+    let orphan = dir
+        .path()
+        .join("telemetry/date=2026-01-05/site=site-0/000000000099-e1.parquet");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"partial parquet").unwrap();
+    std::fs::write(orphan.with_extension("parquet.tmp"), b"partial").unwrap();
+    let manifest = dir.path().join("manifest.log");
+    let mut text = std::fs::read(&manifest).unwrap();
+    text.extend_from_slice(b"{\"op\":\"commit\",\"id\":99,\"edge\":\"e1\",\"seqs\":[[101,2");
+    std::fs::write(&manifest, &text).unwrap();
+
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert!(!orphan.exists(), "files no manifest line names are removed");
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 100)]);
+    // The torn line was cut off: the batch is simply taken again.
+    assert_eq!(ds.commit("e1", &items(101, 50), &[], 2).unwrap().stored, 50);
+    drop(ds);
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 150)]);
+}
+
+#[test]
+fn a_damaged_manifest_line_in_the_middle_is_an_error_not_a_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    ds.commit("e1", &items(1, 10), &[], 1).unwrap();
+    ds.commit("e1", &items(11, 10), &[], 2).unwrap();
+    drop(ds);
+    let manifest = dir.path().join("manifest.log");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen("commit", "c0mmit", 1)).unwrap();
+    let err = Dataset::open(dir.path(), true).unwrap_err().to_string();
+    assert!(err.contains("manifest line 1"), "{err}");
+}
+
+#[test]
+fn compaction_keeps_every_row_and_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    for i in 0..6 {
+        ds.commit("e1", &items(1 + i * 100, 100), &[], i as i64)
+            .unwrap();
+    }
+    let (before_t, before_e) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
+    let files_before = ds.files(Table::Telemetry, None, None).len();
+    let removed = ds.compact(3).unwrap();
+    assert!(removed > 0);
+    assert!(ds.files(Table::Telemetry, None, None).len() < files_before);
+    assert_eq!(rows(&ds, Table::Telemetry), before_t);
+    assert_eq!(rows(&ds, Table::Events), before_e);
+    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None)).unwrap();
+    assert_eq!(df.height() as u64, before_t);
+    drop(ds);
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert_eq!(rows(&ds, Table::Telemetry), before_t);
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 600)]);
+}
+
+#[test]
+fn dropped_ranges_are_not_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    ds.commit("e1", &items(1, 10), &[], 1).unwrap();
+    ds.commit("e1", &items(31, 10), &[(11, 20)], 2).unwrap();
+    let l = &ds.edges()["e1"];
+    assert_eq!(l.gaps(), vec![(21, 30)]);
+    assert_eq!(l.dropped.len(), 10);
+}
+
+fn state(dir: &std::path::Path, keys: bool) -> ApiState {
+    let mut cfg = CloudConfig {
+        data_dir: dir.to_owned(),
+        ..Default::default()
+    };
+    cfg.edges.insert(
+        "e1".into(),
+        EdgeAuth {
+            token_sha256: token_digest(TOKEN),
+        },
+    );
+    if keys {
+        cfg.http.read_keys = vec![READ_KEY.into()];
+    }
+    ApiState {
+        dataset: Arc::new(Dataset::open(dir, true).unwrap()),
+        cfg: Arc::new(cfg),
+        metrics: millrace_cloud::metrics_handle(),
+        started: Instant::now(),
+        commits: Arc::new(tokio::sync::watch::channel(0).0),
+        refused: Arc::new(AtomicU64::new(0)),
+    }
+}
+
+async fn call(s: &ApiState, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app(s.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&body)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
+    (status, v)
+}
+
+fn post(token: Option<&str>, body: Vec<u8>) -> Request<Body> {
+    let mut r = Request::post(SYNC_PATH).header("content-type", CONTENT_TYPE);
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    r.body(Body::from(body)).unwrap()
+}
+
+fn get(uri: &str, key: Option<&str>) -> Request<Body> {
+    let mut r = Request::get(uri);
+    if let Some(k) = key {
+        r = r.header("authorization", format!("Bearer {k}"));
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+fn batch(edge: &str, first: u64, n: u64) -> Vec<u8> {
+    SyncBatch {
+        edge: edge.into(),
+        items: items(first, n),
+        dropped: vec![],
+    }
+    .encode()
+}
+
+#[tokio::test]
+async fn sync_refuses_missing_and_wrong_tokens_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), true);
+    let (st, v) = call(&s, post(None, batch("e1", 1, 10))).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("token"), "{v}");
+    let (st, _) = call(
+        &s,
+        post(Some("mrt_wrong-token-0123456789abcdef"), batch("e1", 1, 10)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // A good token claiming another edge's identity.
+    let (st, v) = call(&s, post(Some(TOKEN), batch("e2", 1, 10))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    assert!(s.dataset.edges().is_empty());
+    assert!(s.dataset.sizes().is_empty());
+    assert!(
+        std::fs::read_to_string(dir.path().join("manifest.log"))
+            .unwrap()
+            .is_empty()
+    );
+    // The right token is accepted.
+    let (st, v) = call(&s, post(Some(TOKEN), batch("e1", 1, 10))).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["stored"], 10);
+}
+
+#[tokio::test]
+async fn bad_batches_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), false);
+    let (st, v) = call(&s, post(Some(TOKEN), b"{\"not\":\"a batch\"}".to_vec())).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a Millrace sync batch"),
+        "{v}"
+    );
+    let mut cut = batch("e1", 1, 100);
+    cut.truncate(cut.len() / 2);
+    let (st, v) = call(&s, post(Some(TOKEN), cut)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    let wrong_type = Request::post(SYNC_PATH)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(batch("e1", 1, 1)))
+        .unwrap();
+    let (st, v) = call(&s, wrong_type).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(s.dataset.edges().is_empty());
+}
+
+#[tokio::test]
+async fn data_queries_check_keys_and_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), true);
+    call(&s, post(Some(TOKEN), batch("e1", 1, 400))).await;
+    let range = "from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z";
+    let (st, _) = call(&s, get(&format!("/api/v1/telemetry?{range}"), None)).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _) = call(
+        &s,
+        get(
+            &format!("/api/v1/telemetry?{range}"),
+            Some("not-the-key-0123456789"),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v) = call(
+        &s,
+        get(
+            &format!("/api/v1/telemetry?{range}&machine=site-1/line-a/m1&metric=power"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let pts = v["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 80, "seqs ≡ 1 mod 4 that are telemetry");
+    assert!(
+        pts.iter()
+            .all(|p| p["value"] == 3.25 && p["machine"] == "m1")
+    );
+    for (q, needle) in [
+        ("from=yesterday", "`from`"),
+        (
+            "from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+            "before",
+        ),
+        ("machine=a/b", "site/line/machine"),
+        ("machine=bad%20id", "not a valid id"),
+        ("kind=telemetry", "`kind`"),
+        ("format=xml", "format"),
+        ("limit=0", "`limit`"),
+        ("colour=red", "colour"),
+        ("from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", "days"),
+    ] {
+        let (st, v) = call(&s, get(&format!("/api/v1/events?{q}"), Some(READ_KEY))).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+        let msg = v["error"].as_str().unwrap_or_default().to_owned() + &v.to_string();
+        assert!(msg.contains(needle), "{q}: {msg}");
+    }
+    let (st, v) = call(
+        &s,
+        get(
+            &format!("/api/v1/events?{range}&kind=part&format=csv"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let csv = v.as_str().unwrap();
+    assert!(csv.starts_with("site,line,machine,ts"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 40);
+    let (st, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["edges"][0]["items"], 400);
+    assert_eq!(v["edges"][0]["gap_items"], 0);
+}
+
+#[tokio::test]
+async fn a_real_server_takes_a_batch_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = CloudConfig {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.edges.insert(
+        "e1".into(),
+        EdgeAuth {
+            token_sha256: token_digest(TOKEN),
+        },
+    );
+    let cloud = millrace_cloud::Cloud::start(cfg).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}{SYNC_PATH}", cloud.addr);
+    let r = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("content-type", CONTENT_TYPE)
+        .body(batch("e1", 1, 1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ack: Value = r.json().await.unwrap();
+    assert_eq!(ack["stored"], 1000);
+    let r = http
+        .post(&url)
+        .body(batch("e1", 1, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let metrics = http
+        .get(format!("http://{}/metrics", cloud.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("millrace_cloud_sync_items_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("millrace_cloud_sync_refused_total"),
+        "{metrics}"
+    );
+    cloud.shutdown().await;
+}

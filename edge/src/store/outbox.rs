@@ -1,0 +1,550 @@
+//! The outbox: everything the edge stored that the cloud has not acknowledged yet.
+//!
+//! Each event written to the store also gets an *outbox sequence number* (one counter per edge,
+//! never reused, persisted in `meta`) and an outbox record, **in the same RocksDB write batch**
+//! as the data itself: an event is either stored and queued for the cloud, or neither.
+//!
+//! Records live in two lanes so the sync client can send state, part and operator events before
+//! telemetry: key = lane byte · seq. An acknowledged range is deleted with one range delete; what
+//! is left is exactly what still has to be sent, so resuming after a restart needs no separate
+//! cursor.
+//!
+//! Disk quota: when the records exceed `quota` bytes (key + value sizes), the oldest telemetry is
+//! dropped first, down to 90 % of the quota; events only when no telemetry is left. Every
+//! dropped range is counted, logged, persisted and reported to the cloud with the next batch, so
+//! the cloud knows those sequence numbers will never arrive.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use millrace_shared::EventKind;
+use millrace_shared::sync::{SeqRange, SyncItem, decode_item};
+use rocksdb::{ColumnFamily, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use super::{CF_META, CF_OUTBOX, CF_RECENT, Store, StoreError};
+
+const META_NEXT: &[u8] = b"outbox_next";
+const META_DROPPED: &[u8] = b"outbox_dropped";
+
+/// An outbox lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lane {
+    /// State, part and operator events: sent first, dropped last.
+    Events = 0,
+    /// Telemetry: sent after events, dropped first.
+    Telemetry = 1,
+}
+
+impl Lane {
+    /// Both lanes, in sending order.
+    pub const ALL: [Lane; 2] = [Lane::Events, Lane::Telemetry];
+
+    fn of(kind: EventKind) -> Self {
+        if kind == EventKind::Telemetry {
+            Self::Telemetry
+        } else {
+            Self::Events
+        }
+    }
+
+    /// Name in metrics and JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Events => "events",
+            Self::Telemetry => "telemetry",
+        }
+    }
+}
+
+fn key(lane: Lane, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = lane as u8;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn key_seq(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k[1..9].try_into().expect("outbox keys are 9 bytes"))
+}
+
+/// What was dropped under the quota: totals, and ranges not yet reported to the cloud.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Dropped {
+    items: [u64; 2],
+    unreported: Vec<SeqRange>,
+}
+
+#[derive(Debug, Default)]
+struct LaneCounters {
+    items: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The outbox's counters, kept in memory and rebuilt at open.
+#[derive(Debug)]
+pub(crate) struct OutboxState {
+    next: AtomicU64,
+    lanes: [LaneCounters; 2],
+    quota: u64,
+    dropped: Mutex<Dropped>,
+    /// Woken after each write that added records.
+    notify: Arc<tokio::sync::Notify>,
+}
+
+/// Records added by one write batch, committed to the counters once the batch is durable.
+#[derive(Debug)]
+pub(crate) struct PendingRecords {
+    next: u64,
+    added: [(u64, u64); 2],
+}
+
+impl PendingRecords {
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        let s = self.next;
+        self.next += 1;
+        s
+    }
+
+    pub(crate) fn put(
+        &mut self,
+        batch: &mut WriteBatch,
+        cf: &ColumnFamily,
+        kind: EventKind,
+        seq: u64,
+        record: &[u8],
+    ) {
+        let lane = Lane::of(kind);
+        batch.put_cf(cf, key(lane, seq), record);
+        let a = &mut self.added[lane as usize];
+        a.0 += 1;
+        a.1 += 9 + record.len() as u64;
+    }
+
+    pub(crate) fn finish(&self, batch: &mut WriteBatch, meta: &ColumnFamily) {
+        batch.put_cf(meta, META_NEXT, self.next.to_be_bytes());
+    }
+}
+
+impl OutboxState {
+    /// Starts a write batch's records (call under the store's write lock).
+    pub(crate) fn begin(&self) -> PendingRecords {
+        PendingRecords {
+            next: self.next.load(Ordering::Relaxed),
+            added: [(0, 0); 2],
+        }
+    }
+
+    /// The batch is durable: count its records.
+    pub(crate) fn commit(&self, p: PendingRecords) {
+        self.next.store(p.next, Ordering::Relaxed);
+        for (lane, (items, bytes)) in self.lanes.iter().zip(p.added) {
+            lane.items.fetch_add(items, Ordering::Relaxed);
+            lane.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if p.added.iter().any(|(n, _)| *n > 0) {
+            self.notify.notify_one();
+        }
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.lanes
+            .iter()
+            .map(|l| l.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Appends one (id, device seq, ts) entry to a `recent` record.
+pub(crate) fn put_recent(out: &mut Vec<u8>, id: u32, seq: u64, ts: i64) {
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&ts.to_le_bytes());
+}
+
+/// The outbox at a glance.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxStatus {
+    /// Records waiting, per lane.
+    pub items: LaneFigures,
+    /// Bytes of records waiting, per lane.
+    pub bytes: LaneFigures,
+    /// The disk quota.
+    pub quota_bytes: u64,
+    /// The next outbox sequence number.
+    pub next_seq: u64,
+    /// When the oldest waiting record was stored, Unix ms.
+    pub oldest_stored_ms: Option<i64>,
+    /// Records dropped under the quota since the store was created, per lane.
+    pub dropped: LaneFigures,
+}
+
+/// A figure per lane.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LaneFigures {
+    /// State, part and operator events.
+    pub events: u64,
+    /// Telemetry.
+    pub telemetry: u64,
+}
+
+impl LaneFigures {
+    fn from(a: [u64; 2]) -> Self {
+        Self {
+            events: a[0],
+            telemetry: a[1],
+        }
+    }
+
+    /// Both lanes.
+    pub fn total(&self) -> u64 {
+        self.events + self.telemetry
+    }
+}
+
+/// Outbox records read for sending.
+#[derive(Debug, Default)]
+pub struct OutboxRead {
+    /// Decoded items, in seq order.
+    pub items: Vec<SyncItem>,
+    /// Bytes of their records.
+    pub bytes: u64,
+}
+
+impl Store {
+    pub(crate) fn load_outbox(&self, quota: u64) -> Result<OutboxState, StoreError> {
+        let meta = self.cf(CF_META);
+        let mut next = match self.db.get_cf(meta, META_NEXT)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_META,
+                    reason: "outbox_next is not 8 bytes".into(),
+                })?)
+            }
+            None => 1,
+        };
+        let dropped: Dropped = match self.db.get_cf(meta, META_DROPPED)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: CF_META,
+                reason: e.to_string(),
+            })?,
+            None => Dropped::default(),
+        };
+        let lanes = [LaneCounters::default(), LaneCounters::default()];
+        for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::Start) {
+            let (k, v) = item?;
+            if k.len() != 9 || k[0] > 1 {
+                return Err(StoreError::Corrupt {
+                    cf: CF_OUTBOX,
+                    reason: "bad key".into(),
+                });
+            }
+            let lane = &lanes[k[0] as usize];
+            lane.items.fetch_add(1, Ordering::Relaxed);
+            lane.bytes
+                .fetch_add((k.len() + v.len()) as u64, Ordering::Relaxed);
+            next = next.max(key_seq(&k) + 1);
+        }
+        Ok(OutboxState {
+            next: AtomicU64::new(next),
+            lanes,
+            quota,
+            dropped: Mutex::new(dropped),
+            notify: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    fn outbox_state(&self) -> Result<&OutboxState, StoreError> {
+        self.outbox.as_ref().ok_or(StoreError::NoOutbox)
+    }
+
+    /// Woken whenever records are added (`None` without an outbox).
+    pub fn outbox_notify(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.outbox.as_ref().map(|o| o.notify.clone())
+    }
+
+    /// Reads up to `max_items` records (and about `max_bytes`) of `lane`, from seq `from` on.
+    pub fn outbox_read(
+        &self,
+        lane: Lane,
+        from: u64,
+        max_items: usize,
+        max_bytes: u64,
+    ) -> Result<OutboxRead, StoreError> {
+        self.outbox_state()?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(key(lane, from).to_vec()..key(lane, u64::MAX).to_vec());
+        let mut out = OutboxRead::default();
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let it = decode_item(&v).map_err(|e| StoreError::Corrupt {
+                cf: CF_OUTBOX,
+                reason: e.to_string(),
+            })?;
+            debug_assert_eq!(it.seq, key_seq(&k));
+            out.bytes += (k.len() + v.len()) as u64;
+            out.items.push(it);
+            if out.items.len() >= max_items || out.bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The oldest waiting record of `lane` (its seq and when it was stored).
+    pub fn outbox_oldest(&self, lane: Lane) -> Result<Option<(u64, i64)>, StoreError> {
+        Ok(self
+            .outbox_read(lane, 0, 1, u64::MAX)?
+            .items
+            .first()
+            .map(|i| (i.seq, i.stored_ms)))
+    }
+
+    /// The cloud holds `[first, last]` of `lane`: delete those records. Also forgets the first
+    /// `dropped_reported` dropped ranges, which that batch reported.
+    pub fn outbox_ack(
+        &self,
+        lane: Lane,
+        first: u64,
+        last: u64,
+        dropped_reported: usize,
+    ) -> Result<(), StoreError> {
+        let state = self.outbox_state()?;
+        let _guard = self.write_lock.lock().expect("write lock");
+        // Count what is really there: the quota may have dropped some of it meanwhile.
+        let (mut items, mut bytes) = (0u64, 0u64);
+        let mut ro = ReadOptions::default();
+        let (lo, hi) = (key(lane, first), key(lane, last.saturating_add(1)));
+        ro.set_iterate_range(lo.to_vec()..hi.to_vec());
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            items += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_OUTBOX), lo, hi);
+        let mut dropped = state.dropped.lock().expect("dropped lock");
+        if dropped_reported > 0 {
+            let mut d = dropped.clone();
+            d.unreported
+                .drain(..dropped_reported.min(d.unreported.len()));
+            batch.put_cf(
+                self.cf(CF_META),
+                META_DROPPED,
+                serde_json::to_vec(&d).expect("serializes"),
+            );
+            self.write_durable(batch)?;
+            *dropped = d;
+        } else {
+            self.write_durable(batch)?;
+        }
+        let l = &state.lanes[lane as usize];
+        l.items.fetch_sub(
+            items.min(l.items.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        l.bytes.fetch_sub(
+            bytes.min(l.bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    fn write_durable(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync_writes);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Dropped ranges not yet reported to the cloud.
+    pub fn outbox_dropped_unreported(&self) -> Vec<SeqRange> {
+        self.outbox.as_ref().map_or_else(Vec::new, |o| {
+            o.dropped.lock().expect("dropped lock").unreported.clone()
+        })
+    }
+
+    /// The outbox's counters (`None` without an outbox).
+    pub fn outbox_status(&self) -> Result<Option<OutboxStatus>, StoreError> {
+        let Some(state) = self.outbox.as_ref() else {
+            return Ok(None);
+        };
+        let mut oldest = None::<i64>;
+        for lane in Lane::ALL {
+            if let Some((_, ms)) = self.outbox_oldest(lane)? {
+                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            }
+        }
+        let load = |f: fn(&LaneCounters) -> &AtomicU64| {
+            LaneFigures::from([
+                f(&state.lanes[0]).load(Ordering::Relaxed),
+                f(&state.lanes[1]).load(Ordering::Relaxed),
+            ])
+        };
+        Ok(Some(OutboxStatus {
+            items: load(|l| &l.items),
+            bytes: load(|l| &l.bytes),
+            quota_bytes: state.quota,
+            next_seq: state.next.load(Ordering::Relaxed),
+            oldest_stored_ms: oldest,
+            dropped: LaneFigures::from(state.dropped.lock().expect("dropped lock").items),
+        }))
+    }
+
+    /// Drops the oldest records while the outbox is over its quota: telemetry first, down to
+    /// 90 % of the quota. Returns the records dropped.
+    pub fn enforce_outbox_quota(&self) -> Result<u64, StoreError> {
+        let Some(state) = self.outbox.as_ref() else {
+            return Ok(0);
+        };
+        if state.total_bytes() <= state.quota {
+            return Ok(0);
+        }
+        let _guard = self.write_lock.lock().expect("write lock");
+        let target = state.quota / 10 * 9;
+        let mut total = 0;
+        for lane in Lane::ALL.into_iter().rev() {
+            let over = state.total_bytes().saturating_sub(target);
+            if over == 0 {
+                break;
+            }
+            let (mut items, mut bytes, mut range) = (0u64, 0u64, None::<SeqRange>);
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_range(key(lane, 0).to_vec()..key(lane, u64::MAX).to_vec());
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
+            {
+                let (k, v) = item?;
+                let seq = key_seq(&k);
+                range = Some(range.map_or((seq, seq), |(a, _)| (a, seq)));
+                items += 1;
+                bytes += (k.len() + v.len()) as u64;
+                if bytes >= over {
+                    break;
+                }
+            }
+            let Some((a, b)) = range else { continue };
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(self.cf(CF_OUTBOX), key(lane, a), key(lane, b + 1));
+            let mut dropped = state.dropped.lock().expect("dropped lock");
+            let mut d = dropped.clone();
+            d.items[lane as usize] += items;
+            // Seqs of the two lanes interleave: report the lane's dropped seqs as one range
+            // per drop; the other lane's seqs inside it were stored and are not in this range
+            // for the cloud (it only marks seqs it never received).
+            d.unreported.push((a, b));
+            batch.put_cf(
+                self.cf(CF_META),
+                META_DROPPED,
+                serde_json::to_vec(&d).expect("serializes"),
+            );
+            self.write_durable(batch)?;
+            *dropped = d;
+            let l = &state.lanes[lane as usize];
+            l.items.fetch_sub(
+                items.min(l.items.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            l.bytes.fetch_sub(
+                bytes.min(l.bytes.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            metrics::counter!("millrace_edge_outbox_dropped_total", "lane" => lane.as_str())
+                .increment(items);
+            tracing::warn!(
+                lane = lane.as_str(),
+                items,
+                bytes,
+                first_seq = a,
+                last_seq = b,
+                quota_bytes = state.quota,
+                "outbox over its disk quota: dropped the oldest records; they will not reach the cloud"
+            );
+            total += items;
+        }
+        Ok(total)
+    }
+
+    /// Reads the `recent` records written before this run, newest first, up to `limit` events
+    /// (as machine name, device seq, ts), and deletes older records.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, u64, i64)>, StoreError> {
+        let mut out = vec![];
+        let mut cut = None;
+        let names: std::collections::HashMap<u32, String> = self
+            .index
+            .read()
+            .expect("index lock")
+            .by_id
+            .iter()
+            .map(|(id, n)| {
+                // `t/site/line/machine/metric` or `m/site/line/machine`.
+                let rest = &n[2..];
+                let m = if n.starts_with("t/") {
+                    rest.rsplit_once('/').map_or(rest, |(m, _)| m)
+                } else {
+                    rest
+                };
+                (*id, m.to_owned())
+            })
+            .collect();
+        for item in self.db.iterator_cf(self.cf(CF_RECENT), IteratorMode::End) {
+            let (k, v) = item?;
+            let n = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                cf: CF_RECENT,
+                reason: "bad key".into(),
+            })?);
+            if self.recent_counter.load(Ordering::Relaxed) <= n {
+                self.recent_counter.store(n + 1, Ordering::Relaxed);
+            }
+            if out.len() >= limit {
+                cut = Some(n + 1);
+                break;
+            }
+            for e in v.chunks_exact(20) {
+                let id = u32::from_le_bytes(e[..4].try_into().expect("4"));
+                let seq = u64::from_le_bytes(e[4..12].try_into().expect("8"));
+                let ts = i64::from_le_bytes(e[12..20].try_into().expect("8"));
+                if let Some(m) = names.get(&id) {
+                    out.push((m.clone(), seq, ts));
+                }
+            }
+        }
+        if let Some(c) = cut {
+            self.db
+                .delete_range_cf(self.cf(CF_RECENT), 0u64.to_be_bytes(), c.to_be_bytes())?;
+        }
+        Ok(out)
+    }
+
+    /// Keeps `recent` to about `recent_events` events (called with each write).
+    pub(crate) fn trim_recent(&self, batch: &mut WriteBatch, key_written: u64, events: usize) {
+        let mut log = self.recent_log.lock().expect("recent lock");
+        log.0.push_back((key_written, events));
+        log.1 += events;
+        let mut cut = None;
+        while log.1 > self.opts.recent_events {
+            match log.0.pop_front() {
+                Some((k, n)) => {
+                    log.1 -= n;
+                    cut = Some(k + 1);
+                }
+                None => break,
+            }
+        }
+        if let Some(c) = cut {
+            batch.delete_range_cf(self.cf(CF_RECENT), 0u64.to_be_bytes(), c.to_be_bytes());
+        }
+    }
+}
+
+/// Keys of `recent` written in this run and their event counts, oldest first, with the sum.
+pub(crate) type RecentLog = Mutex<(VecDeque<(u64, usize)>, usize)>;

@@ -1,0 +1,377 @@
+//! The sync client: sends the outbox to the cloud.
+//!
+//! One batch at a time, each from one outbox lane and contiguous in it:
+//! 1. state, part and operator events first (few, and what a plant manager needs first);
+//! 2. then telemetry. When telemetry has a backlog (its oldest record is older than
+//!    `live_window`, e.g. after an outage), records stored after the backlog was noticed are
+//!    sent first ("live"), and the backlog drains behind them. Items sent more than
+//!    `live_window` after they were stored carry the backfill mark.
+//!
+//! A batch's records are deleted from the outbox only after the cloud answered 200, which it
+//! does only once the batch is durable; the cloud recognises a re-sent batch by (edge, outbox
+//! seq) and does not store it twice. Failures are retried with exponential backoff and full
+//! jitter; nothing is ever skipped. An optional bandwidth cap spaces batches out.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use millrace_shared::EventBody;
+use millrace_shared::sync::{CONTENT_TYPE, SYNC_PATH, SyncAck, SyncBatch};
+use rand::Rng;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SyncConfig;
+use crate::store::outbox::{Lane, OutboxRead};
+use crate::store::{Store, StoreError};
+
+/// Why a send failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The cloud could not be reached or the connection broke.
+    #[error("cloud unreachable: {0}")]
+    Network(#[from] reqwest::Error),
+    /// The cloud refused the token.
+    #[error("the cloud refused this edge's token (HTTP {0}); check sync.token and edge_id")]
+    Unauthorized(u16),
+    /// The cloud answered with an error.
+    #[error("cloud answered HTTP {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The answer's text.
+        body: String,
+    },
+    /// The outbox could not be read or updated.
+    #[error("outbox: {0}")]
+    Store(#[from] StoreError),
+    /// A blocking task failed.
+    #[error("outbox task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl SyncError {
+    /// Whether the same batch may succeed later without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Network(_) | Self::Join(_) => true,
+            Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            Self::Store(e) => e.is_retryable(),
+            Self::Unauthorized(_) => false,
+        }
+    }
+}
+
+/// What the sync client has done, for the API and metrics.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    /// Batches the cloud acknowledged.
+    pub batches: AtomicU64,
+    /// Items acknowledged.
+    pub items: AtomicU64,
+    /// Telemetry points acknowledged.
+    pub points: AtomicU64,
+    /// Of those, items the cloud already had (re-sent after a lost answer).
+    pub duplicates: AtomicU64,
+    /// Bytes sent (request bodies, including failed attempts).
+    pub wire_bytes: AtomicU64,
+    /// Failed attempts.
+    pub failures: AtomicU64,
+    /// Failures in a row (0 when the last attempt worked).
+    pub consecutive_failures: AtomicU64,
+    /// Unix ms of the last acknowledgement.
+    pub last_ack_ms: AtomicU64,
+    /// The last error, if the last attempt failed.
+    pub last_error: Mutex<Option<String>>,
+    /// Whether a telemetry backlog is draining behind live data.
+    pub draining_backlog: AtomicBool,
+}
+
+/// A snapshot of [`SyncStats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncFigures {
+    /// Batches acknowledged.
+    pub batches: u64,
+    /// Items acknowledged.
+    pub items: u64,
+    /// Telemetry points acknowledged.
+    pub points: u64,
+    /// Items the cloud already had.
+    pub duplicates: u64,
+    /// Bytes sent.
+    pub wire_bytes: u64,
+    /// Failed attempts.
+    pub failures: u64,
+    /// Failures in a row.
+    pub consecutive_failures: u64,
+    /// Unix ms of the last acknowledgement.
+    pub last_ack_ms: Option<u64>,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Whether a telemetry backlog is draining behind live data.
+    pub draining_backlog: bool,
+}
+
+impl SyncStats {
+    /// A snapshot.
+    pub fn figures(&self) -> SyncFigures {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SyncFigures {
+            batches: l(&self.batches),
+            items: l(&self.items),
+            points: l(&self.points),
+            duplicates: l(&self.duplicates),
+            wire_bytes: l(&self.wire_bytes),
+            failures: l(&self.failures),
+            consecutive_failures: l(&self.consecutive_failures),
+            last_ack_ms: Some(l(&self.last_ack_ms)).filter(|v| *v > 0),
+            last_error: self.last_error.lock().expect("error lock").clone(),
+            draining_backlog: self.draining_backlog.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The sync client.
+#[derive(Debug)]
+pub struct SyncClient {
+    store: Arc<Store>,
+    cfg: SyncConfig,
+    edge_id: String,
+    http: reqwest::Client,
+    url: String,
+    stats: Arc<SyncStats>,
+    /// Telemetry from this seq on is live; older is backlog (`None`: no backlog).
+    live_from: Option<u64>,
+}
+
+struct Planned {
+    lane: Lane,
+    read: OutboxRead,
+    dropped: Vec<(u64, u64)>,
+}
+
+impl SyncClient {
+    /// A client for `store`'s outbox.
+    pub fn new(
+        store: Arc<Store>,
+        cfg: SyncConfig,
+        edge_id: String,
+        stats: Arc<SyncStats>,
+    ) -> Result<Self, SyncError> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.request_timeout)
+            .connect_timeout(cfg.request_timeout.min(Duration::from_secs(10)))
+            .build()?;
+        let url = format!("{}{SYNC_PATH}", cfg.cloud_url.trim_end_matches('/'));
+        Ok(Self {
+            store,
+            cfg,
+            edge_id,
+            http,
+            url,
+            stats,
+            live_from: None,
+        })
+    }
+
+    /// Sends until `stop` is cancelled (a batch in flight is finished or abandoned unacknowledged).
+    pub async fn run(mut self, stop: CancellationToken) {
+        let Some(notify) = self.store.outbox_notify() else {
+            tracing::error!("sync enabled but the store has no outbox");
+            return;
+        };
+        tracing::info!(cloud = %self.url, edge_id = %self.edge_id, "sync started");
+        let mut backoff = self.cfg.retry_initial;
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            let plan = match self.plan().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the outbox failed");
+                    tokio::select! { _ = tokio::time::sleep(self.cfg.retry_max) => {}, _ = stop.cancelled() => break }
+                    continue;
+                }
+            };
+            let Some(plan) = plan else {
+                // Nothing to send: wait for new records, then linger to fill a batch.
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.cancelled() => break,
+                }
+                tokio::select! { _ = tokio::time::sleep(self.cfg.linger) => {}, _ = stop.cancelled() => break }
+                continue;
+            };
+            let started = Instant::now();
+            match self.send(&plan).await {
+                Ok(sent_bytes) => {
+                    backoff = self.cfg.retry_initial;
+                    metrics::histogram!("millrace_edge_sync_batch_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    if self.cfg.max_bytes_per_sec > 0 {
+                        let pause = Duration::from_secs_f64(
+                            sent_bytes as f64 / self.cfg.max_bytes_per_sec as f64,
+                        )
+                        .saturating_sub(started.elapsed());
+                        tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => break }
+                    }
+                }
+                Err(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    let n = self
+                        .stats
+                        .consecutive_failures
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    metrics::counter!("millrace_edge_sync_failures_total").increment(1);
+                    *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+                    let retryable = e.is_retryable();
+                    let wait = if retryable {
+                        backoff
+                    } else {
+                        self.cfg.retry_max
+                    };
+                    // Full jitter: edges that lost the cloud together do not return together.
+                    let wait = wait.mul_f64(rand::rng().random_range(0.5..=1.0));
+                    if n == 1 || n % 10 == 0 || !retryable {
+                        tracing::warn!(error = %e, failures_in_a_row = n, retry_in_ms = wait.as_millis() as u64, "sync batch not acknowledged; will retry");
+                    }
+                    backoff = (backoff * 2).min(self.cfg.retry_max);
+                    // After an outage, what arrives from now on is live and goes first.
+                    self.live_from = None;
+                    tokio::select! { _ = tokio::time::sleep(wait) => {}, _ = stop.cancelled() => break }
+                }
+            }
+        }
+        tracing::info!("sync stopped");
+    }
+
+    /// Chooses the next batch: events first, then live telemetry, then backlog.
+    async fn plan(&mut self) -> Result<Option<Planned>, SyncError> {
+        let store = self.store.clone();
+        let (max_items, max_bytes) = (self.cfg.batch_max_items, self.cfg.batch_max_bytes);
+        let live_window = self.cfg.live_window.as_millis() as i64;
+        let live_from = self.live_from;
+        let (plan, live_from) = tokio::task::spawn_blocking(
+            move || -> Result<(Option<Planned>, Option<u64>), StoreError> {
+                let dropped = store.outbox_dropped_unreported();
+                let events = store.outbox_read(Lane::Events, 0, max_items, max_bytes)?;
+                if !events.items.is_empty() {
+                    return Ok((
+                        Some(Planned {
+                            lane: Lane::Events,
+                            read: events,
+                            dropped,
+                        }),
+                        live_from,
+                    ));
+                }
+                let mut live_from = live_from;
+                if live_from.is_none()
+                    && let Some((_, stored)) = store.outbox_oldest(Lane::Telemetry)?
+                    && chrono::Utc::now().timestamp_millis() - stored > live_window
+                {
+                    // A backlog: everything stored from now on is live.
+                    live_from = store.outbox_status()?.map(|s| s.next_seq);
+                }
+                let mut read = OutboxRead::default();
+                if let Some(l) = live_from {
+                    read = store.outbox_read(Lane::Telemetry, l, max_items, max_bytes)?;
+                }
+                if read.items.is_empty() {
+                    read = store.outbox_read(Lane::Telemetry, 0, max_items, max_bytes)?;
+                    if read.items.is_empty() {
+                        live_from = None;
+                    }
+                }
+                let plan = (!read.items.is_empty() || !dropped.is_empty()).then_some(Planned {
+                    lane: Lane::Telemetry,
+                    read,
+                    dropped,
+                });
+                Ok((plan, live_from))
+            },
+        )
+        .await??;
+        self.live_from = live_from;
+        self.stats
+            .draining_backlog
+            .store(live_from.is_some(), Ordering::Relaxed);
+        Ok(plan)
+    }
+
+    /// Sends one batch; on success deletes it from the outbox. Returns the bytes sent.
+    async fn send(&self, plan: &Planned) -> Result<u64, SyncError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let live_window = self.cfg.live_window.as_millis() as i64;
+        let mut items = plan.read.items.clone();
+        let mut points = 0u64;
+        for it in &mut items {
+            it.backfill = now - it.stored_ms > live_window;
+            if let EventBody::Telemetry(t) = &it.event.body {
+                points += t.readings.len() as u64;
+            }
+        }
+        let batch = SyncBatch {
+            edge: self.edge_id.clone(),
+            items,
+            dropped: plan.dropped.clone(),
+        };
+        let body = tokio::task::spawn_blocking(move || batch.encode()).await?;
+        let sent = body.len() as u64;
+        self.stats.wire_bytes.fetch_add(sent, Ordering::Relaxed);
+        metrics::counter!("millrace_edge_sync_wire_bytes_total").increment(sent);
+        let resp = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.cfg.token)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(SyncError::Unauthorized(status.as_u16()));
+        }
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(SyncError::Status {
+                status: status.as_u16(),
+                body: body.chars().take(500).collect(),
+            });
+        }
+        let ack: SyncAck = resp.json().await?;
+        if let (Some(first), Some(last)) = (plan.read.items.first(), plan.read.items.last()) {
+            let (store, lane, first, last, n) = (
+                self.store.clone(),
+                plan.lane,
+                first.seq,
+                last.seq,
+                plan.dropped.len(),
+            );
+            tokio::task::spawn_blocking(move || store.outbox_ack(lane, first, last, n)).await??;
+        } else if !plan.dropped.is_empty() {
+            let (store, n) = (self.store.clone(), plan.dropped.len());
+            tokio::task::spawn_blocking(move || store.outbox_ack(Lane::Telemetry, 1, 0, n))
+                .await??;
+        }
+        let s = &self.stats;
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.items
+            .fetch_add(plan.read.items.len() as u64, Ordering::Relaxed);
+        s.points.fetch_add(points, Ordering::Relaxed);
+        s.duplicates.fetch_add(ack.duplicates, Ordering::Relaxed);
+        s.consecutive_failures.store(0, Ordering::Relaxed);
+        s.last_ack_ms.store(now.max(0) as u64, Ordering::Relaxed);
+        *s.last_error.lock().expect("error lock") = None;
+        metrics::counter!("millrace_edge_sync_batches_total").increment(1);
+        metrics::counter!("millrace_edge_sync_items_total", "lane" => plan.lane.as_str())
+            .increment(plan.read.items.len() as u64);
+        metrics::counter!("millrace_edge_sync_points_total").increment(points);
+        metrics::counter!("millrace_edge_sync_duplicates_total").increment(ack.duplicates);
+        Ok(sent)
+    }
+}

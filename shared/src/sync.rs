@@ -1,0 +1,692 @@
+//! The edge → cloud sync protocol: outbox items, batches and their compact wire encoding.
+//!
+//! Every event an edge stores gets an *outbox sequence number*, increasing per edge and never
+//! reused. A [`SyncBatch`] carries items (each with its outbox seq), plus ranges the edge had to
+//! drop under its disk quota, so the cloud can tell "not yet received" from "dropped at the
+//! edge". The cloud is idempotent on `(edge, outbox seq)`.
+//!
+//! # Wire format (version 1)
+//! `MRS1` magic, then a zstd frame holding: edge id, dropped ranges, item count, then the items.
+//! Items are encoded row by row against running state, which is what makes them small:
+//! - strings (machine ids, metric names and units, part ids) go into a dictionary the first
+//!   time they appear and are referred to by index afterwards;
+//! - outbox seq, device seq and timestamp are deltas to the previous item (of the same machine);
+//! - telemetry values are stored as decimal-scaled integers when that round-trips exactly (a
+//!   sensor's `21.37` is `2137` at scale 2), as a delta to the series' previous value, and as raw
+//!   IEEE-754 bits otherwise;
+//! - non-telemetry bodies (rare compared to telemetry) are their JSON form.
+//!
+//! The same item encoding with fresh state per item ([`encode_item`]) is the edge's outbox
+//! record format, so the outbox and the wire share one codec.
+
+use std::collections::HashMap;
+
+use crate::event::{Event, EventBody, Reading, Telemetry};
+use crate::topic::MachineId;
+
+/// Magic bytes and version of the wire format.
+pub const WIRE_MAGIC: &[u8; 4] = b"MRS1";
+/// The HTTP content type of an encoded batch.
+pub const CONTENT_TYPE: &str = "application/x-millrace-batch";
+/// Path of the cloud's sync endpoint.
+pub const SYNC_PATH: &str = "/api/v1/sync/batches";
+
+/// Why bytes could not be decoded as a batch or an outbox item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Not a Millrace batch, or an unknown version.
+    #[error("not a Millrace sync batch (magic {0:?}, expected \"MRS1\")")]
+    BadMagic(Vec<u8>),
+    /// The zstd frame is damaged.
+    #[error("damaged compression: {0}")]
+    Compression(String),
+    /// The bytes end early.
+    #[error("truncated at byte {0}")]
+    Truncated(usize),
+    /// A field has an impossible value.
+    #[error("invalid {field} at byte {at}: {reason}")]
+    Invalid {
+        /// Which field.
+        field: &'static str,
+        /// Where.
+        at: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The batch decodes to more than the receiver accepts.
+    #[error("batch too large: {0}")]
+    TooLarge(String),
+}
+
+/// One item of the outbox: an event the edge stored, with its outbox sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncItem {
+    /// Outbox sequence number, unique per edge.
+    pub seq: u64,
+    /// When the edge stored it, Unix ms.
+    pub stored_ms: i64,
+    /// Sent long after it was stored (after an outage): backfill, not live data.
+    pub backfill: bool,
+    /// The event.
+    pub event: Event,
+}
+
+/// An inclusive range of outbox sequence numbers.
+pub type SeqRange = (u64, u64);
+
+/// A batch sent from an edge to the cloud.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SyncBatch {
+    /// The sending edge's id (the cloud checks it against the token).
+    pub edge: String,
+    /// Items, in any order.
+    pub items: Vec<SyncItem>,
+    /// Outbox ranges the edge dropped under its disk quota and will never send.
+    pub dropped: Vec<SeqRange>,
+}
+
+/// The cloud's answer to a batch it stored durably.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyncAck {
+    /// Items stored now.
+    pub stored: u64,
+    /// Items that the cloud already held (a re-sent batch): not stored again.
+    pub duplicates: u64,
+    /// Telemetry points stored now.
+    pub points: u64,
+}
+
+impl SyncBatch {
+    /// Encodes the batch for the wire (compressed).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(self.items.len() * 24 + 64);
+        put_str(&mut raw, &self.edge);
+        put_var(&mut raw, self.dropped.len() as u64);
+        for (a, b) in &self.dropped {
+            put_var(&mut raw, *a);
+            put_var(&mut raw, b - a);
+        }
+        put_var(&mut raw, self.items.len() as u64);
+        let mut enc = ItemCodec::default();
+        for item in &self.items {
+            enc.encode(&mut raw, item);
+        }
+        let mut out = WIRE_MAGIC.to_vec();
+        out.extend(zstd::bulk::compress(&raw, 3).expect("zstd compresses into a Vec"));
+        out
+    }
+
+    /// Decodes a batch, refusing anything that would expand beyond `max_raw_bytes`.
+    pub fn decode(bytes: &[u8], max_raw_bytes: usize) -> Result<Self, WireError> {
+        if bytes.len() < 4 || &bytes[..4] != WIRE_MAGIC {
+            return Err(WireError::BadMagic(bytes[..bytes.len().min(4)].to_vec()));
+        }
+        let size = zstd::zstd_safe::get_frame_content_size(&bytes[4..])
+            .map_err(|e| WireError::Compression(format!("{e:?}")))?
+            .ok_or_else(|| WireError::Compression("frame without content size".into()))?;
+        if size > max_raw_bytes as u64 {
+            return Err(WireError::TooLarge(format!(
+                "{size} bytes uncompressed, limit {max_raw_bytes}"
+            )));
+        }
+        let raw = zstd::bulk::decompress(&bytes[4..], size as usize)
+            .map_err(|e| WireError::Compression(e.to_string()))?;
+        let mut r = Reader { buf: &raw, at: 0 };
+        let edge = r.string("edge")?;
+        let n = r.count("dropped count")?;
+        let mut dropped = Vec::with_capacity(n);
+        for _ in 0..n {
+            let a = r.var("dropped range")?;
+            let len = r.var("dropped range")?;
+            let b = a
+                .checked_add(len)
+                .ok_or_else(|| r.invalid("dropped range", "overflow"))?;
+            dropped.push((a, b));
+        }
+        let n = r.count("item count")?;
+        let mut items = Vec::with_capacity(n);
+        let mut dec = ItemCodec::default();
+        for _ in 0..n {
+            items.push(dec.decode(&mut r)?);
+        }
+        if r.at != raw.len() {
+            return Err(r.invalid("batch", "trailing bytes"));
+        }
+        Ok(Self {
+            edge,
+            items,
+            dropped,
+        })
+    }
+}
+
+/// Encodes one item on its own (the edge's outbox record), appending to `out`.
+pub fn encode_item(out: &mut Vec<u8>, seq: u64, stored_ms: i64, event: &Event) {
+    ItemCodec::default().encode_parts(out, seq, stored_ms, false, event);
+}
+
+/// Decodes one item encoded by [`encode_item`].
+pub fn decode_item(bytes: &[u8]) -> Result<SyncItem, WireError> {
+    let mut r = Reader { buf: bytes, at: 0 };
+    let item = ItemCodec::default().decode(&mut r)?;
+    if r.at != bytes.len() {
+        return Err(r.invalid("item", "trailing bytes"));
+    }
+    Ok(item)
+}
+
+const KIND_STATE: u8 = 0;
+const KIND_PART: u8 = 1;
+const KIND_TELEMETRY: u8 = 2;
+const KIND_OPERATOR: u8 = 3;
+const FLAG_BACKFILL: u8 = 0x10;
+/// Scale byte meaning "raw f64 bits follow".
+const RAW_F64: u8 = 0xff;
+const MAX_SCALE: u8 = 9;
+const POW10: [f64; 10] = [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
+/// Running state shared by encoder and decoder.
+#[derive(Default)]
+struct ItemCodec {
+    strings: Vec<String>,
+    index: HashMap<String, u64>,
+    prev_seq: u64,
+    prev_stored: i64,
+    /// Per machine dictionary index: (ts, device seq).
+    machines: HashMap<u64, (i64, u64)>,
+    /// Per (machine, metric) dictionary indexes: (scale, scaled value).
+    series: HashMap<(u64, u64), (u8, i64)>,
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn put_var(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_var(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The smallest decimal scale at which `v` is an exact integer that decodes back to `v` bitwise.
+fn decimal(v: f64) -> Option<(u8, i64)> {
+    // -0.0 would come back as +0.0 (integers have no negative zero).
+    if !v.is_finite() || (v == 0.0 && v.is_sign_negative()) {
+        return None;
+    }
+    for (d, p) in POW10.iter().enumerate() {
+        let s = (v * p).round();
+        if s.abs() < 9.0e15 && (s / p).to_bits() == v.to_bits() {
+            return Some((d as u8, s as i64));
+        }
+    }
+    None
+}
+
+impl ItemCodec {
+    fn put_string(&mut self, out: &mut Vec<u8>, s: &str) -> u64 {
+        if let Some(i) = self.index.get(s) {
+            put_var(out, *i);
+            return *i;
+        }
+        let i = self.strings.len() as u64;
+        put_var(out, i);
+        put_str(out, s);
+        self.strings.push(s.to_owned());
+        self.index.insert(s.to_owned(), i);
+        i
+    }
+
+    fn get_string(&mut self, r: &mut Reader<'_>, field: &'static str) -> Result<u64, WireError> {
+        let i = r.var(field)?;
+        match i.cmp(&(self.strings.len() as u64)) {
+            std::cmp::Ordering::Less => Ok(i),
+            std::cmp::Ordering::Equal => {
+                let s = r.string(field)?;
+                self.strings.push(s);
+                Ok(i)
+            }
+            std::cmp::Ordering::Greater => Err(r.invalid(field, "unknown string reference")),
+        }
+    }
+
+    fn encode(&mut self, out: &mut Vec<u8>, item: &SyncItem) {
+        self.encode_parts(out, item.seq, item.stored_ms, item.backfill, &item.event);
+    }
+
+    fn encode_parts(
+        &mut self,
+        out: &mut Vec<u8>,
+        seq: u64,
+        stored_ms: i64,
+        backfill: bool,
+        e: &Event,
+    ) {
+        put_var(out, zigzag(seq.wrapping_sub(self.prev_seq) as i64));
+        self.prev_seq = seq;
+        put_var(out, zigzag(stored_ms.wrapping_sub(self.prev_stored)));
+        self.prev_stored = stored_ms;
+        let kind = match &e.body {
+            EventBody::State(_) => KIND_STATE,
+            EventBody::Part(_) => KIND_PART,
+            EventBody::Telemetry(_) => KIND_TELEMETRY,
+            EventBody::Operator(_) => KIND_OPERATOR,
+        };
+        out.push(kind | if backfill { FLAG_BACKFILL } else { 0 });
+        // One string for the machine: the three levels cannot contain '/'.
+        let mut name = String::with_capacity(48);
+        name.push_str(&e.machine.site);
+        name.push('/');
+        name.push_str(&e.machine.line);
+        name.push('/');
+        name.push_str(&e.machine.machine);
+        let m = self.put_string(out, &name);
+        let (pts, pseq) = self.machines.get(&m).copied().unwrap_or((0, 0));
+        put_var(out, zigzag(e.ts_ms.wrapping_sub(pts)));
+        put_var(out, zigzag(e.seq.wrapping_sub(pseq) as i64));
+        self.machines.insert(m, (e.ts_ms, e.seq));
+        match &e.body {
+            EventBody::Telemetry(t) => {
+                put_var(out, t.readings.len() as u64);
+                for rd in &t.readings {
+                    name.clear();
+                    name.push_str(&rd.name);
+                    name.push('\0');
+                    name.push_str(&rd.unit);
+                    let s = self.put_string(out, &name);
+                    match decimal(rd.value) {
+                        Some((d, v)) => {
+                            out.push(d);
+                            let prev = match self.series.get(&(m, s)) {
+                                Some((pd, pv)) if *pd == d => *pv,
+                                _ => 0,
+                            };
+                            put_var(out, zigzag(v.wrapping_sub(prev)));
+                            self.series.insert((m, s), (d, v));
+                        }
+                        None => {
+                            out.push(RAW_F64);
+                            out.extend_from_slice(&rd.value.to_bits().to_le_bytes());
+                        }
+                    }
+                }
+            }
+            body => {
+                let json = serde_json::to_vec(body).expect("event bodies serialize");
+                put_var(out, json.len() as u64);
+                out.extend_from_slice(&json);
+            }
+        }
+    }
+
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<SyncItem, WireError> {
+        let seq = self.prev_seq.wrapping_add(unzigzag(r.var("seq")?) as u64);
+        self.prev_seq = seq;
+        let stored_ms = self.prev_stored.wrapping_add(unzigzag(r.var("stored")?));
+        self.prev_stored = stored_ms;
+        let flags = r.byte("kind")?;
+        let kind = flags & 0x0f;
+        let m = self.get_string(r, "machine")?;
+        let machine = {
+            let mut parts = self.strings[m as usize].splitn(3, '/');
+            let (Some(site), Some(line), Some(mach)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(r.invalid("machine", "not site/line/machine"));
+            };
+            MachineId::new(site, line, mach).map_err(|e| r.invalid("machine", &e.to_string()))?
+        };
+        let (pts, pseq) = self.machines.get(&m).copied().unwrap_or((0, 0));
+        let ts_ms = pts.wrapping_add(unzigzag(r.var("ts")?));
+        let dseq = pseq.wrapping_add(unzigzag(r.var("device seq")?) as u64);
+        self.machines.insert(m, (ts_ms, dseq));
+        let body = match kind {
+            KIND_TELEMETRY => {
+                let n = r.count("readings")?;
+                let mut readings = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let s = self.get_string(r, "metric")?;
+                    let (name, unit) = self.strings[s as usize]
+                        .split_once('\0')
+                        .ok_or_else(|| r.invalid("metric", "no unit"))?;
+                    let (name, unit) = (name.to_owned(), unit.to_owned());
+                    let d = r.byte("scale")?;
+                    let value = if d == RAW_F64 {
+                        f64::from_bits(u64::from_le_bytes(
+                            r.take(8, "value")?.try_into().expect("8"),
+                        ))
+                    } else if d <= MAX_SCALE {
+                        let prev = match self.series.get(&(m, s)) {
+                            Some((pd, pv)) if *pd == d => *pv,
+                            _ => 0,
+                        };
+                        let v = prev.wrapping_add(unzigzag(r.var("value")?));
+                        self.series.insert((m, s), (d, v));
+                        v as f64 / POW10[d as usize]
+                    } else {
+                        return Err(r.invalid("scale", "above 9"));
+                    };
+                    readings.push(Reading { name, value, unit });
+                }
+                EventBody::Telemetry(Telemetry { readings })
+            }
+            KIND_STATE | KIND_PART | KIND_OPERATOR => {
+                let n = r.count("body")?;
+                let json = r.take(n, "body")?;
+                let body: EventBody =
+                    serde_json::from_slice(json).map_err(|e| r.invalid("body", &e.to_string()))?;
+                let expect = match body {
+                    EventBody::State(_) => KIND_STATE,
+                    EventBody::Part(_) => KIND_PART,
+                    EventBody::Telemetry(_) => KIND_TELEMETRY,
+                    EventBody::Operator(_) => KIND_OPERATOR,
+                };
+                if expect != kind {
+                    return Err(r.invalid("body", "kind does not match"));
+                }
+                body
+            }
+            _ => return Err(r.invalid("kind", &format!("unknown kind {kind}"))),
+        };
+        Ok(SyncItem {
+            seq,
+            stored_ms,
+            backfill: flags & FLAG_BACKFILL != 0,
+            event: Event {
+                machine,
+                ts_ms,
+                seq: dseq,
+                body,
+            },
+        })
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn invalid(&self, field: &'static str, reason: &str) -> WireError {
+        WireError::Invalid {
+            field,
+            at: self.at,
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn byte(&mut self, _field: &'static str) -> Result<u8, WireError> {
+        let b = *self.buf.get(self.at).ok_or(WireError::Truncated(self.at))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn var(&mut self, field: &'static str) -> Result<u64, WireError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte(field)?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(self.invalid(field, "varint longer than 10 bytes"))
+    }
+
+    /// A length or count, which cannot exceed the bytes left.
+    fn count(&mut self, field: &'static str) -> Result<usize, WireError> {
+        let n = self.var(field)?;
+        if n > (self.buf.len() - self.at) as u64 {
+            return Err(self.invalid(field, "larger than the bytes left"));
+        }
+        Ok(n as usize)
+    }
+
+    fn take(&mut self, n: usize, _field: &'static str) -> Result<&[u8], WireError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .ok_or(WireError::Truncated(self.at))?;
+        let s = self
+            .buf
+            .get(self.at..end)
+            .ok_or(WireError::Truncated(self.at))?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, WireError> {
+        let n = self.count(field)?;
+        let b = self.take(n, field)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.invalid(field, "not UTF-8"))
+    }
+}
+
+/// A set of `u64` as sorted, disjoint, non-adjacent inclusive ranges: what an edge's outbox
+/// sequence numbers the cloud holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RangeSet(Vec<SeqRange>);
+
+impl RangeSet {
+    /// The ranges, sorted.
+    pub fn ranges(&self) -> &[SeqRange] {
+        &self.0
+    }
+
+    /// Whether `v` is in the set.
+    pub fn contains(&self, v: u64) -> bool {
+        let i = self.0.partition_point(|(_, b)| *b < v);
+        self.0.get(i).is_some_and(|(a, _)| *a <= v)
+    }
+
+    /// Adds `[a, b]`.
+    pub fn insert(&mut self, a: u64, b: u64) {
+        debug_assert!(a <= b);
+        // First range that ends at or after a-1 (could merge).
+        let start = self.0.partition_point(|(_, e)| e.saturating_add(1) < a);
+        let mut end = start;
+        let (mut lo, mut hi) = (a, b);
+        while end < self.0.len() && self.0[end].0 <= hi.saturating_add(1) {
+            lo = lo.min(self.0[end].0);
+            hi = hi.max(self.0[end].1);
+            end += 1;
+        }
+        self.0.splice(start..end, [(lo, hi)]);
+    }
+
+    /// Adds every value of an unsorted list (merging runs).
+    pub fn extend(&mut self, values: impl IntoIterator<Item = u64>) {
+        let mut v: Vec<u64> = values.into_iter().collect();
+        v.sort_unstable();
+        let mut it = v.into_iter();
+        let Some(mut a) = it.next() else { return };
+        let mut b = a;
+        for x in it {
+            if x <= b.saturating_add(1) {
+                b = b.max(x);
+            } else {
+                self.insert(a, b);
+                a = x;
+                b = x;
+            }
+        }
+        self.insert(a, b);
+    }
+
+    /// The holes between the lowest and highest value held.
+    pub fn gaps(&self) -> Vec<SeqRange> {
+        self.0
+            .windows(2)
+            .map(|w| (w[0].1 + 1, w[1].0 - 1))
+            .collect()
+    }
+
+    /// How many values the set holds.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|(a, b)| b - a + 1).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{MachineState, PartOutcome, PartProduced, StateChange, StopReason};
+
+    fn m(i: u32) -> MachineId {
+        MachineId::new("plant-1", "line-a", format!("press-{i:02}")).unwrap()
+    }
+
+    fn sample() -> Vec<SyncItem> {
+        let mut items = vec![];
+        let mut seq = 100;
+        for i in 0..500u32 {
+            let machine = m(i % 7);
+            let body = match i % 50 {
+                0 => EventBody::State(StateChange {
+                    state: MachineState::Down,
+                    reason: Some(StopReason::TechnicalFailure),
+                }),
+                1 => EventBody::Part(PartProduced {
+                    outcome: PartOutcome::Good,
+                    cycle_time_ms: 41_250,
+                    part_id: Some(format!("P-{i}")),
+                }),
+                _ => EventBody::Telemetry(Telemetry {
+                    readings: vec![
+                        Reading {
+                            name: "temperature".into(),
+                            value: 60.0 + f64::from(i % 13) * 0.25,
+                            unit: "C".into(),
+                        },
+                        Reading {
+                            name: "vibration".into(),
+                            value: f64::from(i).sqrt(),
+                            unit: "mm/s".into(),
+                        },
+                        Reading {
+                            name: "spindle".into(),
+                            value: -1.5e-7,
+                            unit: "".into(),
+                        },
+                    ],
+                }),
+            };
+            seq += 1 + u64::from(i % 3 == 0);
+            items.push(SyncItem {
+                seq,
+                stored_ms: 1_700_000_000_000 + i64::from(i) * 10,
+                backfill: i % 5 == 0,
+                event: Event {
+                    machine,
+                    ts_ms: 1_700_000_000_000 + i64::from(i) * 1000 - 7,
+                    seq: u64::from(i) + 1,
+                    body,
+                },
+            });
+        }
+        items
+    }
+
+    #[test]
+    fn batch_round_trips_exactly() {
+        let batch = SyncBatch {
+            edge: "edge-1".into(),
+            items: sample(),
+            dropped: vec![(1, 5), (9, 9)],
+        };
+        let bytes = batch.encode();
+        let back = SyncBatch::decode(&bytes, 1 << 20).unwrap();
+        assert_eq!(back, batch);
+        // Values that are not short decimals survive bit for bit.
+        for mut item in sample() {
+            item.backfill = false;
+            let mut buf = vec![];
+            encode_item(&mut buf, item.seq, item.stored_ms, &item.event);
+            assert_eq!(decode_item(&buf).unwrap(), item);
+        }
+    }
+
+    #[test]
+    fn decimal_scaling_is_exact() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0,
+            21.37,
+            -3.5,
+            1e-9,
+            123456.789,
+            0.1 + 0.2,
+            f64::NAN,
+            1e300,
+        ] {
+            if let Some((d, s)) = decimal(v) {
+                assert_eq!((s as f64 / POW10[d as usize]).to_bits(), v.to_bits(), "{v}");
+            }
+        }
+        assert_eq!(decimal(21.37), Some((2, 2137)));
+        assert_eq!(decimal(0.1 + 0.2), None);
+    }
+
+    #[test]
+    fn damaged_batches_are_refused_not_panicking() {
+        let bytes = SyncBatch {
+            edge: "e".into(),
+            items: sample(),
+            dropped: vec![],
+        }
+        .encode();
+        assert!(matches!(
+            SyncBatch::decode(b"GET / HTTP/1.1", 1 << 20),
+            Err(WireError::BadMagic(_))
+        ));
+        assert!(matches!(
+            SyncBatch::decode(&bytes, 100),
+            Err(WireError::TooLarge(_))
+        ));
+        for cut in [5, bytes.len() / 2, bytes.len() - 1] {
+            assert!(SyncBatch::decode(&bytes[..cut], 1 << 20).is_err());
+        }
+        // Raw (decompressed) damage: flip bytes of the item stream and re-compress.
+        let raw = zstd::bulk::decompress(&bytes[4..], 1 << 20).unwrap();
+        for i in (0..raw.len()).step_by(7) {
+            let mut bad = raw.clone();
+            bad[i] ^= 0x5a;
+            let mut framed = WIRE_MAGIC.to_vec();
+            framed.extend(zstd::bulk::compress(&bad, 1).unwrap());
+            let _ = SyncBatch::decode(&framed, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn range_set_merges_and_reports_gaps() {
+        let mut s = RangeSet::default();
+        s.insert(10, 20);
+        s.insert(30, 40);
+        s.insert(21, 22);
+        assert_eq!(s.ranges(), &[(10, 22), (30, 40)]);
+        assert_eq!(s.gaps(), vec![(23, 29)]);
+        s.insert(5, 35);
+        assert_eq!(s.ranges(), &[(5, 40)]);
+        s.extend([1, 2, 3, 42, 50, 43]);
+        assert_eq!(s.ranges(), &[(1, 3), (5, 40), (42, 43), (50, 50)]);
+        assert!(s.contains(3) && !s.contains(4) && s.contains(40) && !s.contains(41));
+        assert_eq!(s.len(), 3 + 36 + 2 + 1);
+    }
+}
