@@ -220,7 +220,7 @@ async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
         metrics::gauge!("millrace_cloud_edge_items", "edge" => edge.clone()).set(l.items as f64);
         metrics::gauge!("millrace_cloud_edge_gap_items", "edge" => edge.clone()).set(gaps as f64);
         metrics::gauge!("millrace_cloud_edge_dropped_items", "edge" => edge)
-            .set(l.dropped.len() as f64);
+            .set(l.dropped_items() as f64);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -363,7 +363,7 @@ async fn edges(
                 "last_seq": r.last().map(|x| x.1),
                 "received_range_count": r.len(),
                 "dropped_at_edge": l.dropped.ranges(),
-                "dropped_items": l.dropped.len(),
+                "dropped_items": l.dropped_items(),
                 "gaps": gaps,
                 "gap_items": gaps.iter().map(|(a, b)| b - a + 1).sum::<u64>(),
             });

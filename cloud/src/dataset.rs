@@ -150,6 +150,12 @@ pub struct EdgeLedger {
 }
 
 impl EdgeLedger {
+    /// Items the edge dropped under its quota (reported ranges minus what arrived anyway: the
+    /// edge reports a lane's dropped seqs as ranges that may span the other lane's items).
+    pub fn dropped_items(&self) -> u64 {
+        self.dropped.len() - self.dropped.intersection_len(&self.received)
+    }
+
     /// Holes in the received sequence that the edge did not report as dropped.
     pub fn gaps(&self) -> Vec<SeqRange> {
         let mut out = vec![];

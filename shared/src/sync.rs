@@ -532,6 +532,25 @@ impl RangeSet {
             .collect()
     }
 
+    /// How many values both sets hold.
+    pub fn intersection_len(&self, other: &RangeSet) -> u64 {
+        let (mut i, mut j, mut n) = (0, 0, 0);
+        while i < self.0.len() && j < other.0.len() {
+            let (a, b) = self.0[i];
+            let (c, d) = other.0[j];
+            let (lo, hi) = (a.max(c), b.min(d));
+            if lo <= hi {
+                n += hi - lo + 1;
+            }
+            if b < d {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        n
+    }
+
     /// How many values the set holds.
     pub fn len(&self) -> u64 {
         self.0.iter().map(|(a, b)| b - a + 1).sum()
@@ -688,5 +707,11 @@ mod tests {
         assert_eq!(s.ranges(), &[(1, 3), (5, 40), (42, 43), (50, 50)]);
         assert!(s.contains(3) && !s.contains(4) && s.contains(40) && !s.contains(41));
         assert_eq!(s.len(), 3 + 36 + 2 + 1);
+        let mut o = RangeSet::default();
+        o.insert(2, 6);
+        o.insert(39, 42);
+        o.insert(100, 200);
+        assert_eq!(s.intersection_len(&o), 2 + 2 + 2 + 2);
+        assert_eq!(o.intersection_len(&s), 8);
     }
 }

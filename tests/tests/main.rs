@@ -667,3 +667,124 @@ fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_
     edge.stop();
     cloud.stop();
 }
+
+#[test]
+fn offline_the_outbox_keeps_to_its_quota_by_dropping_the_oldest_telemetry_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, digest) = edge_token("quota");
+    let cloud_config = cloud_config(dir.path(), millrace_tests::free_port(), "quota", &digest);
+    let port: u16 = std::fs::read_to_string(&cloud_config)
+        .unwrap()
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The uplink is down from the start.
+    let proxy = millrace_tests::FaultProxy::start(([127, 0, 0, 1], port).into());
+    proxy.set(millrace_tests::Fault::Cut);
+    let config = edge_config(dir.path(), 0);
+    with_sync(&config, &proxy.url(), "outbox_quota_bytes = 1048576\n");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", "quota"),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+    ];
+    let edge = EdgeProcess::start_with_env(&config, &env);
+    let truth_path = dir.path().join("truth.json");
+    let out = sim_run(&edge)
+        .args([
+            "--seed",
+            "3",
+            "--start",
+            "2026-03-02T06:00:00Z",
+            "--duration",
+            "4h",
+        ])
+        .args(["--telemetry-interval", "2s", "--speed", "0", "--quiet"])
+        .args(["--truth", truth_path.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = edge.get("/api/v1/sync");
+    let o = &s["outbox"];
+    let dropped = o["dropped"]["telemetry"].as_u64().unwrap();
+    assert!(dropped > 0, "the quota was exceeded: {s}");
+    assert_eq!(
+        o["dropped"]["events"], 0,
+        "state and part events are kept longest: {s}"
+    );
+    let bytes = o["bytes"]["events"].as_u64().unwrap() + o["bytes"]["telemetry"].as_u64().unwrap();
+    assert!(bytes <= 1 << 20, "outbox within its quota: {s}");
+    let metrics = Command::new("curl")
+        .args(["-fsS", &format!("{}/metrics", edge.http)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8(metrics.stdout).unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "millrace_edge_outbox_dropped_total{{lane=\"telemetry\"}} {dropped}"
+        )),
+        "dropped items are counted in metrics"
+    );
+
+    // The uplink returns: everything not dropped arrives, and the cloud knows what was dropped.
+    let cloud = CloudProcess::start(&cloud_config);
+    proxy.set(millrace_tests::Fault::Pass);
+    assert!(wait_until(Duration::from_secs(300), || {
+        let o = &edge.get("/api/v1/sync")["outbox"]["items"];
+        o["events"] == 0 && o["telemetry"] == 0
+    }));
+    let last_seq = edge.get("/api/v1/sync")["outbox"]["next_seq"]
+        .as_u64()
+        .unwrap()
+        - 1;
+    let ledger = &cloud.get("/api/v1/edges")["edges"][0];
+    assert_eq!(
+        ledger["items"].as_u64(),
+        Some(last_seq - dropped),
+        "{ledger}"
+    );
+    assert_eq!(ledger["dropped_items"].as_u64(), Some(dropped), "{ledger}");
+    assert_eq!(ledger["gap_items"], 0, "{ledger}");
+
+    let truth = read_json(&truth_path);
+    let (from, to) = (
+        truth["start_ms"].as_i64().unwrap(),
+        truth["end_ms"].as_i64().unwrap() + 1,
+    );
+    let mut cloud_points = 0;
+    let mut edge_points = 0;
+    for m in truth["machines"].as_array().unwrap() {
+        let id = format!(
+            "{}/{}/{}",
+            m["site"].as_str().unwrap(),
+            m["line"].as_str().unwrap(),
+            m["machine"].as_str().unwrap()
+        );
+        let on_edge = edge_contents(&edge, &id, from, to);
+        let in_cloud = cloud_contents(&cloud, &id, from, to);
+        assert_eq!(on_edge.events, in_cloud.events, "{id}: every event arrives");
+        for (metric, pts) in &on_edge.points {
+            let got = in_cloud.points.get(metric).cloned().unwrap_or_default();
+            // The oldest were dropped: what arrived is the newest part of the series.
+            assert_eq!(
+                got[..],
+                pts[pts.len() - got.len()..],
+                "{id}/{metric}: the newest points arrive"
+            );
+            cloud_points += got.len();
+            edge_points += pts.len();
+        }
+    }
+    assert!(cloud_points > 0 && cloud_points < edge_points);
+    edge.stop();
+    cloud.stop();
+}
