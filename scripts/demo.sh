@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts a local Millrace: the edge (embedded broker, RocksDB, API) and a simulated factory that
-# publishes to it. Ctrl-C stops everything cleanly; data stays in ./data and the next run
+# Starts a local Millrace: the cloud (dataset, reports, dashboard), the edge (embedded broker,
+# RocksDB, API, sync to the cloud) and a simulated factory that publishes to the edge. Ctrl-C stops everything cleanly; data stays in ./data and the next run
 # continues with it. Called by `./millrace demo` after the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +16,28 @@ stop() {
 }
 trap stop INT TERM EXIT
 
+wait_for() { # url log name
+  for _ in $(seq 200); do
+    curl -fsS "$1" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "the $3 did not start: see $2"; tail -20 "$2"; exit 1
+}
+
+"$BIN/millrace-cloud" --config demo/cloud.toml 2>data/cloud.log &
+pids+=($!)
+wait_for http://127.0.0.1:8090/health data/cloud.log cloud
+# Master data: the simulated machines' ideal cycle times, through the cloud's API.
+"$BIN/millrace-sim" truth --seed "${MILLRACE_DEMO_SEED:-1}" --duration 1h --start 2026-01-05T00:00:00Z 2>/dev/null |
+  jq '[.machines[] | {site, line, machine, ideal_cycle_time_ms}]' |
+  curl -fsS -X PUT -H 'content-type: application/json' --data-binary @- \
+    http://127.0.0.1:8090/api/v1/master/machines >/dev/null
+
+# The demo edge's sync token (the cloud holds only its SHA-256, in demo/cloud.toml).
+export MILLRACE_EDGE_SYNC__TOKEN=mrt_62ac38b1c0eeb355e005b6dba651d8435b8de884db99342a902bf744b142c59a
 "$BIN/millrace-edge" --config demo/edge.toml 2>data/edge.log &
 pids+=($!)
-for _ in $(seq 100); do
-  curl -fsS http://127.0.0.1:8081/health >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fsS http://127.0.0.1:8081/health >/dev/null || { echo "the edge did not start: see data/edge.log"; tail -20 data/edge.log; exit 1; }
+wait_for http://127.0.0.1:8081/health data/edge.log edge
 
 # The demo device credential (demo/edge.toml holds only its Argon2 hash).
 export MILLRACE_MQTT_USERNAME=demo-device MILLRACE_MQTT_PASSWORD=millrace-demo
@@ -38,13 +53,19 @@ pids+=($!)
 cat <<MSG
 
 Millrace is running: a simulated factory (1 site, 3 lines, 12 machines) in real time, with the
-previous day's history on the first run.
+previous day's history on the first run, flowing through the edge into the cloud.
 
-  Edge API     http://127.0.0.1:8081/api/v1/status     (health: /health, Prometheus: /metrics)
+  Dashboard    http://127.0.0.1:8090/                  (live OEE per line, production, downtime)
+  Cloud API    http://127.0.0.1:8090/api/v1/reports/oee?from=-1day&level=line&period=shift
+  Edge API     http://127.0.0.1:8081/api/v1/status     (sync: /api/v1/sync, Prometheus: /metrics)
   MQTT         mqtt://127.0.0.1:1883  (MQTT 3.1.1 and 5; user demo-device, password millrace-demo)
-  Logs         data/edge.log, data/sim.log
+  Logs         data/cloud.log, data/edge.log, data/sim.log
 
 Try:
+  curl -s "http://127.0.0.1:8090/api/v1/reports/oee?from=-1day&level=line&period=day"
+  curl -s "http://127.0.0.1:8090/api/v1/reports/downtime?from=-1day&level=line"
+  curl -s "http://127.0.0.1:8090/api/v1/reports/production?from=-8h&level=line&window=1h&format=csv"
+  curl -s http://127.0.0.1:8081/api/v1/sync
   curl -s http://127.0.0.1:8081/api/v1/series
   curl -s "http://127.0.0.1:8081/api/v1/points?series=plant-1/line-1/machine-01/temperature&from=-1day&step=1h"
   curl -s "http://127.0.0.1:8081/api/v1/events?machine=plant-1/line-1/machine-01&from=-1day&kind=state&limit=20"

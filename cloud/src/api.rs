@@ -38,6 +38,8 @@ pub struct ApiState {
     pub commits: Arc<tokio::sync::watch::Sender<u64>>,
     /// Sync requests refused.
     pub refused: Arc<AtomicU64>,
+    /// Master data (config, then edits through the API, persisted in the data directory).
+    pub master: Arc<std::sync::RwLock<crate::factory::Master>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -199,6 +201,24 @@ pub fn app(state: ApiState) -> Router {
         .route("/api/v1/edges", get(edges))
         .route("/api/v1/telemetry", get(crate::reports::telemetry_rows))
         .route("/api/v1/events", get(crate::reports::event_rows))
+        .route("/api/v1/reports/oee", get(crate::reports::oee_report))
+        .route(
+            "/api/v1/reports/production",
+            get(crate::reports::production_report),
+        )
+        .route(
+            "/api/v1/reports/downtime",
+            get(crate::reports::downtime_report),
+        )
+        .route(
+            "/api/v1/reports/telemetry",
+            get(crate::reports::telemetry_report),
+        )
+        .route("/api/v1/machines", get(machines))
+        .route("/api/v1/live", get(live))
+        .route("/", get(dashboard))
+        .route("/api/v1/master", get(master))
+        .route("/api/v1/master/machines", axum::routing::put(put_machines))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .with_state(state)
@@ -374,4 +394,159 @@ async fn edges(
         })
         .collect();
     Ok(Json(json!({ "edges": out })))
+}
+
+/// `GET /api/v1/machines`: every machine that sent data, with its ideal cycle time.
+async fn machines(_c: Caller, State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let master = s.master.read().expect("master lock");
+    let list: Vec<serde_json::Value> = s
+        .dataset
+        .machines()
+        .into_iter()
+        .map(|m| json!({ "machine": m, "ideal_cycle_time_ms": master.ideal_cycle_ms.get(&m) }))
+        .collect();
+    Json(json!({ "machines": list }))
+}
+
+/// `GET /api/v1/master`: ideal cycle times and the shift calendar.
+async fn master(_c: Caller, State(s): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!(*s.master.read().expect("master lock")))
+}
+
+/// `PUT /api/v1/master/machines` (admin): sets ideal cycle times,
+/// `[{"site","line","machine","ideal_cycle_time_ms"}]`.
+async fn put_machines(
+    Caller(role): Caller,
+    State(s): State<ApiState>,
+    body: Result<Json<Vec<millrace_shared::MachineSpec>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if role != Role::Admin {
+        return Err(ApiError::Forbidden(
+            "changing master data needs an admin key".into(),
+        ));
+    }
+    let Json(specs) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    for m in &specs {
+        m.id.validate()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if m.ideal_cycle_time_ms == 0 {
+            return Err(ApiError::BadRequest(format!(
+                "{}: ideal_cycle_time_ms must be above 0",
+                m.id
+            )));
+        }
+    }
+    let snapshot = {
+        let mut master = s.master.write().expect("master lock");
+        for m in &specs {
+            master
+                .ideal_cycle_ms
+                .insert(m.id.to_string(), m.ideal_cycle_time_ms);
+        }
+        master.clone()
+    };
+    let path = s.cfg.data_dir.join("master.json");
+    blocking(move || {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&snapshot).expect("serializes"),
+        )
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| ApiError::Unavailable(format!("saving master data: {e}")))
+    })
+    .await?;
+    Ok(Json(json!({ "updated": specs.len() })))
+}
+
+/// `GET /`: the live dashboard (one static page; data comes from `/api/v1/live`).
+async fn dashboard() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard.html"),
+    )
+}
+
+/// A KPI snapshot of the last 24 hours: OEE per line, production per hour, downtime Pareto.
+fn snapshot(ds: &Dataset, master: &crate::factory::Master) -> Result<serde_json::Value, ApiError> {
+    use crate::factory::{Level, Period};
+    let now = chrono::Utc::now().timestamp_millis();
+    let sel = crate::reports::Selection {
+        from_ms: now - 86_400_000,
+        to_ms: now + 1,
+        entity: None,
+        sites: None,
+    };
+    let lines = crate::factory::oee(ds, master, &sel, Level::Line, Period::Total)?;
+    let mut all = millrace_shared::Tally::default();
+    for r in &lines {
+        all.merge(&r.kpis.tally);
+    }
+    let total: u64 = all.stop_time_by_reason.values().sum();
+    let mut pareto: Vec<(String, u64)> = all.stop_time_by_reason.clone().into_iter().collect();
+    pareto.sort_by(|a, b| b.1.cmp(&a.1));
+    let prod = crate::factory::production(ds, &sel, Level::Site, "1h")?;
+    let mut per_hour: std::collections::BTreeMap<i64, i64> = Default::default();
+    if prod.height() > 0 {
+        let w = prod
+            .column("window_start")?
+            .as_materialized_series()
+            .cast(&polars::prelude::DataType::Int64)?;
+        let t = prod
+            .column("total")?
+            .as_materialized_series()
+            .cast(&polars::prelude::DataType::Int64)?;
+        for (w, t) in w.i64()?.iter().zip(t.i64()?.iter()) {
+            *per_hour.entry(w.unwrap_or(0)).or_default() += t.unwrap_or(0);
+        }
+    }
+    Ok(json!({
+        "at_ms": now,
+        "parts": all.total(),
+        "lines": lines.iter().map(|r| json!({
+            "entity": r.entity,
+            "oee": r.kpis.oee,
+            "availability": r.kpis.availability,
+            "performance": r.kpis.performance,
+            "quality": r.kpis.quality,
+            "total": r.kpis.total,
+            "scrap": r.kpis.tally.scrap,
+        })).collect::<Vec<_>>(),
+        "production": per_hour.into_iter().map(|(w, t)| json!({ "window_start": w, "total": t })).collect::<Vec<_>>(),
+        "pareto": pareto.into_iter().map(|(reason, ms)| json!({
+            "reason": reason,
+            "ms": ms,
+            "share": if total > 0 { ms as f64 / total as f64 } else { 0.0 },
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// `GET /api/v1/live`: server-sent events, one `snapshot` at once and one after data arrives
+/// (at most one a second).
+async fn live(
+    _c: Caller,
+    State(s): State<ApiState>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = s.commits.subscribe();
+    let stream = futures_util::stream::unfold((s, rx, true), |(s, mut rx, first)| async move {
+        if !first {
+            rx.changed().await.ok()?;
+            // Let a burst of commits settle into one snapshot.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            rx.borrow_and_update();
+        }
+        let (ds, master) = (
+            s.dataset.clone(),
+            s.master.read().expect("master lock").clone(),
+        );
+        let ev = match blocking(move || snapshot(&ds, &master)).await {
+            Ok(v) => Event::default().event("snapshot").data(v.to_string()),
+            Err(e) => Event::default().event("error").data(e.to_string()),
+        };
+        Some((Ok(ev), (s, rx, false)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -125,6 +125,9 @@ enum Record {
         dropped: Vec<SeqRange>,
         files: Vec<DataFile>,
         received_ms: i64,
+        /// `site/line/machine` of the machines in the batch.
+        #[serde(default)]
+        machines: Vec<String>,
     },
     /// Small files replaced by one.
     Compact {
@@ -187,6 +190,7 @@ struct State {
     next_id: u64,
     files: BTreeMap<String, DataFile>,
     edges: BTreeMap<String, EdgeLedger>,
+    machines: BTreeSet<String>,
     /// Bumped on every change: report caches key on it.
     version: u64,
 }
@@ -357,8 +361,10 @@ impl Dataset {
                 dropped,
                 files,
                 received_ms,
+                machines,
             } => {
                 state.next_id = state.next_id.max(id + 1);
+                state.machines.extend(machines);
                 let ledger = state.edges.entry(edge).or_default();
                 for (a, b) in seqs {
                     ledger.items += b - a + 1;
@@ -432,6 +438,11 @@ impl Dataset {
     /// The ledger of every edge.
     pub fn edges(&self) -> BTreeMap<String, EdgeLedger> {
         self.state.lock().expect("state lock").edges.clone()
+    }
+
+    /// Every machine (`site/line/machine`) that sent data.
+    pub fn machines(&self) -> BTreeSet<String> {
+        self.state.lock().expect("state lock").machines.clone()
     }
 
     /// A number that changes whenever the dataset does.
@@ -564,6 +575,10 @@ impl Dataset {
         }
         let mut seqs = RangeSet::default();
         seqs.extend(fresh.iter().map(|it| it.seq));
+        let machines: BTreeSet<String> = fresh
+            .iter()
+            .map(|it| it.event.machine.to_string())
+            .collect();
         let record = Record::Commit {
             id,
             edge: edge.to_owned(),
@@ -571,6 +586,7 @@ impl Dataset {
             dropped: dropped.to_vec(),
             files,
             received_ms,
+            machines: machines.into_iter().collect(),
         };
         self.append(&mut manifest, &record)?;
         Self::apply(&mut self.state.lock().expect("state lock"), record);

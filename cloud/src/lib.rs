@@ -6,7 +6,8 @@
 //!   manifest that makes each edge batch one atomic, idempotent commit.
 //! - [`api`]: the HTTP API: the sync endpoint for edges (per-edge tokens), per-edge
 //!   completeness, data queries, health and Prometheus metrics (API keys).
-//! - [`reports`]: Polars queries over the dataset.
+//! - [`reports`]: the query and report endpoints (filters, formats).
+//! - [`factory`]: factory reports with Polars: OEE (ISO 22400), production, downtime, telemetry.
 //!
 //! [`Cloud`] wires them together with an explicit shutdown.
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod config;
 pub mod dataset;
+pub mod factory;
 pub mod reports;
 
 use std::net::SocketAddr;
@@ -64,6 +66,29 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Master data: the configuration, then the edits saved through the API.
+fn load_master(cfg: &CloudConfig) -> factory::Master {
+    let mut m = factory::Master {
+        ideal_cycle_ms: cfg
+            .master
+            .machines
+            .iter()
+            .map(|s| (s.id.to_string(), s.ideal_cycle_time_ms))
+            .collect(),
+        default_ideal_cycle_ms: cfg.master.default_ideal_cycle_ms,
+        calendar: cfg.master.calendar.clone(),
+    };
+    let saved = cfg.data_dir.join("master.json");
+    match std::fs::read(&saved).map(|b| serde_json::from_slice::<factory::Master>(&b)) {
+        Ok(Ok(s)) => m.ideal_cycle_ms.extend(s.ideal_cycle_ms),
+        Ok(Err(e)) => {
+            tracing::error!(path = %saved.display(), error = %e, "saved master data unreadable; using the configuration")
+        }
+        Err(_) => {}
+    }
+    m
 }
 
 /// A running cloud aggregator.
@@ -130,6 +155,7 @@ impl Cloud {
             started,
             commits: Arc::new(commits),
             refused: Arc::new(AtomicU64::new(0)),
+            master: Arc::new(std::sync::RwLock::new(load_master(&cfg))),
         };
         tasks.spawn({
             let stop = stop.clone();

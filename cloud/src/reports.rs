@@ -62,13 +62,52 @@ pub struct Filters {
     pub format: Format,
     /// API key (for clients that cannot set headers).
     pub api_key: Option<String>,
+    /// Reports: `machine`, `line` or `site`.
+    pub level: Option<String>,
+    /// OEE: `shift`, `day` or `total`.
+    pub period: Option<String>,
+    /// Production and telemetry windows: `1m`, `1h`, `1d` (production also `shift`).
+    pub window: Option<String>,
+}
+
+fn choice<T: serde::de::DeserializeOwned + Default>(
+    name: &str,
+    v: &Option<String>,
+    allowed: &str,
+) -> Result<T, ApiError> {
+    match v {
+        None => Ok(T::default()),
+        Some(s) => serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| {
+            ApiError::BadRequest(format!("`{name}` = `{s}`: expected one of {allowed}"))
+        }),
+    }
+}
+
+fn window_ms(v: &Option<String>, default: &str) -> Result<(String, i64), ApiError> {
+    let w = v.clone().unwrap_or_else(|| default.to_owned());
+    let ms = match w.as_str() {
+        "1m" => 60_000,
+        "1h" => 3_600_000,
+        "1d" => 86_400_000,
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "`window` = `{w}`: expected 1m, 1h or 1d"
+            )));
+        }
+    };
+    Ok((w, ms))
 }
 
 /// A checked time range and row filter.
-pub(crate) struct Selection {
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// From (inclusive), Unix ms.
     pub from_ms: i64,
+    /// To (exclusive), Unix ms.
     pub to_ms: i64,
-    pub predicate: Option<Expr>,
+    /// Filters on site, line, machine, metric, kind (the time range is applied by [`scan`]).
+    pub entity: Option<Expr>,
+    /// Only files of these sites (partition pruning).
     pub sites: Option<Vec<String>>,
 }
 
@@ -101,12 +140,7 @@ impl Filters {
                 max_range_ms / 86_400_000
             )));
         }
-        let mut p = Some(
-            col("ts")
-                .cast(DataType::Int64)
-                .gt_eq(lit(from_ms))
-                .and(col("ts").cast(DataType::Int64).lt(lit(to_ms))),
-        );
+        let mut p = None;
         let mut site = self.site.clone();
         let mut line = self.line.clone();
         let mut machine = self.machine.clone();
@@ -147,7 +181,7 @@ impl Filters {
         Ok(Selection {
             from_ms,
             to_ms,
-            predicate: p,
+            entity: p,
             sites: site.map(|s| vec![s]),
         })
     }
@@ -163,7 +197,7 @@ pub(crate) fn date_range(from_ms: i64, to_ms: i64) -> (String, String) {
 }
 
 /// Scans `table` for `sel` (partition-pruned, filtered).
-pub(crate) fn scan(
+pub fn scan(
     ds: &crate::dataset::Dataset,
     table: Table,
     sel: &Selection,
@@ -173,8 +207,10 @@ pub(crate) fn scan(
     if files.is_empty() {
         return Ok(None);
     }
-    let mut lf = scan_files(&files)?;
-    if let Some(p) = sel.predicate.clone() {
+    let ts = || col("ts").cast(DataType::Int64);
+    let mut lf =
+        scan_files(&files)?.filter(ts().gt_eq(lit(sel.from_ms)).and(ts().lt(lit(sel.to_ms))));
+    if let Some(p) = sel.entity.clone() {
         lf = lf.filter(p);
     }
     Ok(Some(lf))
@@ -336,4 +372,127 @@ pub(crate) async fn event_rows(
         "backfill",
     ];
     rows(s, query(q)?, Table::Events, COLS, "events").await
+}
+
+/// Refuses a machine filter naming a machine the cloud has never heard of (404).
+fn known_machine(s: &ApiState, f: &Filters) -> Result<(), ApiError> {
+    let Some(m) = &f.machine else { return Ok(()) };
+    let known = s.dataset.machines();
+    let master = s.master.read().expect("master lock");
+    let found = if m.contains('/') {
+        known.contains(m) || master.ideal_cycle_ms.contains_key(m)
+    } else {
+        known
+            .iter()
+            .chain(master.ideal_cycle_ms.keys())
+            .any(|k| k.rsplit('/').next() == Some(m.as_str()))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no machine `{m}`: it never sent data and is not in the master data"
+        )))
+    }
+}
+
+/// `GET /api/v1/reports/oee`: OEE with availability, performance, quality, counts and times.
+pub(crate) async fn oee_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
+    let period: crate::factory::Period = choice("period", &f.period, "shift, day, total")?;
+    known_machine(&s, &f)?;
+    let sel = f.select(max_range(&s))?;
+    let (ds, master) = (
+        s.dataset.clone(),
+        s.master.read().expect("master lock").clone(),
+    );
+    let rows =
+        blocking(move || Ok(crate::factory::oee(&ds, &master, &sel, level, period)?)).await?;
+    match f.format {
+        Format::Json => Ok(axum::Json(serde_json::json!({ "rows": rows })).into_response()),
+        Format::Csv => {
+            let mut out = String::from(
+                "entity,period,start_ms,good,scrap,rework,total,planned_production_ms,running_ms,availability,performance,quality,oee,mtbf_ms,mttr_ms\n",
+            );
+            let o = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+            for r in rows {
+                let k = &r.kpis;
+                out.push_str(&format!(
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                    r.entity,
+                    r.period,
+                    r.start_ms,
+                    k.tally.good,
+                    k.tally.scrap,
+                    k.tally.rework,
+                    k.total,
+                    k.planned_production_ms,
+                    k.tally.times.running_ms,
+                    o(k.availability),
+                    o(k.performance),
+                    o(k.quality),
+                    o(k.oee),
+                    o(k.mtbf_ms),
+                    o(k.mttr_ms)
+                ));
+            }
+            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+        }
+    }
+}
+
+/// `GET /api/v1/reports/downtime`: unplanned stop time by reason (Pareto), MTBF, MTTR.
+pub(crate) async fn downtime_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
+    known_machine(&s, &f)?;
+    let sel = f.select(max_range(&s))?;
+    let (ds, master) = (
+        s.dataset.clone(),
+        s.master.read().expect("master lock").clone(),
+    );
+    let rows = blocking(move || Ok(crate::factory::downtime(&ds, &master, &sel, level)?)).await?;
+    Ok(axum::Json(serde_json::json!({ "rows": rows })).into_response())
+}
+
+/// `GET /api/v1/reports/production`: good, scrap, rework and throughput per window.
+pub(crate) async fn production_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
+    let (w, _) = window_ms(&f.window, "1h")?;
+    known_machine(&s, &f)?;
+    let sel = f.select(max_range(&s))?;
+    let ds = s.dataset.clone();
+    let format = f.format;
+    let df = blocking(move || Ok(crate::factory::production(&ds, &sel, level, &w)?)).await?;
+    render(df, format, "rows")
+}
+
+/// `GET /api/v1/reports/telemetry`: count, min, max, mean, p95 per machine, metric and window.
+pub(crate) async fn telemetry_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let (_, every) = window_ms(&f.window, "1h")?;
+    known_machine(&s, &f)?;
+    let sel = f.select(max_range(&s))?;
+    let ds = s.dataset.clone();
+    let format = f.format;
+    let df = blocking(move || Ok(crate::factory::telemetry(&ds, &sel, every)?)).await?;
+    render(df, format, "rows")
 }

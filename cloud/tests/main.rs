@@ -207,6 +207,7 @@ fn state(dir: &std::path::Path, keys: bool) -> ApiState {
         started: Instant::now(),
         commits: Arc::new(tokio::sync::watch::channel(0).0),
         refused: Arc::new(AtomicU64::new(0)),
+        master: Default::default(),
     }
 }
 

@@ -788,3 +788,415 @@ fn offline_the_outbox_keeps_to_its_quota_by_dropping_the_oldest_telemetry_counte
     edge.stop();
     cloud.stop();
 }
+
+/// Compares one report row with the ground truth's KPIs: counts exactly, times and ratios
+/// within 0.5 %.
+fn assert_kpis_match(what: &str, got: &Value, want: &Value) {
+    for k in ["good", "scrap", "rework", "total", "failures"] {
+        assert_eq!(got[k], want[k], "{what}: {k}");
+    }
+    let close = |k: &str, g: &Value, w: &Value| {
+        let (g, w) = (g.as_f64(), w.as_f64());
+        match (g, w) {
+            (Some(g), Some(w)) => assert!(
+                (g - w).abs() <= 0.005 * w.abs().max(1e-9),
+                "{what}: {k} = {g}, truth {w}"
+            ),
+            (g, w) => assert_eq!(g.is_some(), w.is_some(), "{what}: {k} {g:?} vs {w:?}"),
+        }
+    };
+    for k in [
+        "planned_production_ms",
+        "availability",
+        "performance",
+        "quality",
+        "oee",
+        "mtbf_ms",
+        "mttr_ms",
+    ] {
+        close(k, &got[k], &want[k]);
+    }
+    for k in [
+        "running_ms",
+        "idle_ms",
+        "down_ms",
+        "changeover_ms",
+        "planned_stop_ms",
+    ] {
+        close(k, &got["times"][k], &want["times"][k]);
+    }
+}
+
+#[test]
+fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_args = [
+        "--seed",
+        "21",
+        "--start",
+        "2026-04-06T00:00:00Z",
+        "--duration",
+        "2days",
+        "--telemetry-interval",
+        "1m",
+    ];
+    // The ground truth first (deterministic), for the machines' ideal cycle times.
+    let truth_path = dir.path().join("truth.json");
+    let out = Command::new(bin("millrace-sim"))
+        .arg("truth")
+        .args(sim_args)
+        .args(["--out", truth_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let truth = read_json(&truth_path);
+    let (token, digest) = edge_token("reports");
+    let cloud_config = cloud_config(dir.path(), 0, "reports", &digest);
+    let mut text = std::fs::read_to_string(&cloud_config).unwrap();
+    for m in truth["machines"].as_array().unwrap() {
+        text.push_str(&format!(
+            "[[master.machines]]\nsite = {}\nline = {}\nmachine = {}\nideal_cycle_time_ms = {}\n",
+            m["site"], m["line"], m["machine"], m["ideal_cycle_time_ms"]
+        ));
+    }
+    std::fs::write(&cloud_config, text).unwrap();
+    let cloud = CloudProcess::start(&cloud_config);
+    let config = edge_config(dir.path(), 0);
+    with_sync(&config, &cloud.http, "");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", "reports"),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+    ];
+    let edge = EdgeProcess::start_with_env(&config, &env);
+    let out = sim_run(&edge)
+        .args(sim_args)
+        .args(["--speed", "0", "--quiet"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_until(Duration::from_secs(300), || {
+        let o = &edge.get("/api/v1/sync")["outbox"]["items"];
+        o["events"] == 0 && o["telemetry"] == 0
+    }));
+    let (from, to) = (
+        truth["start_ms"].as_i64().unwrap(),
+        truth["end_ms"].as_i64().unwrap(),
+    );
+    let report = |q: &str| {
+        cloud.get(&format!("/api/v1/reports/oee?from={from}&to={to}&{q}"))["rows"].clone()
+    };
+
+    // Per machine and shift.
+    let rows = report("level=machine&period=shift");
+    let mut compared = 0;
+    for m in truth["machines"].as_array().unwrap() {
+        let id = format!(
+            "{}/{}/{}",
+            m["site"].as_str().unwrap(),
+            m["line"].as_str().unwrap(),
+            m["machine"].as_str().unwrap()
+        );
+        for s in m["shifts"].as_array().unwrap() {
+            let row = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["entity"] == id.as_str() && r["period"] == s["shift"])
+                .unwrap_or_else(|| panic!("{id} {}: no row", s["shift"]));
+            assert_kpis_match(&format!("{id} {}", s["shift"]), row, s);
+            compared += 1;
+        }
+    }
+    assert!(compared >= 12 * 4, "{compared} machine-shifts compared");
+    // Per line and shift, per site and day: roll-ups sum, then divide.
+    let rows = report("level=line&period=shift");
+    for l in truth["lines"].as_array().unwrap() {
+        let id = format!(
+            "{}/{}",
+            l["site"].as_str().unwrap(),
+            l["line"].as_str().unwrap()
+        );
+        for s in l["shifts"].as_array().unwrap() {
+            let row = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["entity"] == id.as_str() && r["period"] == s["shift"])
+                .unwrap();
+            assert_kpis_match(&format!("{id} {}", s["shift"]), row, s);
+        }
+    }
+    let rows = report("level=site&period=day");
+    for site in truth["sites"].as_array().unwrap() {
+        for d in site["days"].as_array().unwrap() {
+            let row = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["entity"] == site["site"] && r["period"] == d["date"])
+                .unwrap();
+            assert_kpis_match(&format!("{} {}", site["site"], d["date"]), row, d);
+        }
+    }
+    // Production per day equals the truth's part counts per machine.
+    let prod = cloud.get(&format!(
+        "/api/v1/reports/production?from={from}&to={to}&level=machine&window=1d"
+    ));
+    let total: i64 = prod["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["total"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total as u64, truth["events"]["part"].as_u64().unwrap());
+    // Downtime: MTBF and MTTR per machine over the whole range.
+    let down = cloud.get(&format!(
+        "/api/v1/reports/downtime?from={from}&to={to}&level=machine"
+    ));
+    for m in truth["machines"].as_array().unwrap() {
+        let id = format!(
+            "{}/{}/{}",
+            m["site"].as_str().unwrap(),
+            m["line"].as_str().unwrap(),
+            m["machine"].as_str().unwrap()
+        );
+        let row = down["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["entity"] == id.as_str())
+            .unwrap();
+        assert_eq!(row["failures"], m["totals"]["failures"], "{id}");
+        let reasons: u64 = row["by_reason"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["ms"].as_u64().unwrap())
+            .sum();
+        let want: u64 = m["totals"]["stop_time_by_reason"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert!(
+            (reasons as f64 - want as f64).abs() <= 0.005 * want as f64,
+            "{id}: {reasons} vs {want}"
+        );
+    }
+    // Telemetry aggregates: every point counted.
+    let tel = cloud.get(&format!(
+        "/api/v1/reports/telemetry?from={from}&to={to}&metric=temperature&window=1d"
+    ));
+    let n: i64 = tel["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(n as u64, truth["events"]["telemetry"].as_u64().unwrap());
+    edge.stop();
+    cloud.stop();
+}
+
+/// Runs `millrace-sim run` with `args` against `edge` and waits until the edge's outbox is empty.
+fn publish_and_sync(edge: &EdgeProcess, args: &[&str]) {
+    let out = sim_run(edge)
+        .args(args)
+        .args(["--speed", "0", "--quiet"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_until(Duration::from_secs(300), || {
+        let o = &edge.get("/api/v1/sync")["outbox"]["items"];
+        o["events"] == 0 && o["telemetry"] == 0
+    }));
+}
+
+#[test]
+fn the_dashboard_shows_the_reports_in_a_real_browser_and_updates_live() {
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists()
+            && Path::new("/usr/bin/chromium").exists(),
+        "the browser test needs Debian's chromium and `npm ci` in tests/browser (./millrace test does both)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (token, digest) = edge_token("dash");
+    let cloud_config = cloud_config(dir.path(), 0, "dash", &digest);
+    // Production around the clock in both the simulator and the cloud's calendar, so that what
+    // the last hours hold does not depend on the time of day the test runs.
+    let around_the_clock =
+        "shifts = [{ name = \"day\", start = \"00:00:00\", end = \"00:00:00\" }]\n";
+    let mut text = std::fs::read_to_string(&cloud_config).unwrap();
+    text.push_str(&format!("[master.calendar]\n{around_the_clock}"));
+    std::fs::write(&cloud_config, text).unwrap();
+    let sim_config = dir.path().join("factory.toml");
+    std::fs::write(&sim_config, format!("[calendar]\n{around_the_clock}")).unwrap();
+    let sim_config = sim_config.to_str().unwrap();
+    let cloud = CloudProcess::start(&cloud_config);
+    let config = edge_config(dir.path(), 0);
+    with_sync(&config, &cloud.http, "");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", "dash"),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+    ];
+    let edge = EdgeProcess::start_with_env(&config, &env);
+    // Ideal cycle times through the API, as the demo does.
+    let truth = Command::new(bin("millrace-sim"))
+        .args([
+            "truth",
+            "--config",
+            sim_config,
+            "--seed",
+            "4",
+            "--duration",
+            "1h",
+            "--start",
+            "2026-01-05T00:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    let truth: Value = serde_json::from_slice(&truth.stdout).unwrap();
+    let specs: Vec<Value> = truth["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::json!({"site": m["site"], "line": m["line"], "machine": m["machine"], "ideal_cycle_time_ms": m["ideal_cycle_time_ms"]}))
+        .collect();
+    let put = Command::new("curl")
+        .args([
+            "-fsS",
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+        ])
+        .arg(serde_json::to_string(&specs).unwrap())
+        .arg(format!("{}/api/v1/master/machines", cloud.http))
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    publish_and_sync(
+        &edge,
+        &[
+            "--config",
+            sim_config,
+            "--seed",
+            "4",
+            "--start",
+            "-6h",
+            "--duration",
+            "5h",
+            "--telemetry-interval",
+            "1m",
+        ],
+    );
+
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let mut node = Command::new("node")
+        .current_dir(&browser_dir)
+        .args([
+            "dashboard.mjs",
+            &format!("{}/", cloud.http),
+            shot.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let first: Value =
+        serde_json::from_str(&lines.next().expect("the page rendered a snapshot").unwrap())
+            .unwrap();
+
+    // What the page shows is what the API says.
+    let api = cloud.get("/api/v1/reports/oee?from=-24h&level=line&period=total");
+    let api_rows = api["rows"].as_array().unwrap();
+    let shown = first["lines"].as_array().unwrap();
+    assert_eq!(shown.len(), api_rows.len(), "{first}");
+    assert_eq!(shown.len(), 3, "three lines");
+    for row in api_rows {
+        let s = shown.iter().find(|s| s["line"] == row["entity"]).unwrap();
+        assert_eq!(s["parts"], row["total"], "{}", row["entity"]);
+        let shown_oee: f64 = s["oee"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        let api_oee = row["oee"].as_f64().unwrap() * 100.0;
+        // The last state lasts until "now", which moves between the two reads.
+        assert!(
+            (shown_oee - api_oee).abs() < 0.3,
+            "{}: {shown_oee} vs {api_oee}",
+            row["entity"]
+        );
+    }
+    assert!(
+        first["pareto_rows"].as_u64().unwrap() > 0
+            && first["production_bars"].as_u64().unwrap() >= 5,
+        "{first}"
+    );
+
+    // New data arrives: the page updates by itself.
+    publish_and_sync(
+        &edge,
+        &[
+            "--config",
+            sim_config,
+            "--seed",
+            "5",
+            "--start",
+            "-50min",
+            "--duration",
+            "40min",
+            "--telemetry-interval",
+            "1m",
+        ],
+    );
+    use std::io::Write;
+    node.stdin.as_mut().unwrap().write_all(b"next\n").unwrap();
+    let second: Value =
+        serde_json::from_str(&lines.next().expect("the page updated").unwrap()).unwrap();
+    assert!(node.wait().unwrap().success());
+    let parts = |v: &Value| {
+        v["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["parts"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert!(parts(&second) > parts(&first), "{first} → {second}");
+    assert!(second["updates"].as_u64() > first["updates"].as_u64());
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "screenshot kept at {}",
+        shot.display()
+    );
+    edge.stop();
+    cloud.stop();
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Sync benchmark (release build), measured in one run on this machine.
+
+1. A simulated factory (12 machines, 1 s telemetry, --hours of it) is published to an edge whose
+   cloud is not running yet: the outbox fills, as during an outage. Baseline: the rate at which
+   the edge took the same data from MQTT, and the bytes per point of the devices' JSON payloads.
+2. The cloud starts: catch-up = telemetry points acknowledged by the cloud (durable, fsync'd)
+   per second, from the cloud's start until the outbox is empty.
+3. Wire size: bytes of request bodies per telemetry point (everything the edge sent, including
+   state and part batches, divided by the points).
+
+Usage: python3 benches/sync.py [--hours 24]
+Writes a JSON summary to stdout and progress to stderr.
+"""
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ingest import BIN, SIM, EDGE, free_port, get, log  # noqa: E402
+
+CLOUD = os.path.join(BIN, "millrace-cloud")
+
+
+def token(edge_id):
+    out = subprocess.run([CLOUD, "edge-token", edge_id], check=True, capture_output=True, text=True).stdout
+    tok = next(l.split("=", 1)[1] for l in out.splitlines() if l.startswith("MILLRACE_EDGE_SYNC__TOKEN="))
+    digest = next(l.split('"')[1] for l in out.splitlines() if l.startswith("token_sha256"))
+    return tok, digest
+
+
+def wait_http(url):
+    for _ in range(400):
+        try:
+            return get(url)
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hours", type=int, default=24)
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="millrace-sync-bench-")
+    tok, digest = token("bench")
+    cloud_port, mqtt, http = free_port(), free_port(), free_port()
+    ecfg = os.path.join(work, "edge.toml")
+    with open(ecfg, "w") as f:
+        f.write(f'edge_id = "bench"\ndata_dir = "{work}/edge"\n[mqtt]\nlisten = "127.0.0.1:{mqtt}"\nallow_anonymous = true\n'
+                f'[http]\nlisten = "127.0.0.1:{http}"\n[store.retention]\ntelemetry = "0s"\nevents = "0s"\n'
+                f'[sync]\nenabled = true\ncloud_url = "http://127.0.0.1:{cloud_port}"\noutbox_quota_bytes = 17179869184\n'
+                f'retry_max = "200ms"\n')
+    ccfg = os.path.join(work, "cloud.toml")
+    with open(ccfg, "w") as f:
+        f.write(f'data_dir = "{work}/cloud"\n[http]\nlisten = "127.0.0.1:{cloud_port}"\n'
+                f'[edges.bench]\ntoken_sha256 = "{digest}"\n')
+    env = {**os.environ, "RUST_LOG": "warn", "MILLRACE_EDGE_SYNC__TOKEN": tok}
+    edge = subprocess.Popen([EDGE, "--config", ecfg], env=env, stderr=open(os.path.join(work, "edge.log"), "w"))
+    wait_http(f"http://127.0.0.1:{http}/health")
+
+    log(f"publishing {a.hours} h of a 12-machine factory with the cloud down …")
+    t0 = time.monotonic()
+    subprocess.run([SIM, "run", "--broker", f"mqtt://127.0.0.1:{mqtt}", "--speed", "0", "--quiet", "--seed", "1",
+                    "--start", "2026-01-05T00:00:00Z", "--duration", f"{a.hours}h", "--telemetry-interval", "1s"],
+                   check=True, env={**os.environ, "RUST_LOG": "warn"}, stderr=subprocess.DEVNULL)
+    ingest_s = time.monotonic() - t0
+    status = json.loads(get(f"http://127.0.0.1:{http}/api/v1/status"))
+    points = status["ingest"]["points"]
+    sync = json.loads(get(f"http://127.0.0.1:{http}/api/v1/sync"))
+    out = {
+        "machine": f"{os.cpu_count()} cores",
+        "telemetry_points": points,
+        "events": status["ingest"]["events"],
+        "baseline_mqtt_ingest_points_per_s": points / ingest_s,
+        "baseline_mqtt_payload_bytes_per_point": status["ingest"]["bytes"] / points,
+        "outbox_items": sync["outbox"]["items"],
+        "outbox_bytes": sync["outbox"]["bytes"],
+    }
+
+    log("starting the cloud: catch-up …")
+    t0 = time.monotonic()
+    cloud = subprocess.Popen([CLOUD, "--config", ccfg], env={**os.environ, "RUST_LOG": "warn"},
+                             stderr=open(os.path.join(work, "cloud.log"), "w"))
+    while True:
+        s = json.loads(get(f"http://127.0.0.1:{http}/api/v1/sync"))
+        if s["outbox"]["items"]["events"] == 0 and s["outbox"]["items"]["telemetry"] == 0:
+            break
+        time.sleep(0.05)
+    catchup_s = time.monotonic() - t0
+    sent = s["sent"]
+    out["catchup_s"] = catchup_s
+    out["catchup_points_per_s"] = sent["points"] / catchup_s
+    out["catchup_vs_mqtt_ingest"] = out["catchup_points_per_s"] / out["baseline_mqtt_ingest_points_per_s"]
+    out["wire_bytes"] = sent["wire_bytes"]
+    out["wire_bytes_per_point"] = sent["wire_bytes"] / sent["points"]
+    out["wire_vs_mqtt_payload"] = out["wire_bytes_per_point"] / out["baseline_mqtt_payload_bytes_per_point"]
+    out["batches"] = sent["batches"]
+    out["failures_before_cloud_up"] = sent["failures"]
+    ledger = json.loads(get(f"http://127.0.0.1:{cloud_port}/api/v1/edges"))["edges"][0]
+    out["cloud_items"], out["cloud_gap_items"] = ledger["items"], ledger["gap_items"]
+    for p in (edge, cloud):
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    print(json.dumps(out, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
