@@ -36,6 +36,12 @@ def wait_http(url):
     raise RuntimeError(f"{url} did not answer")
 
 
+def cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hours", type=int, default=24)
@@ -48,7 +54,7 @@ def main():
         f.write(f'edge_id = "bench"\ndata_dir = "{work}/edge"\n[mqtt]\nlisten = "127.0.0.1:{mqtt}"\nallow_anonymous = true\n'
                 f'[http]\nlisten = "127.0.0.1:{http}"\n[store.retention]\ntelemetry = "0s"\nevents = "0s"\n'
                 f'[sync]\nenabled = true\ncloud_url = "http://127.0.0.1:{cloud_port}"\noutbox_quota_bytes = 17179869184\n'
-                f'retry_max = "200ms"\n')
+                f'retry_max = "200ms"\n' + os.environ.get("SYNC_EXTRA", "").replace(";", "\n") + "\n")
     ccfg = os.path.join(work, "cloud.toml")
     with open(ccfg, "w") as f:
         f.write(f'data_dir = "{work}/cloud"\n[http]\nlisten = "127.0.0.1:{cloud_port}"\n'
@@ -77,6 +83,7 @@ def main():
     }
 
     log("starting the cloud: catch-up …")
+    edge_cpu0 = cpu_s(edge.pid)
     t0 = time.monotonic()
     cloud = subprocess.Popen([CLOUD, "--config", ccfg], env={**os.environ, "RUST_LOG": "warn"},
                              stderr=open(os.path.join(work, "cloud.log"), "w"))
@@ -86,6 +93,7 @@ def main():
             break
         time.sleep(0.05)
     catchup_s = time.monotonic() - t0
+    out["catchup_cpu_s"] = {"edge": cpu_s(edge.pid) - edge_cpu0, "cloud": cpu_s(cloud.pid)}
     sent = s["sent"]
     out["catchup_s"] = catchup_s
     out["catchup_points_per_s"] = sent["points"] / catchup_s

@@ -205,20 +205,19 @@ pub struct Dataset {
     fsync: bool,
 }
 
-/// Rows of one batch, grouped by partition.
+/// Rows of one batch for one partition, borrowing the batch's strings (no copy per row).
 #[derive(Default)]
-struct Rows {
-    edge: Vec<String>,
+struct Rows<'a> {
+    edge: &'a str,
     oseq: Vec<u64>,
-    line: Vec<String>,
-    machine: Vec<String>,
+    line: Vec<&'a str>,
+    machine: Vec<&'a str>,
     ts: Vec<i64>,
     dseq: Vec<u64>,
     backfill: Vec<bool>,
-    received: Vec<i64>,
     // telemetry
-    metric: Vec<String>,
-    unit: Vec<String>,
+    metric: Vec<&'a str>,
+    unit: Vec<&'a str>,
     value: Vec<f64>,
     // events
     kind: Vec<&'static str>,
@@ -226,9 +225,9 @@ struct Rows {
     reason: Vec<Option<String>>,
     outcome: Vec<Option<String>>,
     cycle_time_ms: Vec<Option<u32>>,
-    part_id: Vec<Option<String>>,
+    part_id: Vec<Option<&'a str>>,
     action: Vec<Option<String>>,
-    operator: Vec<Option<String>>,
+    operator: Vec<Option<&'a str>>,
 }
 
 fn enum_name<T: Serialize>(v: &T) -> String {
@@ -238,30 +237,29 @@ fn enum_name<T: Serialize>(v: &T) -> String {
     }
 }
 
-impl Rows {
-    fn common(&mut self, edge: &str, it: &SyncItem, received_ms: i64) {
-        self.edge.push(edge.to_owned());
+impl<'a> Rows<'a> {
+    fn common(&mut self, edge: &'a str, it: &'a SyncItem) {
+        self.edge = edge;
         self.oseq.push(it.seq);
-        self.line.push(it.event.machine.line.clone());
-        self.machine.push(it.event.machine.machine.clone());
+        self.line.push(&it.event.machine.line);
+        self.machine.push(&it.event.machine.machine);
         self.ts.push(it.event.ts_ms);
         self.dseq.push(it.event.seq);
         self.backfill.push(it.backfill);
-        self.received.push(received_ms);
     }
 
     fn len(&self) -> usize {
         self.oseq.len()
     }
 
-    fn frame(self, table: Table, site: &str) -> PolarsResult<DataFrame> {
+    fn frame(self, table: Table, site: &str, received_ms: i64) -> PolarsResult<DataFrame> {
         let n = self.len();
         let ts = Column::new("ts".into(), self.ts)
             .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
-        let received = Column::new("received_at".into(), self.received)
+        let received = Column::new("received_at".into(), vec![received_ms; n])
             .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
         let mut cols = vec![
-            Column::new("site".into(), vec![site.to_owned(); n]),
+            Column::new("site".into(), vec![site; n]),
             Column::new("line".into(), self.line),
             Column::new("machine".into(), self.machine),
             ts,
@@ -285,7 +283,7 @@ impl Rows {
             ]),
         }
         cols.extend([
-            Column::new("edge".into(), self.edge),
+            Column::new("edge".into(), vec![self.edge; n]),
             Column::new("outbox_seq".into(), self.oseq),
             Column::new("backfill".into(), self.backfill),
             received,
@@ -504,7 +502,7 @@ impl Dataset {
             }
             (state.next_id, fresh, dup)
         };
-        let mut parts: HashMap<(Table, String, &str), Rows> = HashMap::new();
+        let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
         let mut points = 0u64;
         for it in &fresh {
             let e = &it.event;
@@ -515,9 +513,9 @@ impl Dataset {
                         .entry((Table::Telemetry, date, e.machine.site.as_str()))
                         .or_default();
                     for r in &t.readings {
-                        rows.common(edge, it, received_ms);
-                        rows.metric.push(r.name.clone());
-                        rows.unit.push(r.unit.clone());
+                        rows.common(edge, it);
+                        rows.metric.push(&r.name);
+                        rows.unit.push(&r.unit);
                         rows.value.push(r.value);
                         points += 1;
                     }
@@ -526,7 +524,7 @@ impl Dataset {
                     let rows = parts
                         .entry((Table::Events, date, e.machine.site.as_str()))
                         .or_default();
-                    rows.common(edge, it, received_ms);
+                    rows.common(edge, it);
                     rows.kind.push(body.kind().as_str());
                     let (mut st, mut rs, mut oc, mut ct, mut pi, mut ac, mut op) =
                         (None, None, None, None, None, None, None);
@@ -538,11 +536,11 @@ impl Dataset {
                         EventBody::Part(p) => {
                             oc = Some(enum_name(&p.outcome));
                             ct = Some(p.cycle_time_ms);
-                            pi = p.part_id.clone();
+                            pi = p.part_id.as_deref();
                         }
                         EventBody::Operator(o) => {
                             ac = Some(enum_name(&o.action));
-                            op = Some(o.operator.clone());
+                            op = Some(o.operator.as_str());
                         }
                         EventBody::Telemetry(_) => unreachable!("handled above"),
                     }
@@ -563,7 +561,7 @@ impl Dataset {
                 table.as_str()
             );
             let n = rows.len() as u64;
-            let mut df = rows.frame(table, site)?;
+            let mut df = rows.frame(table, site, received_ms)?;
             self.write_file(&rel, &mut df)?;
             files.push(DataFile {
                 path: rel,
@@ -619,7 +617,6 @@ impl Dataset {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         ParquetWriter::new(&mut w)
             .with_compression(ParquetCompression::Zstd(None))
-            .with_statistics(StatisticsOptions::full())
             .finish(df)?;
         let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         if self.fsync {

@@ -206,7 +206,7 @@ impl SyncClient {
                 continue;
             };
             let started = Instant::now();
-            match self.send(&plan).await {
+            match self.send(plan).await {
                 Ok(sent_bytes) => {
                     backoff = self.cfg.retry_initial;
                     metrics::histogram!("millrace_edge_sync_batch_seconds")
@@ -304,10 +304,19 @@ impl SyncClient {
     }
 
     /// Sends one batch; on success deletes it from the outbox. Returns the bytes sent.
-    async fn send(&self, plan: &Planned) -> Result<u64, SyncError> {
+    async fn send(&self, plan: Planned) -> Result<u64, SyncError> {
         let now = chrono::Utc::now().timestamp_millis();
         let live_window = self.cfg.live_window.as_millis() as i64;
-        let mut items = plan.read.items.clone();
+        let span = plan
+            .read
+            .items
+            .first()
+            .zip(plan.read.items.last())
+            .map(|(a, b)| (a.seq, b.seq));
+        let n_items = plan.read.items.len() as u64;
+        let (read_items, read_bytes) = (n_items, plan.read.bytes);
+        let (lane, n_dropped) = (plan.lane, plan.dropped.len());
+        let mut items = plan.read.items;
         let mut points = 0u64;
         for it in &mut items {
             it.backfill = now - it.stored_ms > live_window;
@@ -318,8 +327,9 @@ impl SyncClient {
         let batch = SyncBatch {
             edge: self.edge_id.clone(),
             items,
-            dropped: plan.dropped.clone(),
+            dropped: plan.dropped,
         };
+        let generation = plan.read.generation;
         let body = tokio::task::spawn_blocking(move || batch.encode()).await?;
         let sent = body.len() as u64;
         self.stats.wire_bytes.fetch_add(sent, Ordering::Relaxed);
@@ -344,32 +354,23 @@ impl SyncClient {
             });
         }
         let ack: SyncAck = resp.json().await?;
-        if let (Some(first), Some(last)) = (plan.read.items.first(), plan.read.items.last()) {
-            let (store, lane, first, last, n) = (
-                self.store.clone(),
-                plan.lane,
-                first.seq,
-                last.seq,
-                plan.dropped.len(),
-            );
-            tokio::task::spawn_blocking(move || store.outbox_ack(lane, first, last, n)).await??;
-        } else if !plan.dropped.is_empty() {
-            let (store, n) = (self.store.clone(), plan.dropped.len());
-            tokio::task::spawn_blocking(move || store.outbox_ack(Lane::Telemetry, 1, 0, n))
-                .await??;
-        }
+        let store = self.store.clone();
+        let (first, last) = span.unwrap_or((1, 0));
+        tokio::task::spawn_blocking(move || {
+            store.outbox_ack(lane, first, last, n_dropped, (read_items, read_bytes), generation)
+        })
+        .await??;
         let s = &self.stats;
         s.batches.fetch_add(1, Ordering::Relaxed);
-        s.items
-            .fetch_add(plan.read.items.len() as u64, Ordering::Relaxed);
+        s.items.fetch_add(n_items, Ordering::Relaxed);
         s.points.fetch_add(points, Ordering::Relaxed);
         s.duplicates.fetch_add(ack.duplicates, Ordering::Relaxed);
         s.consecutive_failures.store(0, Ordering::Relaxed);
         s.last_ack_ms.store(now.max(0) as u64, Ordering::Relaxed);
         *s.last_error.lock().expect("error lock") = None;
         metrics::counter!("millrace_edge_sync_batches_total").increment(1);
-        metrics::counter!("millrace_edge_sync_items_total", "lane" => plan.lane.as_str())
-            .increment(plan.read.items.len() as u64);
+        metrics::counter!("millrace_edge_sync_items_total", "lane" => lane.as_str())
+            .increment(n_items);
         metrics::counter!("millrace_edge_sync_points_total").increment(points);
         metrics::counter!("millrace_edge_sync_duplicates_total").increment(ack.duplicates);
         Ok(sent)

@@ -90,6 +90,8 @@ pub(crate) struct OutboxState {
     lanes: [LaneCounters; 2],
     quota: u64,
     dropped: Mutex<Dropped>,
+    /// Bumped by every quota drop.
+    drops: AtomicU64,
     /// Woken after each write that added records.
     notify: Arc<tokio::sync::Notify>,
 }
@@ -211,6 +213,8 @@ pub struct OutboxRead {
     pub items: Vec<SyncItem>,
     /// Bytes of their records.
     pub bytes: u64,
+    /// The quota-drop generation when they were read (see [`Store::outbox_ack`]).
+    pub generation: u64,
 }
 
 impl Store {
@@ -252,6 +256,7 @@ impl Store {
             lanes,
             quota,
             dropped: Mutex::new(dropped),
+            drops: AtomicU64::new(0),
             notify: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -273,10 +278,13 @@ impl Store {
         max_items: usize,
         max_bytes: u64,
     ) -> Result<OutboxRead, StoreError> {
-        self.outbox_state()?;
+        let state = self.outbox_state()?;
         let mut ro = ReadOptions::default();
         ro.set_iterate_range(key(lane, from).to_vec()..key(lane, u64::MAX).to_vec());
-        let mut out = OutboxRead::default();
+        let mut out = OutboxRead {
+            generation: state.drops.load(Ordering::Acquire),
+            ..Default::default()
+        };
         for item in self
             .db
             .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
@@ -306,28 +314,34 @@ impl Store {
     }
 
     /// The cloud holds `[first, last]` of `lane`: delete those records. Also forgets the first
-    /// `dropped_reported` dropped ranges, which that batch reported.
+    /// `dropped_reported` dropped ranges, which that batch reported. `read` is the items and
+    /// bytes read for the batch at quota-drop `generation`.
     pub fn outbox_ack(
         &self,
         lane: Lane,
         first: u64,
         last: u64,
         dropped_reported: usize,
+        read: (u64, u64),
+        generation: u64,
     ) -> Result<(), StoreError> {
         let state = self.outbox_state()?;
         let _guard = self.write_lock.lock().expect("write lock");
-        // Count what is really there: the quota may have dropped some of it meanwhile.
-        let (mut items, mut bytes) = (0u64, 0u64);
-        let mut ro = ReadOptions::default();
         let (lo, hi) = (key(lane, first), key(lane, last.saturating_add(1)));
-        ro.set_iterate_range(lo.to_vec()..hi.to_vec());
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            items += 1;
-            bytes += (k.len() + v.len()) as u64;
+        let (mut items, mut bytes) = read;
+        if state.drops.load(Ordering::Acquire) != generation {
+            // The quota dropped records since they were read: count what is really left.
+            (items, bytes) = (0, 0);
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_range(lo.to_vec()..hi.to_vec());
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
+            {
+                let (k, v) = item?;
+                items += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
         }
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf(CF_OUTBOX), lo, hi);
@@ -449,6 +463,7 @@ impl Store {
             );
             self.write_durable(batch)?;
             *dropped = d;
+            state.drops.fetch_add(1, Ordering::Release);
             let l = &state.lanes[lane as usize];
             l.items.fetch_sub(
                 items.min(l.items.load(Ordering::Relaxed)),
