@@ -183,17 +183,26 @@ impl SyncClient {
         };
         tracing::info!(cloud = %self.url, edge_id = %self.edge_id, "sync started");
         let mut backoff = self.cfg.retry_initial;
+        // The next batch, read while the previous one was on its way (a two-stage pipeline:
+        // the edge reads and encodes while the cloud commits).
+        let mut prefetched: Option<Planned> = None;
         loop {
             if stop.is_cancelled() {
                 break;
             }
-            let plan = match self.plan().await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the outbox failed");
-                    tokio::select! { _ = tokio::time::sleep(self.cfg.retry_max) => {}, _ = stop.cancelled() => break }
-                    continue;
-                }
+            let plan = match prefetched.take() {
+                Some(p) => Some(p),
+                None => match self.plan(self.live_from, None).await {
+                    Ok((p, live_from)) => {
+                        self.set_live_from(live_from);
+                        p
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the outbox failed");
+                        tokio::select! { _ = tokio::time::sleep(self.cfg.retry_max) => {}, _ = stop.cancelled() => break }
+                        continue;
+                    }
+                },
             };
             let Some(plan) = plan else {
                 // Nothing to send: wait for new records, then linger to fill a batch.
@@ -206,9 +215,26 @@ impl SyncClient {
                 continue;
             };
             let started = Instant::now();
-            match self.send(plan).await {
+            let in_flight = plan
+                .read
+                .items
+                .first()
+                .zip(plan.read.items.last())
+                .map(|(a, b)| (plan.lane, a.seq, b.seq, !plan.dropped.is_empty()));
+            let (sent, next) = tokio::join!(self.send(plan), async {
+                // Prefetch only a full pipeline: a small batch means the outbox is caught up.
+                match in_flight {
+                    Some(f) => self.plan(self.live_from, Some(f)).await.ok(),
+                    None => None,
+                }
+            });
+            match sent {
                 Ok(sent_bytes) => {
                     backoff = self.cfg.retry_initial;
+                    if let Some((p, live_from)) = next {
+                        self.set_live_from(live_from);
+                        prefetched = p;
+                    }
                     metrics::histogram!("millrace_edge_sync_batch_seconds")
                         .record(started.elapsed().as_secs_f64());
                     if self.cfg.max_bytes_per_sec > 0 {
@@ -221,19 +247,11 @@ impl SyncClient {
                 }
                 Err(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let n = self
-                        .stats
-                        .consecutive_failures
-                        .fetch_add(1, Ordering::Relaxed)
-                        + 1;
+                    let n = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                     metrics::counter!("millrace_edge_sync_failures_total").increment(1);
                     *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
                     let retryable = e.is_retryable();
-                    let wait = if retryable {
-                        backoff
-                    } else {
-                        self.cfg.retry_max
-                    };
+                    let wait = if retryable { backoff } else { self.cfg.retry_max };
                     // Full jitter: edges that lost the cloud together do not return together.
                     let wait = wait.mul_f64(rand::rng().random_range(0.5..=1.0));
                     if n == 1 || n % 10 == 0 || !retryable {
@@ -241,7 +259,7 @@ impl SyncClient {
                     }
                     backoff = (backoff * 2).min(self.cfg.retry_max);
                     // After an outage, what arrives from now on is live and goes first.
-                    self.live_from = None;
+                    self.set_live_from(None);
                     tokio::select! { _ = tokio::time::sleep(wait) => {}, _ = stop.cancelled() => break }
                 }
             }
@@ -249,16 +267,30 @@ impl SyncClient {
         tracing::info!("sync stopped");
     }
 
-    /// Chooses the next batch: events first, then live telemetry, then backlog.
-    async fn plan(&mut self) -> Result<Option<Planned>, SyncError> {
+    /// Chooses the next batch: events first, then live telemetry, then backlog. `in_flight` is
+    /// the batch being sent meanwhile (lane, first, last seq, whether it reports dropped
+    /// ranges): the new batch does not overlap it. Returns the batch and the new `live_from`.
+    async fn plan(
+        &self,
+        live_from: Option<u64>,
+        in_flight: Option<(Lane, u64, u64, bool)>,
+    ) -> Result<(Option<Planned>, Option<u64>), SyncError> {
         let store = self.store.clone();
         let (max_items, max_bytes) = (self.cfg.batch_max_items, self.cfg.batch_max_bytes);
         let live_window = self.cfg.live_window.as_millis() as i64;
-        let live_from = self.live_from;
-        let (plan, live_from) = tokio::task::spawn_blocking(
+        let out = tokio::task::spawn_blocking(
             move || -> Result<(Option<Planned>, Option<u64>), StoreError> {
-                let dropped = store.outbox_dropped_unreported();
-                let events = store.outbox_read(Lane::Events, 0, max_items, max_bytes)?;
+                let skip = |lane: Lane| {
+                    in_flight.and_then(|(l, a, b, _)| (l == lane).then_some((a, b)))
+                };
+                // Dropped ranges go with one batch at a time (the acknowledgement forgets them).
+                let dropped = if in_flight.is_some_and(|f| f.3) {
+                    vec![]
+                } else {
+                    store.outbox_dropped_unreported()
+                };
+                let events =
+                    store.outbox_read(Lane::Events, 0, max_items, max_bytes, skip(Lane::Events))?;
                 if !events.items.is_empty() {
                     return Ok((
                         Some(Planned {
@@ -277,13 +309,14 @@ impl SyncClient {
                     // A backlog: everything stored from now on is live.
                     live_from = store.outbox_status()?.map(|s| s.next_seq);
                 }
+                let t = skip(Lane::Telemetry);
                 let mut read = OutboxRead::default();
                 if let Some(l) = live_from {
-                    read = store.outbox_read(Lane::Telemetry, l, max_items, max_bytes)?;
+                    read = store.outbox_read(Lane::Telemetry, l, max_items, max_bytes, t)?;
                 }
                 if read.items.is_empty() {
-                    read = store.outbox_read(Lane::Telemetry, 0, max_items, max_bytes)?;
-                    if read.items.is_empty() {
+                    read = store.outbox_read(Lane::Telemetry, 0, max_items, max_bytes, t)?;
+                    if read.items.is_empty() && t.is_none() {
                         live_from = None;
                     }
                 }
@@ -296,11 +329,14 @@ impl SyncClient {
             },
         )
         .await??;
+        Ok(out)
+    }
+
+    fn set_live_from(&mut self, live_from: Option<u64>) {
         self.live_from = live_from;
         self.stats
             .draining_backlog
             .store(live_from.is_some(), Ordering::Relaxed);
-        Ok(plan)
     }
 
     /// Sends one batch; on success deletes it from the outbox. Returns the bytes sent.

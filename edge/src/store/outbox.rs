@@ -270,21 +270,44 @@ impl Store {
         self.outbox.as_ref().map(|o| o.notify.clone())
     }
 
-    /// Reads up to `max_items` records (and about `max_bytes`) of `lane`, from seq `from` on.
+    /// Reads up to `max_items` records (and about `max_bytes`) of `lane`, from seq `from` on,
+    /// contiguous in the lane. `in_flight` is a range of the lane being sent already: the read
+    /// starts after it if it comes first, and otherwise stops before it, so that every batch
+    /// stays one contiguous range that can be deleted on its own acknowledgement.
     pub fn outbox_read(
         &self,
         lane: Lane,
         from: u64,
         max_items: usize,
         max_bytes: u64,
+        in_flight: Option<(u64, u64)>,
     ) -> Result<OutboxRead, StoreError> {
         let state = self.outbox_state()?;
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_range(key(lane, from).to_vec()..key(lane, u64::MAX).to_vec());
         let mut out = OutboxRead {
             generation: state.drops.load(Ordering::Acquire),
             ..Default::default()
         };
+        let mut start = from;
+        let mut stop_at = u64::MAX;
+        if let Some((a, b)) = in_flight
+            && from <= b
+        {
+            let first = {
+                let mut ro = ReadOptions::default();
+                ro.set_iterate_range(key(lane, from).to_vec()..key(lane, u64::MAX).to_vec());
+                self.db
+                    .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
+                    .next()
+                    .transpose()?
+                    .map(|(k, _)| key_seq(&k))
+            };
+            match first {
+                Some(f) if f >= a => start = b.saturating_add(1),
+                _ => stop_at = a,
+            }
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(key(lane, start).to_vec()..key(lane, stop_at).to_vec());
         for item in self
             .db
             .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
@@ -307,7 +330,7 @@ impl Store {
     /// The oldest waiting record of `lane` (its seq and when it was stored).
     pub fn outbox_oldest(&self, lane: Lane) -> Result<Option<(u64, i64)>, StoreError> {
         Ok(self
-            .outbox_read(lane, 0, 1, u64::MAX)?
+            .outbox_read(lane, 0, 1, u64::MAX, None)?
             .items
             .first()
             .map(|i| (i.seq, i.stored_ms)))
