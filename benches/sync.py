@@ -103,6 +103,12 @@ def main():
     out["wire_vs_mqtt_payload"] = out["wire_bytes_per_point"] / out["baseline_mqtt_payload_bytes_per_point"]
     out["batches"] = sent["batches"]
     out["failures_before_cloud_up"] = sent["failures"]
+    # The cloud's own time in commits (decode, Parquet files, fsyncs, manifest): storage ingest.
+    metrics = get(f"http://127.0.0.1:{cloud_port}/metrics")
+    commit_s = next(float(l.split()[-1]) for l in metrics.splitlines()
+                    if l.startswith("millrace_cloud_sync_commit_seconds_sum"))
+    out["cloud_commit_s"] = commit_s
+    out["cloud_storage_ingest_points_per_s"] = sent["points"] / commit_s
     ledger = json.loads(get(f"http://127.0.0.1:{cloud_port}/api/v1/edges"))["edges"][0]
     out["cloud_items"], out["cloud_gap_items"] = ledger["items"], ledger["gap_items"]
     for p in (edge, cloud):

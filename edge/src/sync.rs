@@ -74,7 +74,7 @@ pub struct SyncStats {
     pub points: AtomicU64,
     /// Of those, items the cloud already had (re-sent after a lost answer).
     pub duplicates: AtomicU64,
-    /// Bytes sent (request bodies, including failed attempts).
+    /// Request body bytes that reached the cloud (answered, whatever the answer).
     pub wire_bytes: AtomicU64,
     /// Failed attempts.
     pub failures: AtomicU64,
@@ -368,8 +368,6 @@ impl SyncClient {
         let generation = plan.read.generation;
         let body = tokio::task::spawn_blocking(move || batch.encode()).await?;
         let sent = body.len() as u64;
-        self.stats.wire_bytes.fetch_add(sent, Ordering::Relaxed);
-        metrics::counter!("millrace_edge_sync_wire_bytes_total").increment(sent);
         let resp = self
             .http
             .post(&self.url)
@@ -378,6 +376,9 @@ impl SyncClient {
             .body(body)
             .send()
             .await?;
+        // The body went over the wire (an unreachable cloud takes none).
+        self.stats.wire_bytes.fetch_add(sent, Ordering::Relaxed);
+        metrics::counter!("millrace_edge_sync_wire_bytes_total").increment(sent);
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             return Err(SyncError::Unauthorized(status.as_u16()));
