@@ -563,11 +563,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Keeps `recent` to about `recent_events` events (called with each write).
+    /// Keeps `recent` between `recent_events` and twice that (called with each write).
     pub(crate) fn trim_recent(&self, batch: &mut WriteBatch, key_written: u64, events: usize) {
         let mut log = self.recent_log.lock().expect("recent lock");
         log.0.push_back((key_written, events));
         log.1 += events;
+        // One range delete per `recent_events` events, not per write: every range delete leaves
+        // a tombstone that RocksDB must carry until compaction, and one per batch made writes
+        // stall under load.
+        if log.1 <= 2 * self.opts.recent_events {
+            return;
+        }
         let mut cut = None;
         while log.1 > self.opts.recent_events {
             match log.0.pop_front() {
