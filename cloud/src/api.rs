@@ -216,6 +216,7 @@ pub fn app(state: ApiState) -> Router {
         )
         .route("/api/v1/machines", get(machines))
         .route("/api/v1/live", get(live))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/", get(dashboard))
         .route("/api/v1/master", get(master))
         .route("/api/v1/master/machines", axum::routing::put(put_machines))
@@ -549,4 +550,12 @@ async fn live(
         Some((Ok(ev), (s, rx, false)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// `GET /api/v1/openapi.json`: the API described as OpenAPI 3.
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
 }

@@ -367,6 +367,31 @@ async fn data_queries_check_keys_and_parameters() {
     let (st, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["edges"][0]["items"], 400);
+    // Unknown machines are 404; the OpenAPI document names every route the router serves.
+    let (st, nf) = call(
+        &s,
+        get(
+            &format!("/api/v1/reports/oee?{range}&machine=nope"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{nf}");
+    assert!(nf["error"].as_str().unwrap().contains("nope"), "{nf}");
+    let (st, doc) = call(&s, get("/api/v1/openapi.json", None)).await;
+    assert_eq!(st, StatusCode::OK);
+    for path in [
+        "/api/v1/reports/oee",
+        "/api/v1/reports/production",
+        "/api/v1/reports/downtime",
+        "/api/v1/reports/telemetry",
+        "/api/v1/sync/batches",
+        "/api/v1/edges",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+        let (st, _) = call(&s, get(&format!("{path}?{range}"), Some(READ_KEY))).await;
+        assert_ne!(st, StatusCode::NOT_FOUND, "{path} served");
+    }
     assert_eq!(v["edges"][0]["gap_items"], 0);
 }
 

@@ -247,11 +247,19 @@ impl SyncClient {
                 }
                 Err(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let n = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = self
+                        .stats
+                        .consecutive_failures
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
                     metrics::counter!("millrace_edge_sync_failures_total").increment(1);
                     *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
                     let retryable = e.is_retryable();
-                    let wait = if retryable { backoff } else { self.cfg.retry_max };
+                    let wait = if retryable {
+                        backoff
+                    } else {
+                        self.cfg.retry_max
+                    };
                     // Full jitter: edges that lost the cloud together do not return together.
                     let wait = wait.mul_f64(rand::rng().random_range(0.5..=1.0));
                     if n == 1 || n % 10 == 0 || !retryable {
@@ -280,9 +288,8 @@ impl SyncClient {
         let live_window = self.cfg.live_window.as_millis() as i64;
         let out = tokio::task::spawn_blocking(
             move || -> Result<(Option<Planned>, Option<u64>), StoreError> {
-                let skip = |lane: Lane| {
-                    in_flight.and_then(|(l, a, b, _)| (l == lane).then_some((a, b)))
-                };
+                let skip =
+                    |lane: Lane| in_flight.and_then(|(l, a, b, _)| (l == lane).then_some((a, b)));
                 // Dropped ranges go with one batch at a time (the acknowledgement forgets them).
                 let dropped = if in_flight.is_some_and(|f| f.3) {
                     vec![]
@@ -394,7 +401,14 @@ impl SyncClient {
         let store = self.store.clone();
         let (first, last) = span.unwrap_or((1, 0));
         tokio::task::spawn_blocking(move || {
-            store.outbox_ack(lane, first, last, n_dropped, (read_items, read_bytes), generation)
+            store.outbox_ack(
+                lane,
+                first,
+                last,
+                n_dropped,
+                (read_items, read_bytes),
+                generation,
+            )
         })
         .await??;
         let s = &self.stats;
