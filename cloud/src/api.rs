@@ -485,7 +485,7 @@ fn snapshot(ds: &Dataset, master: &crate::factory::Master) -> Result<serde_json:
     }
     let total: u64 = all.stop_time_by_reason.values().sum();
     let mut pareto: Vec<(String, u64)> = all.stop_time_by_reason.clone().into_iter().collect();
-    pareto.sort_by(|a, b| b.1.cmp(&a.1));
+    pareto.sort_by_key(|r| std::cmp::Reverse(r.1));
     let prod = crate::factory::production(ds, &sel, Level::Site, "1h")?;
     let mut per_hour: std::collections::BTreeMap<i64, i64> = Default::default();
     if prod.height() > 0 {

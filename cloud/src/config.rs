@@ -106,7 +106,7 @@ impl Default for DatasetConfig {
 }
 
 /// Master data: machines and the shift calendar.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MasterConfig {
     /// Machines with their ideal cycle time, by `site/line/machine`.
@@ -115,16 +115,6 @@ pub struct MasterConfig {
     pub default_ideal_cycle_ms: u32,
     /// The shift calendar (UTC).
     pub calendar: ShiftCalendar,
-}
-
-impl Default for MasterConfig {
-    fn default() -> Self {
-        Self {
-            machines: vec![],
-            default_ideal_cycle_ms: 0,
-            calendar: ShiftCalendar::default(),
-        }
-    }
 }
 
 /// The whole cloud configuration.

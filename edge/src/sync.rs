@@ -262,7 +262,7 @@ impl SyncClient {
                     };
                     // Full jitter: edges that lost the cloud together do not return together.
                     let wait = wait.mul_f64(rand::rng().random_range(0.5..=1.0));
-                    if n == 1 || n % 10 == 0 || !retryable {
+                    if n == 1 || n.is_multiple_of(10) || !retryable {
                         tracing::warn!(error = %e, failures_in_a_row = n, retry_in_ms = wait.as_millis() as u64, "sync batch not acknowledged; will retry");
                     }
                     backoff = (backoff * 2).min(self.cfg.retry_max);
