@@ -6,7 +6,6 @@
 //! loopback only (checked at start) and needs no key.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -36,8 +35,6 @@ pub struct ApiState {
     pub started: Instant,
     /// Woken after each commit (live updates).
     pub commits: Arc<tokio::sync::watch::Sender<u64>>,
-    /// Sync requests refused.
-    pub refused: Arc<AtomicU64>,
     /// Master data (config, then edits through the API, persisted in the data directory).
     pub master: Arc<std::sync::RwLock<crate::factory::Master>>,
 }
@@ -238,7 +235,7 @@ async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
     }
     for (edge, l) in s.dataset.edges() {
         let gaps: u64 = l.gaps().iter().map(|(a, b)| b - a + 1).sum();
-        metrics::gauge!("millrace_cloud_edge_items", "edge" => edge.clone()).set(l.items as f64);
+        metrics::gauge!("millrace_cloud_edge_items", "edge" => edge.clone()).set(l.items() as f64);
         metrics::gauge!("millrace_cloud_edge_gap_items", "edge" => edge.clone()).set(gaps as f64);
         metrics::gauge!("millrace_cloud_edge_dropped_items", "edge" => edge)
             .set(l.dropped_items() as f64);
@@ -249,8 +246,7 @@ async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
     )
 }
 
-fn refuse(s: &ApiState, reason: &'static str, e: ApiError) -> ApiError {
-    s.refused.fetch_add(1, Ordering::Relaxed);
+fn refuse(reason: &'static str, e: ApiError) -> ApiError {
     metrics::counter!("millrace_cloud_sync_refused_total", "reason" => reason).increment(1);
     tracing::warn!(reason, error = %e, "sync batch refused");
     e
@@ -280,9 +276,7 @@ async fn sync_batch(
     body: Bytes,
 ) -> Result<Json<millrace_shared::SyncAck>, ApiError> {
     let Some(edge) = edge_of(&s, &headers) else {
-        return Err(refuse(
-            &s,
-            "unauthorized",
+        return Err(refuse("unauthorized",
             ApiError::Unauthorized(
                 "missing or unknown edge token: send `Authorization: Bearer <token>` as configured in [edges]".into(),
             ),
@@ -292,7 +286,6 @@ async fn sync_batch(
         && ct.as_bytes() != CONTENT_TYPE.as_bytes()
     {
         return Err(refuse(
-            &s,
             "content_type",
             ApiError::BadRequest(format!(
                 "content type {:?} is not {CONTENT_TYPE}",
@@ -309,7 +302,6 @@ async fn sync_batch(
             let too_large = matches!(e, millrace_shared::WireError::TooLarge(_));
             let msg = format!("batch not readable: {e}");
             return Err(refuse(
-                &s,
                 "bad_batch",
                 if too_large {
                     ApiError::TooLarge(msg)
@@ -322,7 +314,6 @@ async fn sync_batch(
     };
     if batch.edge != edge {
         return Err(refuse(
-            &s,
             "wrong_edge",
             ApiError::Forbidden(format!(
                 "this token belongs to edge `{edge}`, the batch says `{}`",
@@ -377,7 +368,7 @@ async fn edges(
             let r = l.received.ranges();
             let mut v = json!({
                 "edge": id,
-                "items": l.items,
+                "items": l.items(),
                 "batches": l.batches,
                 "last_commit_ms": l.last_commit_ms,
                 "first_seq": r.first().map(|x| x.0),

@@ -32,8 +32,8 @@ use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use millrace_shared::EventBody;
 use millrace_shared::sync::{RangeSet, SeqRange, SyncAck, SyncItem};
-use millrace_shared::{EventBody, EventKind};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -144,8 +144,6 @@ pub struct EdgeLedger {
     pub received: RangeSet,
     /// Sequence numbers the edge reported dropped under its quota.
     pub dropped: RangeSet,
-    /// Items held.
-    pub items: u64,
     /// Batches committed.
     pub batches: u64,
     /// Unix ms of the last commit.
@@ -153,6 +151,11 @@ pub struct EdgeLedger {
 }
 
 impl EdgeLedger {
+    /// Items held.
+    pub fn items(&self) -> u64 {
+        self.received.len()
+    }
+
     /// Items the edge dropped under its quota (reported ranges minus what arrived anyway: the
     /// edge reports a lane's dropped seqs as ranges that may span the other lane's items).
     pub fn dropped_items(&self) -> u64 {
@@ -191,8 +194,6 @@ struct State {
     files: BTreeMap<String, DataFile>,
     edges: BTreeMap<String, EdgeLedger>,
     machines: BTreeSet<String>,
-    /// Bumped on every change: report caches key on it.
-    version: u64,
 }
 
 /// The dataset. Methods block (file I/O, Polars): call them off the async runtime.
@@ -350,7 +351,6 @@ impl Dataset {
     }
 
     fn apply(state: &mut State, r: Record) {
-        state.version += 1;
         match r {
             Record::Commit {
                 id,
@@ -365,7 +365,6 @@ impl Dataset {
                 state.machines.extend(machines);
                 let ledger = state.edges.entry(edge).or_default();
                 for (a, b) in seqs {
-                    ledger.items += b - a + 1;
                     ledger.received.insert(a, b);
                 }
                 for (a, b) in dropped {
@@ -441,11 +440,6 @@ impl Dataset {
     /// Every machine (`site/line/machine`) that sent data.
     pub fn machines(&self) -> BTreeSet<String> {
         self.state.lock().expect("state lock").machines.clone()
-    }
-
-    /// A number that changes whenever the dataset does.
-    pub fn version(&self) -> u64 {
-        self.state.lock().expect("state lock").version
     }
 
     /// Absolute paths of a table's files, optionally only of some dates (inclusive range) and sites.
@@ -721,12 +715,4 @@ pub fn scan_files(paths: &[PathBuf]) -> PolarsResult<LazyFrame> {
             ..Default::default()
         },
     )
-}
-
-/// Which event kinds go to which table.
-pub const fn table_of(kind: EventKind) -> Table {
-    match kind {
-        EventKind::Telemetry => Table::Telemetry,
-        _ => Table::Events,
-    }
 }

@@ -19,7 +19,6 @@ pub mod factory;
 pub mod reports;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -154,7 +153,6 @@ impl Cloud {
             metrics,
             started,
             commits: Arc::new(commits),
-            refused: Arc::new(AtomicU64::new(0)),
             master: Arc::new(std::sync::RwLock::new(load_master(&cfg))),
         };
         tasks.spawn({

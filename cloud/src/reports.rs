@@ -396,6 +396,12 @@ fn known_machine(s: &ApiState, f: &Filters) -> Result<(), ApiError> {
     }
 }
 
+/// A report's selection: a known machine (404 otherwise) and a checked range.
+fn report_selection(s: &ApiState, f: &Filters) -> Result<Selection, ApiError> {
+    known_machine(s, f)?;
+    f.select(max_range(s))
+}
+
 /// `GET /api/v1/reports/oee`: OEE with availability, performance, quality, counts and times.
 pub(crate) async fn oee_report(
     _c: Caller,
@@ -405,8 +411,7 @@ pub(crate) async fn oee_report(
     let f = query(q)?;
     let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
     let period: crate::factory::Period = choice("period", &f.period, "shift, day, total")?;
-    known_machine(&s, &f)?;
-    let sel = f.select(max_range(&s))?;
+    let sel = report_selection(&s, &f)?;
     let (ds, master) = (
         s.dataset.clone(),
         s.master.read().expect("master lock").clone(),
@@ -454,8 +459,7 @@ pub(crate) async fn downtime_report(
 ) -> Result<Response, ApiError> {
     let f = query(q)?;
     let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
-    known_machine(&s, &f)?;
-    let sel = f.select(max_range(&s))?;
+    let sel = report_selection(&s, &f)?;
     let (ds, master) = (
         s.dataset.clone(),
         s.master.read().expect("master lock").clone(),
@@ -473,8 +477,7 @@ pub(crate) async fn production_report(
     let f = query(q)?;
     let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
     let (w, _) = window_ms(&f.window, "1h")?;
-    known_machine(&s, &f)?;
-    let sel = f.select(max_range(&s))?;
+    let sel = report_selection(&s, &f)?;
     let ds = s.dataset.clone();
     let format = f.format;
     let df = blocking(move || Ok(crate::factory::production(&ds, &sel, level, &w)?)).await?;
@@ -489,8 +492,7 @@ pub(crate) async fn telemetry_report(
 ) -> Result<Response, ApiError> {
     let f = query(q)?;
     let (_, every) = window_ms(&f.window, "1h")?;
-    known_machine(&s, &f)?;
-    let sel = f.select(max_range(&s))?;
+    let sel = report_selection(&s, &f)?;
     let ds = s.dataset.clone();
     let format = f.format;
     let df = blocking(move || Ok(crate::factory::telemetry(&ds, &sel, every)?)).await?;

@@ -2,7 +2,6 @@
 //! and over real HTTP on 127.0.0.1:0.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -96,7 +95,7 @@ fn a_batch_sent_twice_is_stored_once() {
     assert_eq!(ds.commit("e2", &items(1, 10), &[], 4).unwrap().stored, 10);
     let edges = ds.edges();
     assert_eq!(edges["e1"].received.ranges(), &[(1, 4000)]);
-    assert_eq!(edges["e1"].items, 4000);
+    assert_eq!(edges["e1"].items(), 4000);
     assert!(edges["e1"].gaps().is_empty());
     // Reopened: the same ledger and rows.
     drop(ds);
@@ -206,7 +205,6 @@ fn state(dir: &std::path::Path, keys: bool) -> ApiState {
         metrics: millrace_cloud::metrics_handle(),
         started: Instant::now(),
         commits: Arc::new(tokio::sync::watch::channel(0).0),
-        refused: Arc::new(AtomicU64::new(0)),
         master: Default::default(),
     }
 }

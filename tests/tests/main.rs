@@ -151,12 +151,7 @@ fn assert_matches_truth(edge: &EdgeProcess, truth: &Value) {
     );
     let mut temperature_points = 0;
     for m in truth["machines"].as_array().unwrap() {
-        let id = format!(
-            "{}/{}/{}",
-            m["site"].as_str().unwrap(),
-            m["line"].as_str().unwrap(),
-            m["machine"].as_str().unwrap()
-        );
+        let id = machine_id(m);
         let parts = edge.get(&format!(
             "/api/v1/events?machine={id}&kind=part&from={from}&to={to}&limit=100000"
         ));
@@ -302,6 +297,22 @@ fn a_simulated_shift_flows_through_the_edge_and_matches_the_ground_truth() {
     let edge = EdgeProcess::start(&config);
     assert_matches_truth(&edge, &truth);
     edge.stop();
+}
+
+/// `site/line/machine` of a machine in the ground truth.
+fn machine_id(m: &Value) -> String {
+    format!(
+        "{}/{}/{}",
+        m["site"].as_str().unwrap(),
+        m["line"].as_str().unwrap(),
+        m["machine"].as_str().unwrap()
+    )
+}
+
+/// Whether the edge's outbox is empty (everything acknowledged by the cloud).
+fn outbox_drained(edge: &EdgeProcess) -> bool {
+    let o = &edge.get("/api/v1/sync")["outbox"]["items"];
+    o["events"] == 0 && o["telemetry"] == 0
 }
 
 /// `millrace-cloud` as a process on a fixed loopback port (so that it can be restarted there).
@@ -641,12 +652,7 @@ fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_
     let mut events = 0;
     let mut points = 0;
     for m in truth["machines"].as_array().unwrap() {
-        let id = format!(
-            "{}/{}/{}",
-            m["site"].as_str().unwrap(),
-            m["line"].as_str().unwrap(),
-            m["machine"].as_str().unwrap()
-        );
+        let id = machine_id(m);
         let on_edge = edge_contents(&edge, &id, from, to);
         let in_cloud = cloud_contents(&cloud, &id, from, to);
         assert!(
@@ -738,10 +744,9 @@ fn offline_the_outbox_keeps_to_its_quota_by_dropping_the_oldest_telemetry_counte
     // The uplink returns: everything not dropped arrives, and the cloud knows what was dropped.
     let cloud = CloudProcess::start(&cloud_config);
     proxy.set(millrace_tests::Fault::Pass);
-    assert!(wait_until(Duration::from_secs(300), || {
-        let o = &edge.get("/api/v1/sync")["outbox"]["items"];
-        o["events"] == 0 && o["telemetry"] == 0
-    }));
+    assert!(wait_until(Duration::from_secs(300), || outbox_drained(
+        &edge
+    )));
     let last_seq = edge.get("/api/v1/sync")["outbox"]["next_seq"]
         .as_u64()
         .unwrap()
@@ -763,12 +768,7 @@ fn offline_the_outbox_keeps_to_its_quota_by_dropping_the_oldest_telemetry_counte
     let mut cloud_points = 0;
     let mut edge_points = 0;
     for m in truth["machines"].as_array().unwrap() {
-        let id = format!(
-            "{}/{}/{}",
-            m["site"].as_str().unwrap(),
-            m["line"].as_str().unwrap(),
-            m["machine"].as_str().unwrap()
-        );
+        let id = machine_id(m);
         let on_edge = edge_contents(&edge, &id, from, to);
         let in_cloud = cloud_contents(&cloud, &id, from, to);
         assert_eq!(on_edge.events, in_cloud.events, "{id}: every event arrives");
@@ -883,10 +883,9 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(wait_until(Duration::from_secs(300), || {
-        let o = &edge.get("/api/v1/sync")["outbox"]["items"];
-        o["events"] == 0 && o["telemetry"] == 0
-    }));
+    assert!(wait_until(Duration::from_secs(300), || outbox_drained(
+        &edge
+    )));
     let (from, to) = (
         truth["start_ms"].as_i64().unwrap(),
         truth["end_ms"].as_i64().unwrap(),
@@ -899,12 +898,7 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     let rows = report("level=machine&period=shift");
     let mut compared = 0;
     for m in truth["machines"].as_array().unwrap() {
-        let id = format!(
-            "{}/{}/{}",
-            m["site"].as_str().unwrap(),
-            m["line"].as_str().unwrap(),
-            m["machine"].as_str().unwrap()
-        );
+        let id = machine_id(m);
         for s in m["shifts"].as_array().unwrap() {
             let row = rows
                 .as_array()
@@ -963,12 +957,7 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         "/api/v1/reports/downtime?from={from}&to={to}&level=machine"
     ));
     for m in truth["machines"].as_array().unwrap() {
-        let id = format!(
-            "{}/{}/{}",
-            m["site"].as_str().unwrap(),
-            m["line"].as_str().unwrap(),
-            m["machine"].as_str().unwrap()
-        );
+        let id = machine_id(m);
         let row = down["rows"]
             .as_array()
             .unwrap()
@@ -1021,10 +1010,9 @@ fn publish_and_sync(edge: &EdgeProcess, args: &[&str]) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(wait_until(Duration::from_secs(300), || {
-        let o = &edge.get("/api/v1/sync")["outbox"]["items"];
-        o["events"] == 0 && o["telemetry"] == 0
-    }));
+    assert!(wait_until(Duration::from_secs(300), || outbox_drained(
+        edge
+    )));
 }
 
 #[test]
