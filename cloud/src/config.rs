@@ -208,3 +208,46 @@ impl CloudConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_with_no_config_and_checks_what_is_given() {
+        CloudConfig::default().validate().unwrap();
+        let err = |f: &dyn Fn(&mut CloudConfig)| {
+            let mut c = CloudConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(
+            err(&|c| c.http.listen = "0.0.0.0:8090".parse().unwrap())
+                .contains("needs at least one")
+        );
+        assert!(err(&|c| c.http.read_keys = vec!["short".into()]).contains("16 characters"));
+        assert!(
+            err(&|c| {
+                c.edges.insert(
+                    "e1".into(),
+                    EdgeAuth {
+                        token_sha256: "abc".into(),
+                    },
+                );
+            })
+            .contains("edges.e1.token_sha256")
+        );
+        assert!(
+            err(&|c| {
+                c.edges.insert(
+                    "bad id".into(),
+                    EdgeAuth {
+                        token_sha256: token_digest("x"),
+                    },
+                );
+            })
+            .contains("edge ids")
+        );
+        assert_eq!(token_digest("abc").len(), 64);
+    }
+}

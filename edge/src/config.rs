@@ -463,6 +463,25 @@ mod tests {
     }
 
     #[test]
+    fn sync_settings_are_checked() {
+        let err = |f: &dyn Fn(&mut EdgeConfig)| {
+            let mut c = EdgeConfig::default();
+            c.sync.enabled = true;
+            c.sync.token = "t".repeat(32);
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(err(&|c| c.sync.token.clear()).contains("millrace-cloud edge-token"));
+        assert!(err(&|c| c.sync.cloud_url = "cloud:8090".into()).contains("sync.cloud_url"));
+        assert!(err(&|c| c.sync.batch_max_items = 0).contains("sync.batch_max_items"));
+        assert!(err(&|c| c.sync.outbox_quota_bytes = 1000).contains("sync.outbox_quota_bytes"));
+        let mut ok = EdgeConfig::default();
+        ok.sync.enabled = true;
+        ok.sync.token = "t".repeat(32);
+        ok.validate().unwrap();
+    }
+
+    #[test]
     fn file_then_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("edge.toml", "edge_id = \"hall-3\"\n[mqtt]\nallow_anonymous = true\n[store.retention]\ntelemetry = \"2days\"\n")?;
