@@ -204,7 +204,14 @@ pub struct Dataset {
     manifest: Mutex<File>,
     /// fsync files and the manifest (off only for benchmarks of the code path).
     fsync: bool,
+    /// Files a compaction replaced, kept on disk for [`RETIRE_AFTER`] so that queries that
+    /// listed them before the compaction can still read them.
+    retired: Mutex<Vec<(std::time::Instant, PathBuf)>>,
 }
+
+/// How long files replaced by a compaction stay on disk (a restart removes them at once:
+/// they are not in the manifest).
+pub const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Rows of one batch for one partition, borrowing the batch's strings (no copy per row).
 #[derive(Default)]
@@ -345,6 +352,7 @@ impl Dataset {
             state: Mutex::new(state),
             manifest: Mutex::new(file),
             fsync,
+            retired: Mutex::new(vec![]),
         };
         ds.remove_orphans()?;
         Ok(ds)
@@ -681,14 +689,30 @@ impl Dataset {
             self.append(&mut manifest, &record)?;
             Self::apply(&mut self.state.lock().expect("state lock"), record);
             drop(manifest);
-            for p in paths {
-                if let Err(e) = std::fs::remove_file(&p) {
-                    tracing::warn!(path = %p.display(), error = %e, "could not remove a compacted file; it will be removed at the next start");
-                }
-            }
+            let now = std::time::Instant::now();
+            self.retired
+                .lock()
+                .expect("retired lock")
+                .extend(paths.into_iter().map(|p| (now, p)));
             removed += old.len();
         }
         Ok(removed)
+    }
+
+    /// Deletes files that compactions replaced at least `after` ago. Returns how many.
+    pub fn remove_retired(&self, after: std::time::Duration) -> usize {
+        let due: Vec<PathBuf> = {
+            let mut r = self.retired.lock().expect("retired lock");
+            let (due, keep) = r.drain(..).partition(|(t, _)| t.elapsed() >= after);
+            *r = keep;
+            due.into_iter().map(|(_, p)| p).collect()
+        };
+        for p in &due {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove a compacted file; it will be removed at the next start");
+            }
+        }
+        due.len()
     }
 }
 

@@ -126,7 +126,11 @@ impl Cloud {
                 loop {
                     tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
                     let ds = ds.clone();
-                    match tokio::task::spawn_blocking(move || ds.compact(min)).await {
+                    let pass = move || {
+                        ds.remove_retired(crate::dataset::RETIRE_AFTER);
+                        ds.compact(min)
+                    };
+                    match tokio::task::spawn_blocking(pass).await {
                         Ok(Ok(n)) if n > 0 => tracing::info!(files = n, "compacted small files"),
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => tracing::error!(error = %e, "compaction failed"),

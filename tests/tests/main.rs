@@ -487,6 +487,39 @@ fn edge_contents(edge: &EdgeProcess, machine: &str, from: i64, to: i64) -> Machi
     c
 }
 
+/// What differs between the edge's and the cloud's contents, briefly (the first few rows).
+fn contents_diff(edge: &MachineContents, cloud: &MachineContents) -> String {
+    fn only<T: Eq + std::hash::Hash + std::fmt::Debug>(a: &[T], b: &[T]) -> String {
+        let b: std::collections::HashSet<&T> = b.iter().collect();
+        let rows: Vec<&T> = a.iter().filter(|x| !b.contains(x)).collect();
+        format!("{} rows, first: {:?}", rows.len(), &rows[..rows.len().min(5)])
+    }
+    let mut out = format!(
+        "events: edge {} cloud {}; only on the edge: {}; only in the cloud: {}\n",
+        edge.events.len(),
+        cloud.events.len(),
+        only(&edge.events, &cloud.events),
+        only(&cloud.events, &edge.events)
+    );
+    let empty = vec![];
+    for m in edge.points.keys().chain(cloud.points.keys()) {
+        let (a, b) = (
+            edge.points.get(m).unwrap_or(&empty),
+            cloud.points.get(m).unwrap_or(&empty),
+        );
+        if a != b {
+            out += &format!(
+                "{m}: edge {} points, cloud {}; only on the edge: {}; only in the cloud: {}\n",
+                a.len(),
+                b.len(),
+                only(a, b),
+                only(b, a)
+            );
+        }
+    }
+    out
+}
+
 fn cloud_contents(cloud: &CloudProcess, machine: &str, from: i64, to: i64) -> MachineContents {
     let mut c = MachineContents::default();
     let evs = cloud.get(&format!(
@@ -659,8 +692,11 @@ fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_
             !on_edge.events.is_empty() && !on_edge.points.is_empty(),
             "{id}"
         );
-        assert_eq!(on_edge.events.len(), in_cloud.events.len(), "{id}: events");
-        assert_eq!(on_edge, in_cloud, "{id}: contents differ");
+        assert!(
+            on_edge == in_cloud,
+            "{id}: contents differ\n{}",
+            contents_diff(&on_edge, &in_cloud)
+        );
         events += on_edge.events.len();
         points += on_edge.points.values().map(Vec::len).sum::<usize>();
     }
