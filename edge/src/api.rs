@@ -9,13 +9,14 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use millrace_shared::{EventKind, MachineId};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::functions::{DeployRequest, FunctionError, Functions, LogFilter, Outcome, TriggerKind};
 use crate::ingest::IngestStats;
 use crate::store::{Bucket, Store, StoreError};
 
@@ -40,6 +41,8 @@ pub struct ApiState {
     pub started: Instant,
     /// Sync counters (`None`: sync is off).
     pub sync: Option<(Arc<crate::sync::SyncStats>, String)>,
+    /// The functions service (`None`: functions are off).
+    pub functions: Option<Functions>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -60,6 +63,12 @@ pub enum ApiError {
     /// The thing asked for does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The request conflicts with the thing's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Busy: try again later.
+    #[error("{0}")]
+    Unavailable(String),
     /// No or a wrong API key.
     #[error("missing or wrong API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
@@ -74,11 +83,27 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<FunctionError> for ApiError {
+    fn from(e: FunctionError) -> Self {
+        match e {
+            FunctionError::Invalid(_) => Self::BadRequest(e.to_string()),
+            FunctionError::NotFound(_) => {
+                Self::NotFound(format!("{e}: see /api/v1/functions"))
+            }
+            FunctionError::Disabled(_) => Self::Conflict(e.to_string()),
+            FunctionError::Busy(_) => Self::Unavailable(e.to_string()),
+            FunctionError::Store(_) | FunctionError::Runtime(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Internal(detail) => {
                 tracing::error!(error = %detail, "API request failed");
@@ -100,6 +125,19 @@ pub fn app(state: ApiState) -> Router {
         .route("/events", get(events))
         .route("/dead-letters", get(dead_letters))
         .route("/sync", get(sync_status))
+        .route("/functions", get(fn_list))
+        .route(
+            "/functions/{name}",
+            get(fn_get)
+                .put(fn_deploy)
+                .delete(fn_delete)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_DEPLOY_BODY)),
+        )
+        .route("/functions/{name}/enable", post(fn_enable))
+        .route("/functions/{name}/disable", post(fn_disable))
+        .route("/functions/{name}/invoke", post(fn_invoke))
+        .route("/invocations", get(invocations))
+        .route("/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
@@ -458,4 +496,186 @@ mod tests {
                 && !constant_time_eq(b"ab", b"abc")
         );
     }
+}
+
+/// Largest deploy request body (a module of `functions.max_module_bytes` in base64 fits).
+const MAX_DEPLOY_BODY: usize = 12 << 20;
+
+fn functions(s: &ApiState) -> Result<&Functions, ApiError> {
+    s.functions.as_ref().ok_or_else(|| {
+        ApiError::Conflict("functions are disabled on this edge (functions.enabled = false)".into())
+    })
+}
+
+async fn fn_list(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!({ "functions": functions(&s)?.list() })))
+}
+
+async fn fn_get(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let f = functions(&s)?;
+    f.list()
+        .into_iter()
+        .find(|v| v["name"] == name.as_str())
+        .map(Json)
+        .ok_or_else(|| FunctionError::NotFound(name).into())
+}
+
+async fn fn_deploy(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let f = functions(&s)?.clone();
+    let req: DeployRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "deploy request: {e} (expected JSON: module_base64 or module_wat, topics, schedule, timeout_ms, memory_mib, concurrency, queue, enabled, description)"
+        ))
+    })?;
+    let (spec, created) = blocking(move || Ok(f.deploy(&name, req)?)).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(spec)).into_response())
+}
+
+async fn fn_delete(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let f = functions(&s)?.clone();
+    blocking(move || Ok(f.delete(&name)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn fn_enable(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<crate::functions::FunctionSpec>, ApiError> {
+    let f = functions(&s)?.clone();
+    Ok(Json(blocking(move || Ok(f.set_enabled(&name, true)?)).await?))
+}
+
+async fn fn_disable(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<crate::functions::FunctionSpec>, ApiError> {
+    let f = functions(&s)?.clone();
+    Ok(Json(blocking(move || Ok(f.set_enabled(&name, false)?)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvokeQuery {
+    topic: Option<String>,
+}
+
+/// Runs a function by hand with the request body as payload; answers with the invocation
+/// record (200 whatever the outcome: the record says how it ended).
+async fn fn_invoke(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    q: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
+    body: bytes::Bytes,
+) -> Result<Json<crate::functions::InvocationRecord>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let f = functions(&s)?;
+    Ok(Json(f.invoke(&name, q.topic, body.to_vec()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvocationsQuery {
+    function: Option<String>,
+    outcome: Option<String>,
+    trigger: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+}
+
+async fn invocations(
+    State(s): State<ApiState>,
+    q: Result<Query<InvocationsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let outcome = q
+        .outcome
+        .as_deref()
+        .map(|o| {
+            Outcome::parse(o).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "`outcome` = `{o}` is not one of ok, error, trap, timeout, memory"
+                ))
+            })
+        })
+        .transpose()?;
+    let trigger = match q.trigger.as_deref() {
+        None => None,
+        Some("topic") => Some(TriggerKind::Topic),
+        Some("schedule") => Some(TriggerKind::Schedule),
+        Some("manual") => Some(TriggerKind::Manual),
+        Some(t) => {
+            return Err(ApiError::BadRequest(format!(
+                "`trigger` = `{t}` is not one of topic, schedule, manual"
+            )));
+        }
+    };
+    let (from, to) = match (q.from.as_deref(), q.to.as_deref()) {
+        (None, None) => (i64::MIN, i64::MAX),
+        (f, t) => range(f, t)?,
+    };
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        l => parse_limit(l)?,
+    };
+    let filter = LogFilter {
+        function: q.function,
+        outcome,
+        trigger,
+    };
+    let store = s.store.clone();
+    let rows = blocking(move || {
+        Ok(store.invocations(from, to, limit, |r| filter.keep(r))?)
+    })
+    .await?;
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .filter_map(|r| serde_json::from_slice(r).ok())
+        .collect();
+    Ok(Json(json!({ "invocations": rows })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+}
+
+async fn alerts(
+    State(s): State<ApiState>,
+    q: Result<Query<AlertsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (from, to) = match (q.from.as_deref(), q.to.as_deref()) {
+        (None, None) => (i64::MIN, i64::MAX),
+        (f, t) => range(f, t)?,
+    };
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        l => parse_limit(l)?,
+    };
+    let store = s.store.clone();
+    let rows = blocking(move || Ok(store.alerts(from, to, limit)?)).await?;
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .filter_map(|r| serde_json::from_slice(r).ok())
+        .collect();
+    Ok(Json(json!({ "alerts": rows })))
 }

@@ -62,6 +62,42 @@ pub struct Broker {
     /// rumqttd's MQTT 5 listener.
     pub v5_addr: SocketAddr,
     connections: Arc<AtomicI64>,
+    publisher: crate::functions::Publisher,
+}
+
+/// Messages waiting for the in-process publisher at most.
+const LOCAL_PUBLISH_QUEUE: usize = 65_536;
+
+/// Starts a thread holding a rumqttd local link (no TCP hop) that publishes what the returned
+/// closure is given, at QoS 0. The closure never blocks: `false` when the queue is full.
+fn local_publisher<S>(router_tx: S) -> Result<crate::functions::Publisher, BrokerError>
+where
+    S: FnOnce() -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> + Send + 'static,
+{
+    let (tx, rx) = flume::bounded::<(String, Vec<u8>)>(LOCAL_PUBLISH_QUEUE);
+    std::thread::Builder::new()
+        .name("millrace-publish".into())
+        .spawn(move || {
+            let (mut link, _rx) = match router_tx() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not open the in-process MQTT link; functions cannot publish");
+                    return;
+                }
+            };
+            while let Ok((topic, payload)) = rx.recv() {
+                if let Err(e) = link.publish(topic, payload) {
+                    tracing::error!(error = %e, "in-process MQTT publish failed");
+                }
+            }
+        })
+        .map_err(|source| BrokerError::Bind {
+            addr: "127.0.0.1:0".parse().expect("valid"),
+            source,
+        })?;
+    Ok(Arc::new(move |topic: &str, payload: Vec<u8>| {
+        tx.try_send((topic.to_owned(), payload)).is_ok()
+    }))
 }
 
 fn loopback_port() -> SocketAddr {
@@ -143,6 +179,16 @@ impl Broker {
             ..Default::default()
         };
         let router_tx = Router::new(0, router_cfg).spawn();
+        // rumqttd does not export its router event type: hand the sender over in a closure.
+        let publisher = local_publisher({
+            let router_tx = router_tx.clone();
+            move || {
+                rumqttd::local::LinkBuilder::new("millrace-edge-functions", router_tx)
+                    .build()
+                    .map(|(tx, rx, _)| (tx, rx))
+                    .map_err(|e| e.to_string())
+            }
+        })?;
 
         let auth = Arc::new(DeviceAuth::new(&cfg.users));
         let mut connections = ConnectionSettings {
@@ -261,7 +307,13 @@ impl Broker {
             v4_addr,
             v5_addr,
             connections,
+            publisher,
         })
+    }
+
+    /// Publishes into the broker from inside the edge (QoS 0, no TCP hop).
+    pub fn publisher(&self) -> crate::functions::Publisher {
+        self.publisher.clone()
     }
 
     /// Devices connected through the device port now.

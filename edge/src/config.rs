@@ -163,6 +163,12 @@ pub struct RetentionConfig {
     /// Dead letters.
     #[serde(with = "humantime_serde")]
     pub dead_letters: Duration,
+    /// Function invocation records.
+    #[serde(with = "humantime_serde")]
+    pub invocations: Duration,
+    /// Alerts raised by functions.
+    #[serde(with = "humantime_serde")]
+    pub alerts: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -172,6 +178,8 @@ impl Default for RetentionConfig {
             telemetry: d.telemetry_retention,
             events: d.event_retention,
             dead_letters: d.dead_letter_retention,
+            invocations: d.invocation_retention,
+            alerts: d.alert_retention,
         }
     }
 }
@@ -227,6 +235,8 @@ impl StoreConfig {
             telemetry_retention: self.retention.telemetry,
             event_retention: self.retention.events,
             dead_letter_retention: self.retention.dead_letters,
+            invocation_retention: self.retention.invocations,
+            alert_retention: self.retention.alerts,
             cache_bytes: self.cache_bytes,
             write_buffer_bytes: self.write_buffer_bytes,
         }
@@ -306,6 +316,49 @@ pub struct EdgeConfig {
     pub store: StoreConfig,
     /// Sync to the cloud.
     pub sync: SyncConfig,
+    /// On-device functions.
+    pub functions: FunctionsConfig,
+}
+
+/// On-device functions: defaults for deployed functions and the runtime's bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionsConfig {
+    /// Run functions. Off: deployed functions are kept but nothing triggers them.
+    pub enabled: bool,
+    /// Default time limit of one invocation (a function may set its own).
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Default memory cap of one invocation, MiB.
+    pub default_memory_mib: u32,
+    /// Default invocations of one function running at once.
+    pub default_concurrency: u32,
+    /// Default queue bound per function: triggers beyond it are dropped and counted.
+    pub default_queue: u32,
+    /// Largest module accepted, bytes.
+    pub max_module_bytes: usize,
+    /// Largest memory cap a function may ask for, MiB.
+    pub max_memory_mib: u32,
+    /// Module versions kept per function (older ones are deleted on deploy).
+    pub keep_versions: u32,
+    /// Record successful invocations in the log too (failures are always recorded).
+    pub log_successes: bool,
+}
+
+impl Default for FunctionsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_timeout: Duration::from_millis(100),
+            default_memory_mib: 16,
+            default_concurrency: 1,
+            default_queue: 1024,
+            max_module_bytes: 8 << 20,
+            max_memory_mib: 256,
+            keep_versions: 5,
+            log_successes: true,
+        }
+    }
 }
 
 impl Default for EdgeConfig {
@@ -318,6 +371,7 @@ impl Default for EdgeConfig {
             ingest: IngestConfig::default(),
             store: StoreConfig::default(),
             sync: SyncConfig::default(),
+            functions: FunctionsConfig::default(),
         }
     }
 }
@@ -353,6 +407,28 @@ impl EdgeConfig {
         };
         if millrace_shared::topic::validate_id("edge_id", &self.edge_id).is_err() {
             return invalid("edge_id", "1 to 64 characters of A-Z a-z 0-9 _ -");
+        }
+        let f = &self.functions;
+        if f.default_timeout.is_zero() || f.default_timeout > Duration::from_secs(60) {
+            return invalid("functions.default_timeout", "between 1ms and 60s");
+        }
+        if f.max_memory_mib == 0 || f.max_memory_mib > 4096 {
+            return invalid("functions.max_memory_mib", "between 1 and 4096");
+        }
+        if f.default_memory_mib == 0 || f.default_memory_mib > f.max_memory_mib {
+            return invalid(
+                "functions.default_memory_mib",
+                "between 1 and functions.max_memory_mib",
+            );
+        }
+        if f.default_concurrency == 0 || f.default_concurrency > 64 {
+            return invalid("functions.default_concurrency", "between 1 and 64");
+        }
+        if f.default_queue == 0 || f.default_queue > 1_000_000 {
+            return invalid("functions.default_queue", "between 1 and 1000000");
+        }
+        if f.keep_versions == 0 {
+            return invalid("functions.keep_versions", "at least 1");
         }
         if self.sync.enabled {
             if !(self.sync.cloud_url.starts_with("http://")

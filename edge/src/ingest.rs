@@ -99,6 +99,10 @@ pub struct IngestChunk {
     pub done: tokio::sync::oneshot::Sender<()>,
 }
 
+/// Called with each batch of events once it is stored (set once, after start: functions
+/// start after the broker, which needs the ingest sender).
+pub type StoredHook = Arc<std::sync::OnceLock<Box<dyn Fn(&[Event]) + Send + Sync>>>;
+
 /// Where the device listeners send what they find.
 pub type IngestTx = flume::Sender<IngestChunk>;
 
@@ -201,7 +205,11 @@ pub struct Ingest {
 
 impl Ingest {
     /// Starts the ingest thread.
-    pub fn start(store: Arc<Store>, cfg: IngestConfig) -> Result<Self, IngestError> {
+    pub fn start(
+        store: Arc<Store>,
+        cfg: IngestConfig,
+        on_stored: StoredHook,
+    ) -> Result<Self, IngestError> {
         let (tx, rx) = flume::bounded(CHANNEL_CHUNKS);
         let recent_budget = store.recent_limit();
         let mut recent: HashMap<MachineId, HashSet<(u64, i64)>> = HashMap::new();
@@ -231,6 +239,7 @@ impl Ingest {
                         dead: vec![],
                         done: vec![],
                         warned: WarnLimiter::default(),
+                        on_stored,
                     }
                     .run(rx, &stop);
                 }
@@ -294,6 +303,7 @@ struct Pipeline {
     /// Events stored just before this run started (emptied once as many were stored since).
     recent: HashMap<MachineId, HashSet<(u64, i64)>>,
     recent_budget: usize,
+    on_stored: StoredHook,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
     done: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -420,6 +430,9 @@ impl Pipeline {
                     self.done.drain(..).for_each(|d| {
                         let _ = d.send(());
                     });
+                    if let Some(hook) = self.on_stored.get() {
+                        hook(&self.events);
+                    }
                     break;
                 }
                 Err(e) => {

@@ -8,6 +8,7 @@
 //!   batches them into the store, with dead letters for what it refuses.
 //! - [`store`]: the RocksDB time-series store (compressed telemetry blocks, events, dead
 //!   letters, retention).
+//! - [`functions`]: on-device WebAssembly functions (triggers, runtime, log).
 //! - [`sync`]: the sync client that sends the store's outbox to the cloud.
 //! - [`api`]: the HTTP API (health, Prometheus metrics, series, points, events, dead letters).
 //!
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod functions;
 pub mod ingest;
 pub mod store;
 pub mod sync;
@@ -52,6 +54,9 @@ pub enum EdgeError {
     /// The broker failed to start.
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
+    /// Functions failed to start.
+    #[error("functions: {0}")]
+    Functions(#[from] functions::FunctionError),
     /// Ingest failed to start.
     #[error("ingest: {0}")]
     Ingest(#[from] IngestError),
@@ -101,6 +106,7 @@ pub struct Edge {
     pub http_addr: SocketAddr,
     store: Arc<Store>,
     ingest: Option<Ingest>,
+    functions: Option<functions::Functions>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -120,8 +126,13 @@ impl Edge {
             .options(cfg.sync.enabled.then_some(cfg.sync.outbox_quota_bytes));
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??);
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let on_stored: ingest::StoredHook = Default::default();
         let ingest = if cfg.ingest.enabled {
-            Some(Ingest::start(store.clone(), cfg.ingest.clone())?)
+            Some(Ingest::start(
+                store.clone(),
+                cfg.ingest.clone(),
+                on_stored.clone(),
+            )?)
         } else {
             tracing::warn!(
                 "ingest is disabled (ingest.enabled = false): nothing devices send is stored"
@@ -137,6 +148,28 @@ impl Edge {
             )
             .await?,
         );
+
+        let functions = if cfg.functions.enabled {
+            let (store, publisher, fcfg) =
+                (store.clone(), broker.publisher(), cfg.functions.clone());
+            let f = tokio::task::spawn_blocking(move || {
+                let engine = functions::WasmEngine::new().map_err(functions::FunctionError::Runtime)?;
+                functions::Functions::start(
+                    store,
+                    Arc::new(engine),
+                    publisher,
+                    fcfg,
+                    Arc::new(functions::SystemClock),
+                )
+            })
+            .await??;
+            let hook = f.clone();
+            let _ = on_stored.set(Box::new(move |events| hook.on_stored(events)));
+            Some(f)
+        } else {
+            tracing::info!("functions are disabled (functions.enabled = false)");
+            None
+        };
 
         // Maintenance: seal full windows into compressed blocks, apply retention, report size.
         tasks.spawn({
@@ -242,6 +275,7 @@ impl Edge {
             edge_id: cfg.edge_id.clone(),
             started,
             sync: sync_stats.map(|s| (s, cfg.sync.cloud_url.clone())),
+            functions: functions.clone(),
         };
         tasks.spawn({
             let stop = stop.clone();
@@ -260,6 +294,7 @@ impl Edge {
             http_addr,
             store,
             ingest,
+            functions,
             tasks,
             stop,
         })
@@ -270,9 +305,17 @@ impl Edge {
         &self.store
     }
 
+    /// The functions service (`None` when functions are disabled).
+    pub fn functions(&self) -> Option<&functions::Functions> {
+        self.functions.as_ref()
+    }
+
     /// Stops taking devices and requests, writes everything received, flushes and closes RocksDB.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
+        if let Some(f) = self.functions.clone() {
+            let _ = tokio::task::spawn_blocking(move || f.shutdown()).await;
+        }
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
             .await

@@ -50,6 +50,200 @@ enum Command {
         #[arg(long)]
         compact: bool,
     },
+    /// Manage on-device functions on a running edge (through its HTTP API).
+    #[command(name = "fn")]
+    Fn {
+        /// The edge's HTTP API.
+        #[arg(long, env = "MILLRACE_EDGE_URL", default_value = "http://127.0.0.1:8081")]
+        url: String,
+        /// API key, if the edge requires one.
+        #[arg(long, env = "MILLRACE_EDGE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        #[command(subcommand)]
+        action: FnCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FnCommand {
+    /// Deploy a function, or a new version of it (a .wasm or .wat module).
+    Deploy {
+        /// Function name (a-z 0-9 - _).
+        name: String,
+        /// The module: binary Wasm or WAT text.
+        module: PathBuf,
+        /// MQTT topic filter that triggers it (repeat for several; `+` and `#` wildcards).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Cron schedule, UTC ("0 * * * *": hourly; 6 fields: seconds first).
+        #[arg(long)]
+        schedule: Option<String>,
+        /// Time limit per invocation, e.g. 100ms.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Memory cap, MiB.
+        #[arg(long)]
+        memory_mib: Option<u32>,
+        /// Invocations running at once.
+        #[arg(long)]
+        concurrency: Option<u32>,
+        /// Queue bound (triggers beyond it are dropped and counted).
+        #[arg(long)]
+        queue: Option<u32>,
+        /// Deploy it disabled.
+        #[arg(long)]
+        disabled: bool,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List deployed functions with their counters.
+    List,
+    /// Show one function.
+    Show {
+        /// Function name.
+        name: String,
+    },
+    /// Enable a function.
+    Enable {
+        /// Function name.
+        name: String,
+    },
+    /// Disable a function (kept, not triggered).
+    Disable {
+        /// Function name.
+        name: String,
+    },
+    /// Delete a function, its versions and its key-value state.
+    Delete {
+        /// Function name.
+        name: String,
+    },
+    /// Run a function now with a payload and print the invocation record.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// The topic the function sees (a device topic makes the payload a device event).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The payload.
+        #[arg(long, conflicts_with = "payload_file")]
+        payload: Option<String>,
+        /// Read the payload from a file.
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+    },
+    /// Show the invocation log, newest first.
+    Logs {
+        /// Only this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only this outcome: ok, error, trap, timeout, memory.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only this trigger: topic, schedule, manual.
+        #[arg(long)]
+        trigger: Option<String>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+/// Calls the edge's function API and prints the JSON answer.
+async fn fn_command(url: &str, api_key: Option<&str>, action: FnCommand) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let http = reqwest::Client::new();
+    let base = format!("{}/api/v1", url.trim_end_matches('/'));
+    let req = match action {
+        FnCommand::Deploy {
+            name,
+            module,
+            topics,
+            schedule,
+            timeout,
+            memory_mib,
+            concurrency,
+            queue,
+            disabled,
+            description,
+        } => {
+            let bytes = std::fs::read(&module)
+                .with_context(|| format!("read the module {}", module.display()))?;
+            let body = millrace_edge::functions::DeployRequest {
+                module_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                topics,
+                schedule,
+                timeout_ms: timeout.map(|t| t.as_millis() as u64),
+                memory_mib,
+                concurrency,
+                queue,
+                enabled: Some(!disabled),
+                description,
+                ..Default::default()
+            };
+            http.put(format!("{base}/functions/{name}")).json(&body)
+        }
+        FnCommand::List => http.get(format!("{base}/functions")),
+        FnCommand::Show { name } => http.get(format!("{base}/functions/{name}")),
+        FnCommand::Enable { name } => http.post(format!("{base}/functions/{name}/enable")),
+        FnCommand::Disable { name } => http.post(format!("{base}/functions/{name}/disable")),
+        FnCommand::Delete { name } => http.delete(format!("{base}/functions/{name}")),
+        FnCommand::Invoke {
+            name,
+            topic,
+            payload,
+            payload_file,
+        } => {
+            let body = match (payload, payload_file) {
+                (Some(p), _) => p.into_bytes(),
+                (None, Some(f)) => std::fs::read(&f)
+                    .with_context(|| format!("read the payload {}", f.display()))?,
+                (None, None) => vec![],
+            };
+            let mut r = http.post(format!("{base}/functions/{name}/invoke"));
+            if let Some(t) = topic {
+                r = r.query(&[("topic", t)]);
+            }
+            r.body(body)
+        }
+        FnCommand::Logs {
+            function,
+            outcome,
+            trigger,
+            limit,
+        } => {
+            let mut q = vec![("limit", limit.to_string())];
+            q.extend(function.map(|f| ("function", f)));
+            q.extend(outcome.map(|o| ("outcome", o)));
+            q.extend(trigger.map(|t| ("trigger", t)));
+            http.get(format!("{base}/invocations")).query(&q)
+        }
+    };
+    let req = match api_key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    };
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the edge at {url} (is it running? --url)"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    if !status.is_success() {
+        let msg = json
+            .as_ref()
+            .and_then(|j| j["error"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        bail!("{status}: {msg}");
+    }
+    match json {
+        Some(j) => println!("{}", serde_json::to_string_pretty(&j)?),
+        None if text.is_empty() => eprintln!("done ({status})"),
+        None => println!("{text}"),
+    }
+    Ok(())
 }
 
 fn init_logs(format: LogFormat) {
@@ -137,6 +331,11 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
+        Command::Fn {
+            url,
+            api_key,
+            action,
+        } => fn_command(&url, api_key.as_deref(), action).await?,
         Command::Run => {
             let cfg = EdgeConfig::load(cli.config.as_deref())?;
             let edge = Edge::start(cfg).await?;

@@ -13,6 +13,7 @@
 //! | `outbox` | lane `u8` · outbox seq `u64` | the event for the cloud ([`outbox`]) |
 //! | `meta` | name | outbox counters, dropped ranges |
 //! | `recent` | write counter `u64` | (id, device seq, ts) of each event written, for dedup after a restart |
+//! | `functions`, `kv`, `invocations`, `alerts` | see [`functions`] | deployed functions, their state, log and alerts |
 //!
 //! Telemetry lands in `head` in the same write batch as everything else; a maintenance pass
 //! seals each full time window of a series into one Gorilla-style block and deletes the raw
@@ -21,7 +22,10 @@
 //! Retention deletes by key range per series and machine.
 
 pub mod block;
+mod functions;
 pub mod outbox;
+
+pub use functions::KvWrite;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -44,8 +48,23 @@ const CF_DEAD: &str = "dead_letters";
 const CF_OUTBOX: &str = "outbox";
 const CF_META: &str = "meta";
 const CF_RECENT: &str = "recent";
-const CFS: [&str; 8] = [
-    CF_SERIES, CF_HEAD, CF_BLOCKS, CF_EVENTS, CF_DEAD, CF_OUTBOX, CF_META, CF_RECENT,
+const CF_FUNCTIONS: &str = "functions";
+const CF_KV: &str = "kv";
+const CF_INVOCATIONS: &str = "invocations";
+const CF_ALERTS: &str = "alerts";
+const CFS: [&str; 12] = [
+    CF_SERIES,
+    CF_HEAD,
+    CF_BLOCKS,
+    CF_EVENTS,
+    CF_DEAD,
+    CF_OUTBOX,
+    CF_META,
+    CF_RECENT,
+    CF_FUNCTIONS,
+    CF_KV,
+    CF_INVOCATIONS,
+    CF_ALERTS,
 ];
 
 /// Errors of the store.
@@ -110,6 +129,10 @@ pub struct StoreOptions {
     /// Events remembered across a restart to recognise devices re-sending what was stored just
     /// before it.
     pub recent_events: usize,
+    /// How long function invocation records are kept; zero keeps them forever.
+    pub invocation_retention: Duration,
+    /// How long alerts raised by functions are kept; zero keeps them forever.
+    pub alert_retention: Duration,
 }
 
 impl Default for StoreOptions {
@@ -125,6 +148,8 @@ impl Default for StoreOptions {
             write_buffer_bytes: 16 << 20,
             outbox_quota_bytes: None,
             recent_events: 100_000,
+            invocation_retention: Duration::from_secs(7 * 86_400),
+            alert_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }
@@ -262,6 +287,8 @@ pub struct Store {
     /// Next key of `recent`.
     recent_counter: AtomicU64,
     recent_log: outbox::RecentLog,
+    /// Next counter for invocation and alert keys.
+    log_counter: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -319,8 +346,12 @@ impl Store {
             outbox: None,
             recent_counter: AtomicU64::new(0),
             recent_log: Default::default(),
+            log_counter: AtomicU64::new(0),
         };
         store.load()?;
+        store
+            .log_counter
+            .store(store.load_log_counter()?, Ordering::Relaxed);
         let mut store = store;
         if let Some(quota) = store.opts.outbox_quota_bytes {
             store.outbox = Some(store.load_outbox(quota)?);
@@ -680,6 +711,8 @@ impl Store {
             fresh("events", cut(self.opts.event_retention)),
             fresh("dead", cut(self.opts.dead_letter_retention)),
         );
+        // The function log and alerts: once per block window.
+        let function_log = fresh("functions", cut(Duration::from_millis(1)));
         drop(done);
         let _guard = self.write_lock.lock().expect("write lock");
         let mut batch = WriteBatch::default();
@@ -707,6 +740,9 @@ impl Store {
         }
         if let Some(c) = dead {
             batch.delete_range_cf(self.cf(CF_DEAD), ts_key(i64::MIN), ts_key(c));
+        }
+        if function_log.is_some() {
+            self.function_retention(&mut batch, now_ms);
         }
         if let Some(c) = telemetry {
             let mut unsealed = self.unsealed.lock().expect("unsealed lock");

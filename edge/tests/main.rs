@@ -776,3 +776,5 @@ fn hash_password_refuses_short_passwords_and_makes_verifiable_hashes() {
     assert!(auth.verify("u", "a long enough password"));
     assert!(!auth.verify("u", "a long enough passwore"));
 }
+
+mod functions;

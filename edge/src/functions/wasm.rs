@@ -1,0 +1,615 @@
+//! The WebAssembly runtime (wasmtime, core modules) and the host ABI functions see.
+//!
+//! The ABI (documented for users in `docs/functions.md`): a module exports `memory` and
+//! `handle: () -> i32` (0 = success) and imports what it needs from the module `millrace`.
+//! Each invocation gets a fresh instance (from an [`InstancePre`]): nothing survives between
+//! invocations but what the function writes to its key-value store. Actions (publish, points,
+//! alerts, key-value writes) are buffered and take effect only if the invocation succeeds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use millrace_shared::{Event, EventBody};
+use wasmtime::{
+    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, Trap,
+    ValType,
+};
+
+use super::{Effects, Input, InvokeError, KvRead, LogLine, Point};
+
+/// How often the epoch advances: the resolution of time limits.
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// Most actions (publishes + points + alerts + key-value writes) one invocation may take.
+pub const MAX_ACTIONS: usize = 10_000;
+/// Most log lines one invocation keeps (later ones are counted, not kept).
+pub const MAX_LOG_LINES: usize = 100;
+/// Longest log line kept, bytes.
+pub const MAX_LOG_LINE: usize = 1024;
+/// Longest key-value key and value, bytes.
+pub const MAX_KV_KEY: usize = 256;
+/// Longest key-value value, bytes.
+pub const MAX_KV_VALUE: usize = 64 * 1024;
+
+/// A function engine: compiles modules into something that can be invoked. The edge uses
+/// [`WasmEngine`]; the trait keeps the rest of the edge independent of wasmtime.
+pub trait FunctionEngine: Send + Sync + std::fmt::Debug {
+    /// Validates and compiles a module (binary Wasm or WAT text).
+    fn compile(&self, module: &[u8], memory_cap: u64) -> Result<Arc<dyn Compiled>, String>;
+}
+
+/// A compiled function.
+pub trait Compiled: Send + Sync + std::fmt::Debug {
+    /// Runs one invocation with a fresh instance.
+    fn invoke(
+        &self,
+        input: &Input,
+        kv: Arc<dyn KvRead>,
+        timeout: Duration,
+        memory_cap: u64,
+    ) -> (Result<(), InvokeError>, Effects);
+}
+
+/// wasmtime with epoch interruption; a ticker thread advances the epoch every [`TICK`].
+#[derive(Debug)]
+pub struct WasmEngine {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for WasmEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WasmEngine {
+    /// Creates the engine and starts its epoch ticker.
+    pub fn new() -> Result<Self, String> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(512 << 10);
+        let engine = Engine::new(&config).map_err(|e| e.to_string())?;
+        let linker = Arc::new(host_linker(&engine).map_err(|e| e.to_string())?);
+        let stop = Arc::new(AtomicBool::new(false));
+        std::thread::Builder::new()
+            .name("millrace-fn-epoch".into())
+            .spawn({
+                let (engine, stop) = (engine.clone(), stop.clone());
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            engine,
+            linker,
+            stop,
+        })
+    }
+}
+
+/// The signature of each host import: (params, results).
+fn host_signature(name: &str) -> Option<(&'static [ValType], &'static [ValType])> {
+    use ValType::{F64, I32, I64};
+    Some(match name {
+        "log" => (&[I32, I32, I32], &[]),
+        "input_len" => (&[I32], &[I32]),
+        "input_read" => (&[I32, I32, I32], &[I32]),
+        "event_ts" | "now_ms" => (&[], &[I64]),
+        "event_number" => (&[I32, I32], &[F64]),
+        "event_string" => (&[I32, I32, I32, I32], &[I32]),
+        "publish" => (&[I32, I32, I32, I32], &[I32]),
+        "write_point" => (&[I32, I32, I64, F64], &[I32]),
+        "alert" => (&[I32, I32, I32], &[I32]),
+        "kv_get" => (&[I32, I32, I32, I32], &[I32]),
+        "kv_set" => (&[I32, I32, I32, I32], &[I32]),
+        "kv_delete" => (&[I32, I32], &[I32]),
+        _ => return None,
+    })
+}
+
+fn same_types(a: impl ExactSizeIterator<Item = ValType>, b: &[ValType]) -> bool {
+    a.len() == b.len() && a.zip(b).all(|(x, y)| ValType::eq(&x, y))
+}
+
+fn types(t: impl Iterator<Item = ValType>) -> String {
+    let v: Vec<String> = t.map(|t| t.to_string()).collect();
+    format!("({})", v.join(", "))
+}
+
+impl FunctionEngine for WasmEngine {
+    fn compile(&self, bytes: &[u8], memory_cap: u64) -> Result<Arc<dyn Compiled>, String> {
+        let is_binary = bytes.starts_with(b"\0asm");
+        if !is_binary && std::str::from_utf8(bytes).is_err() {
+            return Err("not a WebAssembly module: neither Wasm binary (\\0asm) nor WAT text".into());
+        }
+        let module = Module::new(&self.engine, bytes).map_err(|e| {
+            let e = format!("{e:#}");
+            if is_binary {
+                format!("invalid WebAssembly module: {e}")
+            } else {
+                format!("not a valid WAT/WebAssembly module: {e}")
+            }
+        })?;
+        // Imports: only the host's, with the right signatures.
+        for import in module.imports() {
+            let (m, n) = (import.module(), import.name());
+            let ExternType::Func(f) = import.ty() else {
+                return Err(format!(
+                    "imports `{m}.{n}`, which is not a function: the host provides functions only (export your own memory)"
+                ));
+            };
+            let expected = match (m, n) {
+                ("millrace", n) => host_signature(n),
+                // AssemblyScript's runtime reports failed assertions through `env.abort`.
+                ("env", "abort") => Some((
+                    &[ValType::I32, ValType::I32, ValType::I32, ValType::I32][..],
+                    &[][..],
+                )),
+                _ => None,
+            };
+            let Some((params, results)) = expected else {
+                return Err(format!(
+                    "imports `{m}.{n}`, which the host does not provide (see docs/functions.md for the `millrace` imports)"
+                ));
+            };
+            if !same_types(f.params(), params) || !same_types(f.results(), results) {
+                return Err(format!(
+                    "imports `{m}.{n}` with signature {} -> {}, expected {} -> {}",
+                    types(f.params()),
+                    types(f.results()),
+                    types(params.iter().cloned()),
+                    types(results.iter().cloned())
+                ));
+            }
+        }
+        // Exports: `handle: () -> i32`, and `memory` if it uses pointers.
+        let handle = module.get_export("handle").ok_or(
+            "exports no function `handle` (the entry point: `(func (export \"handle\") (result i32))`)",
+        )?;
+        let ExternType::Func(h) = handle else {
+            return Err("exports `handle`, but it is not a function".into());
+        };
+        if h.params().len() != 0 || !same_types(h.results(), &[ValType::I32]) {
+            return Err(format!(
+                "exports `handle` with signature {} -> {}, expected () -> (i32)",
+                types(h.params()),
+                types(h.results())
+            ));
+        }
+        let needs_memory = module
+            .imports()
+            .any(|i| !matches!(i.name(), "event_ts" | "now_ms"));
+        match module.get_export("memory") {
+            Some(ExternType::Memory(m)) => {
+                let initial = m.minimum().saturating_mul(m.page_size());
+                if initial > memory_cap {
+                    return Err(format!(
+                        "its memory starts at {} KiB, above the function's memory limit of {} KiB",
+                        initial >> 10,
+                        memory_cap >> 10
+                    ));
+                }
+            }
+            Some(_) => return Err("exports `memory`, but it is not a memory".into()),
+            None if needs_memory => {
+                return Err(
+                    "exports no `memory`: the host reads and writes the function's memory through it"
+                        .into(),
+                );
+            }
+            None => {}
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("cannot link the module: {e:#}"))?;
+        Ok(Arc::new(WasmFunction {
+            engine: self.engine.clone(),
+            pre,
+        }))
+    }
+}
+
+/// A compiled module, ready to instantiate.
+struct WasmFunction {
+    engine: Engine,
+    pre: InstancePre<HostState>,
+}
+
+impl std::fmt::Debug for WasmFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmFunction").finish_non_exhaustive()
+    }
+}
+
+impl Compiled for WasmFunction {
+    fn invoke(
+        &self,
+        input: &Input,
+        kv: Arc<dyn KvRead>,
+        timeout: Duration,
+        memory_cap: u64,
+    ) -> (Result<(), InvokeError>, Effects) {
+        let state = HostState {
+            input: input.clone(),
+            payload: None,
+            effects: Effects::default(),
+            kv_overlay: BTreeMap::new(),
+            kv,
+            memory_cap: memory_cap as usize,
+            memory_exceeded: false,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        let ticks = timeout.as_micros().div_ceil(TICK.as_micros()) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let result = (|| {
+            let instance = self.pre.instantiate(&mut store)?;
+            let handle = instance.get_typed_func::<(), i32>(&mut store, "handle")?;
+            handle.call(&mut store, ())
+        })();
+        let exceeded = store.data().memory_exceeded;
+        let effects = std::mem::take(&mut store.data_mut().effects);
+        let overlay = std::mem::take(&mut store.data_mut().kv_overlay);
+        let mut effects = effects;
+        let outcome = match result {
+            Ok(0) => {
+                effects.kv = overlay.into_iter().collect();
+                Ok(())
+            }
+            Ok(code) => Err(InvokeError::Failed(format!("handle returned {code}"))),
+            Err(_) if exceeded => Err(InvokeError::Memory(format!(
+                "memory limit of {} KiB exceeded",
+                memory_cap >> 10
+            ))),
+            Err(e) => match e.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => Err(InvokeError::Timeout(format!(
+                    "stopped after its time limit of {} ms",
+                    timeout.as_millis()
+                ))),
+                Some(t) => Err(InvokeError::Trap(format!("{t}"))),
+                None => Err(InvokeError::Trap(format!("{e:#}"))),
+            },
+        };
+        (outcome, effects)
+    }
+}
+
+/// What one instance sees of the host.
+struct HostState {
+    input: Input,
+    /// The payload bytes, made on first use.
+    payload: Option<Arc<Vec<u8>>>,
+    effects: Effects,
+    /// Key-value writes of this invocation (read back by `kv_get`, applied on success).
+    kv_overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    kv: Arc<dyn KvRead>,
+    memory_cap: usize,
+    memory_exceeded: bool,
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_exceeded = true;
+            wasmtime::bail!("memory limit of {} KiB exceeded", self.memory_cap >> 10);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl HostState {
+    fn payload(&mut self) -> Arc<Vec<u8>> {
+        if self.payload.is_none() {
+            self.payload = Some(self.input.payload_bytes());
+        }
+        self.payload.clone().expect("set above")
+    }
+
+    fn action(&mut self) -> wasmtime::Result<()> {
+        let e = &self.effects;
+        if e.publishes.len() + e.points.len() + e.alerts.len() + self.kv_overlay.len()
+            >= MAX_ACTIONS
+        {
+            wasmtime::bail!("more than {MAX_ACTIONS} actions in one invocation");
+        }
+        Ok(())
+    }
+}
+
+type Cx<'a> = Caller<'a, HostState>;
+
+/// The guest's memory and the host state.
+fn memory<'a>(caller: &'a mut Cx<'_>) -> wasmtime::Result<(&'a mut [u8], &'a mut HostState)> {
+    let m = caller
+        .get_export("memory")
+        .and_then(|e| e.into_memory())
+        .ok_or_else(|| wasmtime::format_err!("the module exports no `memory`"))?;
+    Ok(m.data_and_store_mut(caller))
+}
+
+fn range(mem: &[u8], ptr: i32, len: i32) -> wasmtime::Result<std::ops::Range<usize>> {
+    let (p, l) = (ptr as u32 as usize, len as u32 as usize);
+    if len < 0 || p.checked_add(l).is_none_or(|end| end > mem.len()) {
+        wasmtime::bail!("pointer {ptr} + length {len} is outside the module's memory");
+    }
+    Ok(p..p + l)
+}
+
+fn text(mem: &[u8], ptr: i32, len: i32, what: &str) -> wasmtime::Result<String> {
+    let r = range(mem, ptr, len)?;
+    String::from_utf8(mem[r].to_vec()).map_err(|_| wasmtime::format_err!("{what} is not UTF-8"))
+}
+
+/// Copies `src` to the guest at `ptr` if it fits in `cap`; returns its full length.
+fn copy_out(mem: &mut [u8], ptr: i32, cap: i32, src: &[u8]) -> wasmtime::Result<i32> {
+    if src.len() <= cap.max(0) as usize {
+        let r = range(mem, ptr, src.len() as i32)?;
+        mem[r].copy_from_slice(src);
+    }
+    Ok(src.len() as i32)
+}
+
+/// A number of the triggering event by name: a reading's value, or a numeric field.
+fn event_number(input: &Input, key: &str) -> Option<f64> {
+    if let Some(e) = &input.event {
+        return match (&e.body, key) {
+            (_, "ts") => Some(e.ts_ms as f64),
+            (_, "seq") => Some(e.seq as f64),
+            (EventBody::Telemetry(t), k) => t.readings.iter().find(|r| r.name == k).map(|r| r.value),
+            (EventBody::Part(p), "cycle_time_ms") => Some(f64::from(p.cycle_time_ms)),
+            _ => None,
+        };
+    }
+    let v: serde_json::Value = serde_json::from_slice(&input.payload_bytes()).ok()?;
+    v.get(key).and_then(|x| x.as_f64()).or_else(|| {
+        v.get("readings")?
+            .as_array()?
+            .iter()
+            .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(key))?
+            .get("value")?
+            .as_f64()
+    })
+}
+
+/// A text field of the triggering event by name.
+fn event_string(input: &Input, key: &str) -> Option<String> {
+    if let Some(e) = &input.event {
+        return event_field(e, key);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&input.payload_bytes()).ok()?;
+    v.get(key).and_then(|x| x.as_str()).map(str::to_owned)
+}
+
+fn event_field(e: &Event, key: &str) -> Option<String> {
+    let m = &e.machine;
+    Some(match (key, &e.body) {
+        ("kind", b) => b.kind().as_str().to_owned(),
+        ("site", _) => m.site.clone(),
+        ("line", _) => m.line.clone(),
+        ("machine", _) => m.machine.clone(),
+        ("state", EventBody::State(s)) => s.state.as_str().to_owned(),
+        ("reason", EventBody::State(s)) => s.reason?.as_str().to_owned(),
+        ("outcome", EventBody::Part(p)) => p.outcome.as_str().to_owned(),
+        ("part_id", EventBody::Part(p)) => p.part_id.clone()?,
+        ("operator", EventBody::Operator(o)) => o.operator.clone(),
+        ("action", EventBody::Operator(o)) => match o.action {
+            millrace_shared::OperatorAction::Login => "login".into(),
+            millrace_shared::OperatorAction::Logout => "logout".into(),
+        },
+        _ => return None,
+    })
+}
+
+fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut l: Linker<HostState> = Linker::new(engine);
+    l.func_wrap("millrace", "log", |mut c: Cx<'_>, level: i32, ptr: i32, len: i32| {
+        let (mem, st) = memory(&mut c)?;
+        let r = range(mem, ptr, len)?;
+        let mut line = String::from_utf8_lossy(&mem[r]).into_owned();
+        if line.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        if st.effects.logs.len() < MAX_LOG_LINES {
+            st.effects.logs.push(LogLine {
+                level: match level {
+                    0 => "debug",
+                    1 => "info",
+                    2 => "warn",
+                    _ => "error",
+                },
+                message: line,
+            });
+        } else {
+            st.effects.logs_dropped += 1;
+        }
+        Ok(())
+    })?;
+    l.func_wrap("millrace", "input_len", |mut c: Cx<'_>, part: i32| {
+        let st = c.data_mut();
+        Ok(match part {
+            0 => st.input.topic.len() as i32,
+            1 => st.payload().len() as i32,
+            2 => st.input.device.len() as i32,
+            3 => st.input.trigger.as_str().len() as i32,
+            _ => -1,
+        })
+    })?;
+    l.func_wrap(
+        "millrace",
+        "input_read",
+        |mut c: Cx<'_>, part: i32, ptr: i32, cap: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let src: Vec<u8> = match part {
+                0 => st.input.topic.as_bytes().to_vec(),
+                1 => st.payload().to_vec(),
+                2 => st.input.device.as_bytes().to_vec(),
+                3 => st.input.trigger.as_str().as_bytes().to_vec(),
+                _ => return Ok(-1),
+            };
+            copy_out(mem, ptr, cap, &src)
+        },
+    )?;
+    l.func_wrap("millrace", "event_ts", |c: Cx<'_>| Ok(c.data().input.ts_ms))?;
+    l.func_wrap("millrace", "now_ms", |_c: Cx<'_>| {
+        Ok(chrono::Utc::now().timestamp_millis())
+    })?;
+    l.func_wrap("millrace", "event_number", |mut c: Cx<'_>, ptr: i32, len: i32| {
+        let (mem, st) = memory(&mut c)?;
+        let key = text(mem, ptr, len, "the field name")?;
+        Ok(event_number(&st.input, &key).unwrap_or(f64::NAN))
+    })?;
+    l.func_wrap(
+        "millrace",
+        "event_string",
+        |mut c: Cx<'_>, ptr: i32, len: i32, out: i32, cap: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let key = text(mem, ptr, len, "the field name")?;
+            match event_string(&st.input, &key) {
+                Some(v) => copy_out(mem, out, cap, v.as_bytes()),
+                None => Ok(-1),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "millrace",
+        "publish",
+        |mut c: Cx<'_>, tp: i32, tl: i32, pp: i32, pl: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let topic = text(mem, tp, tl, "the topic")?;
+            if topic.is_empty() || topic.contains(['+', '#']) || topic.starts_with('$') {
+                st.effects.logs.push(LogLine {
+                    level: "error",
+                    message: format!("publish refused: `{topic}` is not a topic to publish to"),
+                });
+                return Ok(-1);
+            }
+            let payload = mem[range(mem, pp, pl)?].to_vec();
+            st.action()?;
+            st.effects.publishes.push((topic, payload));
+            Ok(0)
+        },
+    )?;
+    l.func_wrap(
+        "millrace",
+        "write_point",
+        |mut c: Cx<'_>, sp: i32, sl: i32, ts: i64, value: f64| {
+            let (mem, st) = memory(&mut c)?;
+            let series = text(mem, sp, sl, "the series")?;
+            match Point::parse(&series, ts, value) {
+                Ok(p) => {
+                    st.action()?;
+                    st.effects.points.push(p);
+                    Ok(0)
+                }
+                Err(e) => {
+                    st.effects.logs.push(LogLine {
+                        level: "error",
+                        message: format!("write_point refused: {e}"),
+                    });
+                    Ok(-1)
+                }
+            }
+        },
+    )?;
+    l.func_wrap(
+        "millrace",
+        "alert",
+        |mut c: Cx<'_>, severity: i32, ptr: i32, len: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let message = text(mem, ptr, len, "the alert message")?;
+            st.action()?;
+            st.effects.alerts.push((
+                match severity {
+                    0 => "info",
+                    1 => "warning",
+                    _ => "critical",
+                },
+                message,
+            ));
+            Ok(0)
+        },
+    )?;
+    l.func_wrap(
+        "millrace",
+        "kv_get",
+        |mut c: Cx<'_>, kp: i32, kl: i32, out: i32, cap: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let key = mem[range(mem, kp, kl)?].to_vec();
+            let value = match st.kv_overlay.get(&key) {
+                Some(v) => v.clone(),
+                None => st
+                    .kv
+                    .get(&key)
+                    .map_err(|e| wasmtime::format_err!("key-value store: {e}"))?,
+            };
+            match value {
+                Some(v) => copy_out(mem, out, cap, &v),
+                None => Ok(-1),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "millrace",
+        "kv_set",
+        |mut c: Cx<'_>, kp: i32, kl: i32, vp: i32, vl: i32| {
+            let (mem, st) = memory(&mut c)?;
+            if kl as u32 as usize > MAX_KV_KEY || vl as u32 as usize > MAX_KV_VALUE {
+                wasmtime::bail!(
+                    "kv_set: keys are at most {MAX_KV_KEY} bytes and values {MAX_KV_VALUE}"
+                );
+            }
+            let key = mem[range(mem, kp, kl)?].to_vec();
+            let value = mem[range(mem, vp, vl)?].to_vec();
+            if !st.kv_overlay.contains_key(&key) {
+                st.action()?;
+            }
+            st.kv_overlay.insert(key, Some(value));
+            Ok(0)
+        },
+    )?;
+    l.func_wrap("millrace", "kv_delete", |mut c: Cx<'_>, kp: i32, kl: i32| {
+        let (mem, st) = memory(&mut c)?;
+        let key = mem[range(mem, kp, kl)?].to_vec();
+        if !st.kv_overlay.contains_key(&key) {
+            st.action()?;
+        }
+        st.kv_overlay.insert(key, None);
+        Ok(0)
+    })?;
+    l.func_wrap(
+        "env",
+        "abort",
+        |_c: Cx<'_>, _msg: i32, _file: i32, line: i32, col: i32| -> wasmtime::Result<()> {
+            wasmtime::bail!("the module called abort (line {line}, column {col})")
+        },
+    )?;
+    Ok(l)
+}

@@ -1,0 +1,228 @@
+//! What functions keep in the store: their specs and modules, their key-value state, the
+//! invocation log and the alerts they raised.
+//!
+//! | CF | key | value |
+//! |---|---|---|
+//! | `functions` | `s/{name}` | the function's spec (JSON, owned by [`crate::functions`]) |
+//! | `functions` | `m/{name}\0` · version `u32` | the module's bytes |
+//! | `kv` | `{name}\0{key}` | a value a function stored |
+//! | `invocations` | started ts · counter `u64` | invocation record (JSON) |
+//! | `alerts` | ts · counter `u64` | alert (JSON) |
+//!
+//! The values are opaque bytes here; the functions module owns their schemas.
+
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+
+use super::{CF_ALERTS, CF_FUNCTIONS, CF_INVOCATIONS, CF_KV, Store, StoreError, ts_key};
+
+fn spec_key(name: &str) -> Vec<u8> {
+    format!("s/{name}").into_bytes()
+}
+
+fn module_prefix(name: &str) -> Vec<u8> {
+    format!("m/{name}\0").into_bytes()
+}
+
+fn kv_key(name: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 1 + key.len());
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The end of the range of keys starting with `prefix` (prefix + 1 in its last byte).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    // The prefixes here end in a 0 separator or an ASCII byte: never 0xff.
+    *end.last_mut().expect("non-empty prefix") += 1;
+    end
+}
+
+/// One change to a function's key-value state (`None` deletes).
+pub type KvWrite = (Vec<u8>, Option<Vec<u8>>);
+
+impl Store {
+    fn write_opts(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync_writes);
+        wo
+    }
+
+    /// Every stored function spec, by name.
+    pub fn function_specs(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(b"s/".to_vec()..b"s0".to_vec());
+        let mut out = vec![];
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_FUNCTIONS), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The bytes of one version of a function's module.
+    pub fn function_module(&self, name: &str, version: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut k = module_prefix(name);
+        k.extend_from_slice(&version.to_be_bytes());
+        Ok(self.db.get_cf(self.cf(CF_FUNCTIONS), k)?)
+    }
+
+    /// Stores a function's spec and, with `module`, a new version of its module; keeps the
+    /// modules of the newest `keep_versions` versions.
+    pub fn put_function(
+        &self,
+        name: &str,
+        spec: &[u8],
+        module: Option<(u32, &[u8])>,
+        keep_versions: u32,
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(CF_FUNCTIONS);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, spec_key(name), spec);
+        if let Some((version, bytes)) = module {
+            let prefix = module_prefix(name);
+            let mut k = prefix.clone();
+            k.extend_from_slice(&version.to_be_bytes());
+            batch.put_cf(cf, k, bytes);
+            let oldest_kept = version.saturating_sub(keep_versions.max(1) - 1);
+            let mut end = prefix.clone();
+            end.extend_from_slice(&oldest_kept.to_be_bytes());
+            batch.delete_range_cf(cf, prefix, end);
+        }
+        self.db.write_opt(batch, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// Deletes a function: its spec, modules and key-value state.
+    pub fn delete_function(&self, name: &str) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_FUNCTIONS), spec_key(name));
+        let m = module_prefix(name);
+        batch.delete_range_cf(self.cf(CF_FUNCTIONS), m.clone(), prefix_end(&m));
+        let kv = kv_key(name, b"");
+        batch.delete_range_cf(self.cf(CF_KV), kv.clone(), prefix_end(&kv));
+        self.db.write_opt(batch, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// A value from a function's key-value state.
+    pub fn kv_get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_KV), kv_key(name, key))?)
+    }
+
+    /// Applies what one invocation changed: key-value writes and alerts, atomically.
+    pub fn apply_function_state(
+        &self,
+        name: &str,
+        kv: &[KvWrite],
+        alerts: &[(i64, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        if kv.is_empty() && alerts.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (k, v) in kv {
+            match v {
+                Some(v) => batch.put_cf(self.cf(CF_KV), kv_key(name, k), v),
+                None => batch.delete_cf(self.cf(CF_KV), kv_key(name, k)),
+            }
+        }
+        for (ts, a) in alerts {
+            let mut k = ts_key(*ts).to_vec();
+            k.extend_from_slice(&self.log_counter().to_be_bytes());
+            batch.put_cf(self.cf(CF_ALERTS), k, a);
+        }
+        self.db.write_opt(batch, &self.write_opts())?;
+        Ok(())
+    }
+
+    fn log_counter(&self) -> u64 {
+        self.log_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Appends invocation records (started ms, JSON). Not synced: the log is diagnostics, and
+    /// losing its last second in a power cut is acceptable where losing data is not.
+    pub fn log_invocations(&self, records: &[(i64, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (ts, r) in records {
+            let mut k = ts_key(*ts).to_vec();
+            k.extend_from_slice(&self.log_counter().to_be_bytes());
+            batch.put_cf(self.cf(CF_INVOCATIONS), k, r);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    fn newest_first(
+        &self,
+        cf: &'static str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(ts_key(from_ms).to_vec()..ts_key(to_ms).to_vec());
+        let mut out = vec![];
+        for item in self.db.iterator_cf_opt(self.cf(cf), ro, IteratorMode::End) {
+            let (_, v) = item?;
+            if keep(&v) {
+                out.push(v.to_vec());
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Invocation records started in `[from_ms, to_ms)`, newest first, that `keep` accepts.
+    pub fn invocations(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+        keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let from_ms = from_ms.max(self.visible_from(self.opts.invocation_retention));
+        self.newest_first(CF_INVOCATIONS, from_ms, to_ms, limit, keep)
+    }
+
+    /// Alerts raised in `[from_ms, to_ms)`, newest first.
+    pub fn alerts(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let from_ms = from_ms.max(self.visible_from(self.opts.alert_retention));
+        self.newest_first(CF_ALERTS, from_ms, to_ms, limit, |_| true)
+    }
+
+    /// Deletes invocation records and alerts older than their retention.
+    pub(crate) fn function_retention(&self, batch: &mut WriteBatch, now_ms: i64) {
+        for (cf, keep) in [
+            (CF_INVOCATIONS, self.opts.invocation_retention),
+            (CF_ALERTS, self.opts.alert_retention),
+        ] {
+            if !keep.is_zero() {
+                let cut = now_ms - keep.as_millis() as i64;
+                batch.delete_range_cf(self.cf(cf), ts_key(i64::MIN), ts_key(cut));
+            }
+        }
+    }
+
+    /// The next free log counter (from the newest invocation or alert key).
+    pub(crate) fn load_log_counter(&self) -> Result<u64, StoreError> {
+        let mut next = 0;
+        for cf in [CF_INVOCATIONS, CF_ALERTS] {
+            if let Some(item) = self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
+                let (k, _) = item?;
+                if k.len() == 16 {
+                    next = next.max(u64::from_be_bytes(k[8..].try_into().expect("8")) + 1);
+                }
+            }
+        }
+        Ok(next)
+    }
+}

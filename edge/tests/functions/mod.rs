@@ -1,0 +1,513 @@
+//! On-device functions with real components: modules deployed over real HTTP, devices and
+//! subscribers over MQTT, RocksDB in a temp dir, the CLI as a process, AssemblyScript built
+//! from source with node.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use millrace_edge::config::FunctionsConfig;
+use millrace_edge::functions::{DeployRequest, Functions, ManualClock, WasmEngine};
+use millrace_edge::store::{Store, StoreOptions};
+use millrace_shared::{PartOutcome, PartProduced};
+use millrace_tests::{Recorder, wait_until};
+
+use super::*;
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("functions")
+        .join(name)
+}
+
+fn wat(name: &str) -> String {
+    std::fs::read_to_string(example(name)).unwrap()
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn deploy(edge: &Edge, name: &str, body: Value) -> (u16, Value) {
+    send(
+        reqwest::Client::new()
+            .put(format!("{}/api/v1/functions/{name}", http(edge)))
+            .json(&body),
+    )
+    .await
+}
+
+async fn invoke(edge: &Edge, name: &str, topic: Option<&str>, payload: &[u8]) -> (u16, Value) {
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/api/v1/functions/{name}/invoke", http(edge)))
+        .body(payload.to_vec());
+    if let Some(t) = topic {
+        r = r.query(&[("topic", t)]);
+    }
+    send(r).await
+}
+
+async fn invocations(edge: &Edge, query: &str) -> Vec<Value> {
+    get(&format!("{}/api/v1/invocations?{query}", http(edge)))
+        .await
+        .1["invocations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until the invocation log holds at least `n` records matching `query`.
+async fn wait_invocations(edge: &Edge, query: &str, n: usize) -> Vec<Value> {
+    for _ in 0..1500 {
+        let v = invocations(edge, query).await;
+        if v.len() >= n {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "fewer than {n} invocations for {query}: {:?}",
+        invocations(edge, query).await
+    );
+}
+
+fn part(seq: u64, outcome: PartOutcome) -> Event {
+    Event {
+        machine: machine(),
+        ts_ms: T0 + seq as i64 * 1000,
+        seq,
+        body: EventBody::Part(PartProduced {
+            outcome,
+            cycle_time_ms: 30_000,
+            part_id: Some(format!("p-{seq}")),
+        }),
+    }
+}
+
+async fn publish(client: &AsyncClient, e: &Event) {
+    client
+        .publish(e.topic(), QoS::AtLeastOnce, false, e.to_payload())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    for (name, file, topic) in [
+        ("threshold-alert", "threshold_alert.wat", "factory/+/+/+/telemetry"),
+        ("unit-conversion", "unit_conversion.wat", "factory/+/+/+/telemetry"),
+        ("scrap-rate", "scrap_rate.wat", "factory/+/+/+/part"),
+    ] {
+        let (status, spec) = deploy(
+            &edge,
+            name,
+            serde_json::json!({ "module_wat": wat(file), "topics": [topic] }),
+        )
+        .await;
+        assert_eq!(status, 201, "{spec}");
+        assert_eq!(spec["version"], 1);
+    }
+    let alerts = Recorder::start(edge.mqtt_addr.port(), "millrace/alerts/#", Some((USER, PASS))).await;
+    let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    // 80 degC is above the limit, 60 is not; two parts, one scrapped.
+    publish(&client, &temp(1, 80.0)).await;
+    publish(&client, &temp(2, 60.0)).await;
+    publish(&client, &part(3, PartOutcome::Good)).await;
+    publish(&client, &part(4, PartOutcome::Scrap)).await;
+    wait_stored(&edge, 4, 0).await;
+
+    // The alert reaches an MQTT subscriber and the alert log.
+    assert_eq!(alerts.wait_for(1, Duration::from_secs(30)).await, 1);
+    let m = &alerts.messages()[0];
+    assert_eq!(m.topic, "millrace/alerts/threshold-alert");
+    let a: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(a["severity"], "critical");
+    assert_eq!(a["device"], "plant-1/line-1/press-01");
+    assert_eq!(a["event_ts_ms"], T0 + 1000);
+    let stored = get(&format!("{}/api/v1/alerts", http(&edge))).await.1;
+    assert_eq!(stored["alerts"].as_array().unwrap().len(), 1, "{stored}");
+
+    // Derived points are queryable like device points.
+    wait_invocations(&edge, "function=unit-conversion", 2).await;
+    let url = format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature_f&from={T0}&to={}",
+        http(&edge),
+        T0 + 10_000
+    );
+    let pts = get(&url).await.1;
+    assert_eq!(
+        pts["points"],
+        serde_json::json!([[T0 + 1000, 176.0], [T0 + 2000, 140.0]]),
+        "{pts}"
+    );
+    // The scrap rate after a good part and a scrapped one, from state in the key-value store.
+    wait_invocations(&edge, "function=scrap-rate", 2).await;
+    let url = format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/scrap_rate&from={T0}&to={}",
+        http(&edge),
+        T0 + 10_000
+    );
+    let pts = get(&url).await.1;
+    assert_eq!(
+        pts["points"],
+        serde_json::json!([[T0 + 3000, 0.0], [T0 + 4000, 0.5]]),
+        "{pts}"
+    );
+    // Each event ran each matching function once: 2 + 2 + 2, all successful, with triggers.
+    let log = invocations(&edge, "trigger=topic&limit=100").await;
+    assert_eq!(log.len(), 6, "{log:?}");
+    assert!(log.iter().all(|r| r["outcome"] == "ok" && r["topic"].as_str().unwrap().starts_with("factory/plant-1/line-1/press-01/")));
+    let alert_run = invocations(&edge, "function=threshold-alert").await;
+    assert_eq!(alert_run.iter().map(|r| r["actions"]["alerts"].as_u64().unwrap()).sum::<u64>(), 1);
+    // Prometheus counts them per function and outcome.
+    let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"millrace_edge_function_invocations_total{function="scrap-rate",trigger="topic",outcome="ok"} 2"#),
+        "{metrics}"
+    );
+    alerts.stop().await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_invocations_from_rest_and_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let (status, _) = deploy(
+        &edge,
+        "hourly-summary",
+        serde_json::json!({ "module_wat": wat("hourly_summary.wat"), "topics": ["factory/+/+/+/part"], "schedule": "0 * * * *" }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let summaries = Recorder::start(edge.mqtt_addr.port(), "factory/summary/#", Some((USER, PASS))).await;
+    // A part event given by hand counts like one from a device.
+    let p = part(1, PartOutcome::Scrap);
+    let (status, rec) = invoke(&edge, "hourly-summary", Some(&p.topic()), &p.to_payload()).await;
+    assert_eq!(status, 200, "{rec}");
+    assert_eq!(rec["outcome"], "ok", "{rec}");
+    assert_eq!(rec["trigger"], "manual");
+    assert_eq!(rec["device"], "plant-1/line-1/press-01");
+    assert_eq!(rec["actions"]["kv_writes"], 2);
+
+    // The CLI, as a user runs it: publishes the summary and resets the counters.
+    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
+        .args(["fn", "--url", &http(&edge), "invoke", "hourly-summary"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["outcome"], "ok", "{rec}");
+    assert_eq!(rec["actions"]["published"], 1);
+    assert_eq!(summaries.wait_for(1, Duration::from_secs(30)).await, 1);
+    let s: Value = serde_json::from_slice(&summaries.messages()[0].payload).unwrap();
+    assert_eq!((s["parts"].as_u64(), s["scrap"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert_eq!(rec["logs"][0]["message"], String::from_utf8_lossy(&summaries.messages()[0].payload).as_ref());
+
+    // The CLI lists functions and reports errors clearly.
+    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
+        .args(["fn", "--url", &http(&edge), "list"])
+        .output()
+        .unwrap();
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["functions"][0]["name"], "hourly-summary");
+    assert_eq!(list["functions"][0]["stats"]["invocations"], 2);
+    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
+        .args(["fn", "--url", &http(&edge), "invoke", "nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("404") && err.contains("no function named `nope`"), "{err}");
+    summaries.stop().await;
+    edge.shutdown().await;
+}
+
+#[test]
+fn schedules_fire_on_a_clock_the_test_controls() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(
+            dir.path(),
+            StoreOptions {
+                sync_writes: false,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let published: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    let sink = published.clone();
+    let hour = 3_600_000;
+    let h10 = T0 - T0 % hour + 10 * hour; // some day, 10:00 UTC
+    let clock = Arc::new(ManualClock::new(h10 + 59 * 60_000 + 59_000)); // 10:59:59
+    let f = Functions::start(
+        store.clone(),
+        Arc::new(WasmEngine::new().unwrap()),
+        Arc::new(move |t: &str, p: Vec<u8>| {
+            sink.lock().unwrap().push((t.to_owned(), p));
+            true
+        }),
+        FunctionsConfig::default(),
+        clock.clone(),
+    )
+    .unwrap();
+    f.deploy(
+        "hourly-summary",
+        DeployRequest {
+            module_wat: Some(wat("hourly_summary.wat")),
+            schedule: Some("0 * * * *".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let log = |store: &Store| -> Vec<Value> {
+        store
+            .invocations(i64::MIN, i64::MAX, 100, |_| true)
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_slice(r).unwrap())
+            .collect()
+    };
+    assert_eq!(f.fire_due(h10 + 59 * 60_000 + 59_000), 0, "not yet 11:00");
+    clock.set(h10 + hour);
+    assert_eq!(f.fire_due(h10 + hour), 1, "11:00");
+    assert!(wait_until(Duration::from_secs(30), || log(&store).len() == 1));
+    let r = &log(&store)[0];
+    assert_eq!(r["trigger"], "schedule");
+    assert_eq!(r["event_ts_ms"], h10 + hour);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert!(wait_until(Duration::from_secs(30), || published.lock().unwrap().len() == 1));
+    let (topic, payload) = published.lock().unwrap()[0].clone();
+    assert_eq!(topic, "factory/summary/hourly");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&payload).unwrap(),
+        serde_json::json!({ "at_ms": h10 + hour, "parts": 0, "scrap": 0 })
+    );
+    // Half an hour later nothing is due; hours missed while the edge was busy fire once.
+    clock.set(h10 + hour + 30 * 60_000);
+    assert_eq!(f.fire_due(h10 + hour + 30 * 60_000), 0);
+    clock.set(h10 + 5 * hour + 60_000);
+    assert_eq!(f.fire_due(h10 + 5 * hour + 60_000), 1);
+    assert!(wait_until(Duration::from_secs(30), || log(&store).len() == 2));
+    assert_eq!(log(&store)[0]["event_ts_ms"], h10 + 2 * hour);
+    assert_eq!(f.list()[0]["next_run_ms"], h10 + 6 * hour);
+    // Disabled functions are not run by their schedule.
+    f.set_enabled("hourly-summary", false).unwrap();
+    assert_eq!(f.fire_due(h10 + 7 * hour), 0);
+    f.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_updates_and_deletes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let edge = Edge::start(cfg.clone()).await.unwrap();
+    let body = |file: &str| serde_json::json!({ "module_wat": wat(file), "topics": ["factory/+/+/+/telemetry"], "timeout_ms": 50 });
+    assert_eq!(deploy(&edge, "alert", body("threshold_alert.wat")).await.0, 201);
+    let (status, spec) = deploy(&edge, "alert", body("unit_conversion.wat")).await;
+    assert_eq!(status, 200, "an update");
+    assert_eq!(spec["version"], 2);
+    assert_eq!(spec["history"].as_array().unwrap().len(), 2);
+    assert_ne!(spec["history"][0]["sha256"], spec["history"][1]["sha256"]);
+    assert_eq!(deploy(&edge, "other", body("threshold_alert.wat")).await.0, 201);
+    let (status, _) = send(reqwest::Client::new().post(format!("{}/api/v1/functions/other/disable", http(&edge)))).await;
+    assert_eq!(status, 200);
+    let (status, _) = send(reqwest::Client::new().delete(format!("{}/api/v1/functions/alert", http(&edge)))).await;
+    assert_eq!(status, 204);
+    assert_eq!(deploy(&edge, "kept", body("unit_conversion.wat")).await.0, 201);
+    edge.shutdown().await;
+
+    let edge = Edge::start(cfg).await.unwrap();
+    let list = get(&format!("{}/api/v1/functions", http(&edge))).await.1;
+    let names: Vec<(&str, bool, u64)> = list["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap(), f["enabled"].as_bool().unwrap(), f["version"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(names, [("kept", true, 1), ("other", false, 1)]);
+    let (status, err) = get(&format!("{}/api/v1/functions/alert", http(&edge))).await;
+    assert_eq!(status, 404, "{err}");
+    // The disabled function is not triggered; the enabled one is, after the restart.
+    let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    publish(&client, &temp(1, 90.0)).await;
+    wait_invocations(&edge, "function=kept", 1).await;
+    assert!(invocations(&edge, "function=other").await.is_empty());
+    let (status, err) = invoke(&edge, "other", None, b"").await;
+    assert_eq!(status, 409, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("disabled"));
+    edge.shutdown().await;
+}
+
+const LOOP: &str = r#"(module (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+const TRAP: &str = r#"(module (func (export "handle") (result i32) unreachable))"#;
+const HUNGRY: &str = r#"(module (memory (export "memory") 1)
+  (func (export "handle") (result i32)
+    (loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+    (i32.const 0)))"#;
+const FAILS: &str = r#"(module (func (export "handle") (result i32) (i32.const 7)))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let tel = "factory/+/+/+/telemetry";
+    for (name, module, extra) in [
+        ("runaway", LOOP, serde_json::json!({ "timeout_ms": 50, "queue": 2 })),
+        ("trap", TRAP, serde_json::json!({})),
+        ("hungry", HUNGRY, serde_json::json!({ "memory_mib": 2 })),
+        ("fails", FAILS, serde_json::json!({})),
+    ] {
+        let mut body = serde_json::json!({ "module_wat": module, "topics": [tel] });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, spec) = deploy(&edge, name, body).await;
+        assert_eq!(status, 201, "{name}: {spec}");
+    }
+    assert_eq!(deploy(&edge, "healthy", serde_json::json!({ "module_wat": wat("unit_conversion.wat"), "topics": [tel] })).await.0, 201);
+    // Devices keep sending while the bad functions fail on every event.
+    let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    let n = 20;
+    for i in 1..=n {
+        publish(&client, &temp(i, 50.0)).await;
+    }
+    wait_stored(&edge, n, 0).await;
+    // Ingest stored everything and the healthy function ran on every event.
+    wait_invocations(&edge, "function=healthy&outcome=ok", n as usize).await;
+    let pts = get(&temperature_url(&edge, T0, T0 + 100_000)).await.1;
+    assert_eq!(pts["points"].as_array().unwrap().len(), n as usize);
+    for (name, outcome, needle) in [
+        ("runaway", "timeout", "time limit of 50 ms"),
+        ("trap", "trap", "unreachable"),
+        ("hungry", "memory", "memory limit of 2048 KiB exceeded"),
+        ("fails", "error", "handle returned 7"),
+    ] {
+        let recs = wait_invocations(&edge, &format!("function={name}"), 1).await;
+        assert!(
+            recs.iter().all(|r| r["outcome"] == outcome
+                && r["error"].as_str().unwrap().contains(needle)),
+            "{name}: {recs:?}"
+        );
+    }
+    // The runaway's queue (2) overflowed: its triggers were dropped and counted; each one
+    // either ran (and was stopped) or was dropped.
+    let runaway = || async {
+        let list = get(&format!("{}/api/v1/functions", http(&edge))).await.1;
+        list["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "runaway")
+            .unwrap()["stats"]
+            .clone()
+    };
+    let mut s = runaway().await;
+    for _ in 0..1500 {
+        if s["invocations"].as_u64().unwrap() + s["dropped"].as_u64().unwrap() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = runaway().await;
+    }
+    assert_eq!(s["invocations"].as_u64().unwrap() + s["dropped"].as_u64().unwrap(), n, "{s}");
+    assert!(s["dropped"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["failures"], s["invocations"], "{s}");
+    // A manual invocation reports the failure in its record.
+    let (status, rec) = invoke(&edge, "trap", None, b"{}").await;
+    assert_eq!(status, 200);
+    assert_eq!(rec["outcome"], "trap");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_modules_and_requests_are_refused_with_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("not-wasm", serde_json::json!({ "module_base64": "aGVsbG8gd29ybGQ=" }), "not a valid WAT/WebAssembly module"),
+        ("bad-binary", serde_json::json!({ "module_base64": "AGFzbQEAAAAB/w==" }), "invalid WebAssembly module"),
+        ("no-handle", serde_json::json!({ "module_wat": "(module)" }), "exports no function `handle`"),
+        ("bad-sig", serde_json::json!({ "module_wat": r#"(module (func (export "handle") (param i32)))"# }), "expected () -> (i32)"),
+        ("bad-import", serde_json::json!({ "module_wat": r#"(module (import "wasi" "fd_write" (func)) (func (export "handle") (result i32) (i32.const 0)))"# }), "imports `wasi.fd_write`, which the host does not provide"),
+        ("bad-import-sig", serde_json::json!({ "module_wat": r#"(module (import "millrace" "alert" (func (param i32))) (memory (export "memory") 1) (func (export "handle") (result i32) (i32.const 0)))"# }), "imports `millrace.alert` with signature (i32) -> ()"),
+        ("no-memory", serde_json::json!({ "module_wat": r#"(module (import "millrace" "log" (func (param i32 i32 i32))) (func (export "handle") (result i32) (i32.const 0)))"# }), "exports no `memory`"),
+        ("too-big", serde_json::json!({ "module_wat": r#"(module (memory (export "memory") 100) (func (export "handle") (result i32) (i32.const 0)))"#, "memory_mib": 1 }), "above the function's memory limit"),
+        ("both", serde_json::json!({ "module_wat": "(module)", "module_base64": "AA==" }), "exactly one of"),
+        ("bad-topic", serde_json::json!({ "module_wat": TRAP, "topics": ["factory/#/x"] }), "`#` must be a whole level and the last one"),
+        ("bad-cron", serde_json::json!({ "module_wat": TRAP, "schedule": "every hour" }), "schedule `every hour`"),
+        ("bad-timeout", serde_json::json!({ "module_wat": TRAP, "timeout_ms": 0 }), "timeout_ms 0"),
+        ("Bad Name", serde_json::json!({ "module_wat": TRAP }), "function name `Bad Name`"),
+        ("unknown-field", serde_json::json!({ "module_wat": TRAP, "triggers": [] }), "unknown field `triggers`"),
+    ];
+    for (name, body, needle) in cases {
+        let (status, err) = deploy(&edge, &name.replace(' ', "%20"), body).await;
+        assert_eq!(status, 400, "{name}: {err}");
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains(needle), "{name}: {msg}");
+    }
+    let (status, err) = send(
+        reqwest::Client::new()
+            .put(format!("{}/api/v1/functions/x", http(&edge)))
+            .body("{not json"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().starts_with("deploy request:"));
+    // Nothing was deployed by any of these.
+    let list = get(&format!("{}/api/v1/functions", http(&edge))).await.1;
+    assert_eq!(list["functions"], serde_json::json!([]));
+    let (status, _) = get(&format!("{}/api/v1/invocations?outcome=maybe", http(&edge))).await;
+    assert_eq!(status, 400);
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assemblyscript_function_builds_from_source_and_runs() {
+    let src = example("assemblyscript");
+    assert!(
+        src.join("node_modules/assemblyscript").exists(),
+        "the AssemblyScript example needs `npm ci` in edge/functions/assemblyscript (./millrace test does it)"
+    );
+    let out_dir = tempfile::tempdir().unwrap();
+    let wasm = out_dir.path().join("threshold_alert.wasm");
+    let out = Command::new("node")
+        .current_dir(&src)
+        .args([
+            "node_modules/assemblyscript/bin/asc.js",
+            "threshold_alert.ts",
+            "--outFile",
+            wasm.to_str().unwrap(),
+            "--runtime",
+            "stub",
+            "--optimize",
+            "--noAssert",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "asc: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    // Deployed with the CLI, as a user would.
+    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
+        .args(["fn", "--url", &http(&edge), "deploy", "threshold-alert-as", wasm.to_str().unwrap(), "--topic", "factory/+/+/+/telemetry"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    publish(&client, &temp(1, 80.5)).await;
+    publish(&client, &temp(2, 20.0)).await;
+    wait_invocations(&edge, "function=threshold-alert-as", 2).await;
+    let alerts = get(&format!("{}/api/v1/alerts", http(&edge))).await.1;
+    let alerts = alerts["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["message"], "temperature 80.5 degC above 72.0 degC");
+    edge.shutdown().await;
+}
