@@ -39,6 +39,13 @@ export MILLRACE_EDGE_SYNC__TOKEN=mrt_62ac38b1c0eeb355e005b6dba651d8435b8de884db9
 pids+=($!)
 wait_for http://127.0.0.1:8081/health data/edge.log edge
 
+# The example functions, deployed through the edge's API with the CLI (a new version each run).
+fn_deploy() { "$BIN/millrace-edge" fn --url http://127.0.0.1:8081 deploy "$@" >/dev/null; }
+fn_deploy threshold-alert edge/functions/threshold_alert.wat --topic 'factory/+/+/+/telemetry' --queue 20000
+fn_deploy unit-conversion edge/functions/unit_conversion.wat --topic 'factory/+/+/+/telemetry' --queue 20000
+fn_deploy scrap-rate edge/functions/scrap_rate.wat --topic 'factory/+/+/+/part'
+fn_deploy hourly-summary edge/functions/hourly_summary.wat --topic 'factory/+/+/+/part' --schedule '0 * * * *'
+
 # The demo device credential (demo/edge.toml holds only its Argon2 hash).
 export MILLRACE_MQTT_USERNAME=demo-device MILLRACE_MQTT_PASSWORD=millrace-demo
 # First run: a day of history, sent at once, then live. Later runs: live from now (the time in
@@ -59,6 +66,7 @@ previous day's history on the first run, flowing through the edge into the cloud
   Cloud API    http://127.0.0.1:8090/api/v1/reports/oee?from=-1day&level=line&period=shift
   Edge API     http://127.0.0.1:8081/api/v1/status     (sync: /api/v1/sync, Prometheus: /metrics)
   MQTT         mqtt://127.0.0.1:1883  (MQTT 3.1.1 and 5; user demo-device, password millrace-demo)
+  Functions    threshold-alert, unit-conversion, scrap-rate, hourly-summary (edge/functions/)
   Logs         data/cloud.log, data/edge.log, data/sim.log
 
 Try:
@@ -66,6 +74,10 @@ Try:
   curl -s "http://127.0.0.1:8090/api/v1/reports/downtime?from=-1day&level=line"
   curl -s "http://127.0.0.1:8090/api/v1/reports/production?from=-8h&level=line&window=1h&format=csv"
   curl -s http://127.0.0.1:8081/api/v1/sync
+  $BIN/millrace-edge fn list                      (functions, their counters)
+  $BIN/millrace-edge fn logs --limit 5            (the invocation log)
+  curl -s "http://127.0.0.1:8081/api/v1/alerts?limit=5"      (temperature alerts before breakdowns)
+  mosquitto_sub -p 1883 -u demo-device -P millrace-demo -t 'millrace/alerts/#' -t 'factory/summary/#' -v
   curl -s http://127.0.0.1:8081/api/v1/series
   curl -s "http://127.0.0.1:8081/api/v1/points?series=plant-1/line-1/machine-01/temperature&from=-1day&step=1h"
   curl -s "http://127.0.0.1:8081/api/v1/events?machine=plant-1/line-1/machine-01&from=-1day&kind=state&limit=20"

@@ -343,6 +343,9 @@ pub struct FunctionsConfig {
     pub keep_versions: u32,
     /// Record successful invocations in the log too (failures are always recorded).
     pub log_successes: bool,
+    /// Nice value of function worker threads (0..=19): above 0, ingest gets the CPU first when
+    /// both want it.
+    pub nice: u8,
 }
 
 impl Default for FunctionsConfig {
@@ -357,6 +360,7 @@ impl Default for FunctionsConfig {
             max_memory_mib: 256,
             keep_versions: 5,
             log_successes: true,
+            nice: 10,
         }
     }
 }
@@ -426,6 +430,9 @@ impl EdgeConfig {
         }
         if f.default_queue == 0 || f.default_queue > 1_000_000 {
             return invalid("functions.default_queue", "between 1 and 1000000");
+        }
+        if f.nice > 19 {
+            return invalid("functions.nice", "between 0 and 19");
         }
         if f.keep_versions == 0 {
             return invalid("functions.keep_versions", "at least 1");

@@ -66,7 +66,7 @@ impl FunctionError {
 }
 
 /// What started an invocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerKind {
     /// A device event matched a topic filter.
@@ -213,7 +213,7 @@ pub enum InvokeError {
 }
 
 /// How an invocation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Succeeded; its actions took effect.
@@ -479,6 +479,7 @@ struct Job {
 }
 
 struct Deployed {
+    dropped: metrics::Counter,
     spec: Mutex<FunctionSpec>,
     enabled: AtomicBool,
     filters: Vec<TopicFilter>,
@@ -488,11 +489,6 @@ struct Deployed {
     stats: Arc<FunctionStats>,
 }
 
-impl Deployed {
-    fn name(&self) -> String {
-        self.spec.lock().expect("spec lock").name.clone()
-    }
-}
 
 struct Inner {
     engine: Arc<dyn FunctionEngine>,
@@ -677,13 +673,14 @@ impl Functions {
             let worker = std::thread::Builder::new()
                 .name(format!("fn-{}-{i}", spec.name))
                 .spawn(move || {
+                    lower_priority(inner.cfg.nice);
+                    let mut m = WorkerMetrics::new(&spec.name);
                     while let Ok(job) = rx.recv() {
                         if inner.stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        inner.run(&spec, compiled.as_ref(), &stats, job);
-                        metrics::gauge!("millrace_edge_function_queue_depth", "function" => spec.name.clone())
-                            .set(rx.len() as f64);
+                        inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
+                        m.queue_depth.set(rx.len() as f64);
                     }
                 })
                 .map_err(|e| FunctionError::Runtime(e.to_string()))?;
@@ -691,6 +688,7 @@ impl Functions {
         }
         drop(threads);
         let d = Arc::new(Deployed {
+            dropped: metrics::counter!("millrace_edge_function_dropped_total", "function" => spec.name.clone()),
             enabled: AtomicBool::new(spec.enabled),
             spec: Mutex::new(spec.clone()),
             filters,
@@ -894,13 +892,16 @@ impl Functions {
         out.into_iter().map(|(_, v)| v).collect()
     }
 
+    fn drop_one(d: &Deployed) {
+        d.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        d.dropped.increment(1);
+    }
+
     fn offer(d: &Deployed, job: Job) -> bool {
         match d.queue.try_send(job) {
             Ok(()) => true,
             Err(_) => {
-                d.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("millrace_edge_function_dropped_total", "function" => d.name())
-                    .increment(1);
+                Self::drop_one(d);
                 false
             }
         }
@@ -923,6 +924,11 @@ impl Functions {
             let mut shared: Option<Arc<Event>> = None;
             for d in &subscribed {
                 if d.filters.iter().any(|f| f.matches(&topic)) {
+                    // A full queue drops the trigger before any work is spent on it.
+                    if d.queue.is_full() {
+                        Self::drop_one(d);
+                        continue;
+                    }
                     let ev = shared.get_or_insert_with(|| Arc::new(e.clone())).clone();
                     let input = Input::from_event(ev, topic.clone());
                     Self::offer(
@@ -1040,7 +1046,14 @@ impl Functions {
 }
 
 impl Inner {
-    fn run(&self, spec: &FunctionSpec, compiled: &dyn Compiled, stats: &FunctionStats, job: Job) {
+    fn run(
+        &self,
+        spec: &FunctionSpec,
+        compiled: &dyn Compiled,
+        stats: &FunctionStats,
+        m: &mut WorkerMetrics,
+        job: Job,
+    ) {
         let queued = job.enqueued.elapsed();
         let started_ms = chrono::Utc::now().timestamp_millis();
         let kv = Arc::new(StoreKv {
@@ -1062,11 +1075,8 @@ impl Inner {
             Err(e) => (Outcome::from(e), Some(e.to_string())),
         };
         stats.invocations.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("millrace_edge_function_invocations_total",
-            "function" => spec.name.clone(), "trigger" => job.input.trigger.as_str(), "outcome" => outcome.as_str())
-        .increment(1);
-        metrics::histogram!("millrace_edge_function_duration_seconds", "function" => spec.name.clone())
-            .record(duration.as_secs_f64());
+        m.invocation(&spec.name, job.input.trigger, outcome).increment(1);
+        m.duration.record(duration.as_secs_f64());
         if let Some(e) = &error {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(function = %spec.name, version = spec.version, trigger = job.input.trigger.as_str(), outcome = outcome.as_str(), error = %e, "function invocation failed");
@@ -1167,6 +1177,54 @@ impl Inner {
             kv_writes: effects.kv.len(),
         };
         Ok(())
+    }
+}
+
+/// A worker's metric handles (looked up once, not per invocation).
+struct WorkerMetrics {
+    duration: metrics::Histogram,
+    queue_depth: metrics::Gauge,
+    invocations: HashMap<(TriggerKind, Outcome), metrics::Counter>,
+}
+
+impl WorkerMetrics {
+    fn new(function: &str) -> Self {
+        Self {
+            duration: metrics::histogram!("millrace_edge_function_duration_seconds", "function" => function.to_owned()),
+            queue_depth: metrics::gauge!("millrace_edge_function_queue_depth", "function" => function.to_owned()),
+            invocations: HashMap::new(),
+        }
+    }
+
+    fn invocation(&mut self, function: &str, t: TriggerKind, o: Outcome) -> &metrics::Counter {
+        self.invocations.entry((t, o)).or_insert_with(|| {
+            metrics::counter!("millrace_edge_function_invocations_total",
+                "function" => function.to_owned(), "trigger" => t.as_str(), "outcome" => o.as_str())
+        })
+    }
+}
+
+/// Lowers the calling thread's CPU priority to `nice` (0..=19) so that functions yield the CPU
+/// to ingest when both want it. Best effort: a failure is logged once.
+fn lower_priority(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    // thread-priority maps 0..=99 onto niceness 19..=-20 (Linux); pick the value giving `nice`.
+    let niceness = |p: u8| (39.0 * (1.0 - f32::from(p) / 99.0)) as i32 - 20;
+    let p = (0..=99u8)
+        .min_by_key(|p| (niceness(*p) - i32::from(nice)).abs())
+        .expect("non-empty");
+    let r = p
+        .try_into()
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|v| {
+            thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Crossplatform(v))
+                .map_err(|e| format!("{e:?}"))
+        });
+    if let Err(e) = r {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| tracing::warn!(error = %e, "could not lower the priority of function workers"));
     }
 }
 

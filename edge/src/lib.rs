@@ -153,7 +153,8 @@ impl Edge {
             let (store, publisher, fcfg) =
                 (store.clone(), broker.publisher(), cfg.functions.clone());
             let f = tokio::task::spawn_blocking(move || {
-                let engine = functions::WasmEngine::new().map_err(functions::FunctionError::Runtime)?;
+                let engine = functions::WasmEngine::with_limits(fcfg.max_memory_mib, 256)
+                    .map_err(functions::FunctionError::Runtime)?;
                 functions::Functions::start(
                     store,
                     Arc::new(engine),

@@ -908,6 +908,20 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
     ];
     let edge = EdgeProcess::start_with_env(&config, &env);
+    // The example threshold alert, deployed with the CLI as a user would; its queue holds a
+    // whole run so that no trigger is dropped while the simulator sends at full speed.
+    let wat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge/functions/threshold_alert.wat");
+    let out = Command::new(bin("millrace-edge"))
+        .args(["fn", "--url", &edge.http, "deploy", "threshold-alert"])
+        .arg(&wat)
+        .args(["--topic", "factory/+/+/+/telemetry", "--queue", "1000000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = sim_run(&edge)
         .args(sim_args)
         .args(["--speed", "0", "--quiet"])
@@ -929,6 +943,47 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     let report = |q: &str| {
         cloud.get(&format!("/api/v1/reports/oee?from={from}&to={to}&{q}"))["rows"].clone()
     };
+
+    // The function ran once per telemetry event, and raised an alert for exactly the
+    // temperature readings above 72 degC that the cloud holds (the simulator's machines heat
+    // up before they break down).
+    let telemetry_events = truth["events"]["telemetry"].as_u64().unwrap();
+    assert!(wait_until(Duration::from_secs(300), || {
+        let f = &edge.get("/api/v1/functions")["functions"][0]["stats"];
+        f["invocations"].as_u64() == Some(telemetry_events)
+    }), "{}", edge.get("/api/v1/functions"));
+    let f = &edge.get("/api/v1/functions")["functions"][0]["stats"];
+    assert_eq!((f["failures"].as_u64(), f["dropped"].as_u64()), (Some(0), Some(0)), "{f}");
+    let mut hot: Vec<(String, i64)> = cloud
+        .get(&format!(
+            "/api/v1/telemetry?from={from}&to={}&metric=temperature",
+            to + 1
+        ))["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["value"].as_f64().unwrap() > 72.0)
+        .map(|p| {
+            (
+                format!("{}/{}/{}", p["site"].as_str().unwrap(), p["line"].as_str().unwrap(), p["machine"].as_str().unwrap()),
+                p["ts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let mut alerted: Vec<(String, i64)> = edge.get("/api/v1/alerts?limit=100000")["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["function"], "threshold-alert");
+            assert_eq!(a["severity"], "critical");
+            (a["device"].as_str().unwrap().to_owned(), a["event_ts_ms"].as_i64().unwrap())
+        })
+        .collect();
+    hot.sort();
+    alerted.sort();
+    assert!(!hot.is_empty(), "the simulated days hold temperatures above 72 degC");
+    assert_eq!(alerted, hot, "alerts = telemetry points above 72 degC");
 
     // Per machine and shift.
     let rows = report("level=machine&period=shift");

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use millrace_shared::{Event, EventBody};
 use wasmtime::{
-    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, Trap,
-    ValType,
+    Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap, ValType,
 };
 
 use super::{Effects, Input, InvokeError, KvRead, LogLine, Point};
@@ -67,11 +67,25 @@ impl Drop for WasmEngine {
 }
 
 impl WasmEngine {
-    /// Creates the engine and starts its epoch ticker.
+    /// Creates the engine (256 MiB largest memory, 256 instances at once) and starts its
+    /// epoch ticker.
     pub fn new() -> Result<Self, String> {
+        Self::with_limits(256, 256)
+    }
+
+    /// Creates the engine with a pool of `slots` instances (invocations running at once across
+    /// all functions) whose memories can grow to `max_memory_mib`, and starts its epoch ticker.
+    /// Pooled instances reuse their memory mappings: instantiation costs no `mmap`.
+    pub fn with_limits(max_memory_mib: u32, slots: u32) -> Result<Self, String> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.max_wasm_stack(512 << 10);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(slots)
+            .total_memories(slots)
+            .total_tables(slots)
+            .max_memory_size((max_memory_mib as usize) << 20);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| e.to_string())?;
         let linker = Arc::new(host_linker(&engine).map_err(|e| e.to_string())?);
         let stop = Arc::new(AtomicBool::new(false));
