@@ -9,7 +9,9 @@
    invocation was stopped (target: <= 2x its limit).
 
 The per-invocation overhead is `cargo bench --workspace -p millrace-edge --bench functions`.
-Usage: python3 benches/functions.py [--duration 15] [--devices 8] [--concurrency 1]
+Each round runs every variant back to back (baseline, threshold with every invocation logged,
+threshold with only failures logged, runaway); the summary is the median over rounds.
+Usage: python3 benches/functions.py [--duration 10] [--rounds 3] [--devices 8] [--concurrency 1]
 """
 import argparse, json, os, sys, tempfile, time, shutil, urllib.request
 
@@ -43,49 +45,61 @@ def run(work, name, a, setup=None):
     return e, r, rate
 
 
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--qos", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=1)
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="millrace-fn-bench-")
-    out = {"machine": f"{os.cpu_count()} cores", "devices": a.devices, "duration_s": a.duration}
-
-    log("baseline: edge without functions …")
-    e, r, base = run(work, "base", a)
-    e.stop()
-    out["baseline_stored_events_per_s"] = base
-
-    log("threshold alert on every telemetry event …")
+    out = {"machine": f"{os.cpu_count()} cores", "devices": a.devices, "duration_s": a.duration,
+           "rounds": []}
     wat = open(os.path.join(HERE, "..", "edge", "functions", "threshold_alert.wat")).read()
-    e, r, rate = run(work, "threshold", a, lambda e: deploy(e, "threshold-alert", wat, queue=100000,
-                                                            concurrency=a.concurrency))
-    time.sleep(1.0)
-    s = functions(e)["threshold-alert"]["stats"]
-    e.stop()
-    out["threshold_stored_events_per_s"] = rate
-    out["threshold_vs_baseline"] = rate / base
-    out["threshold_invocations"] = s["invocations"]
-    out["threshold_dropped"] = s["dropped"]
-    out["telemetry_events_published"] = r["published"]
-
-    log("runaway function (100 ms limit) on every telemetry event …")
     loop = '(module (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))'
-    e, r, rate = run(work, "runaway", a, lambda e: deploy(e, "runaway", loop, timeout_ms=100, queue=64))
-    s = functions(e)["runaway"]["stats"]
-    recs = json.loads(get(f"http://127.0.0.1:{e.http}/api/v1/invocations?function=runaway&limit=1000"))["invocations"]
-    e.stop()
-    stops = sorted(x["duration_us"] / 1000 for x in recs if x["outcome"] == "timeout")
-    out["runaway_stored_events_per_s"] = rate
-    out["runaway_vs_baseline"] = rate / base
-    out["runaway_invocations"] = s["invocations"]
-    out["runaway_dropped"] = s["dropped"]
-    out["runaway_stop_ms_median"] = stops[len(stops) // 2] if stops else None
-    out["runaway_stop_ms_max"] = stops[-1] if stops else None
+    # Each round runs every variant back to back, so that each ratio compares runs minutes
+    # apart on this shared machine; the summary takes the median over rounds.
+    for i in range(a.rounds):
+        rd = {}
+        log(f"round {i + 1}: baseline …")
+        e, r, rd["baseline"] = run(work, f"base{i}", a)
+        e.stop()
+        for variant, log_all in (("threshold", "true"), ("threshold_failures_logged", "false")):
+            log(f"round {i + 1}: {variant} …")
+            os.environ["MILLRACE_EDGE_FUNCTIONS__LOG_SUCCESSES"] = log_all
+            e, r, rd[variant] = run(work, f"{variant}{i}", a, lambda e: deploy(
+                e, "threshold-alert", wat, queue=100000, concurrency=a.concurrency))
+            time.sleep(1.0)
+            s = functions(e)["threshold-alert"]["stats"]
+            e.stop()
+            rd[f"{variant}_ran_share"] = s["invocations"] / max(1, s["invocations"] + s["dropped"])
+        os.environ.pop("MILLRACE_EDGE_FUNCTIONS__LOG_SUCCESSES", None)
+        log(f"round {i + 1}: runaway …")
+        e, r, rd["runaway"] = run(work, f"runaway{i}", a, lambda e: deploy(e, "runaway", loop, timeout_ms=100, queue=64))
+        recs = json.loads(get(f"http://127.0.0.1:{e.http}/api/v1/invocations?function=runaway&limit=1000"))["invocations"]
+        e.stop()
+        stops = sorted(x["duration_us"] / 1000 for x in recs if x["outcome"] == "timeout")
+        rd["runaway_stop_ms_median"] = stops[len(stops) // 2] if stops else None
+        rd["runaway_stop_ms_max"] = stops[-1] if stops else None
+        for k in ("threshold", "threshold_failures_logged", "runaway"):
+            rd[f"{k}_vs_baseline"] = rd[k] / rd["baseline"]
+        out["rounds"].append(rd)
+        log(json.dumps(rd))
+    rounds = out["rounds"]
+    out["summary"] = {k: median([r[k] for r in rounds]) for k in rounds[0] if r_ok(rounds, k)}
+    out["summary"]["runaway_stop_ms_max"] = max(r["runaway_stop_ms_max"] or 0 for r in rounds)
     print(json.dumps(out, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def r_ok(rounds, k):
+    return all(isinstance(r.get(k), (int, float)) for r in rounds)
 
 
 if __name__ == "__main__":

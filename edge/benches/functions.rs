@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use millrace_edge::functions::{FunctionEngine, Input, KvRead, TriggerKind, WasmEngine};
+use millrace_edge::functions::{EventRef, FunctionEngine, Input, KvRead, TriggerKind, WasmEngine};
 use millrace_shared::{Event, EventBody, MachineId, Reading, Telemetry};
 
 struct NoKv;
@@ -42,7 +42,7 @@ fn input() -> Input {
         topic: e.topic(),
         device: e.machine.to_string(),
         ts_ms: e.ts_ms,
-        event: Some(Arc::new(e)),
+        event: Some(EventRef::new(e)),
         payload: None,
     }
 }

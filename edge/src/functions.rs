@@ -100,7 +100,7 @@ pub struct Input {
     /// The event's timestamp, or the scheduled time, Unix ms.
     pub ts_ms: i64,
     /// The decoded event, when the trigger is one.
-    pub event: Option<Arc<Event>>,
+    pub event: Option<EventRef>,
     /// The raw payload (manual and scheduled invocations); made from `event` otherwise.
     pub payload: Option<Arc<Vec<u8>>>,
 }
@@ -115,7 +115,7 @@ impl Input {
         }
     }
 
-    fn from_event(e: Arc<Event>, topic: String) -> Self {
+    fn from_event(e: EventRef, topic: String) -> Self {
         Self {
             trigger: TriggerKind::Topic,
             topic,
@@ -124,6 +124,31 @@ impl Input {
             event: Some(e),
             payload: None,
         }
+    }
+}
+
+/// One event of a stored batch, shared by every job the batch triggers (no copy per job).
+#[derive(Debug, Clone)]
+pub struct EventRef {
+    batch: Arc<Vec<Event>>,
+    index: usize,
+}
+
+impl EventRef {
+    /// A single event.
+    pub fn new(e: Event) -> Self {
+        Self {
+            batch: Arc::new(vec![e]),
+            index: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for EventRef {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.batch[self.index]
     }
 }
 
@@ -613,7 +638,11 @@ impl Functions {
             .name("millrace-fn-log".into())
             .spawn({
                 let (store, stop) = (this.inner.store.clone(), this.inner.stop.clone());
-                move || log_writer(store, log_rx, &stop)
+                let nice = this.inner.cfg.nice;
+                move || {
+                    lower_priority(nice);
+                    log_writer(store, log_rx, &stop)
+                }
             })
             .map_err(|e| FunctionError::Runtime(e.to_string()))?;
         let cron = std::thread::Builder::new()
@@ -909,7 +938,8 @@ impl Functions {
 
     /// Offers stored device events to the functions whose topic filters match. Never blocks:
     /// a full queue drops the trigger (counted).
-    pub fn on_stored(&self, events: &[Event]) {
+    /// The batch is taken (left empty) when a function subscribes, and shared by its jobs.
+    pub fn on_stored(&self, events: &mut Vec<Event>) {
         let reg = self.inner.registry.read().expect("registry");
         let subscribed: Vec<&Arc<Deployed>> = reg
             .values()
@@ -919,9 +949,9 @@ impl Functions {
             return;
         }
         let now = Instant::now();
-        for e in events {
+        let batch = Arc::new(std::mem::take(events));
+        for (index, e) in batch.iter().enumerate() {
             let topic = e.topic();
-            let mut shared: Option<Arc<Event>> = None;
             for d in &subscribed {
                 if d.filters.iter().any(|f| f.matches(&topic)) {
                     // A full queue drops the trigger before any work is spent on it.
@@ -929,7 +959,10 @@ impl Functions {
                         Self::drop_one(d);
                         continue;
                     }
-                    let ev = shared.get_or_insert_with(|| Arc::new(e.clone())).clone();
+                    let ev = EventRef {
+                        batch: batch.clone(),
+                        index,
+                    };
                     let input = Input::from_event(ev, topic.clone());
                     Self::offer(
                         d,
@@ -957,7 +990,7 @@ impl Functions {
             return Err(FunctionError::Disabled(name.to_owned()));
         }
         let topic = topic.unwrap_or_default();
-        let event = Event::decode(&topic, &payload).ok().map(Arc::new);
+        let event = Event::decode(&topic, &payload).ok().map(EventRef::new);
         let input = Input {
             trigger: TriggerKind::Manual,
             device: event

@@ -101,7 +101,8 @@ pub struct IngestChunk {
 
 /// Called with each batch of events once it is stored (set once, after start: functions
 /// start after the broker, which needs the ingest sender).
-pub type StoredHook = Arc<std::sync::OnceLock<Box<dyn Fn(&[Event]) + Send + Sync>>>;
+/// The hook may take the events (leaving the vector empty) instead of copying them.
+pub type StoredHook = Arc<std::sync::OnceLock<Box<dyn Fn(&mut Vec<Event>) + Send + Sync>>>;
 
 /// Where the device listeners send what they find.
 pub type IngestTx = flume::Sender<IngestChunk>;
@@ -431,7 +432,7 @@ impl Pipeline {
                         let _ = d.send(());
                     });
                     if let Some(hook) = self.on_stored.get() {
-                        hook(&self.events);
+                        hook(&mut self.events);
                     }
                     break;
                 }
