@@ -87,19 +87,30 @@ fn main() {
 
     let native = measure(n, || {
         let t = match &input.event.as_ref().unwrap().body {
-            EventBody::Telemetry(t) => t.readings.iter().find(|r| r.name == "temperature").map(|r| r.value),
+            EventBody::Telemetry(t) => t
+                .readings
+                .iter()
+                .find(|r| r.name == "temperature")
+                .map(|r| r.value),
             _ => None,
         };
         std::hint::black_box(t.is_some_and(|t| t > 72.0));
     });
     let trivial_module = engine
-        .compile(br#"(module (func (export "handle") (result i32) (i32.const 0)))"#, cap)
+        .compile(
+            br#"(module (func (export "handle") (result i32) (i32.const 0)))"#,
+            cap,
+        )
         .unwrap();
     let trivial = measure(n, || {
         let (r, _) = trivial_module.invoke(&input, kv.clone(), timeout, cap);
         r.unwrap();
     });
-    let wat = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/functions/threshold_alert.wat")).unwrap();
+    let wat = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/functions/threshold_alert.wat"
+    ))
+    .unwrap();
     let threshold_module = engine.compile(&wat, cap).unwrap();
     let threshold = measure(n, || {
         let (r, _) = threshold_module.invoke(&input, kv.clone(), timeout, cap);

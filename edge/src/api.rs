@@ -87,9 +87,7 @@ impl From<FunctionError> for ApiError {
     fn from(e: FunctionError) -> Self {
         match e {
             FunctionError::Invalid(_) => Self::BadRequest(e.to_string()),
-            FunctionError::NotFound(_) => {
-                Self::NotFound(format!("{e}: see /api/v1/functions"))
-            }
+            FunctionError::NotFound(_) => Self::NotFound(format!("{e}: see /api/v1/functions")),
             FunctionError::Disabled(_) => Self::Conflict(e.to_string()),
             FunctionError::Busy(_) => Self::Unavailable(e.to_string()),
             FunctionError::Store(_) | FunctionError::Runtime(_) => Self::Internal(e.to_string()),
@@ -557,7 +555,9 @@ async fn fn_enable(
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<crate::functions::FunctionSpec>, ApiError> {
     let f = functions(&s)?.clone();
-    Ok(Json(blocking(move || Ok(f.set_enabled(&name, true)?)).await?))
+    Ok(Json(
+        blocking(move || Ok(f.set_enabled(&name, true)?)).await?,
+    ))
 }
 
 async fn fn_disable(
@@ -565,7 +565,9 @@ async fn fn_disable(
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<crate::functions::FunctionSpec>, ApiError> {
     let f = functions(&s)?.clone();
-    Ok(Json(blocking(move || Ok(f.set_enabled(&name, false)?)).await?))
+    Ok(Json(
+        blocking(move || Ok(f.set_enabled(&name, false)?)).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -639,10 +641,8 @@ async fn invocations(
         trigger,
     };
     let store = s.store.clone();
-    let rows = blocking(move || {
-        Ok(store.invocations(from, to, limit, |r| filter.keep(r))?)
-    })
-    .await?;
+    let rows =
+        blocking(move || Ok(store.invocations(from, to, limit, |r| filter.keep(r))?)).await?;
     let rows: Vec<serde_json::Value> = rows
         .iter()
         .filter_map(|r| serde_json::from_slice(r).ok())

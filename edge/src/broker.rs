@@ -72,7 +72,9 @@ const LOCAL_PUBLISH_QUEUE: usize = 65_536;
 /// closure is given, at QoS 0. The closure never blocks: `false` when the queue is full.
 fn local_publisher<S>(router_tx: S) -> Result<crate::functions::Publisher, BrokerError>
 where
-    S: FnOnce() -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> + Send + 'static,
+    S: FnOnce() -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String>
+        + Send
+        + 'static,
 {
     let (tx, rx) = flume::bounded::<(String, Vec<u8>)>(LOCAL_PUBLISH_QUEUE);
     std::thread::Builder::new()

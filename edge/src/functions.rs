@@ -187,9 +187,12 @@ impl Point {
         millrace_shared::topic::validate_id("metric", metric)
             .map_err(|e| format!("series `{series}`: {e}"))?;
         if !value.is_finite() {
-            return Err(format!("series `{series}`: the value {value} is not finite"));
+            return Err(format!(
+                "series `{series}`: the value {value} is not finite"
+            ));
         }
-        if !(millrace_shared::event::MIN_TS_MS..=millrace_shared::event::MAX_TS_MS).contains(&ts_ms) {
+        if !(millrace_shared::event::MIN_TS_MS..=millrace_shared::event::MAX_TS_MS).contains(&ts_ms)
+        {
             return Err(format!(
                 "series `{series}`: timestamp {ts_ms} is outside 2000..2100"
             ));
@@ -267,9 +270,15 @@ impl Outcome {
 
     /// Parses a name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Ok, Self::Error, Self::Trap, Self::Timeout, Self::Memory]
-            .into_iter()
-            .find(|o| o.as_str() == s)
+        [
+            Self::Ok,
+            Self::Error,
+            Self::Trap,
+            Self::Timeout,
+            Self::Memory,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
     }
 }
 
@@ -514,7 +523,6 @@ struct Deployed {
     stats: Arc<FunctionStats>,
 }
 
-
 struct Inner {
     engine: Arc<dyn FunctionEngine>,
     store: Arc<Store>,
@@ -677,7 +685,11 @@ impl Functions {
         }
     }
 
-    fn install(&self, spec: FunctionSpec, compiled: Arc<dyn Compiled>) -> Result<(), FunctionError> {
+    fn install(
+        &self,
+        spec: FunctionSpec,
+        compiled: Arc<dyn Compiled>,
+    ) -> Result<(), FunctionError> {
         let filters = spec
             .topics
             .iter()
@@ -872,11 +884,7 @@ impl Functions {
         let _g = self.inner.deploying.lock().expect("deploy lock");
         self.deployed(name)?;
         self.inner.store.delete_function(name)?;
-        self.inner
-            .registry
-            .write()
-            .expect("registry")
-            .remove(name);
+        self.inner.registry.write().expect("registry").remove(name);
         tracing::info!(function = %name, "function deleted");
         Ok(())
     }
@@ -1040,8 +1048,7 @@ impl Functions {
                 ts_ms: due,
                 event: None,
                 payload: Some(Arc::new(
-                    serde_json::to_vec(&serde_json::json!({ "scheduled_ms": due }))
-                        .expect("json"),
+                    serde_json::to_vec(&serde_json::json!({ "scheduled_ms": due })).expect("json"),
                 )),
             };
             if Self::offer(
@@ -1070,9 +1077,7 @@ impl Functions {
         while !self.inner.stop.load(Ordering::Relaxed) {
             let now = self.inner.clock.now_ms();
             self.fire_due(now);
-            let wait = self
-                .next_due()
-                .map_or(1000, |t| (t - now).clamp(1, 1000)) as u64;
+            let wait = self.next_due().map_or(1000, |t| (t - now).clamp(1, 1000)) as u64;
             let _ = wake.recv_timeout(Duration::from_millis(wait));
         }
     }
@@ -1108,7 +1113,8 @@ impl Inner {
             Err(e) => (Outcome::from(e), Some(e.to_string())),
         };
         stats.invocations.fetch_add(1, Ordering::Relaxed);
-        m.invocation(&spec.name, job.input.trigger, outcome).increment(1);
+        m.invocation(&spec.name, job.input.trigger, outcome)
+            .increment(1);
         m.duration.record(duration.as_secs_f64());
         if let Some(e) = &error {
             stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -1150,7 +1156,8 @@ impl Inner {
         effects: &Effects,
         actions: &mut ActionCounts,
     ) -> Result<(), InvokeError> {
-        let failed = |e: StoreError| InvokeError::Failed(format!("could not apply its actions: {e}"));
+        let failed =
+            |e: StoreError| InvokeError::Failed(format!("could not apply its actions: {e}"));
         let now = chrono::Utc::now().timestamp_millis();
         let alerts: Vec<(i64, Vec<u8>)> = effects
             .alerts
@@ -1248,16 +1255,17 @@ fn lower_priority(nice: u8) {
     let p = (0..=99u8)
         .min_by_key(|p| (niceness(*p) - i32::from(nice)).abs())
         .expect("non-empty");
-    let r = p
-        .try_into()
+    let r = p.try_into().map_err(|e| format!("{e:?}")).and_then(|v| {
+        thread_priority::set_current_thread_priority(
+            thread_priority::ThreadPriority::Crossplatform(v),
+        )
         .map_err(|e| format!("{e:?}"))
-        .and_then(|v| {
-            thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Crossplatform(v))
-                .map_err(|e| format!("{e:?}"))
-        });
+    });
     if let Err(e) = r {
         static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| tracing::warn!(error = %e, "could not lower the priority of function workers"));
+        WARNED.call_once(
+            || tracing::warn!(error = %e, "could not lower the priority of function workers"),
+        );
     }
 }
 
@@ -1276,7 +1284,12 @@ fn log_writer(store: Arc<Store>, rx: flume::Receiver<InvocationRecord>, stop: &A
         batch.extend(rx.try_iter().take(4095));
         let rows: Vec<(i64, Vec<u8>)> = batch
             .iter()
-            .map(|r| (r.started_ms, serde_json::to_vec(r).expect("records serialize")))
+            .map(|r| {
+                (
+                    r.started_ms,
+                    serde_json::to_vec(r).expect("records serialize"),
+                )
+            })
             .collect();
         if let Err(e) = store.log_invocations(&rows) {
             tracing::error!(error = %e, records = rows.len(), "could not write the invocation log");

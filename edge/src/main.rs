@@ -35,6 +35,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the edge node (the default).
@@ -54,7 +56,11 @@ enum Command {
     #[command(name = "fn")]
     Fn {
         /// The edge's HTTP API.
-        #[arg(long, env = "MILLRACE_EDGE_URL", default_value = "http://127.0.0.1:8081")]
+        #[arg(
+            long,
+            env = "MILLRACE_EDGE_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
         url: String,
         /// API key, if the edge requires one.
         #[arg(long, env = "MILLRACE_EDGE_API_KEY", hide_env_values = true)]

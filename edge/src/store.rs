@@ -944,8 +944,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use millrace_shared::{MachineState, Reading, StateChange, Telemetry};
+    use std::sync::Arc;
 
     fn machine() -> MachineId {
         MachineId::new("s", "l", "m").unwrap()
@@ -1051,7 +1051,6 @@ mod tests {
         assert_eq!(pts, vec![(T0, 20.0), (T0 + 500, 99.5)]);
         assert!(s.points("nope", 0, 1).unwrap().is_none());
     }
-
 
     #[test]
     fn queries_see_every_point_while_windows_are_being_sealed() {

@@ -492,7 +492,11 @@ fn contents_diff(edge: &MachineContents, cloud: &MachineContents) -> String {
     fn only<T: Eq + std::hash::Hash + std::fmt::Debug>(a: &[T], b: &[T]) -> String {
         let b: std::collections::HashSet<&T> = b.iter().collect();
         let rows: Vec<&T> = a.iter().filter(|x| !b.contains(x)).collect();
-        format!("{} rows, first: {:?}", rows.len(), &rows[..rows.len().min(5)])
+        format!(
+            "{} rows, first: {:?}",
+            rows.len(),
+            &rows[..rows.len().min(5)]
+        )
     }
     let mut out = format!(
         "events: edge {} cloud {}; only on the edge: {}; only in the cloud: {}\n",
@@ -948,24 +952,36 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     // temperature readings above 72 degC that the cloud holds (the simulator's machines heat
     // up before they break down).
     let telemetry_events = truth["events"]["telemetry"].as_u64().unwrap();
-    assert!(wait_until(Duration::from_secs(300), || {
-        let f = &edge.get("/api/v1/functions")["functions"][0]["stats"];
-        f["invocations"].as_u64() == Some(telemetry_events)
-    }), "{}", edge.get("/api/v1/functions"));
+    assert!(
+        wait_until(Duration::from_secs(300), || {
+            let f = &edge.get("/api/v1/functions")["functions"][0]["stats"];
+            f["invocations"].as_u64() == Some(telemetry_events)
+        }),
+        "{}",
+        edge.get("/api/v1/functions")
+    );
     let f = &edge.get("/api/v1/functions")["functions"][0]["stats"];
-    assert_eq!((f["failures"].as_u64(), f["dropped"].as_u64()), (Some(0), Some(0)), "{f}");
-    let mut hot: Vec<(String, i64)> = cloud
-        .get(&format!(
-            "/api/v1/telemetry?from={from}&to={}&metric=temperature",
-            to + 1
-        ))["points"]
+    assert_eq!(
+        (f["failures"].as_u64(), f["dropped"].as_u64()),
+        (Some(0), Some(0)),
+        "{f}"
+    );
+    let mut hot: Vec<(String, i64)> = cloud.get(&format!(
+        "/api/v1/telemetry?from={from}&to={}&metric=temperature",
+        to + 1
+    ))["points"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|p| p["value"].as_f64().unwrap() > 72.0)
         .map(|p| {
             (
-                format!("{}/{}/{}", p["site"].as_str().unwrap(), p["line"].as_str().unwrap(), p["machine"].as_str().unwrap()),
+                format!(
+                    "{}/{}/{}",
+                    p["site"].as_str().unwrap(),
+                    p["line"].as_str().unwrap(),
+                    p["machine"].as_str().unwrap()
+                ),
                 p["ts"].as_i64().unwrap(),
             )
         })
@@ -977,12 +993,18 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         .map(|a| {
             assert_eq!(a["function"], "threshold-alert");
             assert_eq!(a["severity"], "critical");
-            (a["device"].as_str().unwrap().to_owned(), a["event_ts_ms"].as_i64().unwrap())
+            (
+                a["device"].as_str().unwrap().to_owned(),
+                a["event_ts_ms"].as_i64().unwrap(),
+            )
         })
         .collect();
     hot.sort();
     alerted.sort();
-    assert!(!hot.is_empty(), "the simulated days hold temperatures above 72 degC");
+    assert!(
+        !hot.is_empty(),
+        "the simulated days hold temperatures above 72 degC"
+    );
     assert_eq!(alerted, hot, "alerts = telemetry points above 72 degC");
 
     // Per machine and shift.

@@ -23,7 +23,9 @@ impl TopicFilter {
                 ));
             }
             if l.contains('+') && l != "+" {
-                return Err(format!("topic filter `{filter}`: `+` must be a whole level"));
+                return Err(format!(
+                    "topic filter `{filter}`: `+` must be a whole level"
+                ));
             }
         }
         Ok(Self { levels })

@@ -142,7 +142,9 @@ impl FunctionEngine for WasmEngine {
     fn compile(&self, bytes: &[u8], memory_cap: u64) -> Result<Arc<dyn Compiled>, String> {
         let is_binary = bytes.starts_with(b"\0asm");
         if !is_binary && std::str::from_utf8(bytes).is_err() {
-            return Err("not a WebAssembly module: neither Wasm binary (\\0asm) nor WAT text".into());
+            return Err(
+                "not a WebAssembly module: neither Wasm binary (\\0asm) nor WAT text".into(),
+            );
         }
         let module = Module::new(&self.engine, bytes).map_err(|e| {
             let e = format!("{e:#}");
@@ -393,7 +395,9 @@ fn event_number(input: &Input, key: &str) -> Option<f64> {
         return match (&e.body, key) {
             (_, "ts") => Some(e.ts_ms as f64),
             (_, "seq") => Some(e.seq as f64),
-            (EventBody::Telemetry(t), k) => t.readings.iter().find(|r| r.name == k).map(|r| r.value),
+            (EventBody::Telemetry(t), k) => {
+                t.readings.iter().find(|r| r.name == k).map(|r| r.value)
+            }
             (EventBody::Part(p), "cycle_time_ms") => Some(f64::from(p.cycle_time_ms)),
             _ => None,
         };
@@ -440,32 +444,36 @@ fn event_field(e: &Event, key: &str) -> Option<String> {
 
 fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut l: Linker<HostState> = Linker::new(engine);
-    l.func_wrap("millrace", "log", |mut c: Cx<'_>, level: i32, ptr: i32, len: i32| {
-        let (mem, st) = memory(&mut c)?;
-        let r = range(mem, ptr, len)?;
-        let mut line = String::from_utf8_lossy(&mem[r]).into_owned();
-        if line.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
+    l.func_wrap(
+        "millrace",
+        "log",
+        |mut c: Cx<'_>, level: i32, ptr: i32, len: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let r = range(mem, ptr, len)?;
+            let mut line = String::from_utf8_lossy(&mem[r]).into_owned();
+            if line.len() > MAX_LOG_LINE {
+                let mut cut = MAX_LOG_LINE;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
             }
-            line.truncate(cut);
-        }
-        if st.effects.logs.len() < MAX_LOG_LINES {
-            st.effects.logs.push(LogLine {
-                level: match level {
-                    0 => "debug",
-                    1 => "info",
-                    2 => "warn",
-                    _ => "error",
-                },
-                message: line,
-            });
-        } else {
-            st.effects.logs_dropped += 1;
-        }
-        Ok(())
-    })?;
+            if st.effects.logs.len() < MAX_LOG_LINES {
+                st.effects.logs.push(LogLine {
+                    level: match level {
+                        0 => "debug",
+                        1 => "info",
+                        2 => "warn",
+                        _ => "error",
+                    },
+                    message: line,
+                });
+            } else {
+                st.effects.logs_dropped += 1;
+            }
+            Ok(())
+        },
+    )?;
     l.func_wrap("millrace", "input_len", |mut c: Cx<'_>, part: i32| {
         let st = c.data_mut();
         Ok(match part {
@@ -495,11 +503,15 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     l.func_wrap("millrace", "now_ms", |_c: Cx<'_>| {
         Ok(chrono::Utc::now().timestamp_millis())
     })?;
-    l.func_wrap("millrace", "event_number", |mut c: Cx<'_>, ptr: i32, len: i32| {
-        let (mem, st) = memory(&mut c)?;
-        let key = text(mem, ptr, len, "the field name")?;
-        Ok(event_number(&st.input, &key).unwrap_or(f64::NAN))
-    })?;
+    l.func_wrap(
+        "millrace",
+        "event_number",
+        |mut c: Cx<'_>, ptr: i32, len: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let key = text(mem, ptr, len, "the field name")?;
+            Ok(event_number(&st.input, &key).unwrap_or(f64::NAN))
+        },
+    )?;
     l.func_wrap(
         "millrace",
         "event_string",
@@ -609,15 +621,19 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             Ok(0)
         },
     )?;
-    l.func_wrap("millrace", "kv_delete", |mut c: Cx<'_>, kp: i32, kl: i32| {
-        let (mem, st) = memory(&mut c)?;
-        let key = mem[range(mem, kp, kl)?].to_vec();
-        if !st.kv_overlay.contains_key(&key) {
-            st.action()?;
-        }
-        st.kv_overlay.insert(key, None);
-        Ok(0)
-    })?;
+    l.func_wrap(
+        "millrace",
+        "kv_delete",
+        |mut c: Cx<'_>, kp: i32, kl: i32| {
+            let (mem, st) = memory(&mut c)?;
+            let key = mem[range(mem, kp, kl)?].to_vec();
+            if !st.kv_overlay.contains_key(&key) {
+                st.action()?;
+            }
+            st.kv_overlay.insert(key, None);
+            Ok(0)
+        },
+    )?;
     l.func_wrap(
         "env",
         "abort",

@@ -194,7 +194,12 @@ impl Store {
     }
 
     /// Alerts raised in `[from_ms, to_ms)`, newest first.
-    pub fn alerts(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    pub fn alerts(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let from_ms = from_ms.max(self.visible_from(self.opts.alert_retention));
         self.newest_first(CF_ALERTS, from_ms, to_ms, limit, |_| true)
     }

@@ -97,8 +97,16 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
     for (name, file, topic) in [
-        ("threshold-alert", "threshold_alert.wat", "factory/+/+/+/telemetry"),
-        ("unit-conversion", "unit_conversion.wat", "factory/+/+/+/telemetry"),
+        (
+            "threshold-alert",
+            "threshold_alert.wat",
+            "factory/+/+/+/telemetry",
+        ),
+        (
+            "unit-conversion",
+            "unit_conversion.wat",
+            "factory/+/+/+/telemetry",
+        ),
         ("scrap-rate", "scrap_rate.wat", "factory/+/+/+/part"),
     ] {
         let (status, spec) = deploy(
@@ -110,7 +118,12 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
         assert_eq!(status, 201, "{spec}");
         assert_eq!(spec["version"], 1);
     }
-    let alerts = Recorder::start(edge.mqtt_addr.port(), "millrace/alerts/#", Some((USER, PASS))).await;
+    let alerts = Recorder::start(
+        edge.mqtt_addr.port(),
+        "millrace/alerts/#",
+        Some((USER, PASS)),
+    )
+    .await;
     let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
     // 80 degC is above the limit, 60 is not; two parts, one scrapped.
     publish(&client, &temp(1, 80.0)).await;
@@ -159,9 +172,21 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
     // Each event ran each matching function once: 2 + 2 + 2, all successful, with triggers.
     let log = invocations(&edge, "trigger=topic&limit=100").await;
     assert_eq!(log.len(), 6, "{log:?}");
-    assert!(log.iter().all(|r| r["outcome"] == "ok" && r["topic"].as_str().unwrap().starts_with("factory/plant-1/line-1/press-01/")));
+    assert!(log.iter().all(|r| {
+        r["outcome"] == "ok"
+            && r["topic"]
+                .as_str()
+                .unwrap()
+                .starts_with("factory/plant-1/line-1/press-01/")
+    }));
     let alert_run = invocations(&edge, "function=threshold-alert").await;
-    assert_eq!(alert_run.iter().map(|r| r["actions"]["alerts"].as_u64().unwrap()).sum::<u64>(), 1);
+    assert_eq!(
+        alert_run
+            .iter()
+            .map(|r| r["actions"]["alerts"].as_u64().unwrap())
+            .sum::<u64>(),
+        1
+    );
     // Prometheus counts them per function and outcome.
     let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
         .await
@@ -188,7 +213,12 @@ async fn manual_invocations_from_rest_and_the_cli() {
     )
     .await;
     assert_eq!(status, 201);
-    let summaries = Recorder::start(edge.mqtt_addr.port(), "factory/summary/#", Some((USER, PASS))).await;
+    let summaries = Recorder::start(
+        edge.mqtt_addr.port(),
+        "factory/summary/#",
+        Some((USER, PASS)),
+    )
+    .await;
     // A part event given by hand counts like one from a device.
     let p = part(1, PartOutcome::Scrap);
     let (status, rec) = invoke(&edge, "hourly-summary", Some(&p.topic()), &p.to_payload()).await;
@@ -203,14 +233,25 @@ async fn manual_invocations_from_rest_and_the_cli() {
         .args(["fn", "--url", &http(&edge), "invoke", "hourly-summary"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rec["outcome"], "ok", "{rec}");
     assert_eq!(rec["actions"]["published"], 1);
     assert_eq!(summaries.wait_for(1, Duration::from_secs(30)).await, 1);
     let s: Value = serde_json::from_slice(&summaries.messages()[0].payload).unwrap();
-    assert_eq!((s["parts"].as_u64(), s["scrap"].as_u64()), (Some(1), Some(1)), "{s}");
-    assert_eq!(rec["logs"][0]["message"], String::from_utf8_lossy(&summaries.messages()[0].payload).as_ref());
+    assert_eq!(
+        (s["parts"].as_u64(), s["scrap"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        rec["logs"][0]["message"],
+        String::from_utf8_lossy(&summaries.messages()[0].payload).as_ref()
+    );
 
     // The CLI lists functions and reports errors clearly.
     let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
@@ -226,7 +267,10 @@ async fn manual_invocations_from_rest_and_the_cli() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("404") && err.contains("no function named `nope`"), "{err}");
+    assert!(
+        err.contains("404") && err.contains("no function named `nope`"),
+        "{err}"
+    );
     summaries.stop().await;
     edge.shutdown().await;
 }
@@ -244,7 +288,8 @@ fn schedules_fire_on_a_clock_the_test_controls() {
         )
         .unwrap(),
     );
-    let published: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    type Sent = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let published: Sent = Default::default();
     let sink = published.clone();
     let hour = 3_600_000;
     let h10 = T0 - T0 % hour + 10 * hour; // some day, 10:00 UTC
@@ -285,7 +330,11 @@ fn schedules_fire_on_a_clock_the_test_controls() {
     assert_eq!(r["trigger"], "schedule");
     assert_eq!(r["event_ts_ms"], h10 + hour);
     assert_eq!(r["outcome"], "ok", "{r}");
-    assert!(wait_until(Duration::from_secs(30), || published.lock().unwrap().len() == 1));
+    assert!(wait_until(Duration::from_secs(30), || published
+        .lock()
+        .unwrap()
+        .len()
+        == 1));
     let (topic, payload) = published.lock().unwrap()[0].clone();
     assert_eq!(topic, "factory/summary/hourly");
     assert_eq!(
@@ -312,18 +361,32 @@ async fn deploys_updates_and_deletes_survive_a_restart() {
     let cfg = config(dir.path());
     let edge = Edge::start(cfg.clone()).await.unwrap();
     let body = |file: &str| serde_json::json!({ "module_wat": wat(file), "topics": ["factory/+/+/+/telemetry"], "timeout_ms": 50 });
-    assert_eq!(deploy(&edge, "alert", body("threshold_alert.wat")).await.0, 201);
+    assert_eq!(
+        deploy(&edge, "alert", body("threshold_alert.wat")).await.0,
+        201
+    );
     let (status, spec) = deploy(&edge, "alert", body("unit_conversion.wat")).await;
     assert_eq!(status, 200, "an update");
     assert_eq!(spec["version"], 2);
     assert_eq!(spec["history"].as_array().unwrap().len(), 2);
     assert_ne!(spec["history"][0]["sha256"], spec["history"][1]["sha256"]);
-    assert_eq!(deploy(&edge, "other", body("threshold_alert.wat")).await.0, 201);
-    let (status, _) = send(reqwest::Client::new().post(format!("{}/api/v1/functions/other/disable", http(&edge)))).await;
+    assert_eq!(
+        deploy(&edge, "other", body("threshold_alert.wat")).await.0,
+        201
+    );
+    let (status, _) = send(
+        reqwest::Client::new().post(format!("{}/api/v1/functions/other/disable", http(&edge))),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (status, _) = send(reqwest::Client::new().delete(format!("{}/api/v1/functions/alert", http(&edge)))).await;
+    let (status, _) =
+        send(reqwest::Client::new().delete(format!("{}/api/v1/functions/alert", http(&edge))))
+            .await;
     assert_eq!(status, 204);
-    assert_eq!(deploy(&edge, "kept", body("unit_conversion.wat")).await.0, 201);
+    assert_eq!(
+        deploy(&edge, "kept", body("unit_conversion.wat")).await.0,
+        201
+    );
     edge.shutdown().await;
 
     let edge = Edge::start(cfg).await.unwrap();
@@ -332,7 +395,13 @@ async fn deploys_updates_and_deletes_survive_a_restart() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| (f["name"].as_str().unwrap(), f["enabled"].as_bool().unwrap(), f["version"].as_u64().unwrap()))
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap(),
+                f["enabled"].as_bool().unwrap(),
+                f["version"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(names, [("kept", true, 1), ("other", false, 1)]);
     let (status, err) = get(&format!("{}/api/v1/functions/alert", http(&edge))).await;
@@ -348,7 +417,8 @@ async fn deploys_updates_and_deletes_survive_a_restart() {
     edge.shutdown().await;
 }
 
-const LOOP: &str = r#"(module (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+const LOOP: &str =
+    r#"(module (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
 const TRAP: &str = r#"(module (func (export "handle") (result i32) unreachable))"#;
 const HUNGRY: &str = r#"(module (memory (export "memory") 1)
   (func (export "handle") (result i32)
@@ -362,17 +432,32 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
     let edge = Edge::start(config(dir.path())).await.unwrap();
     let tel = "factory/+/+/+/telemetry";
     for (name, module, extra) in [
-        ("runaway", LOOP, serde_json::json!({ "timeout_ms": 50, "queue": 2 })),
+        (
+            "runaway",
+            LOOP,
+            serde_json::json!({ "timeout_ms": 50, "queue": 2 }),
+        ),
         ("trap", TRAP, serde_json::json!({})),
         ("hungry", HUNGRY, serde_json::json!({ "memory_mib": 2 })),
         ("fails", FAILS, serde_json::json!({})),
     ] {
         let mut body = serde_json::json!({ "module_wat": module, "topics": [tel] });
-        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         let (status, spec) = deploy(&edge, name, body).await;
         assert_eq!(status, 201, "{name}: {spec}");
     }
-    assert_eq!(deploy(&edge, "healthy", serde_json::json!({ "module_wat": wat("unit_conversion.wat"), "topics": [tel] })).await.0, 201);
+    assert_eq!(
+        deploy(
+            &edge,
+            "healthy",
+            serde_json::json!({ "module_wat": wat("unit_conversion.wat"), "topics": [tel] })
+        )
+        .await
+        .0,
+        201
+    );
     // Devices keep sending while the bad functions fail on every event.
     let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
     let n = 20;
@@ -392,8 +477,8 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
     ] {
         let recs = wait_invocations(&edge, &format!("function={name}"), 1).await;
         assert!(
-            recs.iter().all(|r| r["outcome"] == outcome
-                && r["error"].as_str().unwrap().contains(needle)),
+            recs.iter()
+                .all(|r| r["outcome"] == outcome && r["error"].as_str().unwrap().contains(needle)),
             "{name}: {recs:?}"
         );
     }
@@ -417,7 +502,11 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         s = runaway().await;
     }
-    assert_eq!(s["invocations"].as_u64().unwrap() + s["dropped"].as_u64().unwrap(), n, "{s}");
+    assert_eq!(
+        s["invocations"].as_u64().unwrap() + s["dropped"].as_u64().unwrap(),
+        n,
+        "{s}"
+    );
     assert!(s["dropped"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["failures"], s["invocations"], "{s}");
     // A manual invocation reports the failure in its record.
@@ -432,20 +521,76 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("not-wasm", serde_json::json!({ "module_base64": "aGVsbG8gd29ybGQ=" }), "not a valid WAT/WebAssembly module"),
-        ("bad-binary", serde_json::json!({ "module_base64": "AGFzbQEAAAAB/w==" }), "invalid WebAssembly module"),
-        ("no-handle", serde_json::json!({ "module_wat": "(module)" }), "exports no function `handle`"),
-        ("bad-sig", serde_json::json!({ "module_wat": r#"(module (func (export "handle") (param i32)))"# }), "expected () -> (i32)"),
-        ("bad-import", serde_json::json!({ "module_wat": r#"(module (import "wasi" "fd_write" (func)) (func (export "handle") (result i32) (i32.const 0)))"# }), "imports `wasi.fd_write`, which the host does not provide"),
-        ("bad-import-sig", serde_json::json!({ "module_wat": r#"(module (import "millrace" "alert" (func (param i32))) (memory (export "memory") 1) (func (export "handle") (result i32) (i32.const 0)))"# }), "imports `millrace.alert` with signature (i32) -> ()"),
-        ("no-memory", serde_json::json!({ "module_wat": r#"(module (import "millrace" "log" (func (param i32 i32 i32))) (func (export "handle") (result i32) (i32.const 0)))"# }), "exports no `memory`"),
-        ("too-big", serde_json::json!({ "module_wat": r#"(module (memory (export "memory") 100) (func (export "handle") (result i32) (i32.const 0)))"#, "memory_mib": 1 }), "above the function's memory limit"),
-        ("both", serde_json::json!({ "module_wat": "(module)", "module_base64": "AA==" }), "exactly one of"),
-        ("bad-topic", serde_json::json!({ "module_wat": TRAP, "topics": ["factory/#/x"] }), "`#` must be a whole level and the last one"),
-        ("bad-cron", serde_json::json!({ "module_wat": TRAP, "schedule": "every hour" }), "schedule `every hour`"),
-        ("bad-timeout", serde_json::json!({ "module_wat": TRAP, "timeout_ms": 0 }), "timeout_ms 0"),
-        ("Bad Name", serde_json::json!({ "module_wat": TRAP }), "function name `Bad Name`"),
-        ("unknown-field", serde_json::json!({ "module_wat": TRAP, "triggers": [] }), "unknown field `triggers`"),
+        (
+            "not-wasm",
+            serde_json::json!({ "module_base64": "aGVsbG8gd29ybGQ=" }),
+            "not a valid WAT/WebAssembly module",
+        ),
+        (
+            "bad-binary",
+            serde_json::json!({ "module_base64": "AGFzbQEAAAAB/w==" }),
+            "invalid WebAssembly module",
+        ),
+        (
+            "no-handle",
+            serde_json::json!({ "module_wat": "(module)" }),
+            "exports no function `handle`",
+        ),
+        (
+            "bad-sig",
+            serde_json::json!({ "module_wat": r#"(module (func (export "handle") (param i32)))"# }),
+            "expected () -> (i32)",
+        ),
+        (
+            "bad-import",
+            serde_json::json!({ "module_wat": r#"(module (import "wasi" "fd_write" (func)) (func (export "handle") (result i32) (i32.const 0)))"# }),
+            "imports `wasi.fd_write`, which the host does not provide",
+        ),
+        (
+            "bad-import-sig",
+            serde_json::json!({ "module_wat": r#"(module (import "millrace" "alert" (func (param i32))) (memory (export "memory") 1) (func (export "handle") (result i32) (i32.const 0)))"# }),
+            "imports `millrace.alert` with signature (i32) -> ()",
+        ),
+        (
+            "no-memory",
+            serde_json::json!({ "module_wat": r#"(module (import "millrace" "log" (func (param i32 i32 i32))) (func (export "handle") (result i32) (i32.const 0)))"# }),
+            "exports no `memory`",
+        ),
+        (
+            "too-big",
+            serde_json::json!({ "module_wat": r#"(module (memory (export "memory") 100) (func (export "handle") (result i32) (i32.const 0)))"#, "memory_mib": 1 }),
+            "above the function's memory limit",
+        ),
+        (
+            "both",
+            serde_json::json!({ "module_wat": "(module)", "module_base64": "AA==" }),
+            "exactly one of",
+        ),
+        (
+            "bad-topic",
+            serde_json::json!({ "module_wat": TRAP, "topics": ["factory/#/x"] }),
+            "`#` must be a whole level and the last one",
+        ),
+        (
+            "bad-cron",
+            serde_json::json!({ "module_wat": TRAP, "schedule": "every hour" }),
+            "schedule `every hour`",
+        ),
+        (
+            "bad-timeout",
+            serde_json::json!({ "module_wat": TRAP, "timeout_ms": 0 }),
+            "timeout_ms 0",
+        ),
+        (
+            "Bad Name",
+            serde_json::json!({ "module_wat": TRAP }),
+            "function name `Bad Name`",
+        ),
+        (
+            "unknown-field",
+            serde_json::json!({ "module_wat": TRAP, "triggers": [] }),
+            "unknown field `triggers`",
+        ),
     ];
     for (name, body, needle) in cases {
         let (status, err) = deploy(&edge, &name.replace(' ', "%20"), body).await;
@@ -460,7 +605,12 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
     )
     .await;
     assert_eq!(status, 400);
-    assert!(err["error"].as_str().unwrap().starts_with("deploy request:"));
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("deploy request:")
+    );
     // Nothing was deployed by any of these.
     let list = get(&format!("{}/api/v1/functions", http(&edge))).await.1;
     assert_eq!(list["functions"], serde_json::json!([]));
@@ -492,15 +642,32 @@ async fn an_assemblyscript_function_builds_from_source_and_runs() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "asc: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "asc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
     // Deployed with the CLI, as a user would.
     let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
-        .args(["fn", "--url", &http(&edge), "deploy", "threshold-alert-as", wasm.to_str().unwrap(), "--topic", "factory/+/+/+/telemetry"])
+        .args([
+            "fn",
+            "--url",
+            &http(&edge),
+            "deploy",
+            "threshold-alert-as",
+            wasm.to_str().unwrap(),
+            "--topic",
+            "factory/+/+/+/telemetry",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
     publish(&client, &temp(1, 80.5)).await;
     publish(&client, &temp(2, 20.0)).await;
@@ -508,6 +675,9 @@ async fn an_assemblyscript_function_builds_from_source_and_runs() {
     let alerts = get(&format!("{}/api/v1/alerts", http(&edge))).await.1;
     let alerts = alerts["alerts"].as_array().unwrap();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
-    assert_eq!(alerts[0]["message"], "temperature 80.5 degC above 72.0 degC");
+    assert_eq!(
+        alerts[0]["message"],
+        "temperature 80.5 degC above 72.0 degC"
+    );
     edge.shutdown().await;
 }
