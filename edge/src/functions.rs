@@ -1196,7 +1196,9 @@ impl Inner {
                     }),
                 })
                 .collect();
-            self.store.write(&events, &[]).map_err(failed)?;
+            self.store
+                .write_synced(&events, &[], false)
+                .map_err(failed)?;
         }
         let topic = format!("{ALERT_TOPIC_PREFIX}{}", spec.name);
         let mut published = 0;

@@ -496,6 +496,17 @@ impl Store {
 
     /// Writes decoded events and dead letters in one atomic batch.
     pub fn write(&self, events: &[Event], dead: &[DeadLetter]) -> Result<WriteStats, StoreError> {
+        self.write_synced(events, dead, self.opts.sync_writes)
+    }
+
+    /// [`Store::write`], choosing whether this batch is fsync'd (functions' derived points are
+    /// not: they survive a crash of the process, not a power cut).
+    pub fn write_synced(
+        &self,
+        events: &[Event],
+        dead: &[DeadLetter],
+        sync: bool,
+    ) -> Result<WriteStats, StoreError> {
         let _guard = self.write_lock.lock().expect("write lock");
         let mut batch = WriteBatch::default();
         let mut new = vec![];
@@ -572,7 +583,7 @@ impl Store {
         }
         stats.bytes = batch.size_in_bytes() as u64;
         let mut wo = WriteOptions::default();
-        wo.set_sync(self.opts.sync_writes);
+        wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
         if let (Some(ob), Some(state)) = (outbox, self.outbox.as_ref()) {
             state.commit(ob);
