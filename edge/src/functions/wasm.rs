@@ -84,7 +84,9 @@ impl WasmEngine {
         pool.total_core_instances(slots)
             .total_memories(slots)
             .total_tables(slots)
-            .max_memory_size((max_memory_mib as usize) << 20);
+            .max_memory_size((max_memory_mib as usize) << 20)
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(4 << 10);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| e.to_string())?;
         let linker = Arc::new(host_linker(&engine).map_err(|e| e.to_string())?);
