@@ -636,13 +636,14 @@ async fn invocations(
         l => parse_limit(l)?,
     };
     let filter = LogFilter {
+        from_ms: Some(from),
+        to_ms: Some(to),
         function: q.function,
         outcome,
         trigger,
     };
     let store = s.store.clone();
-    let rows =
-        blocking(move || Ok(store.invocations(from, to, limit, |r| filter.keep(r))?)).await?;
+    let rows = blocking(move || Ok(store.invocations(from, limit, |r| filter.keep(r))?)).await?;
     let rows: Vec<serde_json::Value> = rows
         .iter()
         .filter_map(|r| serde_json::from_slice(r).ok())

@@ -1284,16 +1284,12 @@ fn log_writer(store: Arc<Store>, rx: flume::Receiver<InvocationRecord>, stop: &A
         };
         let mut batch = vec![first];
         batch.extend(rx.try_iter().take(4095));
-        let rows: Vec<(i64, Vec<u8>)> = batch
+        let newest = batch.iter().map(|r| r.started_ms).max().unwrap_or(0);
+        let rows: Vec<Vec<u8>> = batch
             .iter()
-            .map(|r| {
-                (
-                    r.started_ms,
-                    serde_json::to_vec(r).expect("records serialize"),
-                )
-            })
+            .map(|r| serde_json::to_vec(r).expect("records serialize"))
             .collect();
-        if let Err(e) = store.log_invocations(&rows) {
+        if let Err(e) = store.log_invocations(newest, &rows) {
             tracing::error!(error = %e, records = rows.len(), "could not write the invocation log");
         }
     }
@@ -1302,6 +1298,12 @@ fn log_writer(store: Arc<Store>, rx: flume::Receiver<InvocationRecord>, stop: &A
 /// A filter over the invocation log.
 #[derive(Debug, Default, Deserialize)]
 pub struct LogFilter {
+    /// Started at or after, Unix ms.
+    #[serde(default)]
+    pub from_ms: Option<i64>,
+    /// Started before, Unix ms.
+    #[serde(default)]
+    pub to_ms: Option<i64>,
     /// Only this function.
     pub function: Option<String>,
     /// Only this outcome.
@@ -1318,11 +1320,14 @@ impl LogFilter {
             function: &'a str,
             outcome: Outcome,
             trigger: TriggerKind,
+            started_ms: i64,
         }
         let Ok(p) = serde_json::from_slice::<Probe<'_>>(record) else {
             return false;
         };
-        self.function.as_deref().is_none_or(|f| f == p.function)
+        self.from_ms.is_none_or(|f| p.started_ms >= f)
+            && self.to_ms.is_none_or(|t| p.started_ms < t)
+            && self.function.as_deref().is_none_or(|f| f == p.function)
             && self.outcome.is_none_or(|o| o == p.outcome)
             && self.trigger.is_none_or(|t| t == p.trigger)
     }

@@ -316,7 +316,7 @@ fn schedules_fire_on_a_clock_the_test_controls() {
     .unwrap();
     let log = |store: &Store| -> Vec<Value> {
         store
-            .invocations(i64::MIN, i64::MAX, 100, |_| true)
+            .invocations(i64::MIN, 100, |_| true)
             .unwrap()
             .iter()
             .map(|r| serde_json::from_slice(r).unwrap())
