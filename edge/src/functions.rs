@@ -446,8 +446,59 @@ pub struct FunctionStats {
     pub invocations: AtomicU64,
     /// Of which failed.
     pub failures: AtomicU64,
-    /// Triggers dropped because the queue was full.
+    /// Triggers dropped because the queue was full or the function was paused.
     pub dropped: AtomicU64,
+    /// Times the function was paused for timing out again and again.
+    pub pauses: AtomicU64,
+    /// Paused until (Unix ms; 0: running).
+    pub paused_until_ms: AtomicI64,
+}
+
+/// Stops running a function that keeps hitting its time limit: after [`Breaker::TRIPS`]
+/// timeouts in a row its topic and schedule triggers are dropped for a pause that doubles each
+/// time (1 s up to 5 min) and resets after an invocation that does not time out. Manual
+/// invocations still run. A runaway then costs a core for its time limit every few seconds or
+/// minutes, not all the time.
+#[derive(Debug)]
+struct Breaker {
+    consecutive: u32,
+    pause: Duration,
+    until: Option<Instant>,
+}
+
+impl Breaker {
+    const TRIPS: u32 = 3;
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(300);
+
+    fn new() -> Self {
+        Self {
+            consecutive: 0,
+            pause: Self::FIRST,
+            until: None,
+        }
+    }
+
+    fn paused(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    /// Records an outcome; returns the pause it started, if any.
+    fn record(&mut self, outcome: Outcome, now: Instant) -> Option<Duration> {
+        if outcome != Outcome::Timeout {
+            *self = Self::new();
+            return None;
+        }
+        self.consecutive += 1;
+        if self.consecutive < Self::TRIPS {
+            return None;
+        }
+        let pause = self.pause;
+        self.until = Some(now + pause);
+        self.consecutive = 0;
+        self.pause = (pause * 2).min(Self::LONGEST);
+        Some(pause)
+    }
 }
 
 /// Actions an invocation took.
@@ -701,14 +752,16 @@ impl Functions {
             .and_then(|c| next_occurrence(c, self.inner.clock.now_ms()));
         let (tx, rx) = flume::bounded::<Job>(spec.queue as usize);
         let stats = Arc::new(FunctionStats::default());
+        let breaker = Arc::new(Mutex::new(Breaker::new()));
         let mut threads = self.inner.threads.lock().expect("threads");
         threads.retain(|t| !t.is_finished());
         for i in 0..spec.concurrency {
-            let (rx, inner, compiled, stats) = (
+            let (rx, inner, compiled, stats, breaker) = (
                 rx.clone(),
                 self.inner.clone(),
                 compiled.clone(),
                 stats.clone(),
+                breaker.clone(),
             );
             let spec = spec.clone();
             let worker = std::thread::Builder::new()
@@ -720,7 +773,20 @@ impl Functions {
                         if inner.stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
+                        if job.reply.is_none() && breaker.lock().expect("breaker").paused(Instant::now()) {
+                            stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            m.paused_drops.increment(1);
+                            continue;
+                        }
+                        let outcome = inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
+                        if let Some(pause) = breaker.lock().expect("breaker").record(outcome, Instant::now()) {
+                            stats.pauses.fetch_add(1, Ordering::Relaxed);
+                            stats.paused_until_ms.store(
+                                chrono::Utc::now().timestamp_millis() + pause.as_millis() as i64,
+                                Ordering::Relaxed,
+                            );
+                            tracing::warn!(function = %spec.name, pause_s = pause.as_secs(), "function timed out {} times in a row: its triggers are dropped for a while", Breaker::TRIPS);
+                        }
                         m.queue_depth.set(rx.len() as f64);
                     }
                 })
@@ -919,6 +985,11 @@ impl Functions {
                     "invocations": s.invocations.load(Ordering::Relaxed),
                     "failures": s.failures.load(Ordering::Relaxed),
                     "dropped": s.dropped.load(Ordering::Relaxed),
+                    "pauses": s.pauses.load(Ordering::Relaxed),
+                    "paused_until_ms": match s.paused_until_ms.load(Ordering::Relaxed) {
+                        t if t > chrono::Utc::now().timestamp_millis() => Some(t),
+                        _ => None,
+                    },
                     "queued": d.queue.len(),
                 });
                 v["next_run_ms"] = serde_json::json!(*d.next_fire.lock().expect("fire lock"));
@@ -1091,7 +1162,7 @@ impl Inner {
         stats: &FunctionStats,
         m: &mut WorkerMetrics,
         job: Job,
-    ) {
+    ) -> Outcome {
         let queued = job.enqueued.elapsed();
         let started_ms = chrono::Utc::now().timestamp_millis();
         let kv = Arc::new(StoreKv {
@@ -1145,6 +1216,7 @@ impl Inner {
         if let Some(reply) = job.reply {
             let _ = reply.send(record);
         }
+        outcome
     }
 
     /// Applies a successful invocation's actions: state and alerts in one write, then points,
@@ -1225,6 +1297,7 @@ impl Inner {
 /// A worker's metric handles (looked up once, not per invocation).
 struct WorkerMetrics {
     duration: metrics::Histogram,
+    paused_drops: metrics::Counter,
     queue_depth: metrics::Gauge,
     invocations: HashMap<(TriggerKind, Outcome), metrics::Counter>,
 }
@@ -1233,6 +1306,7 @@ impl WorkerMetrics {
     fn new(function: &str) -> Self {
         Self {
             duration: metrics::histogram!("millrace_edge_function_duration_seconds", "function" => function.to_owned()),
+            paused_drops: metrics::counter!("millrace_edge_function_dropped_total", "function" => function.to_owned()),
             queue_depth: metrics::gauge!("millrace_edge_function_queue_depth", "function" => function.to_owned()),
             invocations: HashMap::new(),
         }
@@ -1330,5 +1404,43 @@ impl LogFilter {
             && self.function.as_deref().is_none_or(|f| f == p.function)
             && self.outcome.is_none_or(|o| o == p.outcome)
             && self.trigger.is_none_or(|t| t == p.trigger)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_function_timing_out_again_and_again_is_paused_with_backoff() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new();
+        assert_eq!(b.record(Outcome::Timeout, t0), None);
+        assert_eq!(b.record(Outcome::Timeout, t0), None);
+        assert_eq!(b.record(Outcome::Timeout, t0), Some(Duration::from_secs(1)));
+        assert!(b.paused(t0));
+        assert!(!b.paused(t0 + Duration::from_secs(1)));
+        // Three more in a row: a longer pause.
+        let t1 = t0 + Duration::from_secs(2);
+        for _ in 0..2 {
+            assert_eq!(b.record(Outcome::Timeout, t1), None);
+        }
+        assert_eq!(b.record(Outcome::Timeout, t1), Some(Duration::from_secs(2)));
+        // Any other outcome resets it; a trap is not a timeout.
+        assert_eq!(b.record(Outcome::Trap, t1), None);
+        assert!(!b.paused(t1));
+        for _ in 0..2 {
+            assert_eq!(b.record(Outcome::Timeout, t1), None);
+        }
+        assert_eq!(b.record(Outcome::Timeout, t1), Some(Duration::from_secs(1)));
+        // The pause never grows past five minutes.
+        let mut b = Breaker::new();
+        let mut longest = Duration::ZERO;
+        for _ in 0..60 {
+            if let Some(p) = b.record(Outcome::Timeout, t0) {
+                longest = p;
+            }
+        }
+        assert_eq!(longest, Breaker::LONGEST);
     }
 }

@@ -509,6 +509,8 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
     );
     assert!(s["dropped"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["failures"], s["invocations"], "{s}");
+    // At least three ran (one running, two queued) and timed out in a row: it was paused.
+    assert!(s["pauses"].as_u64().unwrap() >= 1, "{s}");
     // A manual invocation reports the failure in its record.
     let (status, rec) = invoke(&edge, "trap", None, b"{}").await;
     assert_eq!(status, 200);
