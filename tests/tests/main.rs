@@ -919,6 +919,8 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         .args(["fn", "--url", &edge.http, "deploy", "threshold-alert"])
         .arg(&wat)
         .args(["--topic", "factory/+/+/+/telemetry", "--queue", "1000000"])
+        // Far above what it needs: tests run in parallel on a loaded machine.
+        .args(["--timeout", "30s"])
         .output()
         .unwrap();
     assert!(

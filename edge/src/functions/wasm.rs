@@ -267,9 +267,21 @@ impl Compiled for WasmFunction {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
-        let ticks = timeout.as_micros().div_ceil(TICK.as_micros()) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // The limit is the invocation's CPU time, so that a function descheduled under load is
+        // not stopped for time it did not use; wall time is capped at twice the limit.
+        let ticks = |d: Duration| d.as_micros().div_ceil(TICK.as_micros()) as u64 + 1;
+        store.set_epoch_deadline(ticks(timeout));
+        // Thread CPU time as a plain duration (the callback runs on this thread).
+        let cpu = || cpu_time::ThreadTime::now().as_duration();
+        let (cpu0, wall0) = (cpu(), std::time::Instant::now());
+        store.epoch_deadline_callback(move |_| {
+            let used = cpu().saturating_sub(cpu0);
+            if used >= timeout || wall0.elapsed() >= 2 * timeout {
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            } else {
+                Ok(wasmtime::UpdateDeadline::Continue(ticks(timeout - used)))
+            }
+        });
         let result = (|| {
             let instance = self.pre.instantiate(&mut store)?;
             let handle = instance.get_typed_func::<(), i32>(&mut store, "handle")?;
@@ -291,7 +303,7 @@ impl Compiled for WasmFunction {
             ))),
             Err(e) => match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => Err(InvokeError::Timeout(format!(
-                    "stopped after its time limit of {} ms",
+                    "stopped at its time limit of {} ms (CPU time; wall time at most twice that)",
                     timeout.as_millis()
                 ))),
                 Some(t) => Err(InvokeError::Trap(format!("{t}"))),

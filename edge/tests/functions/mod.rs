@@ -13,6 +13,10 @@ use millrace_tests::{Recorder, wait_until};
 
 use super::*;
 
+/// The time limit of functions whose outcome a test checks: far above what they need, so that
+/// a loaded machine (tests run in parallel) cannot make them time out.
+const SLACK: u64 = 30_000;
+
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("functions")
@@ -112,7 +116,7 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
         let (status, spec) = deploy(
             &edge,
             name,
-            serde_json::json!({ "module_wat": wat(file), "topics": [topic] }),
+            serde_json::json!({ "module_wat": wat(file), "topics": [topic], "timeout_ms": SLACK }),
         )
         .await;
         assert_eq!(status, 201, "{spec}");
@@ -209,7 +213,7 @@ async fn manual_invocations_from_rest_and_the_cli() {
     let (status, _) = deploy(
         &edge,
         "hourly-summary",
-        serde_json::json!({ "module_wat": wat("hourly_summary.wat"), "topics": ["factory/+/+/+/part"], "schedule": "0 * * * *" }),
+        serde_json::json!({ "module_wat": wat("hourly_summary.wat"), "topics": ["factory/+/+/+/part"], "schedule": "0 * * * *", "timeout_ms": SLACK }),
     )
     .await;
     assert_eq!(status, 201);
@@ -310,6 +314,7 @@ fn schedules_fire_on_a_clock_the_test_controls() {
         DeployRequest {
             module_wat: Some(wat("hourly_summary.wat")),
             schedule: Some("0 * * * *".into()),
+            timeout_ms: Some(SLACK),
             ..Default::default()
         },
     )
@@ -437,9 +442,13 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
             LOOP,
             serde_json::json!({ "timeout_ms": 50, "queue": 2 }),
         ),
-        ("trap", TRAP, serde_json::json!({})),
-        ("hungry", HUNGRY, serde_json::json!({ "memory_mib": 2 })),
-        ("fails", FAILS, serde_json::json!({})),
+        ("trap", TRAP, serde_json::json!({ "timeout_ms": SLACK })),
+        (
+            "hungry",
+            HUNGRY,
+            serde_json::json!({ "memory_mib": 2, "timeout_ms": SLACK }),
+        ),
+        ("fails", FAILS, serde_json::json!({ "timeout_ms": SLACK })),
     ] {
         let mut body = serde_json::json!({ "module_wat": module, "topics": [tel] });
         body.as_object_mut()
@@ -452,7 +461,7 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
         deploy(
             &edge,
             "healthy",
-            serde_json::json!({ "module_wat": wat("unit_conversion.wat"), "topics": [tel] })
+            serde_json::json!({ "module_wat": wat("unit_conversion.wat"), "topics": [tel], "timeout_ms": SLACK })
         )
         .await
         .0,
@@ -662,6 +671,8 @@ async fn an_assemblyscript_function_builds_from_source_and_runs() {
             wasm.to_str().unwrap(),
             "--topic",
             "factory/+/+/+/telemetry",
+            "--timeout",
+            "30s",
         ])
         .output()
         .unwrap();
