@@ -268,18 +268,22 @@ impl Compiled for WasmFunction {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         // The limit is the invocation's CPU time, so that a function descheduled under load is
-        // not stopped for time it did not use; wall time is capped at twice the limit.
+        // not stopped for time it did not use; wall time is capped at 1.5 times the limit.
         let ticks = |d: Duration| d.as_micros().div_ceil(TICK.as_micros()) as u64 + 1;
         store.set_epoch_deadline(ticks(timeout));
         // Thread CPU time as a plain duration (the callback runs on this thread).
         let cpu = || cpu_time::ThreadTime::now().as_duration();
         let (cpu0, wall0) = (cpu(), std::time::Instant::now());
+        let wall_cap = timeout * 3 / 2;
         store.epoch_deadline_callback(move |_| {
-            let used = cpu().saturating_sub(cpu0);
-            if used >= timeout || wall0.elapsed() >= 2 * timeout {
+            let (used, wall) = (cpu().saturating_sub(cpu0), wall0.elapsed());
+            if used >= timeout || wall >= wall_cap {
                 Ok(wasmtime::UpdateDeadline::Interrupt)
             } else {
-                Ok(wasmtime::UpdateDeadline::Continue(ticks(timeout - used)))
+                // Check again when either limit can next be reached.
+                Ok(wasmtime::UpdateDeadline::Continue(ticks(
+                    (timeout - used).min(wall_cap - wall),
+                )))
             }
         });
         let result = (|| {
@@ -303,7 +307,7 @@ impl Compiled for WasmFunction {
             ))),
             Err(e) => match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => Err(InvokeError::Timeout(format!(
-                    "stopped at its time limit of {} ms (CPU time; wall time at most twice that)",
+                    "stopped at its time limit of {} ms (CPU time; wall time at most 1.5 times that)",
                     timeout.as_millis()
                 ))),
                 Some(t) => Err(InvokeError::Trap(format!("{t}"))),
