@@ -513,12 +513,7 @@ async fn fn_get(
     State(s): State<ApiState>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let f = functions(&s)?;
-    f.list()
-        .into_iter()
-        .find(|v| v["name"] == name.as_str())
-        .map(Json)
-        .ok_or_else(|| FunctionError::NotFound(name).into())
+    Ok(Json(functions(&s)?.info(&name)?))
 }
 
 async fn fn_deploy(
@@ -600,6 +595,26 @@ struct InvocationsQuery {
     limit: Option<String>,
 }
 
+/// The time range of a log query: everything when neither end is given.
+fn log_range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), ApiError> {
+    match (from, to) {
+        (None, None) => Ok((i64::MIN, i64::MAX)),
+        (f, t) => range(f, t),
+    }
+}
+
+/// A log query's `limit`, 100 by default.
+fn log_limit(limit: Option<&str>) -> Result<usize, ApiError> {
+    limit.map_or(Ok(100), |l| parse_limit(Some(l)))
+}
+
+/// Stored JSON records as values (a record that does not parse is skipped).
+fn json_rows(rows: &[Vec<u8>]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .filter_map(|r| serde_json::from_slice(r).ok())
+        .collect()
+}
+
 async fn invocations(
     State(s): State<ApiState>,
     q: Result<Query<InvocationsQuery>, axum::extract::rejection::QueryRejection>,
@@ -627,14 +642,8 @@ async fn invocations(
             )));
         }
     };
-    let (from, to) = match (q.from.as_deref(), q.to.as_deref()) {
-        (None, None) => (i64::MIN, i64::MAX),
-        (f, t) => range(f, t)?,
-    };
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        l => parse_limit(l)?,
-    };
+    let (from, to) = log_range(q.from.as_deref(), q.to.as_deref())?;
+    let limit = log_limit(q.limit.as_deref())?;
     let filter = LogFilter {
         from_ms: Some(from),
         to_ms: Some(to),
@@ -644,10 +653,7 @@ async fn invocations(
     };
     let store = s.store.clone();
     let rows = blocking(move || Ok(store.invocations(from, limit, |r| filter.keep(r))?)).await?;
-    let rows: Vec<serde_json::Value> = rows
-        .iter()
-        .filter_map(|r| serde_json::from_slice(r).ok())
-        .collect();
+    let rows = json_rows(&rows);
     Ok(Json(json!({ "invocations": rows })))
 }
 
@@ -664,19 +670,10 @@ async fn alerts(
     q: Result<Query<AlertsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let (from, to) = match (q.from.as_deref(), q.to.as_deref()) {
-        (None, None) => (i64::MIN, i64::MAX),
-        (f, t) => range(f, t)?,
-    };
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        l => parse_limit(l)?,
-    };
+    let (from, to) = log_range(q.from.as_deref(), q.to.as_deref())?;
+    let limit = log_limit(q.limit.as_deref())?;
     let store = s.store.clone();
     let rows = blocking(move || Ok(store.alerts(from, to, limit)?)).await?;
-    let rows: Vec<serde_json::Value> = rows
-        .iter()
-        .filter_map(|r| serde_json::from_slice(r).ok())
-        .collect();
+    let rows = json_rows(&rows);
     Ok(Json(json!({ "alerts": rows })))
 }

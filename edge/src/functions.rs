@@ -975,29 +975,33 @@ impl Functions {
     /// Every deployed function with its counters and queue depth, by name.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let reg = self.inner.registry.read().expect("registry");
-        let mut out: Vec<(String, serde_json::Value)> = reg
-            .iter()
-            .map(|(name, d)| {
-                let s = &d.stats;
-                let mut v = serde_json::to_value(&*d.spec.lock().expect("spec lock"))
-                    .expect("specs serialize");
-                v["stats"] = serde_json::json!({
-                    "invocations": s.invocations.load(Ordering::Relaxed),
-                    "failures": s.failures.load(Ordering::Relaxed),
-                    "dropped": s.dropped.load(Ordering::Relaxed),
-                    "pauses": s.pauses.load(Ordering::Relaxed),
-                    "paused_until_ms": match s.paused_until_ms.load(Ordering::Relaxed) {
-                        t if t > chrono::Utc::now().timestamp_millis() => Some(t),
-                        _ => None,
-                    },
-                    "queued": d.queue.len(),
-                });
-                v["next_run_ms"] = serde_json::json!(*d.next_fire.lock().expect("fire lock"));
-                (name.clone(), v)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.into_iter().map(|(_, v)| v).collect()
+        let mut names: Vec<&String> = reg.keys().collect();
+        names.sort();
+        names.into_iter().map(|n| Self::describe(&reg[n])).collect()
+    }
+
+    /// One deployed function with its counters and queue depth.
+    pub fn info(&self, name: &str) -> Result<serde_json::Value, FunctionError> {
+        self.deployed(name).map(|d| Self::describe(&d))
+    }
+
+    fn describe(d: &Deployed) -> serde_json::Value {
+        let s = &d.stats;
+        let mut v =
+            serde_json::to_value(&*d.spec.lock().expect("spec lock")).expect("specs serialize");
+        v["stats"] = serde_json::json!({
+            "invocations": s.invocations.load(Ordering::Relaxed),
+            "failures": s.failures.load(Ordering::Relaxed),
+            "dropped": s.dropped.load(Ordering::Relaxed),
+            "pauses": s.pauses.load(Ordering::Relaxed),
+            "paused_until_ms": match s.paused_until_ms.load(Ordering::Relaxed) {
+                t if t > chrono::Utc::now().timestamp_millis() => Some(t),
+                _ => None,
+            },
+            "queued": d.queue.len(),
+        });
+        v["next_run_ms"] = serde_json::json!(*d.next_fire.lock().expect("fire lock"));
+        v
     }
 
     fn drop_one(d: &Deployed) {

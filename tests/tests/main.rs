@@ -928,20 +928,7 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = sim_run(&edge)
-        .args(sim_args)
-        .args(["--speed", "0", "--quiet"])
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(wait_until(Duration::from_secs(300), || outbox_drained(
-        &edge
-    )));
+    publish_and_sync(&edge, &sim_args);
     let (from, to) = (
         truth["start_ms"].as_i64().unwrap(),
         truth["end_ms"].as_i64().unwrap(),

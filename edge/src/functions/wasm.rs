@@ -363,6 +363,24 @@ impl HostState {
         self.payload.clone().expect("set above")
     }
 
+    /// Records why an action was refused (the call returns -1 to the function).
+    fn refuse(&mut self, message: String) -> i32 {
+        self.effects.logs.push(LogLine {
+            level: "error",
+            message,
+        });
+        -1
+    }
+
+    /// Sets (`Some`) or deletes (`None`) a key for this invocation.
+    fn kv_write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> wasmtime::Result<i32> {
+        if !self.kv_overlay.contains_key(&key) {
+            self.action()?;
+        }
+        self.kv_overlay.insert(key, value);
+        Ok(0)
+    }
+
     fn action(&mut self) -> wasmtime::Result<()> {
         let e = &self.effects;
         if e.publishes.len() + e.points.len() + e.alerts.len() + self.kv_overlay.len()
@@ -549,11 +567,9 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             let (mem, st) = memory(&mut c)?;
             let topic = text(mem, tp, tl, "the topic")?;
             if topic.is_empty() || topic.contains(['+', '#']) || topic.starts_with('$') {
-                st.effects.logs.push(LogLine {
-                    level: "error",
-                    message: format!("publish refused: `{topic}` is not a topic to publish to"),
-                });
-                return Ok(-1);
+                return Ok(st.refuse(format!(
+                    "publish refused: `{topic}` is not a topic to publish to"
+                )));
             }
             let payload = mem[range(mem, pp, pl)?].to_vec();
             st.action()?;
@@ -573,13 +589,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
                     st.effects.points.push(p);
                     Ok(0)
                 }
-                Err(e) => {
-                    st.effects.logs.push(LogLine {
-                        level: "error",
-                        message: format!("write_point refused: {e}"),
-                    });
-                    Ok(-1)
-                }
+                Err(e) => Ok(st.refuse(format!("write_point refused: {e}"))),
             }
         },
     )?;
@@ -632,11 +642,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             }
             let key = mem[range(mem, kp, kl)?].to_vec();
             let value = mem[range(mem, vp, vl)?].to_vec();
-            if !st.kv_overlay.contains_key(&key) {
-                st.action()?;
-            }
-            st.kv_overlay.insert(key, Some(value));
-            Ok(0)
+            st.kv_write(key, Some(value))
         },
     )?;
     l.func_wrap(
@@ -645,11 +651,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         |mut c: Cx<'_>, kp: i32, kl: i32| {
             let (mem, st) = memory(&mut c)?;
             let key = mem[range(mem, kp, kl)?].to_vec();
-            if !st.kv_overlay.contains_key(&key) {
-                st.action()?;
-            }
-            st.kv_overlay.insert(key, None);
-            Ok(0)
+            st.kv_write(key, None)
         },
     )?;
     l.func_wrap(
