@@ -565,6 +565,26 @@ mod tests {
     }
 
     #[test]
+    fn function_settings_are_checked() {
+        let err = |f: &dyn Fn(&mut FunctionsConfig)| {
+            let mut c = EdgeConfig::default();
+            f(&mut c.functions);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(err(&|f| f.default_timeout = Duration::ZERO).contains("functions.default_timeout"));
+        assert!(
+            err(&|f| f.default_timeout = Duration::from_secs(61))
+                .contains("functions.default_timeout")
+        );
+        assert!(err(&|f| f.max_memory_mib = 0).contains("functions.max_memory_mib"));
+        assert!(err(&|f| f.default_memory_mib = 512).contains("functions.default_memory_mib"));
+        assert!(err(&|f| f.default_concurrency = 0).contains("functions.default_concurrency"));
+        assert!(err(&|f| f.default_queue = 0).contains("functions.default_queue"));
+        assert!(err(&|f| f.nice = 20).contains("functions.nice"));
+        assert!(err(&|f| f.keep_versions = 0).contains("functions.keep_versions"));
+    }
+
+    #[test]
     fn file_then_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("edge.toml", "edge_id = \"hall-3\"\n[mqtt]\nallow_anonymous = true\n[store.retention]\ntelemetry = \"2days\"\n")?;

@@ -76,6 +76,17 @@ async fn wait_invocations(edge: &Edge, query: &str, n: usize) -> Vec<Value> {
     );
 }
 
+/// The points of the test machine's series `metric` over the test's ten seconds.
+async fn derived_points(edge: &Edge, metric: &str) -> Value {
+    get(&format!(
+        "{}/api/v1/points?series=plant-1/line-1/press-01/{metric}&from={T0}&to={}",
+        http(edge),
+        T0 + 10_000
+    ))
+    .await
+    .1
+}
+
 fn part(seq: u64, outcome: PartOutcome) -> Event {
     Event {
         machine: machine(),
@@ -149,12 +160,7 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
 
     // Derived points are queryable like device points.
     wait_invocations(&edge, "function=unit-conversion", 2).await;
-    let url = format!(
-        "{}/api/v1/points?series=plant-1/line-1/press-01/temperature_f&from={T0}&to={}",
-        http(&edge),
-        T0 + 10_000
-    );
-    let pts = get(&url).await.1;
+    let pts = derived_points(&edge, "temperature_f").await;
     assert_eq!(
         pts["points"],
         serde_json::json!([[T0 + 1000, 176.0], [T0 + 2000, 140.0]]),
@@ -162,12 +168,7 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
     );
     // The scrap rate after a good part and a scrapped one, from state in the key-value store.
     wait_invocations(&edge, "function=scrap-rate", 2).await;
-    let url = format!(
-        "{}/api/v1/points?series=plant-1/line-1/press-01/scrap_rate&from={T0}&to={}",
-        http(&edge),
-        T0 + 10_000
-    );
-    let pts = get(&url).await.1;
+    let pts = derived_points(&edge, "scrap_rate").await;
     assert_eq!(
         pts["points"],
         serde_json::json!([[T0 + 3000, 0.0], [T0 + 4000, 0.5]]),
@@ -625,8 +626,26 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
     // Nothing was deployed by any of these.
     let list = get(&format!("{}/api/v1/functions", http(&edge))).await.1;
     assert_eq!(list["functions"], serde_json::json!([]));
-    let (status, _) = get(&format!("{}/api/v1/invocations?outcome=maybe", http(&edge))).await;
-    assert_eq!(status, 400);
+    for (query, needle) in [
+        ("invocations?outcome=maybe", "`outcome` = `maybe`"),
+        ("invocations?trigger=mqtt", "`trigger` = `mqtt`"),
+        ("invocations?limit=0", "`limit` = `0`"),
+        ("alerts?from=yesterday", "`from` = `yesterday`"),
+        (
+            "invocations?function=x&colour=red",
+            "unknown field `colour`",
+        ),
+    ] {
+        let (status, err) = get(&format!("{}/api/v1/{query}", http(&edge))).await;
+        assert_eq!(status, 400, "{query}: {err}");
+        assert!(
+            err["error"].as_str().unwrap().contains(needle),
+            "{query}: {err}"
+        );
+    }
+    // Invoking a function that does not exist.
+    let (status, err) = invoke(&edge, "nope", None, b"{}").await;
+    assert_eq!(status, 404, "{err}");
     edge.shutdown().await;
 }
 
