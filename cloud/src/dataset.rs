@@ -5,7 +5,14 @@
 //!   manifest.log                                   what the dataset holds (append-only)
 //!   telemetry/date=2026-11-23/site=plant-1/000000000042-edge-1.parquet
 //!   events/date=2026-11-23/site=plant-1/000000000042-edge-1.parquet
+//!   part_counts/date=2026-11-23/site=plant-1/000000000042-edge-1.parquet
 //! ```
+//!
+//! `part_counts` is a rollup kept with the data: good, scrap and rework parts per machine and
+//! minute, written in the same commit as the part events it counts (so it is exactly as durable
+//! and as idempotent), summed again by compaction. Production and OEE reports read it instead of
+//! one row per part; the raw events stay for everything else and for the partial minutes at the
+//! edges of a range.
 //!
 //! The layout is Hive-style so that any Parquet engine (DuckDB, Spark, Trino, Polars) reads it,
 //! and the same keys work on S3-compatible object storage.
@@ -24,7 +31,9 @@
 //! doubles a row.
 //!
 //! **Compaction** rewrites the small files of a partition into one and records the swap as one
-//! manifest line, then deletes the old files.
+//! manifest line, then deletes the old files. Compacted event files are sorted by kind, then
+//! time, in row groups of [`EVENTS_ROW_GROUP`] rows, so that a scan for state changes skips the
+//! row groups of parts by their statistics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -32,8 +41,8 @@ use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use millrace_shared::EventBody;
 use millrace_shared::sync::{RangeSet, SeqRange, SyncAck, SyncItem};
+use millrace_shared::{EventBody, PartOutcome};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -83,17 +92,20 @@ pub enum Table {
     Telemetry,
     /// One row per state, part or operator event.
     Events,
+    /// Good, scrap and rework parts per machine and minute (a rollup of the part events).
+    PartCounts,
 }
 
 impl Table {
     /// Both tables.
-    pub const ALL: [Table; 2] = [Table::Telemetry, Table::Events];
+    pub const ALL: [Table; 3] = [Table::Telemetry, Table::Events, Table::PartCounts];
 
     /// Directory name.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Telemetry => "telemetry",
             Self::Events => "events",
+            Self::PartCounts => "part_counts",
         }
     }
 }
@@ -129,13 +141,25 @@ enum Record {
         #[serde(default)]
         machines: Vec<String>,
     },
-    /// Small files replaced by one.
+    /// Small files replaced by one (or, with nothing removed, files derived from others).
     Compact {
         id: u64,
         add: Vec<DataFile>,
         remove: Vec<String>,
     },
+    /// The dataset's layout version from here on ([`FORMAT`]).
+    Format { version: u32 },
 }
+
+/// Layout version: 2 added `part_counts`. A dataset of version 1 gets its rollup built from the
+/// event files when it is opened.
+pub const FORMAT: u32 = 2;
+
+/// Rows per row group of compacted event files.
+pub const EVENTS_ROW_GROUP: usize = 65_536;
+
+const MINUTE_MS: i64 = 60_000;
+const DAY_MS: i64 = 86_400_000;
 
 /// What the cloud holds of one edge.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -190,6 +214,7 @@ impl EdgeLedger {
 
 #[derive(Debug, Default)]
 struct State {
+    format: u32,
     next_id: u64,
     files: BTreeMap<String, DataFile>,
     edges: BTreeMap<String, EdgeLedger>,
@@ -279,6 +304,7 @@ impl<'a> Rows<'a> {
                 Column::new("unit".into(), self.unit),
                 Column::new("value".into(), self.value),
             ]),
+            Table::PartCounts => unreachable!("part counts are not built from rows"),
             Table::Events => cols.extend([
                 Column::new("kind".into(), self.kind),
                 Column::new("state".into(), self.state),
@@ -355,7 +381,82 @@ impl Dataset {
             retired: Mutex::new(vec![]),
         };
         ds.remove_orphans()?;
+        ds.upgrade()?;
         Ok(ds)
+    }
+
+    /// Brings a dataset of an older layout to [`FORMAT`]: builds the part counts of every
+    /// partition from its event files (once; progress is logged per partition).
+    fn upgrade(&self) -> Result<(), DatasetError> {
+        let (format, partitions) = {
+            let s = self.state.lock().expect("state lock");
+            let mut g: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
+            for f in s.files.values().filter(|f| f.table == Table::Events) {
+                g.entry((f.date.clone(), f.site.clone()))
+                    .or_default()
+                    .push(self.dir.join(&f.path));
+            }
+            (s.format, g)
+        };
+        if format >= FORMAT {
+            return Ok(());
+        }
+        let mut manifest = self.manifest.lock().expect("manifest lock");
+        if !partitions.is_empty() {
+            tracing::info!(
+                partitions = partitions.len(),
+                "dataset of layout {format}: building the part counts from the event files"
+            );
+        }
+        let n = partitions.len();
+        for (i, ((date, site), paths)) in partitions.into_iter().enumerate() {
+            let mut df = scan_files(&paths)?
+                .filter(col("kind").eq(lit("part")))
+                .with_column(
+                    ((col("ts").cast(DataType::Int64) / lit(MINUTE_MS)) * lit(MINUTE_MS))
+                        .alias("minute"),
+                )
+                .group_by([col("site"), col("line"), col("machine"), col("minute")])
+                .agg([
+                    outcome_count("good"),
+                    outcome_count("scrap"),
+                    outcome_count("rework"),
+                ])
+                .collect()?;
+            let df = part_counts_schema(&mut df)?;
+            let id = self.next_id();
+            let rel = format!(
+                "{}/date={date}/site={site}/{id:012}-upgrade.parquet",
+                Table::PartCounts.as_str()
+            );
+            let rows = df.height() as u64;
+            self.write_file(&rel, df)?;
+            let record = Record::Compact {
+                id,
+                add: vec![DataFile {
+                    path: rel,
+                    table: Table::PartCounts,
+                    date,
+                    site,
+                    rows,
+                }],
+                remove: vec![],
+            };
+            self.append(&mut manifest, &record)?;
+            Self::apply(&mut self.state.lock().expect("state lock"), record);
+            tracing::info!(partition = i + 1, of = n, "part counts built");
+        }
+        let record = Record::Format { version: FORMAT };
+        self.append(&mut manifest, &record)?;
+        Self::apply(&mut self.state.lock().expect("state lock"), record);
+        Ok(())
+    }
+
+    fn next_id(&self) -> u64 {
+        let mut s = self.state.lock().expect("state lock");
+        let id = s.next_id;
+        s.next_id += 1;
+        id
     }
 
     fn apply(state: &mut State, r: Record) {
@@ -393,6 +494,7 @@ impl Dataset {
                     state.files.insert(f.path.clone(), f);
                 }
             }
+            Record::Format { version } => state.format = version,
         }
     }
 
@@ -505,6 +607,9 @@ impl Dataset {
             (state.next_id, fresh, dup)
         };
         let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
+        type CountKey<'b> = (&'b str, &'b str, &'b str, i64);
+        // By day (days since 1970), then machine and minute.
+        let mut counts: BTreeMap<i64, BTreeMap<CountKey<'_>, [u64; 3]>> = BTreeMap::new();
         let mut points = 0u64;
         for it in &fresh {
             let e = &it.event;
@@ -536,6 +641,22 @@ impl Dataset {
                             rs = s.reason.as_ref().map(enum_name);
                         }
                         EventBody::Part(p) => {
+                            let minute = e.ts_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+                            let c = counts
+                                .entry(minute.div_euclid(DAY_MS))
+                                .or_default()
+                                .entry((
+                                    &e.machine.site,
+                                    &e.machine.line,
+                                    &e.machine.machine,
+                                    minute,
+                                ))
+                                .or_default();
+                            c[match p.outcome {
+                                PartOutcome::Good => 0,
+                                PartOutcome::Scrap => 1,
+                                PartOutcome::Rework => 2,
+                            }] += 1;
                             oc = Some(enum_name(&p.outcome));
                             ct = Some(p.cycle_time_ms);
                             pi = p.part_id.as_deref();
@@ -572,6 +693,55 @@ impl Dataset {
                 site: site.to_owned(),
                 rows: n,
             });
+        }
+        for (day, by_key) in counts {
+            let date = date_of(day * DAY_MS);
+            let mut by_site: BTreeMap<&str, Vec<(&CountKey<'_>, &[u64; 3])>> = BTreeMap::new();
+            for (k, c) in &by_key {
+                by_site.entry(k.0).or_default().push((k, c));
+            }
+            for (site, rows) in by_site {
+                let rel = format!(
+                    "{}/date={date}/site={site}/{id:012}-{edge}.parquet",
+                    Table::PartCounts.as_str()
+                );
+                let col_u = |name: &str, i: usize| {
+                    Column::new(
+                        name.into(),
+                        rows.iter().map(|r| r.1[i]).collect::<Vec<u64>>(),
+                    )
+                };
+                let mut df = DataFrame::new(
+                    rows.len(),
+                    vec![
+                        Column::new("site".into(), vec![site; rows.len()]),
+                        Column::new(
+                            "line".into(),
+                            rows.iter().map(|r| r.0.1).collect::<Vec<_>>(),
+                        ),
+                        Column::new(
+                            "machine".into(),
+                            rows.iter().map(|r| r.0.2).collect::<Vec<_>>(),
+                        ),
+                        Column::new(
+                            "minute".into(),
+                            rows.iter().map(|r| r.0.3).collect::<Vec<_>>(),
+                        ),
+                        col_u("good", 0),
+                        col_u("scrap", 1),
+                        col_u("rework", 2),
+                    ],
+                )?;
+                let df = part_counts_schema(&mut df)?;
+                self.write_file(&rel, df)?;
+                files.push(DataFile {
+                    path: rel,
+                    table: Table::PartCounts,
+                    date: date.clone(),
+                    site: site.to_owned(),
+                    rows: rows.len() as u64,
+                });
+            }
         }
         let mut seqs = RangeSet::default();
         seqs.extend(fresh.iter().map(|it| it.seq));
@@ -619,6 +789,7 @@ impl Dataset {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         ParquetWriter::new(&mut w)
             .with_compression(ParquetCompression::Zstd(None))
+            .with_row_group_size(rel.starts_with("events/").then_some(EVENTS_ROW_GROUP))
             .finish(df)?;
         let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         if self.fsync {
@@ -661,14 +832,29 @@ impl Dataset {
         let mut removed = 0;
         for ((table, date, site), old) in groups {
             let paths: Vec<PathBuf> = old.iter().map(|f| self.dir.join(&f.path)).collect();
-            let mut df = read_files(&paths)?.sort(["ts"], SortMultipleOptions::default())?;
-            let mut manifest = self.manifest.lock().expect("manifest lock");
-            let id = {
-                let mut s = self.state.lock().expect("state lock");
-                let id = s.next_id;
-                s.next_id += 1;
-                id
+            let mut df = match table {
+                Table::Telemetry => {
+                    read_files(&paths)?.sort(["ts"], SortMultipleOptions::default())?
+                }
+                Table::Events => read_files(&paths)?.sort(
+                    ["kind", "ts"],
+                    SortMultipleOptions::default().with_maintain_order(true),
+                )?,
+                // Commits may count the same minute (a batch ends mid-minute): sum them.
+                Table::PartCounts => scan_files(&paths)?
+                    .group_by([col("site"), col("line"), col("machine"), col("minute")])
+                    .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
+                    .sort(
+                        ["minute", "site", "line", "machine"],
+                        SortMultipleOptions::default(),
+                    )
+                    .collect()?,
             };
+            if table == Table::PartCounts {
+                part_counts_schema(&mut df)?;
+            }
+            let mut manifest = self.manifest.lock().expect("manifest lock");
+            let id = self.next_id();
             let rel = format!(
                 "{}/date={date}/site={site}/{id:012}-compacted.parquet",
                 table.as_str()
@@ -714,6 +900,24 @@ impl Dataset {
         }
         due.len()
     }
+}
+
+fn outcome_count(outcome: &str) -> Expr {
+    col("outcome").eq(lit(outcome)).sum().alias(outcome)
+}
+
+/// The column types of a part-counts file: `minute` a timestamp, counts `u32`.
+fn part_counts_schema(df: &mut DataFrame) -> PolarsResult<&mut DataFrame> {
+    let minute = df
+        .column("minute")?
+        .cast(&DataType::Int64)?
+        .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
+    df.with_column(minute)?;
+    for c in ["good", "scrap", "rework"] {
+        let v = df.column(c)?.cast(&DataType::UInt32)?;
+        df.with_column(v)?;
+    }
+    Ok(df)
 }
 
 /// Reads files into one frame (eagerly).

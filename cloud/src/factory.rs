@@ -120,8 +120,8 @@ fn shift_bounds(cal: &ShiftCalendar) -> Vec<(String, i64, i64)> {
 
 /// A Polars expression giving the index of the shift definition `ts` falls in (null outside
 /// shifts), and one giving the day number (days since 1970) that shift started on.
-fn shift_exprs(cal: &ShiftCalendar) -> (Expr, Expr) {
-    let ts = col("ts").cast(DataType::Int64);
+fn shift_exprs(cal: &ShiftCalendar, time: &str) -> (Expr, Expr) {
+    let ts = col(time).cast(DataType::Int64);
     let tod = ts.clone() - (ts.clone() / lit(DAY_MS)) * lit(DAY_MS);
     let day = ts / lit(DAY_MS);
     let bounds = shift_bounds(cal);
@@ -165,6 +165,92 @@ fn shift_exprs(cal: &ShiftCalendar) -> (Expr, Expr) {
 
 type Key = (String, String, String, i64);
 
+const MINUTE_MS: i64 = 60_000;
+
+/// Whether every shift starts and ends on a whole minute (then parts per minute can be assigned
+/// to shifts exactly).
+fn minute_aligned(cal: &ShiftCalendar) -> bool {
+    cal.shifts.iter().all(|s| {
+        s.start.second() == 0
+            && s.end.second() == 0
+            && s.start.nanosecond() == 0
+            && s.end.nanosecond() == 0
+    })
+}
+
+fn count(outcome: &str) -> Expr {
+    col("outcome")
+        .eq(lit(outcome))
+        .sum()
+        .cast(DataType::Int64)
+        .alias(outcome)
+}
+
+/// Good, scrap and rework parts per machine and minute (`minute`: Unix ms) over `sel`. With
+/// `rollup`, the whole minutes of the range come from the part-counts rollup and only the partial
+/// minutes at its ends from the raw part events; without, everything from the raw events.
+pub fn part_minutes(
+    ds: &Dataset,
+    sel: &Selection,
+    rollup: bool,
+) -> PolarsResult<Option<LazyFrame>> {
+    let keys = || [col("site"), col("line"), col("machine"), col("minute")];
+    let raw = |from_ms: i64, to_ms: i64| -> PolarsResult<Option<LazyFrame>> {
+        let s = Selection {
+            from_ms,
+            to_ms,
+            ..sel.clone()
+        };
+        Ok(scan(ds, Table::Events, &s)?.map(|lf| {
+            lf.filter(col("kind").eq(lit("part")))
+                .with_column(
+                    ((col("ts").cast(DataType::Int64) / lit(MINUTE_MS)) * lit(MINUTE_MS))
+                        .alias("minute"),
+                )
+                .group_by(keys())
+                .agg([count("good"), count("scrap"), count("rework")])
+        }))
+    };
+    let first = sel.from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+        + if sel.from_ms.rem_euclid(MINUTE_MS) == 0 {
+            0
+        } else {
+            MINUTE_MS
+        };
+    let last = sel.to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+    let mut frames = vec![];
+    if rollup && first < last {
+        if sel.from_ms < first {
+            frames.extend(raw(sel.from_ms, first)?);
+        }
+        let whole = Selection {
+            from_ms: first,
+            to_ms: last,
+            ..sel.clone()
+        };
+        if let Some(lf) = scan(ds, Table::PartCounts, &whole)? {
+            frames.push(lf.select([
+                col("site"),
+                col("line"),
+                col("machine"),
+                col("minute").cast(DataType::Int64),
+                col("good").cast(DataType::Int64),
+                col("scrap").cast(DataType::Int64),
+                col("rework").cast(DataType::Int64),
+            ]));
+        }
+        if last < sel.to_ms {
+            frames.extend(raw(last, sel.to_ms)?);
+        }
+    } else {
+        frames.extend(raw(sel.from_ms, sel.to_ms)?);
+    }
+    if frames.is_empty() {
+        return Ok(None);
+    }
+    concat(frames, UnionArgs::default()).map(Some)
+}
+
 /// Per machine and shift instance (start ms): tallies over `sel`.
 fn machine_shift_tallies(
     ds: &Dataset,
@@ -185,11 +271,10 @@ fn machine_shift_tallies(
         .collect();
     let mut out: BTreeMap<Key, Tally> = BTreeMap::new();
 
-    // Parts: a lazy group-by per machine, shift and day.
-    if let Some(lf) = scan(ds, Table::Events, sel)? {
-        let (idx, day) = shift_exprs(&master.calendar);
+    // Parts: a lazy group-by per machine, shift and day over the parts per minute.
+    if let Some(lf) = part_minutes(ds, sel, minute_aligned(&master.calendar))? {
+        let (idx, day) = shift_exprs(&master.calendar, "minute");
         let df = lf
-            .filter(col("kind").eq(lit("part")))
             .with_columns([idx, day])
             .filter(col("shift_idx").is_not_null())
             .group_by([
@@ -199,11 +284,7 @@ fn machine_shift_tallies(
                 col("shift_idx"),
                 col("shift_day"),
             ])
-            .agg([
-                col("outcome").eq(lit("good")).sum().alias("good"),
-                col("outcome").eq(lit("scrap")).sum().alias("scrap"),
-                col("outcome").eq(lit("rework")).sum().alias("rework"),
-            ])
+            .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
             .collect()?;
         let (site, line, machine) = (
             strs(&df, "site")?,
@@ -413,7 +494,12 @@ pub fn production(
     level: Level,
     every: &str,
 ) -> PolarsResult<DataFrame> {
-    let Some(lf) = scan(ds, Table::Events, sel)? else {
+    let every_ms = humantime::parse_duration(every)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(3_600_000)
+        .max(1);
+    // Windows of whole minutes come from the parts per minute.
+    let Some(lf) = part_minutes(ds, sel, every_ms % MINUTE_MS == 0)? else {
         return Ok(DataFrame::empty());
     };
     let mut keys = vec![col("site")];
@@ -423,12 +509,7 @@ pub fn production(
     if level == Level::Machine {
         keys.push(col("machine"));
     }
-    let every_ms = humantime::parse_duration(every)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(3_600_000)
-        .max(1);
-    let window =
-        ((col("ts").cast(DataType::Int64) / lit(every_ms)) * lit(every_ms)).alias("window_start");
+    let window = ((col("minute") / lit(every_ms)) * lit(every_ms)).alias("window_start");
     let mut by = keys.clone();
     by.push(col("window_start"));
     let mut sort_by: Vec<String> = keys
@@ -439,15 +520,10 @@ pub fn production(
         })
         .collect();
     sort_by.push("window_start".into());
-    lf.filter(col("kind").eq(lit("part")))
-        .with_column(window)
+    lf.with_column(window)
         .group_by(by)
-        .agg([
-            col("outcome").eq(lit("good")).sum().alias("good"),
-            col("outcome").eq(lit("scrap")).sum().alias("scrap"),
-            col("outcome").eq(lit("rework")).sum().alias("rework"),
-            len().alias("total"),
-        ])
+        .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
+        .with_column((col("good") + col("scrap") + col("rework")).alias("total"))
         .with_column(
             (col("total").cast(DataType::Float64) / lit(every_ms as f64 / 3_600_000.0))
                 .alias("throughput_per_hour"),

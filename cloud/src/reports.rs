@@ -207,7 +207,12 @@ pub fn scan(
     if files.is_empty() {
         return Ok(None);
     }
-    let ts = || col("ts").cast(DataType::Int64);
+    let time = if table == Table::PartCounts {
+        "minute"
+    } else {
+        "ts"
+    };
+    let ts = || col(time).cast(DataType::Int64);
     let mut lf =
         scan_files(&files)?.filter(ts().gt_eq(lit(sel.from_ms)).and(ts().lt(lit(sel.to_ms))));
     if let Some(p) = sel.entity.clone() {
@@ -397,8 +402,19 @@ fn known_machine(s: &ApiState, f: &Filters) -> Result<(), ApiError> {
 }
 
 /// A report's selection: a known machine (404 otherwise) and a checked range.
-fn report_selection(s: &ApiState, f: &Filters) -> Result<Selection, ApiError> {
+fn report_selection(s: &ApiState, f: &Filters, metric: bool) -> Result<Selection, ApiError> {
     known_machine(s, f)?;
+    let refuse = |name: &str| {
+        Err(ApiError::BadRequest(format!(
+            "`{name}` does not apply to this report"
+        )))
+    };
+    if f.kind.is_some() {
+        return refuse("kind");
+    }
+    if !metric && f.metric.is_some() {
+        return refuse("metric");
+    }
     f.select(max_range(s))
 }
 
@@ -411,7 +427,7 @@ pub(crate) async fn oee_report(
     let f = query(q)?;
     let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
     let period: crate::factory::Period = choice("period", &f.period, "shift, day, total")?;
-    let sel = report_selection(&s, &f)?;
+    let sel = report_selection(&s, &f, false)?;
     let (ds, master) = (
         s.dataset.clone(),
         s.master.read().expect("master lock").clone(),
@@ -459,7 +475,7 @@ pub(crate) async fn downtime_report(
 ) -> Result<Response, ApiError> {
     let f = query(q)?;
     let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
-    let sel = report_selection(&s, &f)?;
+    let sel = report_selection(&s, &f, false)?;
     let (ds, master) = (
         s.dataset.clone(),
         s.master.read().expect("master lock").clone(),
@@ -477,7 +493,7 @@ pub(crate) async fn production_report(
     let f = query(q)?;
     let level: crate::factory::Level = choice("level", &f.level, "machine, line, site")?;
     let (w, _) = window_ms(&f.window, "1h")?;
-    let sel = report_selection(&s, &f)?;
+    let sel = report_selection(&s, &f, false)?;
     let ds = s.dataset.clone();
     let format = f.format;
     let df = blocking(move || Ok(crate::factory::production(&ds, &sel, level, &w)?)).await?;
@@ -492,7 +508,7 @@ pub(crate) async fn telemetry_report(
 ) -> Result<Response, ApiError> {
     let f = query(q)?;
     let (_, every) = window_ms(&f.window, "1h")?;
-    let sel = report_selection(&s, &f)?;
+    let sel = report_selection(&s, &f, true)?;
     let ds = s.dataset.clone();
     let format = f.format;
     let df = blocking(move || Ok(crate::factory::telemetry(&ds, &sel, every)?)).await?;

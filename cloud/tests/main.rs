@@ -148,7 +148,8 @@ fn a_damaged_manifest_line_in_the_middle_is_an_error_not_a_silent_loss() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, text.replacen("commit", "c0mmit", 1)).unwrap();
     let err = Dataset::open(dir.path(), true).unwrap_err().to_string();
-    assert!(err.contains("manifest line 1"), "{err}");
+    // Line 1 is the layout version a new dataset starts with; line 2 the first commit.
+    assert!(err.contains("manifest line 2"), "{err}");
 }
 
 #[test]
@@ -179,6 +180,161 @@ fn compaction_keeps_every_row_and_the_ledger() {
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(rows(&ds, Table::Telemetry), before_t);
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 600)]);
+}
+
+/// Parts of 3 machines every 7 s with all three outcomes (30,000 parts: 2.4 days).
+fn part_items(first: u64, n: u64) -> Vec<SyncItem> {
+    (first..first + n)
+        .map(|seq| SyncItem {
+            seq,
+            stored_ms: 0,
+            backfill: false,
+            event: Event {
+                machine: machine((seq % 3) as u32),
+                ts_ms: 1_767_657_000_000 + seq as i64 * 7_000,
+                seq,
+                body: EventBody::Part(PartProduced {
+                    outcome: match seq % 11 {
+                        0 => PartOutcome::Scrap,
+                        5 => PartOutcome::Rework,
+                        _ => PartOutcome::Good,
+                    },
+                    cycle_time_ms: 7_000,
+                    part_id: None,
+                }),
+            },
+        })
+        .collect()
+}
+
+/// Parts per machine and minute, sorted, as (machine, minute, good, scrap, rework) rows.
+fn minutes(ds: &Dataset, from_ms: i64, to_ms: i64, rollup: bool) -> Vec<(String, i64, [i64; 3])> {
+    let sel = millrace_cloud::reports::Selection {
+        from_ms,
+        to_ms,
+        entity: None,
+        sites: None,
+    };
+    let Some(lf) = millrace_cloud::factory::part_minutes(ds, &sel, rollup).unwrap() else {
+        return vec![];
+    };
+    use polars::prelude::*;
+    let df = lf
+        .group_by([col("site"), col("line"), col("machine"), col("minute")])
+        .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
+        .sort(["machine", "minute"], SortMultipleOptions::default())
+        .collect()
+        .unwrap();
+    let s = |c: &str| df.column(c).unwrap().as_materialized_series().clone();
+    let (m, t, g, sc, r) = (
+        s("machine"),
+        s("minute"),
+        s("good"),
+        s("scrap"),
+        s("rework"),
+    );
+    (0..df.height())
+        .map(|i| {
+            let n = |x: &Series| x.get(i).unwrap().try_extract::<i64>().unwrap();
+            (m.get(i).unwrap().to_string(), n(&t), [n(&g), n(&sc), n(&r)])
+        })
+        .collect()
+}
+
+#[test]
+fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    // Batches that end mid-minute, so several commits count the same minute.
+    let all = part_items(1, 30_000);
+    for chunk in all.chunks(4_321) {
+        ds.commit("e1", chunk, &[], 1).unwrap();
+    }
+    // A batch sent again counts nothing twice.
+    ds.commit("e1", &all[..5_000], &[], 2).unwrap();
+    assert!(rows(&ds, Table::PartCounts) > 0);
+    let t0 = 1_767_657_000_000i64;
+    let ranges = [
+        (t0, t0 + 2 * 86_400_000),                            // everything
+        (t0 + 61_234, t0 + 3_600_000 + 59_999),               // partial minutes at both ends
+        (t0 + 86_400_000 - 30_000, t0 + 86_400_000 + 30_000), // across midnight, less than a minute each side
+        (t0 + 10_001, t0 + 50_000),                           // within one minute
+    ];
+    let check = |ds: &Dataset| {
+        for (a, b) in ranges {
+            let raw = minutes(ds, a, b, false);
+            assert!(!raw.is_empty());
+            assert_eq!(minutes(ds, a, b, true), raw, "range {a}..{b}");
+        }
+        let total: i64 = minutes(ds, t0, t0 + 3 * 86_400_000, true)
+            .iter()
+            .map(|r| r.2.iter().sum::<i64>())
+            .sum();
+        assert_eq!(total, 30_000);
+    };
+    check(&ds);
+    let removed = ds.compact(2).unwrap();
+    assert!(removed > 0);
+    assert_eq!(
+        ds.files(Table::PartCounts, None, None).len(),
+        8,
+        "one file per date (4) and site (2)"
+    );
+    check(&ds);
+    // Compacted event files are sorted by kind, then time (scans for state changes skip the
+    // row groups of parts).
+    for f in ds.files(Table::Events, None, None) {
+        let df = millrace_cloud::dataset::read_files(&[f]).unwrap();
+        let kinds: Vec<String> = df
+            .column("kind")
+            .unwrap()
+            .as_materialized_series()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        assert!(kinds.windows(2).all(|w| w[0] <= w[1]));
+    }
+    drop(ds);
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    check(&ds);
+}
+
+#[test]
+fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    ds.commit("e1", &part_items(1, 5_000), &[], 1).unwrap();
+    ds.commit("e1", &items(5_001, 2_000), &[], 2).unwrap();
+    let t0 = 1_767_600_000_000i64;
+    let want = minutes(&ds, t0, t0 + 3 * 86_400_000, false);
+    drop(ds);
+    // Layout 1: no part counts, no layout record.
+    let manifest = dir.path().join("manifest.log");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let old: Vec<String> = text
+        .lines()
+        .filter(|l| !l.contains("\"format\""))
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v["files"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|f| f["table"] != "part_counts");
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&manifest, old.join("\n") + "\n").unwrap();
+    std::fs::remove_dir_all(dir.path().join("part_counts")).unwrap();
+
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert!(rows(&ds, Table::PartCounts) > 0);
+    assert_eq!(minutes(&ds, t0, t0 + 3 * 86_400_000, true), want);
+    let files = ds.files(Table::PartCounts, None, None).len();
+    drop(ds);
+    // Once: opened again, nothing is built twice.
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert_eq!(ds.files(Table::PartCounts, None, None).len(), files);
+    assert_eq!(minutes(&ds, t0, t0 + 3 * 86_400_000, true), want);
 }
 
 #[test]
@@ -271,7 +427,9 @@ async fn sync_refuses_missing_and_wrong_tokens_and_stores_nothing() {
     assert!(
         std::fs::read_to_string(dir.path().join("manifest.log"))
             .unwrap()
-            .is_empty()
+            .lines()
+            .all(|l| !l.contains("\"commit\"")),
+        "no commit"
     );
     // The right token is accepted.
     let (st, v) = call(&s, post(Some(TOKEN), batch("e1", 1, 10))).await;

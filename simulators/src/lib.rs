@@ -10,6 +10,7 @@
 //! - [`publish`]: an MQTT publisher on rumqttc that counts acknowledgements and reconnects.
 //! - [`run`]: pacing (real time or accelerated), fault injection and the publish report.
 //! - [`load`]: the benchmark load mode (N devices × rate).
+//! - [`push`]: a simulated factory pushed straight to a cloud over the sync protocol.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -17,4 +18,5 @@ pub mod factory;
 pub mod load;
 pub mod machine;
 pub mod publish;
+pub mod push;
 pub mod run;

@@ -914,7 +914,7 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     let edge = EdgeProcess::start_with_env(&config, &env);
     // The example threshold alert, deployed with the CLI as a user would; its queue holds a
     // whole run so that no trigger is dropped while the simulator sends at full speed.
-    let wat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge/functions/threshold_alert.wat");
+    let wat = manifest_dir().join("../edge/functions/threshold_alert.wat");
     let out = Command::new(bin("millrace-edge"))
         .args(["fn", "--url", &edge.http, "deploy", "threshold-alert"])
         .arg(&wat)
@@ -1119,7 +1119,7 @@ fn publish_and_sync(edge: &EdgeProcess, args: &[&str]) {
 
 #[test]
 fn the_dashboard_shows_the_reports_in_a_real_browser_and_updates_live() {
-    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let browser_dir = manifest_dir().join("browser");
     assert!(
         browser_dir.join("node_modules/playwright-core").exists()
             && Path::new("/usr/bin/chromium").exists(),
@@ -1202,7 +1202,7 @@ fn the_dashboard_shows_the_reports_in_a_real_browser_and_updates_live() {
         ],
     );
 
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts");
+    let artifacts = manifest_dir().join("artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let shot = artifacts.join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
@@ -1289,4 +1289,11 @@ fn the_dashboard_shows_the_reports_in_a_real_browser_and_updates_live() {
     );
     edge.stop();
     cloud.stop();
+}
+
+/// This crate's directory, read when the test runs (cargo sets it): a test binary that cargo
+/// reuses from a build in another checkout must not look for files there.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from)
 }
