@@ -94,7 +94,7 @@ def manifest_files(data):
 
 def build_dataset(a, work, port):
     # The dataset layout version is part of the key: a new layout rebuilds the dataset.
-    key = hashlib.sha256((factory_toml() + f"{a.days}|{a.seed}|layout 2").encode()).hexdigest()[:16]
+    key = hashlib.sha256((factory_toml() + f"{a.days}|{a.seed}|layout 2, part counts by machine").encode()).hexdigest()[:16]
     marker = os.path.join(work, "complete")
     if os.path.exists(marker) and open(marker).read().strip() == key:
         log(f"dataset in {work} is complete (key {key}); reusing it")

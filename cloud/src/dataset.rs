@@ -422,6 +422,10 @@ impl Dataset {
                     outcome_count("scrap"),
                     outcome_count("rework"),
                 ])
+                .sort(
+                    ["site", "line", "machine", "minute"],
+                    SortMultipleOptions::default(),
+                )
                 .collect()?;
             let df = part_counts_schema(&mut df)?;
             let id = self.next_id();
@@ -845,7 +849,7 @@ impl Dataset {
                     .group_by([col("site"), col("line"), col("machine"), col("minute")])
                     .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
                     .sort(
-                        ["minute", "site", "line", "machine"],
+                        ["site", "line", "machine", "minute"],
                         SortMultipleOptions::default(),
                     )
                     .collect()?,

@@ -89,16 +89,6 @@ fn entity_of(level: Level, site: &str, line: &str, machine: &str) -> String {
     }
 }
 
-fn strs(df: &DataFrame, name: &str) -> PolarsResult<Vec<Option<String>>> {
-    Ok(df
-        .column(name)?
-        .as_materialized_series()
-        .str()?
-        .iter()
-        .map(|v| v.map(str::to_owned))
-        .collect())
-}
-
 fn ints(df: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
     let s = df
         .column(name)?
@@ -116,51 +106,6 @@ fn shift_bounds(cal: &ShiftCalendar) -> Vec<(String, i64, i64)> {
             (s.name.clone(), ms(s.start), ms(s.end))
         })
         .collect()
-}
-
-/// A Polars expression giving the index of the shift definition `ts` falls in (null outside
-/// shifts), and one giving the day number (days since 1970) that shift started on.
-fn shift_exprs(cal: &ShiftCalendar, time: &str) -> (Expr, Expr) {
-    let ts = col(time).cast(DataType::Int64);
-    let tod = ts.clone() - (ts.clone() / lit(DAY_MS)) * lit(DAY_MS);
-    let day = ts / lit(DAY_MS);
-    let bounds = shift_bounds(cal);
-    let mut idx: Option<Expr> = None;
-    let mut start_day: Option<Expr> = None;
-    for (i, (_, s, e)) in bounds.iter().enumerate().rev() {
-        let (s, e) = (*s, *e);
-        let (inside, d) = if s < e {
-            (
-                tod.clone().gt_eq(lit(s)).and(tod.clone().lt(lit(e))),
-                day.clone(),
-            )
-        } else {
-            // Across midnight (or 24 h when start == end): before `e` belongs to yesterday's.
-            (
-                tod.clone().gt_eq(lit(s)).or(tod.clone().lt(lit(e))),
-                when(tod.clone().lt(lit(e)))
-                    .then(day.clone() - lit(1i64))
-                    .otherwise(day.clone()),
-            )
-        };
-        idx = Some(match idx {
-            None => when(inside.clone())
-                .then(lit(i as i64))
-                .otherwise(lit(NULL).cast(DataType::Int64)),
-            Some(rest) => when(inside.clone()).then(lit(i as i64)).otherwise(rest),
-        });
-        start_day = Some(match start_day {
-            None => when(inside)
-                .then(d)
-                .otherwise(lit(NULL).cast(DataType::Int64)),
-            Some(rest) => when(inside).then(d).otherwise(rest),
-        });
-    }
-    let null = || lit(NULL).cast(DataType::Int64);
-    (
-        idx.unwrap_or_else(null).alias("shift_idx"),
-        start_day.unwrap_or_else(null).alias("shift_day"),
-    )
 }
 
 type Key = (String, String, String, i64);
@@ -186,29 +131,37 @@ fn count(outcome: &str) -> Expr {
         .alias(outcome)
 }
 
-/// Good, scrap and rework parts per machine and minute (`minute`: Unix ms) over `sel`. With
-/// `rollup`, the whole minutes of the range come from the part-counts rollup and only the partial
-/// minutes at its ends from the raw part events; without, everything from the raw events.
+/// Good, scrap and rework parts per machine and minute over `sel`: columns `site`, `line`,
+/// `machine`, `minute` (Unix ms) and the three counts. With `rollup`, the whole minutes of the
+/// range come from the part-counts rollup and only the partial minutes at its ends from the raw
+/// part events. Without, everything comes from the raw events and `minute` is each part's own
+/// time (for shift calendars whose boundaries are not on whole minutes).
 pub fn part_minutes(
     ds: &Dataset,
     sel: &Selection,
     rollup: bool,
 ) -> PolarsResult<Option<LazyFrame>> {
-    let keys = || [col("site"), col("line"), col("machine"), col("minute")];
     let raw = |from_ms: i64, to_ms: i64| -> PolarsResult<Option<LazyFrame>> {
         let s = Selection {
             from_ms,
             to_ms,
             ..sel.clone()
         };
+        let ts = col("ts").cast(DataType::Int64);
+        let minute = if rollup {
+            (ts / lit(MINUTE_MS)) * lit(MINUTE_MS)
+        } else {
+            ts
+        };
         Ok(scan(ds, Table::Events, &s)?.map(|lf| {
             lf.filter(col("kind").eq(lit("part")))
-                .with_column(
-                    ((col("ts").cast(DataType::Int64) / lit(MINUTE_MS)) * lit(MINUTE_MS))
-                        .alias("minute"),
-                )
-                .group_by(keys())
+                .with_column(minute.alias("minute"))
+                .group_by([col("site"), col("line"), col("machine"), col("minute")])
                 .agg([count("good"), count("scrap"), count("rework")])
+                .sort(
+                    ["site", "line", "machine", "minute"],
+                    SortMultipleOptions::default(),
+                )
         }))
     };
     let first = sel.from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
@@ -251,68 +204,103 @@ pub fn part_minutes(
     concat(frames, UnionArgs::default()).map(Some)
 }
 
+/// The start (Unix ms) of the shift instance of the calendar's shift definitions that `ts`
+/// falls in, if any. `bounds`: each shift's start and end in ms since midnight.
+fn shift_start_of(bounds: &[(String, i64, i64)], ts: i64) -> Option<i64> {
+    let day = ts.div_euclid(DAY_MS);
+    let tod = ts.rem_euclid(DAY_MS);
+    bounds.iter().find_map(|&(_, s, e)| {
+        if s < e {
+            (tod >= s && tod < e).then_some(day * DAY_MS + s)
+        } else if tod >= s {
+            Some(day * DAY_MS + s)
+        } else {
+            // Across midnight (or 24 h when start == end): before `e` belongs to yesterday's.
+            (tod < e).then_some((day - 1) * DAY_MS + s)
+        }
+    })
+}
+
+fn str_col<'a>(df: &'a DataFrame, name: &str) -> PolarsResult<Vec<Option<&'a str>>> {
+    Ok(df
+        .column(name)?
+        .as_materialized_series()
+        .str()?
+        .iter()
+        .collect())
+}
+
 /// Per machine and shift instance (start ms): tallies over `sel`.
+///
+/// Polars scans (projection, predicate and partition pushdown, parallel decoding); the two folds
+/// run here in one pass each: parts per minute come machine by machine (commits and compaction
+/// write them sorted by machine, then minute), so consecutive rows add to the same tally; state
+/// changes are grouped per machine and walked in time order.
 fn machine_shift_tallies(
     ds: &Dataset,
     master: &Master,
     sel: &Selection,
 ) -> PolarsResult<(BTreeMap<Key, Tally>, Vec<ShiftInstance>)> {
     let shifts = master.calendar.instances_between(sel.from_ms, sel.to_ms);
-    let by_def_day: HashMap<(String, i64), usize> = shifts
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ((s.name.clone(), s.start_ms.div_euclid(DAY_MS)), i))
-        .collect();
-    let names: Vec<String> = master
-        .calendar
-        .shifts
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
+    let known: std::collections::HashSet<i64> = shifts.iter().map(|s| s.start_ms).collect();
+    let bounds = shift_bounds(&master.calendar);
     let mut out: BTreeMap<Key, Tally> = BTreeMap::new();
+    let add = |out: &mut BTreeMap<Key, Tally>, m: (&str, &str, &str), start: i64, t: &Tally| {
+        out.entry((m.0.to_owned(), m.1.to_owned(), m.2.to_owned(), start))
+            .or_default()
+            .merge(t);
+    };
 
-    // Parts: a lazy group-by per machine, shift and day over the parts per minute.
+    // Parts.
     if let Some(lf) = part_minutes(ds, sel, minute_aligned(&master.calendar))? {
-        let (idx, day) = shift_exprs(&master.calendar, "minute");
-        let df = lf
-            .with_columns([idx, day])
-            .filter(col("shift_idx").is_not_null())
-            .group_by([
-                col("site"),
-                col("line"),
-                col("machine"),
-                col("shift_idx"),
-                col("shift_day"),
-            ])
-            .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
-            .collect()?;
+        let df = lf.collect()?;
         let (site, line, machine) = (
-            strs(&df, "site")?,
-            strs(&df, "line")?,
-            strs(&df, "machine")?,
+            str_col(&df, "site")?,
+            str_col(&df, "line")?,
+            str_col(&df, "machine")?,
         );
-        let (si, sd) = (ints(&df, "shift_idx")?, ints(&df, "shift_day")?);
+        let minute = ints(&df, "minute")?;
         let (good, scrap, rework) = (
             ints(&df, "good")?,
             ints(&df, "scrap")?,
             ints(&df, "rework")?,
         );
+        // Borrowed keys while folding; owned ones once per machine and shift at the end.
+        let mut parts: HashMap<((&str, &str, &str), i64), Tally> = HashMap::new();
+        let mut current: Option<((&str, &str, &str), i64)> = None;
+        let mut acc = Tally::default();
+        let mut ideal = 0u64;
         for i in 0..df.height() {
-            let name = &names[si[i] as usize];
-            let Some(&inst) = by_def_day.get(&(name.clone(), sd[i])) else {
+            let Some(start) = shift_start_of(&bounds, minute[i]).filter(|s| known.contains(s))
+            else {
                 continue;
             };
-            let (s, l, m) = (
-                site[i].clone().unwrap_or_default(),
-                line[i].clone().unwrap_or_default(),
-                machine[i].clone().unwrap_or_default(),
+            let m = (
+                site[i].unwrap_or_default(),
+                line[i].unwrap_or_default(),
+                machine[i].unwrap_or_default(),
             );
-            let ideal = master.ideal(&format!("{s}/{l}/{m}"));
-            let t = out.entry((s, l, m, shifts[inst].start_ms)).or_default();
-            t.good += good[i] as u64;
-            t.scrap += scrap[i] as u64;
-            t.rework += rework[i] as u64;
-            t.ideal_output_ms += ideal * (good[i] + scrap[i] + rework[i]) as u64;
+            if current != Some((m, start)) {
+                if let Some(k) = current {
+                    parts.entry(k).or_default().merge(&acc);
+                }
+                if current.is_none_or(|(pm, _)| pm != m) {
+                    ideal = master.ideal(&format!("{}/{}/{}", m.0, m.1, m.2));
+                }
+                current = Some((m, start));
+                acc = Tally::default();
+            }
+            let (g, sc, r) = (good[i] as u64, scrap[i] as u64, rework[i] as u64);
+            acc.good += g;
+            acc.scrap += sc;
+            acc.rework += r;
+            acc.ideal_output_ms += ideal * (g + sc + r);
+        }
+        if let Some(k) = current {
+            parts.entry(k).or_default().merge(&acc);
+        }
+        for ((m, start), t) in parts {
+            add(&mut out, m, start, &t);
         }
     }
 
@@ -336,67 +324,74 @@ fn machine_shift_tallies(
                 col("state"),
                 col("reason"),
             ])
-            .sort(
-                ["site", "line", "machine", "ts", "device_seq"],
-                SortMultipleOptions::default(),
-            )
             .collect()?;
         let (site, line, machine) = (
-            strs(&df, "site")?,
-            strs(&df, "line")?,
-            strs(&df, "machine")?,
+            str_col(&df, "site")?,
+            str_col(&df, "line")?,
+            str_col(&df, "machine")?,
         );
-        let ts = ints(&df, "ts")?;
-        let (state, reason) = (strs(&df, "state")?, strs(&df, "reason")?);
-        let end = sel.to_ms.min(chrono::Utc::now().timestamp_millis());
-        for i in 0..df.height() {
-            let same_next = i + 1 < df.height()
-                && site[i + 1] == site[i]
-                && line[i + 1] == line[i]
-                && machine[i + 1] == machine[i];
-            let (a, b) = (ts[i], if same_next { ts[i + 1] } else { end });
-            let Some(st) = state[i]
-                .as_deref()
-                .and_then(|s| MachineState::ALL.into_iter().find(|x| x.as_str() == s))
-            else {
-                continue;
-            };
-            let rs = reason[i].as_deref().and_then(|r| {
-                serde_json::from_value::<StopReason>(serde_json::Value::String(r.to_owned())).ok()
+        let (ts, dseq) = (ints(&df, "ts")?, ints(&df, "device_seq")?);
+        let (state, reason) = (str_col(&df, "state")?, str_col(&df, "reason")?);
+        let state_of = |v: Option<&str>| {
+            v.and_then(|s| MachineState::ALL.into_iter().find(|x| x.as_str() == s))
+        };
+        // Reasons parsed once per distinct text.
+        let mut parsed: HashMap<&str, Option<StopReason>> = HashMap::new();
+        for r in reason.iter().flatten() {
+            parsed.entry(r).or_insert_with(|| {
+                serde_json::from_value::<StopReason>(serde_json::Value::String((*r).to_owned()))
+                    .ok()
             });
-            let key = |start: i64| {
-                (
-                    site[i].clone().unwrap_or_default(),
-                    line[i].clone().unwrap_or_default(),
-                    machine[i].clone().unwrap_or_default(),
-                    start,
-                )
-            };
-            let same_prev = i > 0
-                && site[i - 1] == site[i]
-                && line[i - 1] == line[i]
-                && machine[i - 1] == machine[i];
-            let entered_failure = st == MachineState::Down
-                && rs == Some(StopReason::TechnicalFailure)
-                && !(same_prev && state[i - 1] == state[i] && reason[i - 1] == reason[i]);
-            // Shifts overlapping [a, b).
-            let first = shifts.partition_point(|s| s.end_ms <= a);
-            for s in &shifts[first..] {
-                if s.start_ms >= b {
-                    break;
+        }
+        let reason_of = |v: Option<&str>| v.and_then(|r| parsed.get(r).copied().flatten());
+        let mut by_machine: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        for i in 0..df.height() {
+            by_machine
+                .entry((
+                    site[i].unwrap_or_default(),
+                    line[i].unwrap_or_default(),
+                    machine[i].unwrap_or_default(),
+                ))
+                .or_default()
+                .push(i);
+        }
+        let end = sel.to_ms.min(chrono::Utc::now().timestamp_millis());
+        for (m, mut rows) in by_machine {
+            rows.sort_unstable_by_key(|&i| (ts[i], dseq[i]));
+            let mut tallies: BTreeMap<i64, Tally> = BTreeMap::new();
+            for (k, &i) in rows.iter().enumerate() {
+                let (a, b) = (ts[i], rows.get(k + 1).map_or(end, |&n| ts[n]));
+                let Some(st) = state_of(state[i]) else {
+                    continue;
+                };
+                let rs = reason_of(reason[i]);
+                let prev = k.checked_sub(1).map(|p| rows[p]);
+                let entered_failure = st == MachineState::Down
+                    && rs == Some(StopReason::TechnicalFailure)
+                    && !prev.is_some_and(|p| state[p] == state[i] && reason[p] == reason[i]);
+                // Shifts overlapping [a, b).
+                let first = shifts.partition_point(|s| s.end_ms <= a);
+                for s in &shifts[first..] {
+                    if s.start_ms >= b {
+                        break;
+                    }
+                    let (lo, hi) = (
+                        a.max(s.start_ms).max(sel.from_ms),
+                        b.min(s.end_ms).min(sel.to_ms),
+                    );
+                    if entered_failure && a >= s.start_ms && a < s.end_ms && a >= sel.from_ms {
+                        tallies.entry(s.start_ms).or_default().add_failure();
+                    }
+                    if hi > lo {
+                        tallies
+                            .entry(s.start_ms)
+                            .or_default()
+                            .add_time(st, rs, (hi - lo) as u64);
+                    }
                 }
-                let (lo, hi) = (
-                    a.max(s.start_ms).max(sel.from_ms),
-                    b.min(s.end_ms).min(sel.to_ms),
-                );
-                if entered_failure && a >= s.start_ms && a < s.end_ms && a >= sel.from_ms {
-                    out.entry(key(s.start_ms)).or_default().add_failure();
-                }
-                if hi > lo {
-                    out.entry(key(s.start_ms))
-                        .or_default()
-                        .add_time(st, rs, (hi - lo) as u64);
-                }
+            }
+            for (start, t) in tallies {
+                add(&mut out, m, start, &t);
             }
         }
     }

@@ -221,67 +221,145 @@ pub fn scan(
     Ok(Some(lf))
 }
 
-/// Renders a frame as JSON rows or CSV.
-pub(crate) fn render(mut df: DataFrame, format: Format, key: &str) -> Result<Response, ApiError> {
-    match format {
-        Format::Csv => {
-            let mut buf = vec![];
-            CsvWriter::new(&mut buf)
-                .include_header(true)
-                .finish(&mut df)?;
-            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], buf).into_response())
-        }
-        Format::Json => {
-            Ok(axum::Json(serde_json::json!({ key: frame_to_json(&df) })).into_response())
-        }
+/// A frame encoded for the response (done on a blocking thread: large frames take a while).
+#[derive(Debug)]
+pub(crate) struct Rendered {
+    csv: bool,
+    body: Vec<u8>,
+}
+
+impl IntoResponse for Rendered {
+    fn into_response(self) -> Response {
+        let ct = if self.csv {
+            "text/csv; charset=utf-8"
+        } else {
+            "application/json"
+        };
+        ([(header::CONTENT_TYPE, ct)], self.body).into_response()
     }
 }
 
-/// A frame as a list of JSON objects (timestamps as Unix ms).
-pub(crate) fn frame_to_json(df: &DataFrame) -> Vec<serde_json::Value> {
-    use serde_json::Value;
-    let names: Vec<String> = df
-        .get_column_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
-    let cols: Vec<Vec<Value>> = df
-        .columns()
-        .iter()
-        .map(|c| {
-            let s = c.as_materialized_series();
-            (0..s.len())
-                .map(|i| match s.get(i) {
-                    Ok(AnyValue::Null) | Err(_) => Value::Null,
-                    Ok(AnyValue::Boolean(b)) => Value::Bool(b),
-                    Ok(AnyValue::String(v)) => Value::String(v.to_owned()),
-                    Ok(AnyValue::StringOwned(v)) => Value::String(v.to_string()),
-                    Ok(AnyValue::UInt32(v)) => v.into(),
-                    Ok(AnyValue::UInt64(v)) => v.into(),
-                    Ok(AnyValue::Int32(v)) => v.into(),
-                    Ok(AnyValue::Int64(v)) => v.into(),
-                    Ok(AnyValue::Float64(v)) => {
-                        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
-                    }
-                    Ok(AnyValue::Float32(v)) => serde_json::Number::from_f64(f64::from(v))
-                        .map_or(Value::Null, Value::Number),
-                    Ok(AnyValue::Datetime(v, _, _)) | Ok(AnyValue::DatetimeOwned(v, _, _)) => {
-                        v.into()
-                    }
-                    Ok(other) => Value::String(other.to_string()),
-                })
-                .collect()
-        })
-        .collect();
-    (0..df.height())
-        .map(|i| {
-            let mut m = serde_json::Map::with_capacity(names.len());
-            for (n, c) in names.iter().zip(&cols) {
-                m.insert(n.clone(), c[i].clone());
+/// Encodes a frame as `{"<key>": [rows as objects]}` or as CSV with a header row.
+pub(crate) fn render(mut df: DataFrame, format: Format, key: &str) -> Result<Rendered, ApiError> {
+    let mut body = vec![];
+    match format {
+        Format::Csv => {
+            CsvWriter::new(&mut body)
+                .include_header(true)
+                .finish(&mut df)?;
+        }
+        Format::Json => {
+            body.extend_from_slice(b"{");
+            write_json_str(&mut body, key);
+            body.extend_from_slice(b":");
+            write_json_rows(&mut body, &df)?;
+            body.extend_from_slice(b"}");
+        }
+    }
+    Ok(Rendered {
+        csv: format == Format::Csv,
+        body,
+    })
+}
+
+fn write_json_str(out: &mut Vec<u8>, v: &str) {
+    serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail");
+}
+
+/// One column, typed, for writing row by row.
+enum JsonColumn<'a> {
+    Str(Vec<Option<&'a str>>),
+    Bool(Vec<Option<bool>>),
+    Int(Vec<Option<i64>>),
+    UInt(Vec<Option<u64>>),
+    Float(Vec<Option<f64>>),
+    /// Anything else, as its display text.
+    Text(Vec<Option<String>>),
+}
+
+/// Writes a frame as a JSON array of objects (timestamps as Unix ms, NaN and infinities as
+/// null), column by column into typed vectors, then row by row.
+pub(crate) fn write_json_rows(out: &mut Vec<u8>, df: &DataFrame) -> PolarsResult<()> {
+    use std::io::Write as _;
+    let mut names = vec![];
+    let mut cols = vec![];
+    for c in df.columns() {
+        let s = c.as_materialized_series();
+        let mut name = vec![];
+        write_json_str(&mut name, s.name());
+        name.push(b':');
+        names.push(name);
+        cols.push(match s.dtype() {
+            DataType::String => JsonColumn::Str(s.str()?.iter().collect()),
+            DataType::Boolean => JsonColumn::Bool(s.bool()?.iter().collect()),
+            DataType::UInt64 => JsonColumn::UInt(s.u64()?.iter().collect()),
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32 => {
+                JsonColumn::Int(s.cast(&DataType::Int64)?.i64()?.iter().collect())
             }
-            Value::Object(m)
-        })
-        .collect()
+            DataType::Datetime(_, _) | DataType::Duration(_) => {
+                JsonColumn::Int(s.to_physical_repr().i64()?.iter().collect())
+            }
+            DataType::Float32 | DataType::Float64 => JsonColumn::Float(
+                s.cast(&DataType::Float64)?
+                    .f64()?
+                    .iter()
+                    .map(|v| v.filter(|v| v.is_finite()))
+                    .collect(),
+            ),
+            _ => JsonColumn::Text(
+                (0..s.len())
+                    .map(|i| match s.get(i) {
+                        Ok(AnyValue::Null) | Err(_) => None,
+                        Ok(AnyValue::String(v)) => Some(v.to_owned()),
+                        Ok(v) => Some(v.to_string()),
+                    })
+                    .collect(),
+            ),
+        });
+    }
+    out.reserve(df.height() * 16 * cols.len().max(1));
+    out.push(b'[');
+    for i in 0..df.height() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        for (j, (name, c)) in names.iter().zip(&cols).enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(name);
+            let w = &mut *out;
+            let ok = match c {
+                JsonColumn::Str(v) => v[i].map(|v| write_json_str(w, v)),
+                JsonColumn::Text(v) => v[i].as_deref().map(|v| write_json_str(w, v)),
+                JsonColumn::Bool(v) => {
+                    v[i].map(|v| w.extend_from_slice(if v { b"true" } else { b"false" }))
+                }
+                JsonColumn::Int(v) => v[i].map(|v| {
+                    let _ = write!(w, "{v}");
+                }),
+                JsonColumn::UInt(v) => v[i].map(|v| {
+                    let _ = write!(w, "{v}");
+                }),
+                JsonColumn::Float(v) => v[i].map(|v| {
+                    serde_json::to_writer(&mut *w, &v).expect("finite floats are written");
+                }),
+            };
+            if ok.is_none() {
+                out.extend_from_slice(b"null");
+            }
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    Ok(())
 }
 
 fn max_range(s: &ApiState) -> i64 {
@@ -305,22 +383,23 @@ async fn rows(
     }
     let ds = s.dataset.clone();
     let format = f.format;
-    let df = blocking(move || {
+    blocking(move || {
         let Some(lf) = scan(&ds, table, &sel)? else {
-            return Ok(DataFrame::empty());
+            return render(DataFrame::empty(), format, key);
         };
         let exprs: Vec<Expr> = cols.iter().map(|c| col(*c)).collect();
-        Ok(lf
+        let df = lf
             .select(exprs)
             .sort(
                 ["ts"],
                 SortMultipleOptions::default().with_maintain_order(true),
             )
             .limit(limit as IdxSize)
-            .collect()?)
+            .collect()?;
+        render(df, format, key)
     })
-    .await?;
-    render(df, format, key)
+    .await
+    .map(IntoResponse::into_response)
 }
 
 type Q = Result<Query<Filters>, axum::extract::rejection::QueryRejection>;
@@ -496,8 +575,15 @@ pub(crate) async fn production_report(
     let sel = report_selection(&s, &f, false)?;
     let ds = s.dataset.clone();
     let format = f.format;
-    let df = blocking(move || Ok(crate::factory::production(&ds, &sel, level, &w)?)).await?;
-    render(df, format, "rows")
+    blocking(move || {
+        render(
+            crate::factory::production(&ds, &sel, level, &w)?,
+            format,
+            "rows",
+        )
+    })
+    .await
+    .map(IntoResponse::into_response)
 }
 
 /// `GET /api/v1/reports/telemetry`: count, min, max, mean, p95 per machine, metric and window.
@@ -511,6 +597,7 @@ pub(crate) async fn telemetry_report(
     let sel = report_selection(&s, &f, true)?;
     let ds = s.dataset.clone();
     let format = f.format;
-    let df = blocking(move || Ok(crate::factory::telemetry(&ds, &sel, every)?)).await?;
-    render(df, format, "rows")
+    blocking(move || render(crate::factory::telemetry(&ds, &sel, every)?, format, "rows"))
+        .await
+        .map(IntoResponse::into_response)
 }

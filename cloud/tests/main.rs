@@ -219,7 +219,9 @@ fn minutes(ds: &Dataset, from_ms: i64, to_ms: i64, rollup: bool) -> Vec<(String,
         return vec![];
     };
     use polars::prelude::*;
+    // Without the rollup, `minute` is each part's own time.
     let df = lf
+        .with_column(((col("minute") / lit(60_000i64)) * lit(60_000i64)).alias("minute"))
         .group_by([col("site"), col("line"), col("machine"), col("minute")])
         .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
         .sort(["machine", "minute"], SortMultipleOptions::default())
@@ -264,7 +266,7 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
         for (a, b) in ranges {
             let raw = minutes(ds, a, b, false);
             assert!(!raw.is_empty());
-            assert_eq!(minutes(ds, a, b, true), raw, "range {a}..{b}");
+            assert!(minutes(ds, a, b, true) == raw, "range {a}..{b}");
         }
         let total: i64 = minutes(ds, t0, t0 + 3 * 86_400_000, true)
             .iter()
@@ -328,13 +330,13 @@ fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
 
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert!(rows(&ds, Table::PartCounts) > 0);
-    assert_eq!(minutes(&ds, t0, t0 + 3 * 86_400_000, true), want);
+    assert!(minutes(&ds, t0, t0 + 3 * 86_400_000, true) == want);
     let files = ds.files(Table::PartCounts, None, None).len();
     drop(ds);
     // Once: opened again, nothing is built twice.
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(ds.files(Table::PartCounts, None, None).len(), files);
-    assert_eq!(minutes(&ds, t0, t0 + 3 * 86_400_000, true), want);
+    assert!(minutes(&ds, t0, t0 + 3 * 86_400_000, true) == want);
 }
 
 #[test]

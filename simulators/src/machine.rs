@@ -363,8 +363,10 @@ impl MachineSim {
             );
             return;
         }
-        if cycle_end > limit {
-            // A break, the shift's end or the run's end comes first: the cycle is abandoned.
+        if cycle_end >= limit {
+            // A break, the shift's end or the run's end comes first: the cycle is abandoned. (A
+            // part finished exactly at the shift's end would belong to the next period, as
+            // periods are half-open [start, end) in the reports.)
             self.span(limit, Some(shift));
             return;
         }
