@@ -254,43 +254,54 @@ fn machine_shift_tallies(
     // Parts.
     if let Some(lf) = part_minutes(ds, sel, minute_aligned(&master.calendar))? {
         let df = lf.collect()?;
-        let (site, line, machine) = (
-            str_col(&df, "site")?,
-            str_col(&df, "line")?,
-            str_col(&df, "machine")?,
-        );
-        let minute = ints(&df, "minute")?;
-        let (good, scrap, rework) = (
-            ints(&df, "good")?,
-            ints(&df, "scrap")?,
-            ints(&df, "rework")?,
+        let c = |n: &str| df.column(n).map(Column::as_materialized_series);
+        let (site, line, machine) = (c("site")?.str()?, c("line")?.str()?, c("machine")?.str()?);
+        let (minute, good, scrap, rework) = (
+            c("minute")?.i64()?,
+            c("good")?.i64()?,
+            c("scrap")?.i64()?,
+            c("rework")?.i64()?,
         );
         // Borrowed keys while folding; owned ones once per machine and shift at the end.
         let mut parts: HashMap<((&str, &str, &str), i64), Tally> = HashMap::new();
         let mut current: Option<((&str, &str, &str), i64)> = None;
+        let mut last_machine = None;
         let mut acc = Tally::default();
         let mut ideal = 0u64;
-        for i in 0..df.height() {
-            let Some(start) = shift_start_of(&bounds, minute[i]).filter(|s| known.contains(s))
-            else {
+        let rows = site
+            .iter()
+            .zip(line.iter())
+            .zip(machine.iter())
+            .zip(minute.iter())
+            .zip(good.iter().zip(scrap.iter()).zip(rework.iter()));
+        for ((((s, l), m), t), ((g, sc), r)) in rows {
+            let Some(start) = t.and_then(|t| shift_start_of(&bounds, t)) else {
                 continue;
             };
             let m = (
-                site[i].unwrap_or_default(),
-                line[i].unwrap_or_default(),
-                machine[i].unwrap_or_default(),
+                s.unwrap_or_default(),
+                l.unwrap_or_default(),
+                m.unwrap_or_default(),
             );
             if current != Some((m, start)) {
-                if let Some(k) = current {
+                if let Some(k) = current.take() {
                     parts.entry(k).or_default().merge(&acc);
                 }
-                if current.is_none_or(|(pm, _)| pm != m) {
+                acc = Tally::default();
+                if !known.contains(&start) {
+                    continue;
+                }
+                if last_machine != Some(m) {
                     ideal = master.ideal(&format!("{}/{}/{}", m.0, m.1, m.2));
+                    last_machine = Some(m);
                 }
                 current = Some((m, start));
-                acc = Tally::default();
             }
-            let (g, sc, r) = (good[i] as u64, scrap[i] as u64, rework[i] as u64);
+            let (g, sc, r) = (
+                g.unwrap_or(0) as u64,
+                sc.unwrap_or(0) as u64,
+                r.unwrap_or(0) as u64,
+            );
             acc.good += g;
             acc.scrap += sc;
             acc.rework += r;

@@ -87,6 +87,9 @@ struct Encoded {
     points: u64,
 }
 
+/// A batch acknowledged: the cloud's answer, retries, items, points and wire bytes.
+type Sent = (SyncAck, u32, u64, u64, u64);
+
 const MAX_ATTEMPTS: u32 = 20;
 
 async fn send(
@@ -147,7 +150,6 @@ pub async fn push(
     let edge = opts.edge.clone();
     let producer = tokio::task::spawn_blocking(move || {
         let mut sim = sim;
-        let mut seq = 0u64;
         let mut batch = SyncBatch {
             edge,
             ..SyncBatch::default()
@@ -164,11 +166,10 @@ pub async fn push(
             *points = 0;
             tx.blocking_send(e).is_ok()
         };
-        for event in sim.by_ref() {
-            seq += 1;
+        for (i, event) in sim.by_ref().enumerate() {
             points += readings(&event);
             batch.items.push(SyncItem {
-                seq,
+                seq: i as u64 + 1,
                 stored_ms: event.ts_ms,
                 backfill: false,
                 event,
@@ -186,7 +187,7 @@ pub async fn push(
     let url = format!("{}{SYNC_PATH}", opts.cloud_url.trim_end_matches('/'));
     let client = reqwest::Client::new();
     let mut report = PushReport::default();
-    let mut inflight: JoinSet<Result<(SyncAck, u32, u64, u64, u64), PushError>> = JoinSet::new();
+    let mut inflight: JoinSet<Result<Sent, PushError>> = JoinSet::new();
     let mut next_progress = opts.progress_every;
     let mut done = false;
     loop {
