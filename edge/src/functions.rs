@@ -1032,13 +1032,28 @@ impl Functions {
             return;
         }
         let now = Instant::now();
+        // A function paused by its breaker drops its triggers here, before any work is spent
+        // on them (the worker would drop them too, after the ingest thread queued them).
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let paused: Vec<bool> = subscribed
+            .iter()
+            .map(|d| d.stats.paused_until_ms.load(Ordering::Relaxed) > now_ms)
+            .collect();
         let batch = Arc::new(std::mem::take(events));
         for (index, e) in batch.iter().enumerate() {
-            let topic = e.topic();
-            for d in &subscribed {
-                if d.filters.iter().any(|f| f.matches(&topic)) {
+            let m = &e.machine;
+            let levels = [
+                millrace_shared::topic::TOPIC_ROOT,
+                m.site.as_str(),
+                m.line.as_str(),
+                m.machine.as_str(),
+                e.kind().as_str(),
+            ];
+            let mut topic: Option<String> = None;
+            for (d, paused) in subscribed.iter().zip(&paused) {
+                if d.filters.iter().any(|f| f.matches_levels(&levels)) {
                     // A full queue drops the trigger before any work is spent on it.
-                    if d.queue.is_full() {
+                    if *paused || d.queue.is_full() {
                         Self::drop_one(d);
                         continue;
                     }
@@ -1046,7 +1061,8 @@ impl Functions {
                         batch: batch.clone(),
                         index,
                     };
-                    let input = Input::from_event(ev, topic.clone());
+                    let topic = topic.get_or_insert_with(|| e.topic()).clone();
+                    let input = Input::from_event(ev, topic);
                     Self::offer(
                         d,
                         Job {

@@ -150,6 +150,7 @@ fn assert_matches_truth(edge: &EdgeProcess, truth: &Value) {
         truth["end_ms"].as_i64().unwrap(),
     );
     let mut temperature_points = 0;
+    let mut per_machine = vec![];
     for m in truth["machines"].as_array().unwrap() {
         let id = machine_id(m);
         let parts = edge.get(&format!(
@@ -186,11 +187,24 @@ fn assert_matches_truth(edge: &EdgeProcess, truth: &Value) {
         let pts = edge.get(&format!(
             "/api/v1/points?series={id}/temperature&from={from}&to={to}"
         ));
-        temperature_points += pts["points"].as_array().unwrap().len() as u64;
+        let points = pts["points"].as_array().unwrap();
+        temperature_points += points.len() as u64;
+        // Where points are missing, if any: the count and the first gap between two points.
+        let gap = points
+            .windows(2)
+            .map(|w| (w[0][0].as_i64().unwrap(), w[1][0].as_i64().unwrap()))
+            .max_by_key(|(a, b)| b - a);
+        per_machine.push(format!(
+            "{id}: {} points, largest gap {gap:?}",
+            points.len()
+        ));
     }
     assert_eq!(
         temperature_points,
-        truth["events"]["telemetry"].as_u64().unwrap()
+        truth["events"]["telemetry"].as_u64().unwrap(),
+        "temperature points per machine:\n{}\nedge status: {}",
+        per_machine.join("\n"),
+        edge.get("/api/v1/status")
     );
 }
 

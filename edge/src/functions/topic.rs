@@ -33,7 +33,15 @@ impl TopicFilter {
 
     /// Whether `topic` matches this filter.
     pub fn matches(&self, topic: &str) -> bool {
-        let mut t = topic.split('/');
+        self.matches_iter(topic.split('/'))
+    }
+
+    /// Whether the topic made of these levels matches (no string built per event).
+    pub fn matches_levels(&self, levels: &[&str]) -> bool {
+        self.matches_iter(levels.iter().copied())
+    }
+
+    fn matches_iter<'a>(&self, mut t: impl Iterator<Item = &'a str>) -> bool {
         for l in &self.levels {
             match l.as_str() {
                 "#" => return true,
@@ -68,6 +76,14 @@ mod tests {
         assert!(f("#").matches("a/b"));
         assert!(f("a/+").matches("a/"));
         assert!(!f("a/b").matches("a/b/c"));
+        assert!(f("factory/+/+/+/telemetry").matches_levels(&[
+            "factory",
+            "p",
+            "l",
+            "m",
+            "telemetry"
+        ]));
+        assert!(!f("factory/+/l2/#").matches_levels(&["factory", "p", "l", "m", "telemetry"]));
         for bad in ["", "a/#/b", "a/b#", "a/+b", "a+/c"] {
             assert!(TopicFilter::parse(bad).is_err(), "{bad}");
         }
