@@ -779,6 +779,10 @@ impl Functions {
                             continue;
                         }
                         let outcome = inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
+                        if outcome != Outcome::Timeout {
+                            // Any other outcome (a manual call during a pause too) ends a pause.
+                            stats.paused_until_ms.store(0, Ordering::Relaxed);
+                        }
                         if let Some(pause) = breaker.lock().expect("breaker").record(outcome, Instant::now()) {
                             stats.pauses.fetch_add(1, Ordering::Relaxed);
                             stats.paused_until_ms.store(
