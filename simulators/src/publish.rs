@@ -11,16 +11,8 @@ use tokio::task::JoinHandle;
 /// Largest packet the simulator sends or receives (fault mode sends oversized payloads).
 const MAX_PACKET: usize = 1024 * 1024;
 
-/// Messages kept for resending after a reconnect: more than rumqttc's in-flight window (1000)
-/// plus its request queue (4096) can hold.
-const REPLAY: usize = 8192;
-
-/// Most messages unacknowledged at once (QoS 1 and 2): `publish` waits beyond it, so the replay
-/// ring always holds every message that may need resending.
+/// Most messages unacknowledged at once (QoS 1 and 2): `publish` waits beyond it.
 const MAX_UNACKED: u64 = 4096;
-
-/// The most recent messages handed to rumqttc, oldest first.
-type Replay = Arc<std::sync::Mutex<std::collections::VecDeque<(String, Vec<u8>)>>>;
 
 /// Why publishing failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +114,6 @@ pub struct Publisher {
     task: JoinHandle<()>,
     addr: String,
     opts: BrokerOptions,
-    replay: Replay,
 }
 
 impl Publisher {
@@ -159,9 +150,7 @@ impl Publisher {
             }
         }
         let (stopping, stop_rx) = watch::channel(false);
-        let replay: Replay = Arc::default();
-        let resend =
-            (opts.qos != QoS::AtMostOnce).then(|| (client.clone(), opts.qos, replay.clone()));
+        let resend = (opts.qos != QoS::AtMostOnce).then(|| (client.clone(), opts.qos));
         let task = tokio::spawn(drive(
             eventloop,
             counters.clone(),
@@ -177,7 +166,6 @@ impl Publisher {
             task,
             addr,
             opts: opts.clone(),
-            replay,
         })
     }
 
@@ -198,11 +186,6 @@ impl Publisher {
             {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let mut r = self.replay.lock().expect("replay lock");
-            if r.len() == REPLAY {
-                r.pop_front();
-            }
-            r.push_back((topic.clone(), payload.clone()));
         }
         self.client
             .publish(topic, self.qos, false, payload)
@@ -277,17 +260,22 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-/// Polls the connection, counts, reconnects with backoff. With `resend`, after reconnecting to
-/// a broker that kept no session, it publishes again what was not acknowledged: rumqttc drops
-/// its unacknowledged QoS 1/2 messages on a new session, and a device must not lose them.
+/// Polls the connection, counts, reconnects with backoff. With `resend`, after reconnecting it
+/// publishes again exactly the messages rumqttc took back when the connection failed (the
+/// unacknowledged ones in flight and those still queued): rumqttc drops them on a new session,
+/// and a device must not lose them. Taking rumqttc's own list (not guessing from counters)
+/// sends each message once more at most: a guess that also resent messages still queued sent
+/// them twice, their two acknowledgements made `flush` return while the last messages were still
+/// unacknowledged, and the run ended without them.
 async fn drive(
     mut eventloop: rumqttc::EventLoop,
     counters: Arc<Counters>,
     mut stopping: watch::Receiver<bool>,
     addr: String,
-    resend: Option<(AsyncClient, QoS, Replay)>,
+    resend: Option<(AsyncClient, QoS)>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut unsent: Vec<(String, Vec<u8>)> = vec![];
     loop {
         let polled = tokio::select! {
             p = eventloop.poll() => p,
@@ -304,23 +292,11 @@ async fn drive(
             Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
                 counters.acked.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
-                if let (Some((client, qos, replay)), false) = (&resend, ack.session_present) {
-                    // Acknowledgements arrive in order on one connection: the unacknowledged
-                    // messages are the newest ones.
-                    let lost = counters
-                        .published
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(counters.acked.load(Ordering::Relaxed));
-                    let again: Vec<(String, Vec<u8>)> = {
-                        let r = replay.lock().expect("replay lock");
-                        r.iter()
-                            .skip(r.len().saturating_sub(lost as usize))
-                            .cloned()
-                            .collect()
-                    };
+                if let Some((client, qos)) = &resend {
+                    let again = std::mem::take(&mut unsent);
                     if !again.is_empty() {
                         tracing::info!(broker = %addr, messages = again.len(), "resending unacknowledged messages after reconnect");
                         // Counted as published already; their acknowledgements will count.
@@ -340,6 +316,21 @@ async fn drive(
                 let stop_now = *stopping.borrow();
                 if stop_now {
                     return;
+                }
+                if resend.is_some() {
+                    for r in eventloop.pending.drain(..) {
+                        match r {
+                            rumqttc::Request::Publish(p) => {
+                                unsent.push((p.topic, p.payload.to_vec()));
+                            }
+                            // QoS 2 past PUBREC: the broker holds the message; its PUBCOMP
+                            // will not come on a new connection.
+                            rumqttc::Request::PubRel(_) => {
+                                counters.acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                    }
                 }
                 tracing::warn!(broker = %addr, error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
                 tokio::time::sleep(backoff).await;
