@@ -532,6 +532,33 @@ async fn data_queries_check_keys_and_parameters() {
     let (st, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["edges"][0]["items"], 400);
+    // Filters a report cannot use are refused, naming them.
+    for (path, q, needle) in [
+        ("oee", "kind=part", "`kind`"),
+        ("production", "metric=power", "`metric`"),
+        ("downtime", "metric=power", "`metric`"),
+        ("telemetry", "kind=state", "`kind`"),
+    ] {
+        let (st, v) = call(
+            &s,
+            get(
+                &format!("/api/v1/reports/{path}?{range}&{q}"),
+                Some(READ_KEY),
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{path}?{q}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
+    }
+    let (st, tv) = call(
+        &s,
+        get(
+            &format!("/api/v1/reports/telemetry?{range}&metric=power"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{tv}");
     // Unknown machines are 404; the OpenAPI document names every route the router serves.
     let (st, nf) = call(
         &s,
