@@ -410,23 +410,7 @@ impl Dataset {
         }
         let n = partitions.len();
         for (i, ((date, site), paths)) in partitions.into_iter().enumerate() {
-            let mut df = scan_files(&paths)?
-                .filter(col("kind").eq(lit("part")))
-                .with_column(
-                    ((col("ts").cast(DataType::Int64) / lit(MINUTE_MS)) * lit(MINUTE_MS))
-                        .alias("minute"),
-                )
-                .group_by([col("site"), col("line"), col("machine"), col("minute")])
-                .agg([
-                    outcome_count("good"),
-                    outcome_count("scrap"),
-                    outcome_count("rework"),
-                ])
-                .sort(
-                    ["site", "line", "machine", "minute"],
-                    SortMultipleOptions::default(),
-                )
-                .collect()?;
+            let mut df = count_parts(scan_files(&paths)?, true).collect()?;
             let df = part_counts_schema(&mut df)?;
             let id = self.next_id();
             let rel = format!(
@@ -906,8 +890,32 @@ impl Dataset {
     }
 }
 
-fn outcome_count(outcome: &str) -> Expr {
-    col("outcome").eq(lit(outcome)).sum().alias(outcome)
+/// Good, scrap and rework parts per machine and minute from event rows (columns `site`, `line`,
+/// `machine`, `minute` as Unix ms, counts as `i64`), sorted by machine, then minute: the
+/// part-counts rollup of those rows. With `per_minute` false, `minute` is each part's own time.
+pub fn count_parts(events: LazyFrame, per_minute: bool) -> LazyFrame {
+    let ts = col("ts").cast(DataType::Int64);
+    let minute = if per_minute {
+        (ts / lit(MINUTE_MS)) * lit(MINUTE_MS)
+    } else {
+        ts
+    };
+    let count = |outcome: &str| {
+        col("outcome")
+            .eq(lit(outcome))
+            .sum()
+            .cast(DataType::Int64)
+            .alias(outcome)
+    };
+    events
+        .filter(col("kind").eq(lit("part")))
+        .with_column(minute.alias("minute"))
+        .group_by([col("site"), col("line"), col("machine"), col("minute")])
+        .agg([count("good"), count("scrap"), count("rework")])
+        .sort(
+            ["site", "line", "machine", "minute"],
+            SortMultipleOptions::default(),
+        )
 }
 
 /// The column types of a part-counts file: `minute` a timestamp, counts `u32`.

@@ -14,7 +14,7 @@ use millrace_shared::{Kpis, MachineState, ShiftCalendar, ShiftInstance, StopReas
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Dataset, Table};
+use crate::dataset::{Dataset, Table, count_parts};
 use crate::reports::{Selection, scan};
 
 const DAY_MS: i64 = 86_400_000;
@@ -97,13 +97,13 @@ fn ints(df: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
     Ok(s.i64()?.iter().map(|v| v.unwrap_or(0)).collect())
 }
 
-/// Ms since midnight of a shift's start and end.
-fn shift_bounds(cal: &ShiftCalendar) -> Vec<(String, i64, i64)> {
+/// Ms since midnight of each shift's start and end.
+fn shift_bounds(cal: &ShiftCalendar) -> Vec<(i64, i64)> {
     cal.shifts
         .iter()
         .map(|s| {
             let ms = |t: chrono::NaiveTime| i64::from(t.num_seconds_from_midnight()) * 1000;
-            (s.name.clone(), ms(s.start), ms(s.end))
+            (ms(s.start), ms(s.end))
         })
         .collect()
 }
@@ -123,14 +123,6 @@ fn minute_aligned(cal: &ShiftCalendar) -> bool {
     })
 }
 
-fn count(outcome: &str) -> Expr {
-    col("outcome")
-        .eq(lit(outcome))
-        .sum()
-        .cast(DataType::Int64)
-        .alias(outcome)
-}
-
 /// Good, scrap and rework parts per machine and minute over `sel`: columns `site`, `line`,
 /// `machine`, `minute` (Unix ms) and the three counts. With `rollup`, the whole minutes of the
 /// range come from the part-counts rollup and only the partial minutes at its ends from the raw
@@ -147,29 +139,10 @@ pub fn part_minutes(
             to_ms,
             ..sel.clone()
         };
-        let ts = col("ts").cast(DataType::Int64);
-        let minute = if rollup {
-            (ts / lit(MINUTE_MS)) * lit(MINUTE_MS)
-        } else {
-            ts
-        };
-        Ok(scan(ds, Table::Events, &s)?.map(|lf| {
-            lf.filter(col("kind").eq(lit("part")))
-                .with_column(minute.alias("minute"))
-                .group_by([col("site"), col("line"), col("machine"), col("minute")])
-                .agg([count("good"), count("scrap"), count("rework")])
-                .sort(
-                    ["site", "line", "machine", "minute"],
-                    SortMultipleOptions::default(),
-                )
-        }))
+        Ok(scan(ds, Table::Events, &s)?.map(|lf| count_parts(lf, rollup)))
     };
-    let first = sel.from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
-        + if sel.from_ms.rem_euclid(MINUTE_MS) == 0 {
-            0
-        } else {
-            MINUTE_MS
-        };
+    // The whole minutes of the range: [first, last).
+    let first = (sel.from_ms + MINUTE_MS - 1).div_euclid(MINUTE_MS) * MINUTE_MS;
     let last = sel.to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
     let mut frames = vec![];
     if rollup && first < last {
@@ -206,10 +179,10 @@ pub fn part_minutes(
 
 /// The start (Unix ms) of the shift instance of the calendar's shift definitions that `ts`
 /// falls in, if any. `bounds`: each shift's start and end in ms since midnight.
-fn shift_start_of(bounds: &[(String, i64, i64)], ts: i64) -> Option<i64> {
+fn shift_start_of(bounds: &[(i64, i64)], ts: i64) -> Option<i64> {
     let day = ts.div_euclid(DAY_MS);
     let tod = ts.rem_euclid(DAY_MS);
-    bounds.iter().find_map(|&(_, s, e)| {
+    bounds.iter().find_map(|&(s, e)| {
         if s < e {
             (tod >= s && tod < e).then_some(day * DAY_MS + s)
         } else if tod >= s {

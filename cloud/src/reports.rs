@@ -511,39 +511,51 @@ pub(crate) async fn oee_report(
         s.dataset.clone(),
         s.master.read().expect("master lock").clone(),
     );
-    let rows =
-        blocking(move || Ok(crate::factory::oee(&ds, &master, &sel, level, period)?)).await?;
-    match f.format {
-        Format::Json => Ok(axum::Json(serde_json::json!({ "rows": rows })).into_response()),
-        Format::Csv => {
-            let mut out = String::from(
-                "entity,period,start_ms,good,scrap,rework,total,planned_production_ms,running_ms,availability,performance,quality,oee,mtbf_ms,mttr_ms\n",
-            );
-            let o = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
-            for r in rows {
-                let k = &r.kpis;
-                out.push_str(&format!(
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                    r.entity,
-                    r.period,
-                    r.start_ms,
-                    k.tally.good,
-                    k.tally.scrap,
-                    k.tally.rework,
-                    k.total,
-                    k.planned_production_ms,
-                    k.tally.times.running_ms,
-                    o(k.availability),
-                    o(k.performance),
-                    o(k.quality),
-                    o(k.oee),
-                    o(k.mtbf_ms),
-                    o(k.mttr_ms)
-                ));
+    let format = f.format;
+    // Encoding runs on the blocking thread too: a month of shifts is megabytes of JSON.
+    blocking(move || {
+        let rows = crate::factory::oee(&ds, &master, &sel, level, period)?;
+        Ok(match format {
+            Format::Json => Rendered {
+                csv: false,
+                body: serde_json::to_vec(&serde_json::json!({ "rows": rows }))
+                    .expect("rows serialize"),
+            },
+            Format::Csv => {
+                let mut out = String::from(
+                    "entity,period,start_ms,good,scrap,rework,total,planned_production_ms,running_ms,availability,performance,quality,oee,mtbf_ms,mttr_ms\n",
+                );
+                let o = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+                for r in rows {
+                    let k = &r.kpis;
+                    out.push_str(&format!(
+                        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                        r.entity,
+                        r.period,
+                        r.start_ms,
+                        k.tally.good,
+                        k.tally.scrap,
+                        k.tally.rework,
+                        k.total,
+                        k.planned_production_ms,
+                        k.tally.times.running_ms,
+                        o(k.availability),
+                        o(k.performance),
+                        o(k.quality),
+                        o(k.oee),
+                        o(k.mtbf_ms),
+                        o(k.mttr_ms)
+                    ));
+                }
+                Rendered {
+                    csv: true,
+                    body: out.into_bytes(),
+                }
             }
-            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
-        }
-    }
+        })
+    })
+    .await
+    .map(IntoResponse::into_response)
 }
 
 /// `GET /api/v1/reports/downtime`: unplanned stop time by reason (Pareto), MTBF, MTTR.

@@ -355,37 +355,27 @@ impl Clock for ManualClock {
 
 /// A deploy or update request (`PUT /api/v1/functions/{name}`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeployRequest {
     /// The module, binary Wasm or WAT, base64-encoded.
-    #[serde(default)]
     pub module_base64: Option<String>,
     /// The module as WAT text (instead of `module_base64`).
-    #[serde(default)]
     pub module_wat: Option<String>,
     /// Topic filters that trigger it.
-    #[serde(default)]
     pub topics: Vec<String>,
     /// A cron schedule (5 fields, or 6 with seconds first), UTC.
-    #[serde(default)]
     pub schedule: Option<String>,
     /// Time limit per invocation, ms.
-    #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// Memory cap, MiB.
-    #[serde(default)]
     pub memory_mib: Option<u32>,
     /// Invocations running at once.
-    #[serde(default)]
     pub concurrency: Option<u32>,
     /// Queue bound.
-    #[serde(default)]
     pub queue: Option<u32>,
     /// Deploy enabled (default) or disabled.
-    #[serde(default)]
     pub enabled: Option<bool>,
     /// Free text.
-    #[serde(default)]
     pub description: Option<String>,
 }
 
@@ -439,8 +429,9 @@ pub struct FunctionSpec {
     pub history: Vec<VersionInfo>,
 }
 
-/// Counters of one function since start.
-#[derive(Debug, Default, Serialize)]
+/// Counters and the pause state of one deployed version, shared by its workers, the ingest
+/// thread and the API.
+#[derive(Debug)]
 pub struct FunctionStats {
     /// Invocations that ran.
     pub invocations: AtomicU64,
@@ -450,8 +441,53 @@ pub struct FunctionStats {
     pub dropped: AtomicU64,
     /// Times the function was paused for timing out again and again.
     pub pauses: AtomicU64,
-    /// Paused until (Unix ms; 0: running).
-    pub paused_until_ms: AtomicI64,
+    dropped_metric: metrics::Counter,
+    breaker: Mutex<Breaker>,
+}
+
+impl FunctionStats {
+    fn new(function: &str) -> Self {
+        Self {
+            invocations: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+            dropped_metric: metrics::counter!("millrace_edge_function_dropped_total", "function" => function.to_owned()),
+            breaker: Mutex::new(Breaker::new()),
+        }
+    }
+
+    /// Counts a trigger dropped (full queue or paused function).
+    fn drop_trigger(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.dropped_metric.increment(1);
+    }
+
+    /// Whether the breaker has paused the function.
+    fn paused(&self, now: Instant) -> bool {
+        self.breaker.lock().expect("breaker").paused(now)
+    }
+
+    /// Until when it is paused, as Unix ms.
+    fn paused_until_ms(&self) -> Option<i64> {
+        let now = Instant::now();
+        let until = self.breaker.lock().expect("breaker").until?;
+        (until > now)
+            .then(|| chrono::Utc::now().timestamp_millis() + (until - now).as_millis() as i64)
+    }
+
+    /// Records an outcome in the breaker; returns the pause it started, if any.
+    fn record(&self, outcome: Outcome) -> Option<Duration> {
+        let pause = self
+            .breaker
+            .lock()
+            .expect("breaker")
+            .record(outcome, Instant::now());
+        if pause.is_some() {
+            self.pauses.fetch_add(1, Ordering::Relaxed);
+        }
+        pause
+    }
 }
 
 /// Stops running a function that keeps hitting its time limit: after [`Breaker::TRIPS`]
@@ -564,7 +600,6 @@ struct Job {
 }
 
 struct Deployed {
-    dropped: metrics::Counter,
     spec: Mutex<FunctionSpec>,
     enabled: AtomicBool,
     filters: Vec<TopicFilter>,
@@ -751,17 +786,15 @@ impl Functions {
             .as_ref()
             .and_then(|c| next_occurrence(c, self.inner.clock.now_ms()));
         let (tx, rx) = flume::bounded::<Job>(spec.queue as usize);
-        let stats = Arc::new(FunctionStats::default());
-        let breaker = Arc::new(Mutex::new(Breaker::new()));
+        let stats = Arc::new(FunctionStats::new(&spec.name));
         let mut threads = self.inner.threads.lock().expect("threads");
         threads.retain(|t| !t.is_finished());
         for i in 0..spec.concurrency {
-            let (rx, inner, compiled, stats, breaker) = (
+            let (rx, inner, compiled, stats) = (
                 rx.clone(),
                 self.inner.clone(),
                 compiled.clone(),
                 stats.clone(),
-                breaker.clone(),
             );
             let spec = spec.clone();
             let worker = std::thread::Builder::new()
@@ -773,22 +806,13 @@ impl Functions {
                         if inner.stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        if job.reply.is_none() && breaker.lock().expect("breaker").paused(Instant::now()) {
-                            stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            m.paused_drops.increment(1);
+                        // Jobs queued before a pause began.
+                        if job.reply.is_none() && stats.paused(Instant::now()) {
+                            stats.drop_trigger();
                             continue;
                         }
                         let outcome = inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
-                        if outcome != Outcome::Timeout {
-                            // Any other outcome (a manual call during a pause too) ends a pause.
-                            stats.paused_until_ms.store(0, Ordering::Relaxed);
-                        }
-                        if let Some(pause) = breaker.lock().expect("breaker").record(outcome, Instant::now()) {
-                            stats.pauses.fetch_add(1, Ordering::Relaxed);
-                            stats.paused_until_ms.store(
-                                chrono::Utc::now().timestamp_millis() + pause.as_millis() as i64,
-                                Ordering::Relaxed,
-                            );
+                        if let Some(pause) = stats.record(outcome) {
                             tracing::warn!(function = %spec.name, pause_s = pause.as_secs(), "function timed out {} times in a row: its triggers are dropped for a while", Breaker::TRIPS);
                         }
                         m.queue_depth.set(rx.len() as f64);
@@ -799,7 +823,6 @@ impl Functions {
         }
         drop(threads);
         let d = Arc::new(Deployed {
-            dropped: metrics::counter!("millrace_edge_function_dropped_total", "function" => spec.name.clone()),
             enabled: AtomicBool::new(spec.enabled),
             spec: Mutex::new(spec.clone()),
             filters,
@@ -998,26 +1021,18 @@ impl Functions {
             "failures": s.failures.load(Ordering::Relaxed),
             "dropped": s.dropped.load(Ordering::Relaxed),
             "pauses": s.pauses.load(Ordering::Relaxed),
-            "paused_until_ms": match s.paused_until_ms.load(Ordering::Relaxed) {
-                t if t > chrono::Utc::now().timestamp_millis() => Some(t),
-                _ => None,
-            },
+            "paused_until_ms": s.paused_until_ms(),
             "queued": d.queue.len(),
         });
         v["next_run_ms"] = serde_json::json!(*d.next_fire.lock().expect("fire lock"));
         v
     }
 
-    fn drop_one(d: &Deployed) {
-        d.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        d.dropped.increment(1);
-    }
-
     fn offer(d: &Deployed, job: Job) -> bool {
         match d.queue.try_send(job) {
             Ok(()) => true,
             Err(_) => {
-                Self::drop_one(d);
+                d.stats.drop_trigger();
                 false
             }
         }
@@ -1037,12 +1052,8 @@ impl Functions {
         }
         let now = Instant::now();
         // A function paused by its breaker drops its triggers here, before any work is spent
-        // on them (the worker would drop them too, after the ingest thread queued them).
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let paused: Vec<bool> = subscribed
-            .iter()
-            .map(|d| d.stats.paused_until_ms.load(Ordering::Relaxed) > now_ms)
-            .collect();
+        // on them (asked once per batch).
+        let paused: Vec<bool> = subscribed.iter().map(|d| d.stats.paused(now)).collect();
         let batch = Arc::new(std::mem::take(events));
         for (index, e) in batch.iter().enumerate() {
             let m = &e.machine;
@@ -1058,7 +1069,7 @@ impl Functions {
                 if d.filters.iter().any(|f| f.matches_levels(&levels)) {
                     // A full queue drops the trigger before any work is spent on it.
                     if *paused || d.queue.is_full() {
-                        Self::drop_one(d);
+                        d.stats.drop_trigger();
                         continue;
                     }
                     let ev = EventRef {
@@ -1321,7 +1332,6 @@ impl Inner {
 /// A worker's metric handles (looked up once, not per invocation).
 struct WorkerMetrics {
     duration: metrics::Histogram,
-    paused_drops: metrics::Counter,
     queue_depth: metrics::Gauge,
     invocations: HashMap<(TriggerKind, Outcome), metrics::Counter>,
 }
@@ -1330,7 +1340,6 @@ impl WorkerMetrics {
     fn new(function: &str) -> Self {
         Self {
             duration: metrics::histogram!("millrace_edge_function_duration_seconds", "function" => function.to_owned()),
-            paused_drops: metrics::counter!("millrace_edge_function_dropped_total", "function" => function.to_owned()),
             queue_depth: metrics::gauge!("millrace_edge_function_queue_depth", "function" => function.to_owned()),
             invocations: HashMap::new(),
         }

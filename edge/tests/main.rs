@@ -87,6 +87,16 @@ async fn get(url: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The edge's Prometheus text.
+async fn metrics(edge: &Edge) -> String {
+    reqwest::get(format!("{}/metrics", http(edge)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn status(edge: &Edge) -> Value {
     get(&format!("{}/api/v1/status", http(edge))).await.1
 }
@@ -335,12 +345,7 @@ async fn bad_payloads_become_dead_letters_and_ingest_goes_on() {
     );
     assert_eq!(dl["dead_letters"][4]["payload_bytes"], 70 * 1024);
     assert_eq!(s["ingest"]["events"], 6);
-    let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&edge).await;
     assert!(
         metrics.contains("millrace_edge_dead_letters_total{reason=\"too_large\"}"),
         "{metrics}"
@@ -728,12 +733,7 @@ async fn garbage_and_unknown_protocol_levels_are_refused_and_ingest_goes_on() {
         0,
         "protocol level 7"
     );
-    let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&edge).await;
     assert!(
         metrics.contains("millrace_edge_mqtt_refused_total{reason=\"protocol\"}"),
         "{metrics}"

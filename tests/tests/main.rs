@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use millrace_tests::{read_json, wait_until};
+use millrace_tests::{read_json, run_ok, wait_until};
 use serde_json::Value;
 
 /// The directory holding the workspace's binaries (`target/debug`), next to this test's `deps/`.
@@ -265,33 +265,28 @@ fn a_simulated_shift_flows_through_the_edge_and_matches_the_ground_truth() {
         dir.path().join("truth.json"),
         dir.path().join("report.json"),
     );
-    let out = sim_run(&edge)
-        .args([
-            "--seed",
-            "5",
-            "--start",
-            "2026-01-05T06:00:00Z",
-            "--duration",
-            "8h",
-            "--telemetry-interval",
-            "1m",
-            "--speed",
-            "0",
-            "--quiet",
-        ])
-        .args([
-            "--truth",
-            truth.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        sim_run(&edge)
+            .args([
+                "--seed",
+                "5",
+                "--start",
+                "2026-01-05T06:00:00Z",
+                "--duration",
+                "8h",
+                "--telemetry-interval",
+                "1m",
+                "--speed",
+                "0",
+                "--quiet",
+            ])
+            .args([
+                "--truth",
+                truth.to_str().unwrap(),
+                "--report",
+                report.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "warn"),
     );
     let truth = read_json(&truth);
     let total = truth["total_events"].as_u64().unwrap();
@@ -754,24 +749,19 @@ fn offline_the_outbox_keeps_to_its_quota_by_dropping_the_oldest_telemetry_counte
     ];
     let edge = EdgeProcess::start_with_env(&config, &env);
     let truth_path = dir.path().join("truth.json");
-    let out = sim_run(&edge)
-        .args([
-            "--seed",
-            "3",
-            "--start",
-            "2026-03-02T06:00:00Z",
-            "--duration",
-            "4h",
-        ])
-        .args(["--telemetry-interval", "2s", "--speed", "0", "--quiet"])
-        .args(["--truth", truth_path.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        sim_run(&edge)
+            .args([
+                "--seed",
+                "3",
+                "--start",
+                "2026-03-02T06:00:00Z",
+                "--duration",
+                "4h",
+            ])
+            .args(["--telemetry-interval", "2s", "--speed", "0", "--quiet"])
+            .args(["--truth", truth_path.to_str().unwrap()])
+            .env("RUST_LOG", "error"),
     );
     let s = edge.get("/api/v1/sync");
     let o = &s["outbox"];
@@ -896,16 +886,11 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     ];
     // The ground truth first (deterministic), for the machines' ideal cycle times.
     let truth_path = dir.path().join("truth.json");
-    let out = Command::new(bin("millrace-sim"))
-        .arg("truth")
-        .args(sim_args)
-        .args(["--out", truth_path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(bin("millrace-sim"))
+            .arg("truth")
+            .args(sim_args)
+            .args(["--out", truth_path.to_str().unwrap()]),
     );
     let truth = read_json(&truth_path);
     let (token, digest) = edge_token("reports");
@@ -929,18 +914,13 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     // The example threshold alert, deployed with the CLI as a user would; its queue holds a
     // whole run so that no trigger is dropped while the simulator sends at full speed.
     let wat = manifest_dir().join("../edge/functions/threshold_alert.wat");
-    let out = Command::new(bin("millrace-edge"))
-        .args(["fn", "--url", &edge.http, "deploy", "threshold-alert"])
-        .arg(&wat)
-        .args(["--topic", "factory/+/+/+/telemetry", "--queue", "1000000"])
-        // Far above what it needs: tests run in parallel on a loaded machine.
-        .args(["--timeout", "30s"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(bin("millrace-edge"))
+            .args(["fn", "--url", &edge.http, "deploy", "threshold-alert"])
+            .arg(&wat)
+            .args(["--topic", "factory/+/+/+/telemetry", "--queue", "1000000"])
+            // Far above what it needs: tests run in parallel on a loaded machine.
+            .args(["--timeout", "30s"]),
     );
     publish_and_sync(&edge, &sim_args);
     let (from, to) = (
@@ -1115,16 +1095,11 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
 
 /// Runs `millrace-sim run` with `args` against `edge` and waits until the edge's outbox is empty.
 fn publish_and_sync(edge: &EdgeProcess, args: &[&str]) {
-    let out = sim_run(edge)
-        .args(args)
-        .args(["--speed", "0", "--quiet"])
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        sim_run(edge)
+            .args(args)
+            .args(["--speed", "0", "--quiet"])
+            .env("RUST_LOG", "error"),
     );
     assert!(wait_until(Duration::from_secs(300), || outbox_drained(
         edge
@@ -1182,23 +1157,18 @@ fn the_dashboard_shows_the_reports_in_a_real_browser_and_updates_live() {
         .iter()
         .map(|m| serde_json::json!({"site": m["site"], "line": m["line"], "machine": m["machine"], "ideal_cycle_time_ms": m["ideal_cycle_time_ms"]}))
         .collect();
-    let put = Command::new("curl")
-        .args([
-            "-fsS",
-            "-X",
-            "PUT",
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-        ])
-        .arg(serde_json::to_string(&specs).unwrap())
-        .arg(format!("{}/api/v1/master/machines", cloud.http))
-        .output()
-        .unwrap();
-    assert!(
-        put.status.success(),
-        "{}",
-        String::from_utf8_lossy(&put.stderr)
+    run_ok(
+        Command::new("curl")
+            .args([
+                "-fsS",
+                "-X",
+                "PUT",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+            ])
+            .arg(serde_json::to_string(&specs).unwrap())
+            .arg(format!("{}/api/v1/master/machines", cloud.http)),
     );
     publish_and_sync(
         &edge,

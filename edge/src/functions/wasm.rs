@@ -416,6 +416,32 @@ fn text(mem: &[u8], ptr: i32, len: i32, what: &str) -> wasmtime::Result<String> 
     String::from_utf8(mem[r].to_vec()).map_err(|_| wasmtime::format_err!("{what} is not UTF-8"))
 }
 
+/// One part of the input, as `input_len` and `input_read` number them.
+enum InputPart<'a> {
+    Text(&'a str),
+    Payload(Arc<Vec<u8>>),
+}
+
+impl InputPart<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Text(t) => t.as_bytes(),
+            Self::Payload(p) => p,
+        }
+    }
+}
+
+/// Part 0 the topic, 1 the payload, 2 the device, 3 the trigger kind.
+fn input_part(st: &mut HostState, part: i32) -> Option<InputPart<'_>> {
+    Some(match part {
+        0 => InputPart::Text(&st.input.topic),
+        1 => InputPart::Payload(st.payload()),
+        2 => InputPart::Text(&st.input.device),
+        3 => InputPart::Text(st.input.trigger.as_str()),
+        _ => return None,
+    })
+}
+
 /// Copies `src` to the guest at `ptr` if it fits in `cap`; returns its full length.
 fn copy_out(mem: &mut [u8], ptr: i32, cap: i32, src: &[u8]) -> wasmtime::Result<i32> {
     if src.len() <= cap.max(0) as usize {
@@ -511,28 +537,17 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         },
     )?;
     l.func_wrap("millrace", "input_len", |mut c: Cx<'_>, part: i32| {
-        let st = c.data_mut();
-        Ok(match part {
-            0 => st.input.topic.len() as i32,
-            1 => st.payload().len() as i32,
-            2 => st.input.device.len() as i32,
-            3 => st.input.trigger.as_str().len() as i32,
-            _ => -1,
-        })
+        Ok(input_part(c.data_mut(), part).map_or(-1, |p| p.bytes().len() as i32))
     })?;
     l.func_wrap(
         "millrace",
         "input_read",
         |mut c: Cx<'_>, part: i32, ptr: i32, cap: i32| {
             let (mem, st) = memory(&mut c)?;
-            let src: Vec<u8> = match part {
-                0 => st.input.topic.as_bytes().to_vec(),
-                1 => st.payload().to_vec(),
-                2 => st.input.device.as_bytes().to_vec(),
-                3 => st.input.trigger.as_str().as_bytes().to_vec(),
-                _ => return Ok(-1),
-            };
-            copy_out(mem, ptr, cap, &src)
+            match input_part(st, part) {
+                Some(p) => copy_out(mem, ptr, cap, p.bytes()),
+                None => Ok(-1),
+            }
         },
     )?;
     l.func_wrap("millrace", "event_ts", |c: Cx<'_>| Ok(c.data().input.ts_ms))?;

@@ -9,7 +9,7 @@ use millrace_edge::config::FunctionsConfig;
 use millrace_edge::functions::{DeployRequest, Functions, ManualClock, WasmEngine};
 use millrace_edge::store::{Store, StoreOptions};
 use millrace_shared::{PartOutcome, PartProduced};
-use millrace_tests::{Recorder, wait_until};
+use millrace_tests::{Recorder, run_ok, wait_until};
 
 use super::*;
 
@@ -191,12 +191,7 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
         1
     );
     // Prometheus counts them per function and outcome.
-    let metrics = reqwest::get(format!("{}/metrics", http(&edge)))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&edge).await;
     assert!(
         metrics.contains(r#"millrace_edge_function_invocations_total{function="scrap-rate",trigger="topic",outcome="ok"} 2"#),
         "{metrics}"
@@ -232,15 +227,13 @@ async fn manual_invocations_from_rest_and_the_cli() {
     assert_eq!(rec["actions"]["kv_writes"], 2);
 
     // The CLI, as a user runs it: publishes the summary and resets the counters.
-    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
-        .args(["fn", "--url", &http(&edge), "invoke", "hourly-summary"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_millrace-edge")).args([
+        "fn",
+        "--url",
+        &http(&edge),
+        "invoke",
+        "hourly-summary",
+    ]));
     let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rec["outcome"], "ok", "{rec}");
     assert_eq!(rec["actions"]["published"], 1);
@@ -678,26 +671,18 @@ async fn an_assemblyscript_function_builds_from_source_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(config(dir.path())).await.unwrap();
     // Deployed with the CLI, as a user would.
-    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
-        .args([
-            "fn",
-            "--url",
-            &http(&edge),
-            "deploy",
-            "threshold-alert-as",
-            wasm.to_str().unwrap(),
-            "--topic",
-            "factory/+/+/+/telemetry",
-            "--timeout",
-            "30s",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(env!("CARGO_BIN_EXE_millrace-edge")).args([
+        "fn",
+        "--url",
+        &http(&edge),
+        "deploy",
+        "threshold-alert-as",
+        wasm.to_str().unwrap(),
+        "--topic",
+        "factory/+/+/+/telemetry",
+        "--timeout",
+        "30s",
+    ]));
     let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
     publish(&client, &temp(1, 80.5)).await;
     publish(&client, &temp(2, 20.0)).await;
