@@ -724,6 +724,65 @@ fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_
 }
 
 #[test]
+fn history_pushed_by_the_simulator_is_stored_once_and_a_wrong_token_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, digest) = edge_token("sim");
+    let cloud = CloudProcess::start(&cloud_config(dir.path(), 0, "sim", &digest));
+    let (truth, report) = (dir.path().join("truth.json"), dir.path().join("push.json"));
+    let push = |token: &str| {
+        let mut c = Command::new(bin("millrace-sim"));
+        c.args([
+            "push",
+            "--cloud",
+            &cloud.http,
+            "--edge",
+            "sim",
+            "--seed",
+            "3",
+        ])
+        .args(["--start", "2026-01-05T00:00:00Z", "--duration", "8h"])
+        .args(["--telemetry-interval", "1m", "--batch-items", "5000"])
+        .args(["--truth", truth.to_str().unwrap()])
+        .args(["--report", report.to_str().unwrap()])
+        .env("MILLRACE_EDGE_TOKEN", token)
+        .env("RUST_LOG", "warn");
+        c
+    };
+    let edges = |c: &CloudProcess| c.get("/api/v1/edges")["edges"].clone();
+
+    // A wrong token: refused at once with the cloud's 401, nothing stored.
+    let out = push("mrt_not-the-token-of-this-edge-0123456789")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(edges(&cloud).as_array().map(Vec::len), Some(0));
+
+    // The right token: every event stored, one range, no gaps.
+    run_ok(&mut push(&token));
+    let total = read_json(&truth)["total_events"].as_u64().unwrap();
+    let r = read_json(&report);
+    assert_eq!(
+        (r["items"].as_u64(), r["stored"].as_u64()),
+        (Some(total), Some(total))
+    );
+    let ledger = &edges(&cloud)[0];
+    assert_eq!(ledger["items"].as_u64(), Some(total), "{ledger}");
+    assert_eq!(ledger["gap_items"], 0, "{ledger}");
+
+    // Pushed again: the cloud recognises every item and stores nothing twice.
+    run_ok(&mut push(&token));
+    let r = read_json(&report);
+    assert_eq!(
+        (r["stored"].as_u64(), r["duplicates"].as_u64()),
+        (Some(0), Some(total))
+    );
+    assert_eq!(edges(&cloud)[0]["items"].as_u64(), Some(total));
+    cloud.stop();
+}
+
+#[test]
 fn offline_the_outbox_keeps_to_its_quota_by_dropping_the_oldest_telemetry_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (token, digest) = edge_token("quota");
