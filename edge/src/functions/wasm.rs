@@ -442,8 +442,12 @@ fn input_part(st: &mut HostState, part: i32) -> Option<InputPart<'_>> {
     })
 }
 
-/// Copies `src` to the guest at `ptr` if it fits in `cap`; returns its full length.
-fn copy_out(mem: &mut [u8], ptr: i32, cap: i32, src: &[u8]) -> wasmtime::Result<i32> {
+/// Copies `src` to the guest at `ptr` if it fits in `cap`; returns its full length, or -1 when
+/// there is nothing (no such part, field or key).
+fn copy_out(mem: &mut [u8], ptr: i32, cap: i32, src: Option<&[u8]>) -> wasmtime::Result<i32> {
+    let Some(src) = src else {
+        return Ok(-1);
+    };
     if src.len() <= cap.max(0) as usize {
         let r = range(mem, ptr, src.len() as i32)?;
         mem[r].copy_from_slice(src);
@@ -544,10 +548,8 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         "input_read",
         |mut c: Cx<'_>, part: i32, ptr: i32, cap: i32| {
             let (mem, st) = memory(&mut c)?;
-            match input_part(st, part) {
-                Some(p) => copy_out(mem, ptr, cap, p.bytes()),
-                None => Ok(-1),
-            }
+            let part = input_part(st, part);
+            copy_out(mem, ptr, cap, part.as_ref().map(InputPart::bytes))
         },
     )?;
     l.func_wrap("millrace", "event_ts", |c: Cx<'_>| Ok(c.data().input.ts_ms))?;
@@ -569,10 +571,8 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         |mut c: Cx<'_>, ptr: i32, len: i32, out: i32, cap: i32| {
             let (mem, st) = memory(&mut c)?;
             let key = text(mem, ptr, len, "the field name")?;
-            match event_string(&st.input, &key) {
-                Some(v) => copy_out(mem, out, cap, v.as_bytes()),
-                None => Ok(-1),
-            }
+            let value = event_string(&st.input, &key);
+            copy_out(mem, out, cap, value.as_ref().map(|v| v.as_bytes()))
         },
     )?;
     l.func_wrap(
@@ -639,10 +639,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
                     .get(&key)
                     .map_err(|e| wasmtime::format_err!("key-value store: {e}"))?,
             };
-            match value {
-                Some(v) => copy_out(mem, out, cap, &v),
-                None => Ok(-1),
-            }
+            copy_out(mem, out, cap, value.as_deref())
         },
     )?;
     l.func_wrap(
