@@ -103,16 +103,51 @@ def p99_from_histogram(text, name):
     return None, int(count)
 
 
+def buckets_from_histogram(text, name):
+    """Share of events at or below each bucket bound, e.g. {"0.005": 0.991}."""
+    count, out = None, {}
+    for line in text.splitlines():
+        m = re.match(rf"{name}_count (\S+)", line)
+        if m:
+            count = float(m.group(1))
+    for line in text.splitlines():
+        m = re.match(rf'{name}_bucket{{le="([^"]+)"}} (\S+)', line)
+        if m and count:
+            out[m.group(1)] = round(float(m.group(2)) / count, 5)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--qos", type=int, default=1)
     ap.add_argument("--skip-size", action="store_true")
+    ap.add_argument("--only", default="throughput,latency,rss,size",
+                    help="comma-separated parts to run: throughput, latency, rss, size "
+                         "(latency without throughput needs --latency-rate)")
+    ap.add_argument("--latency-rate", type=int, default=0,
+                    help="events/s of the latency run (default: half the measured stored rate)")
     a = ap.parse_args()
+    only = set(a.only.split(","))
+    if a.skip_size:
+        only.discard("size")
     work = tempfile.mkdtemp(prefix="millrace-bench-")
     out = {"machine": f"{os.cpu_count()} cores", "devices": a.devices, "qos": a.qos, "duration_s": a.duration}
 
+    if "throughput" in only:
+        throughput(work, a, out)
+    if "latency" in only:
+        latency(work, a, out)
+    if "rss" in only:
+        rss(work, a, out)
+    if "size" in only:
+        size(work, out)
+    print(json.dumps(out, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def throughput(work, a, out):
     # 1a. bare embedded broker
     log("bare embedded broker …")
     e = Edge(work, "bare", ingest=False)
@@ -148,8 +183,13 @@ def main():
     out["edge_vs_bare_broker"] = out["edge_stored_events_per_s"] / out["bare_broker_events_per_s"]
     e.stop()
 
+    log(f"stored {out['edge_stored_events_per_s']:.0f}/s, bare broker {out['bare_broker_events_per_s']:.0f}/s: "
+        f"{out['edge_vs_bare_broker']:.3f}")
+
+
+def latency(work, a, out):
     # 2. latency at half the edge's maximum
-    half = int(out["edge_stored_events_per_s"] / 2)
+    half = a.latency_rate or int(out["edge_stored_events_per_s"] / 2)
     log(f"latency at {half} events/s …")
     e = Edge(work, "latency")
     load(e.mqtt, a.devices, half, a.duration, a.qos, os.path.join(work, "latency.json"))
@@ -158,8 +198,12 @@ def main():
     out["latency_rate_events_per_s"] = half
     out["latency_p99_le_s"] = p99
     out["latency_samples"] = n
+    out["latency_buckets"] = buckets_from_histogram(e.metrics(), "millrace_edge_ingest_latency_seconds")
+    log(f"p99 <= {p99} s over {n} events")
     e.stop()
 
+
+def rss(work, a, out):
     # 4. RSS with 1,000 devices at 10,000 events/s
     log("1,000 devices at 10,000 events/s …")
     e = Edge(work, "rss")
@@ -167,23 +211,22 @@ def main():
     out["rss_1000_devices_kib"], out["rss_peak_1000_devices_kib"] = e.rss_kib()
     e.stop()
 
+
+def size(work, out):
     # 3. bytes per point on simulator telemetry
-    if not a.skip_size:
-        log("a simulated day at 1 s telemetry …")
-        e = Edge(work, "size", sync=False)
-        rep = os.path.join(work, "day.json")
-        subprocess.run([SIM, "run", "--broker", f"mqtt://127.0.0.1:{e.mqtt}", "--speed", "0", "--quiet", "--seed", "1",
-                        "--start", "2026-01-05T00:00:00Z", "--duration", "1day", "--telemetry-interval", "1s",
-                        "--report", rep], check=True, env={**os.environ, "RUST_LOG": "warn"}, stderr=subprocess.DEVNULL)
-        sent = json.load(open(rep))["messages"]
-        while e.stored() < sent:
-            time.sleep(0.1)
-        e.stop()
-        stats = json.loads(subprocess.run([EDGE, "--config", e.cfg, "store-stats", "--compact"], check=True,
-                                          capture_output=True, env={**os.environ, "RUST_LOG": "warn"}).stdout)
-        out["size"] = stats
-    print(json.dumps(out, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    log("a simulated day at 1 s telemetry …")
+    e = Edge(work, "size", sync=False)
+    rep = os.path.join(work, "day.json")
+    subprocess.run([SIM, "run", "--broker", f"mqtt://127.0.0.1:{e.mqtt}", "--speed", "0", "--quiet", "--seed", "1",
+                    "--start", "2026-01-05T00:00:00Z", "--duration", "1day", "--telemetry-interval", "1s",
+                    "--report", rep], check=True, env={**os.environ, "RUST_LOG": "warn"}, stderr=subprocess.DEVNULL)
+    sent = json.load(open(rep))["messages"]
+    while e.stored() < sent:
+        time.sleep(0.1)
+    e.stop()
+    stats = json.loads(subprocess.run([EDGE, "--config", e.cfg, "store-stats", "--compact"], check=True,
+                                      capture_output=True, env={**os.environ, "RUST_LOG": "warn"}).stdout)
+    out["size"] = stats
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -338,6 +339,9 @@ async fn is_listening(addr: SocketAddr) -> bool {
     TcpStream::connect(addr).await.is_ok()
 }
 
+/// Reads of one device connection handed to ingest and not yet forwarded to rumqttd, at most.
+const READS_IN_FLIGHT: usize = 4;
+
 /// Why a connection could not be routed.
 #[derive(Debug, thiserror::Error)]
 enum SpliceError {
@@ -471,19 +475,50 @@ impl Door {
             dev_w.shutdown().await?;
             Ok::<(), SpliceError>(())
         };
-        let up = async {
+        // The way in is two halves joined by a short queue, so that a connection keeps reading
+        // while its previous reads are being stored: what arrives meanwhile is ready for the
+        // ingest thread's next batch instead of waiting for this connection's turn to read.
+        // `read` scans and hands PUBLISHes to ingest; `forward` writes each read's bytes to
+        // rumqttd in order, once they are stored.
+        let (queue_tx, mut queue_rx) = tokio::sync::mpsc::channel::<(
+            bytes::Bytes,
+            Option<oneshot::Receiver<()>>,
+        )>(READS_IN_FLIGHT);
+        let forward = async {
+            while let Some((bytes, stored)) = queue_rx.recv().await {
+                if let Some(stored) = stored {
+                    // Forward (and so let rumqttd acknowledge) only what is durable.
+                    stored.await.map_err(|_| SpliceError::Stopped)?;
+                }
+                up_w.write_all(&bytes).await?;
+            }
+            up_w.shutdown().await?;
+            Ok::<(), SpliceError>(())
+        };
+        let read = async {
+            let queue = queue_tx;
+            let send = |bytes: bytes::Bytes, stored| {
+                let queue = &queue;
+                async move {
+                    queue
+                        .send((bytes, stored))
+                        .await
+                        .map_err(|_| SpliceError::Stopped)
+                }
+            };
             let mut scanner = frames::Scanner::new(level == 5);
+            let mut topics = crate::ingest::TopicCache::default();
             let mut publishes = vec![];
             let mut framed = scanner.push(&head, &mut publishes).is_ok();
-            up_w.write_all(&head).await?;
+            send(bytes::Bytes::from(head.clone()), None).await?;
             let (mut fed, mut accepted) = (head.len() as u64, None);
             let mut accepted_rx = Some(accepted_rx);
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = dev_r.read(&mut buf).await?;
                 if n == 0 {
-                    up_w.shutdown().await?;
-                    return Ok(());
+                    // Dropping the queue lets `forward` finish what is queued and close.
+                    return Ok::<(), SpliceError>(());
                 }
                 let start = fed;
                 fed += n as u64;
@@ -498,7 +533,7 @@ impl Door {
                         Some(end) if framed => {
                             // Forward the rest of the CONNECT, then wait for rumqttd's verdict.
                             let cut = (end.saturating_sub(start) as usize).min(n);
-                            up_w.write_all(&rest[..cut]).await?;
+                            send(bytes::Bytes::copy_from_slice(&rest[..cut]), None).await?;
                             rest = &rest[cut..];
                             let rx = accepted_rx.take().expect("awaited once");
                             let ok = tokio::time::timeout(Duration::from_secs(30), rx)
@@ -512,29 +547,35 @@ impl Door {
                         _ => {
                             // Still inside the CONNECT (or not MQTT): nothing to ingest yet.
                             publishes.clear();
-                            up_w.write_all(rest).await?;
+                            send(bytes::Bytes::copy_from_slice(rest), None).await?;
                             continue;
                         }
                     }
                 }
+                let mut stored_rx = None;
                 if !publishes.is_empty() {
-                    let (done, stored) = tokio::sync::oneshot::channel();
+                    let (done, stored) = oneshot::channel();
                     let now = chrono::Utc::now().timestamp_millis();
                     let bytes = publishes.iter().map(|p| p.payload.len() as u64).sum();
                     let items = publishes
                         .drain(..)
-                        .map(|p| crate::ingest::decode(&p, now))
+                        .map(|p| crate::ingest::decode(&p, now, &mut topics))
                         .collect();
                     let chunk = IngestChunk { items, bytes, done };
                     ingest
                         .send_async(chunk)
                         .await
                         .map_err(|_| SpliceError::Stopped)?;
-                    // Forward (and so let rumqttd acknowledge) only what is durable.
-                    stored.await.map_err(|_| SpliceError::Stopped)?;
+                    stored_rx = Some(stored);
                 }
-                up_w.write_all(rest).await?;
+                if !rest.is_empty() || stored_rx.is_some() {
+                    send(bytes::Bytes::copy_from_slice(rest), stored_rx).await?;
+                }
             }
+        };
+        let up = async {
+            let (r, f) = tokio::join!(read, forward);
+            r.and(f)
         };
         tokio::select! { r = down => r, r = up => r }
     }

@@ -58,8 +58,37 @@ pub enum Decoded {
     Skip,
 }
 
+/// The last topic a connection published to and the machine and kind it names: a device
+/// publishes to a few topics over and over, so each is parsed and validated once, not per event.
+#[derive(Debug, Default)]
+pub struct TopicCache {
+    last: Option<(bytes::Bytes, MachineId, millrace_shared::EventKind)>,
+}
+
 /// Decodes one PUBLISH found in a device's stream.
-pub fn decode(p: &Publish, now_ms: i64) -> Decoded {
+pub fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decoded {
+    if let Some((topic, machine, kind)) = &topics.last
+        && *topic == p.topic
+    {
+        return match Event::decode_payload(machine.clone(), *kind, &p.payload) {
+            Ok(e) => Decoded::Event(e),
+            Err(err) => Decoded::Dead(DeadLetter::new(
+                now_ms,
+                std::str::from_utf8(topic).unwrap_or_default(),
+                &p.payload,
+                err.reason(),
+                err.to_string(),
+            )),
+        };
+    }
+    let decoded = decode_uncached(p, now_ms);
+    if let Decoded::Event(e) = &decoded {
+        topics.last = Some((p.topic.clone(), e.machine.clone(), e.kind()));
+    }
+    decoded
+}
+
+fn decode_uncached(p: &Publish, now_ms: i64) -> Decoded {
     let topic = match std::str::from_utf8(&p.topic) {
         Ok(t) => t,
         Err(_) => {
@@ -234,6 +263,8 @@ impl Ingest {
                         cfg,
                         stats,
                         dedup: HashMap::new(),
+                        windows: vec![],
+                        last_device: None,
                         recent,
                         recent_budget,
                         events: vec![],
@@ -300,7 +331,11 @@ struct Pipeline {
     store: Arc<Store>,
     cfg: IngestConfig,
     stats: Arc<IngestStats>,
-    dedup: HashMap<MachineId, DedupWindow>,
+    /// Index into `windows` of each device.
+    dedup: HashMap<MachineId, usize>,
+    windows: Vec<DedupWindow>,
+    /// The device of the last event and its slot in `windows`.
+    last_device: Option<(MachineId, usize)>,
     /// Events stored just before this run started (emptied once as many were stored since).
     recent: HashMap<MachineId, HashSet<(u64, i64)>>,
     recent_budget: usize,
@@ -349,17 +384,24 @@ impl Pipeline {
     }
 
     fn accept(&mut self, e: Event) {
-        let window = self.cfg.dedup_window;
-        // Look up before inserting: cloning the id for every event costs three allocations.
-        let seen = match self.dedup.get_mut(&e.machine) {
-            Some(w) => w.check(e.seq, e.ts_ms),
-            None => {
-                let mut w = DedupWindow::new(window);
-                let seen = w.check(e.seq, e.ts_ms);
-                self.dedup.insert(e.machine.clone(), w);
-                seen
+        // Consecutive events mostly come from one device (one connection's read): compare with
+        // the last one's id before hashing three strings.
+        let slot = match &self.last_device {
+            Some((id, slot)) if *id == e.machine => *slot,
+            _ => {
+                let slot = match self.dedup.get(&e.machine) {
+                    Some(slot) => *slot,
+                    None => {
+                        self.windows.push(DedupWindow::new(self.cfg.dedup_window));
+                        self.dedup.insert(e.machine.clone(), self.windows.len() - 1);
+                        self.windows.len() - 1
+                    }
+                };
+                self.last_device = Some((e.machine.clone(), slot));
+                slot
             }
         };
+        let seen = self.windows[slot].check(e.seq, e.ts_ms);
         let seen = if seen != Seen::Duplicate
             && !self.recent.is_empty()
             && self

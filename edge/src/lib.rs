@@ -172,6 +172,21 @@ impl Edge {
             None
         };
 
+        // Histogram samples wait in the recorder until drained: without upkeep an instance
+        // nobody scrapes would keep every sample it ever recorded.
+        tasks.spawn({
+            let (handle, stop) = (metrics.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
+                    let handle = handle.clone();
+                    let _ = tokio::task::spawn_blocking(move || handle.run_upkeep()).await;
+                }
+            }
+        });
+
         // Maintenance: seal full windows into compressed blocks, apply retention, report size.
         tasks.spawn({
             let (store, stop, every) =

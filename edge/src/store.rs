@@ -6,7 +6,7 @@
 //! | CF | key | value |
 //! |---|---|---|
 //! | `series` | `t/{site}/{line}/{machine}/{metric}` or `m/{site}/{line}/{machine}` | id `u32` + unit |
-//! | `head` | series id `u32` · ts | `f64` (raw points not yet sealed) |
+//! | `head` | series id `u32` · earliest ts · write order `u64` | the (ts, value) pairs one write batch brought for the series and block window (raw points not yet sealed; see `HeadEntry`) |
 //! | `blocks` | series id `u32` · window start | compressed block ([`block`]) |
 //! | `events` | machine id `u32` · ts · seq `u64` | JSON of the event body |
 //! | `dead_letters` | received ts · counter `u64` | JSON [`DeadLetter`] |
@@ -17,8 +17,9 @@
 //!
 //! Telemetry lands in `head` in the same write batch as everything else; a maintenance pass
 //! seals each full time window of a series into one Gorilla-style block and deletes the raw
-//! points in one atomic batch. Queries merge blocks and head. Because keys are (series, ts) and
-//! (machine, ts, seq), a duplicate event overwrites itself: it is stored once.
+//! points in one atomic batch. Queries merge blocks and head by timestamp (the later write
+//! wins). Because event keys are (machine, ts, seq) and points merge by (series, ts), a
+//! duplicate is stored once.
 //! Retention deletes by key range per series and machine.
 
 pub mod block;
@@ -242,13 +243,121 @@ fn series_ts_key(id: u32, ts: i64) -> [u8; 12] {
     k
 }
 
-/// A raw point from `head`: (ts from the key, value).
-fn head_point(k: &[u8], v: &[u8]) -> Result<(i64, f64), StoreError> {
-    let v: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
-        cf: CF_HEAD,
-        reason: "value is not 8 bytes".into(),
-    })?;
-    Ok((key_ts(&k[4..12]), f64::from_be_bytes(v)))
+/// Version byte of a head entry that holds several points ([`HeadEntry`]).
+const HEAD_CHUNK_V1: u8 = 1;
+
+/// One key of `head`. Two encodings are read:
+/// - *chunk* (written since 2026-12): key = series id · ts of its earliest point · write order
+///   `u64`; value = version byte 1, then (ts `i64`, value `f64`) little-endian pairs. One chunk
+///   holds the points one write batch brought for one series and block window, so a batch
+///   inserts one key per series instead of one per point, and a chunk never spans two windows.
+/// - *point* (the first layout): key = series id · ts; value = the `f64`, big-endian.
+///
+/// Readers apply entries in write order, so that for two points with the same timestamp the
+/// later write wins, as when every point had its own key.
+#[derive(Debug, PartialEq)]
+struct HeadEntry {
+    /// Write order (0 for the first layout's points, which predate every chunk).
+    order: u64,
+    points: Vec<(i64, f64)>,
+}
+
+impl HeadEntry {
+    fn decode(k: &[u8], v: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            cf: CF_HEAD,
+            reason,
+        };
+        match k.len() {
+            12 => {
+                let v: [u8; 8] = v
+                    .try_into()
+                    .map_err(|_| corrupt(format!("point value of {} bytes, not 8", v.len())))?;
+                Ok(Self {
+                    order: 0,
+                    points: vec![(key_ts(&k[4..12]), f64::from_be_bytes(v))],
+                })
+            }
+            20 => {
+                let (&version, pairs) = v
+                    .split_first()
+                    .ok_or_else(|| corrupt("empty chunk".into()))?;
+                if version != HEAD_CHUNK_V1 {
+                    return Err(corrupt(format!("unknown chunk version {version}")));
+                }
+                if pairs.len() % 16 != 0 {
+                    return Err(corrupt(format!("chunk of {} bytes", pairs.len())));
+                }
+                let points = pairs
+                    .chunks_exact(16)
+                    .map(|p| {
+                        let ts = i64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+                        (ts, f64::from_le_bytes(p[8..].try_into().expect("8 bytes")))
+                    })
+                    .collect();
+                Ok(Self {
+                    order: u64::from_be_bytes(k[12..20].try_into().expect("8 bytes")),
+                    points,
+                })
+            }
+            n => Err(corrupt(format!("key of {n} bytes"))),
+        }
+    }
+}
+
+/// The points of one write batch for one series and window, becoming one `head` chunk.
+#[derive(Debug)]
+struct PendingChunk {
+    id: u32,
+    min_ts: i64,
+    max_ts: i64,
+    value: Vec<u8>,
+}
+
+impl PendingChunk {
+    fn new(id: u32, ts: i64) -> Self {
+        let mut value = Vec::with_capacity(1 + 16 * 16);
+        value.push(HEAD_CHUNK_V1);
+        Self {
+            id,
+            min_ts: ts,
+            max_ts: ts,
+            value,
+        }
+    }
+
+    fn push(&mut self, ts: i64, v: f64) {
+        self.min_ts = self.min_ts.min(ts);
+        self.max_ts = self.max_ts.max(ts);
+        self.value.extend_from_slice(&ts.to_le_bytes());
+        self.value.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn key(&self, order: u64) -> [u8; 20] {
+        let mut k = [0u8; 20];
+        k[..12].copy_from_slice(&series_ts_key(self.id, self.min_ts));
+        k[12..].copy_from_slice(&order.to_be_bytes());
+        k
+    }
+}
+
+/// Applies head entries in write order into `points`, keeping those `keep` accepts.
+fn merge_head(
+    points: &mut BTreeMap<i64, f64>,
+    mut entries: Vec<HeadEntry>,
+    keep: impl Fn(i64) -> bool,
+) -> u64 {
+    entries.sort_by_key(|e| e.order);
+    let mut n = 0;
+    for e in entries {
+        for (ts, v) in e.points {
+            if keep(ts) {
+                points.insert(ts, v);
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 fn decode_block(v: &[u8]) -> Result<Vec<(i64, f64)>, StoreError> {
@@ -314,10 +423,9 @@ impl Store {
             match name {
                 // Already compressed: RocksDB's compression would only cost CPU.
                 CF_BLOCKS => o.set_compression_type(DBCompressionType::None),
-                CF_HEAD => {
-                    o.set_compression_type(DBCompressionType::Lz4);
-                    o.set_bottommost_compression_type(DBCompressionType::Zstd);
-                }
+                // Raw points live here for about one block window before they are sealed:
+                // cheap LZ4 only, Zstd would spend CPU on data that is deleted soon.
+                CF_HEAD => o.set_compression_type(DBCompressionType::Lz4),
                 _ => {
                     o.set_compression_type(DBCompressionType::Lz4);
                     o.set_bottommost_compression_type(DBCompressionType::Zstd);
@@ -331,6 +439,14 @@ impl Store {
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(5);
         db_opts.set_max_total_wal_size(64 << 20);
+        // Write SST and WAL files out a MiB at a time instead of in one burst when a file is
+        // closed: a burst of writeback delays the next WAL fsync, so the ingest latency tail.
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_wal_bytes_per_sync(1 << 20);
+        // Reuse old WAL files instead of growing new ones: an fdatasync of an append that does
+        // not change the file's size needs no journal commit for the inode (measured here:
+        // 0.30 ms median instead of 0.47 ms). Compatible with the default point-in-time recovery.
+        db_opts.set_recycle_log_file_num(4);
         let cfs = CFS
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
@@ -390,16 +506,21 @@ impl Store {
         let window = self.window_ms();
         let mut unsealed = self.unsealed.lock().expect("unsealed lock");
         for item in self.db.iterator_cf(self.cf(CF_HEAD), IteratorMode::Start) {
-            let (k, _) = item?;
+            let (k, v) = item?;
+            let entry = HeadEntry::decode(&k, &v)?;
             let id = u32::from_be_bytes(k[..4].try_into().expect("4 bytes"));
+            let Some(newest_here) = entry.points.iter().map(|p| p.0).max() else {
+                continue;
+            };
+            // A chunk lies within one window: its key's timestamp (its earliest point) tells which.
             let ts = key_ts(&k[4..12]);
             unsealed
                 .windows
                 .entry(id)
                 .or_default()
                 .insert(ts.div_euclid(window) * window);
-            let newest = unsealed.newest.entry(id).or_insert(ts);
-            *newest = (*newest).max(ts);
+            let newest = unsealed.newest.entry(id).or_insert(newest_here);
+            *newest = (*newest).max(newest_here);
         }
         if let Some(item) = self
             .db
@@ -511,7 +632,12 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut new = vec![];
         let mut stats = WriteStats::default();
-        let mut touched: Vec<(u32, i64)> = vec![];
+        let window = self.window_ms();
+        // Telemetry: one head chunk per series and window; most batches hold one window.
+        let mut chunks: Vec<PendingChunk> = vec![];
+        let mut chunk_of: HashMap<(u32, i64), usize> = HashMap::new();
+        // The last device's series: (metric, id, window, chunk) per reading position.
+        let mut last: Option<(&MachineId, Vec<(&str, u32, i64, usize)>)> = None;
         let (head, events_cf, dead_cf) = (self.cf(CF_HEAD), self.cf(CF_EVENTS), self.cf(CF_DEAD));
         let mut name = String::with_capacity(128);
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -523,20 +649,48 @@ impl Store {
             let mut first_id = None;
             match &e.body {
                 EventBody::Telemetry(t) => {
-                    for r in &t.readings {
-                        name.clear();
-                        name.push_str("t/");
-                        name.push_str(&m.site);
-                        name.push('/');
-                        name.push_str(&m.line);
-                        name.push('/');
-                        name.push_str(&m.machine);
-                        name.push('/');
-                        name.push_str(&r.name);
-                        let id = self.id_for(&name, &r.unit, &mut batch, &mut new)?;
+                    // Consecutive events mostly come from one device (one connection's read):
+                    // its series' ids and chunks are looked up once, not per reading.
+                    let cached = matches!(&last, Some((lm, _)) if *lm == m);
+                    if !cached {
+                        last = Some((m, Vec::with_capacity(t.readings.len())));
+                    }
+                    let series = &mut last.as_mut().expect("just set").1;
+                    let w = e.ts_ms.div_euclid(window) * window;
+                    for (n, r) in t.readings.iter().enumerate() {
+                        let hit = series.get(n).filter(|c| c.0 == r.name.as_str()).copied();
+                        let (id, chunk) = match hit {
+                            Some((_, id, cw, chunk)) if cw == w => (id, chunk),
+                            _ => {
+                                let id = match hit {
+                                    Some((_, id, _, _)) => id,
+                                    None => {
+                                        name.clear();
+                                        name.push_str("t/");
+                                        name.push_str(&m.site);
+                                        name.push('/');
+                                        name.push_str(&m.line);
+                                        name.push('/');
+                                        name.push_str(&m.machine);
+                                        name.push('/');
+                                        name.push_str(&r.name);
+                                        self.id_for(&name, &r.unit, &mut batch, &mut new)?
+                                    }
+                                };
+                                let chunk = *chunk_of.entry((id, w)).or_insert_with(|| {
+                                    chunks.push(PendingChunk::new(id, e.ts_ms));
+                                    chunks.len() - 1
+                                });
+                                let entry = (r.name.as_str(), id, w, chunk);
+                                match series.get_mut(n) {
+                                    Some(c) => *c = entry,
+                                    None => series.push(entry),
+                                }
+                                (id, chunk)
+                            }
+                        };
                         first_id.get_or_insert(id);
-                        batch.put_cf(head, series_ts_key(id, e.ts_ms), r.value.to_be_bytes());
-                        touched.push((id, e.ts_ms));
+                        chunks[chunk].push(e.ts_ms, r.value);
                         stats.points += 1;
                     }
                 }
@@ -581,6 +735,11 @@ impl Store {
             );
             stats.dead_letters += 1;
         }
+        // Unique and increasing under the write lock: every batch advances the sequence.
+        let order = self.db.latest_sequence_number() + 1;
+        for c in &chunks {
+            batch.put_cf(head, c.key(order), &c.value);
+        }
         stats.bytes = batch.size_in_bytes() as u64;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
@@ -596,16 +755,15 @@ impl Store {
                 index.by_name.insert(name, (id, unit));
             }
         }
-        let window = self.window_ms();
         let mut unsealed = self.unsealed.lock().expect("unsealed lock");
-        for (id, ts) in touched {
+        for c in &chunks {
             unsealed
                 .windows
-                .entry(id)
+                .entry(c.id)
                 .or_default()
-                .insert(ts.div_euclid(window) * window);
-            let newest = unsealed.newest.entry(id).or_insert(ts);
-            *newest = (*newest).max(ts);
+                .insert(c.min_ts.div_euclid(window) * window);
+            let newest = unsealed.newest.entry(c.id).or_insert(c.max_ts);
+            *newest = (*newest).max(c.max_ts);
         }
         drop(_guard);
         if self.outbox.is_some() {
@@ -672,13 +830,14 @@ impl Store {
         if let Some(existing) = self.db.get_cf(blocks, block_key)? {
             points.extend(decode_block(&existing)?);
         }
-        let mut fresh = 0;
-        for item in self.scan(CF_HEAD, &from, &to) {
-            let (k, v) = item?;
-            let (ts, value) = head_point(&k, &v)?;
-            points.insert(ts, value);
-            fresh += 1;
-        }
+        let entries = self
+            .scan(CF_HEAD, &from, &to)
+            .map(|item| {
+                let (k, v) = item?;
+                HeadEntry::decode(&k, &v)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let fresh = merge_head(&mut points, entries, |_| true);
         let mut batch = WriteBatch::default();
         if !points.is_empty() {
             let pts: Vec<(i64, f64)> = points.into_iter().collect();
@@ -816,16 +975,21 @@ impl Store {
                 let pts = decode_block(&v)?;
                 points.extend(pts.into_iter().filter(|(t, _)| *t >= from_ms && *t < to_ms));
             }
-            for item in self.scan_at(
-                &snapshot,
-                CF_HEAD,
-                &series_ts_key(id, from_ms),
-                &series_ts_key(id, to_ms),
-            ) {
-                let (k, v) = item?;
-                let (ts, value) = head_point(&k, &v)?;
-                points.insert(ts, value);
-            }
+            // A chunk's key holds its earliest point, and chunks do not span windows: every
+            // chunk with points in range starts in `[first_block, to_ms)`.
+            let entries = self
+                .scan_at(
+                    &snapshot,
+                    CF_HEAD,
+                    &series_ts_key(id, first_block),
+                    &series_ts_key(id, to_ms),
+                )
+                .map(|item| {
+                    let (k, v) = item?;
+                    HeadEntry::decode(&k, &v)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            merge_head(&mut points, entries, |t| t >= from_ms && t < to_ms);
         }
         Ok(Some(points.into_iter().collect()))
     }
@@ -1061,6 +1225,94 @@ mod tests {
         let pts = s.points("s/l/m/temp", T0, T0 + 1000).unwrap().unwrap();
         assert_eq!(pts, vec![(T0, 20.0), (T0 + 500, 99.5)]);
         assert!(s.points("nope", 0, 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn head_points_of_the_first_layout_are_read_merged_and_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            // Registers the series (id 0) and writes a chunk at T0 + 2000.
+            s.write(&[telemetry(T0 + 2000, 3, 3.0)], &[]).unwrap();
+            // Points as the first layout wrote them: one key (series · ts) per point, value
+            // big-endian; the one at T0 + 2000 was written before the chunk and is older.
+            for (ts, v) in [(T0, 1.0f64), (T0 + 1000, 2.0), (T0 + 2000, -1.0)] {
+                s.db.put_cf(s.cf(CF_HEAD), series_ts_key(0, ts), v.to_be_bytes())
+                    .unwrap();
+            }
+        }
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let want = vec![(T0, 1.0), (T0 + 1000, 2.0), (T0 + 2000, 3.0)];
+        assert_eq!(
+            s.points("s/l/m/temp", T0, T0 + 3000).unwrap().unwrap(),
+            want
+        );
+        assert_eq!(
+            s.points("s/l/m/temp", T0 + 1, T0 + 2000).unwrap().unwrap(),
+            vec![(T0 + 1000, 2.0)]
+        );
+        // Reopening found the window from both encodings; sealing merges them into one block.
+        assert_eq!(s.seal_all().unwrap(), 4);
+        assert_eq!(
+            s.points("s/l/m/temp", T0, T0 + 3000).unwrap().unwrap(),
+            want
+        );
+        let head_keys = s.db.iterator_cf(s.cf(CF_HEAD), IteratorMode::Start).count();
+        assert_eq!(head_keys, 0);
+    }
+
+    #[test]
+    fn one_batch_writes_one_head_chunk_per_series_and_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let window = s.window_ms();
+        // 10 points in the first window, 5 in the next, one batch.
+        let events: Vec<Event> = (0..15)
+            .map(|i| {
+                let ts = if i < 10 {
+                    T0 + i * 1000
+                } else {
+                    T0 + window + i * 1000
+                };
+                telemetry(ts, i as u64 + 1, i as f64)
+            })
+            .collect();
+        s.write(&events, &[]).unwrap();
+        let keys: Vec<Box<[u8]>> =
+            s.db.iterator_cf(s.cf(CF_HEAD), IteratorMode::Start)
+                .map(|kv| kv.unwrap().0)
+                .collect();
+        assert_eq!(keys.len(), 2, "one chunk per window");
+        assert!(keys.iter().all(|k| k.len() == 20));
+        let pts = s
+            .points("s/l/m/temp", T0, T0 + 2 * window)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pts.len(), 15);
+        // A query starting after a chunk's first point still sees the chunk's later points.
+        let pts = s
+            .points("s/l/m/temp", T0 + 5500, T0 + 8000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pts, vec![(T0 + 6000, 6.0), (T0 + 7000, 7.0)]);
+        // A rewrite of the same timestamp in a later batch wins.
+        s.write(&[telemetry(T0 + 6000, 7, 60.0)], &[]).unwrap();
+        let pts = s
+            .points("s/l/m/temp", T0 + 5500, T0 + 8000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pts, vec![(T0 + 6000, 60.0), (T0 + 7000, 7.0)]);
+        s.seal_all().unwrap();
+        let pts = s
+            .points("s/l/m/temp", T0 + 5500, T0 + 8000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pts, vec![(T0 + 6000, 60.0), (T0 + 7000, 7.0)]);
+        let corrupt = HeadEntry::decode(&[0u8; 20], &[9, 0, 0]).unwrap_err();
+        assert!(
+            corrupt.to_string().contains("unknown chunk version 9"),
+            "{corrupt}"
+        );
     }
 
     #[test]

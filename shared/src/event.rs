@@ -403,8 +403,13 @@ struct Out<'a, B: Serialize> {
 }
 
 fn parse<'de, T: Deserialize<'de>>(kind: EventKind, payload: &'de [u8]) -> Result<T, DecodeError> {
-    // The fast path; on failure, parse again with path tracking for a message naming the field.
-    serde_json::from_slice(payload).or_else(|_| {
+    // The fast path (UTF-8 checked once for the whole payload instead of string by string);
+    // on failure, parse again with path tracking for a message naming the field.
+    let fast = match std::str::from_utf8(payload) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(payload),
+    };
+    fast.or_else(|_| {
         let de = &mut serde_json::Deserializer::from_slice(payload);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
