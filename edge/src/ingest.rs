@@ -83,7 +83,12 @@ pub fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decoded {
     }
     let decoded = decode_uncached(p, now_ms);
     if let Decoded::Event(e) = &decoded {
-        topics.last = Some((p.topic.clone(), e.machine.clone(), e.kind()));
+        // A copy: `p.topic` shares the buffer of the whole read, which it would keep alive.
+        topics.last = Some((
+            bytes::Bytes::copy_from_slice(&p.topic),
+            e.machine.clone(),
+            e.kind(),
+        ));
     }
     decoded
 }

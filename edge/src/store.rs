@@ -248,7 +248,8 @@ const HEAD_CHUNK_V1: u8 = 1;
 
 /// One key of `head`. Two encodings are read:
 /// - *chunk* (written since 2026-12): key = series id · ts of its earliest point · write order
-///   `u64`; value = version byte 1, then (ts `i64`, value `f64`) little-endian pairs. One chunk
+///   `u64`; value = version byte 1, then (ts `i64`, value `f64`) little-endian pairs, or for a
+///   chunk of one point just its `f64` (little-endian; the key holds the ts). One chunk
 ///   holds the points one write batch brought for one series and block window, so a batch
 ///   inserts one key per series instead of one per point, and a chunk never spans two windows.
 /// - *point* (the first layout): key = series id · ts; value = the `f64`, big-endian.
@@ -278,6 +279,15 @@ impl HeadEntry {
                     points: vec![(key_ts(&k[4..12]), f64::from_be_bytes(v))],
                 })
             }
+            // A chunk of one point (sparse devices, small batches): just the value; the key
+            // holds its timestamp.
+            20 if v.len() == 8 => Ok(Self {
+                order: u64::from_be_bytes(k[12..20].try_into().expect("8 bytes")),
+                points: vec![(
+                    key_ts(&k[4..12]),
+                    f64::from_le_bytes(v.try_into().expect("8 bytes")),
+                )],
+            }),
             20 => {
                 let (&version, pairs) = v
                     .split_first()
@@ -331,6 +341,16 @@ impl PendingChunk {
         self.max_ts = self.max_ts.max(ts);
         self.value.extend_from_slice(&ts.to_le_bytes());
         self.value.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// The value to store: a one-point chunk is only its value (8 bytes instead of 17), so
+    /// that many sparse devices do not cost more memtable memory than one key per point did.
+    fn encoded(&self) -> &[u8] {
+        if self.value.len() == 17 {
+            &self.value[9..]
+        } else {
+            &self.value
+        }
     }
 
     fn key(&self, order: u64) -> [u8; 20] {
@@ -738,7 +758,7 @@ impl Store {
         // Unique and increasing under the write lock: every batch advances the sequence.
         let order = self.db.latest_sequence_number() + 1;
         for c in &chunks {
-            batch.put_cf(head, c.key(order), &c.value);
+            batch.put_cf(head, c.key(order), c.encoded());
         }
         stats.bytes = batch.size_in_bytes() as u64;
         let mut wo = WriteOptions::default();
@@ -1283,6 +1303,22 @@ mod tests {
                 .map(|kv| kv.unwrap().0)
                 .collect();
         assert_eq!(keys.len(), 2, "one chunk per window");
+        // A one-point chunk stores only its value.
+        s.write(&[telemetry(T0 + 2 * window, 99, 5.5)], &[])
+            .unwrap();
+        let single: Vec<(Box<[u8]>, Box<[u8]>)> =
+            s.db.iterator_cf(s.cf(CF_HEAD), IteratorMode::Start)
+                .map(|kv| kv.unwrap())
+                .filter(|(k, _)| key_ts(&k[4..12]) == T0 + 2 * window)
+                .collect();
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].1.len(), 8);
+        assert_eq!(
+            s.points("s/l/m/temp", T0 + 2 * window, T0 + 3 * window)
+                .unwrap()
+                .unwrap(),
+            vec![(T0 + 2 * window, 5.5)]
+        );
         assert!(keys.iter().all(|k| k.len() == 20));
         let pts = s
             .points("s/l/m/temp", T0, T0 + 2 * window)
