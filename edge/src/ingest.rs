@@ -16,8 +16,9 @@
 //!   re-sending what was stored but not yet acknowledged when the edge stopped is recognised:
 //!   the outbox, and so the cloud, gets each event once.
 //! - Topics under `millrace/` are the edge's own outputs and are not ingested.
-//! - The channel from the listeners is bounded, and each connection waits for its chunk to be
-//!   stored: a slow disk slows devices down instead of losing their data.
+//! - The channel from the listeners is bounded, and each connection has at most a few reads
+//!   waiting to be stored before it stops reading: a slow disk slows devices down instead of
+//!   losing their data.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
