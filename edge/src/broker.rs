@@ -510,8 +510,8 @@ impl Door {
             let mut topics = crate::ingest::TopicCache::default();
             let mut publishes = vec![];
             let mut framed = scanner.push(&head, &mut publishes).is_ok();
-            send(bytes::Bytes::from(head.clone()), None).await?;
             let (mut fed, mut accepted) = (head.len() as u64, None);
+            send(bytes::Bytes::from(head), None).await?;
             let mut accepted_rx = Some(accepted_rx);
             let mut buf = vec![0u8; 64 * 1024];
             loop {

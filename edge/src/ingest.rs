@@ -59,42 +59,39 @@ pub enum Decoded {
     Skip,
 }
 
-/// The last topic a connection published to and the machine and kind it names: a device
-/// publishes to a few topics over and over, so each is parsed and validated once, not per event.
+/// The last few topics a connection published to and the machine and kind each names: a
+/// device publishes to a few topics over and over, so each is parsed and validated once, not
+/// per event.
 #[derive(Debug, Default)]
 pub struct TopicCache {
-    last: Option<(bytes::Bytes, MachineId, millrace_shared::EventKind)>,
+    topics: Vec<(Box<str>, MachineId, millrace_shared::EventKind)>,
+    next: usize,
+}
+
+impl TopicCache {
+    /// One per event kind a device may publish.
+    const SIZE: usize = 4;
+
+    fn get(&self, topic: &str) -> Option<(&MachineId, millrace_shared::EventKind)> {
+        self.topics
+            .iter()
+            .find(|(t, _, _)| **t == *topic)
+            .map(|(_, m, k)| (m, *k))
+    }
+
+    fn remember(&mut self, topic: &str, e: &Event) {
+        let entry = (topic.into(), e.machine.clone(), e.kind());
+        if self.topics.len() < Self::SIZE {
+            self.topics.push(entry);
+        } else {
+            self.topics[self.next] = entry;
+            self.next = (self.next + 1) % Self::SIZE;
+        }
+    }
 }
 
 /// Decodes one PUBLISH found in a device's stream.
 pub fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decoded {
-    if let Some((topic, machine, kind)) = &topics.last
-        && *topic == p.topic
-    {
-        return match Event::decode_payload(machine.clone(), *kind, &p.payload) {
-            Ok(e) => Decoded::Event(e),
-            Err(err) => Decoded::Dead(DeadLetter::new(
-                now_ms,
-                std::str::from_utf8(topic).unwrap_or_default(),
-                &p.payload,
-                err.reason(),
-                err.to_string(),
-            )),
-        };
-    }
-    let decoded = decode_uncached(p, now_ms);
-    if let Decoded::Event(e) = &decoded {
-        // A copy: `p.topic` shares the buffer of the whole read, which it would keep alive.
-        topics.last = Some((
-            bytes::Bytes::copy_from_slice(&p.topic),
-            e.machine.clone(),
-            e.kind(),
-        ));
-    }
-    decoded
-}
-
-fn decode_uncached(p: &Publish, now_ms: i64) -> Decoded {
     let topic = match std::str::from_utf8(&p.topic) {
         Ok(t) => t,
         Err(_) => {
@@ -111,7 +108,11 @@ fn decode_uncached(p: &Publish, now_ms: i64) -> Decoded {
     if topic.starts_with(OWN_TOPIC_PREFIX) || topic.starts_with('$') {
         return Decoded::Skip;
     }
-    match Event::decode(topic, &p.payload) {
+    let decoded = match topics.get(topic) {
+        Some((machine, kind)) => Event::decode_payload(machine.clone(), kind, &p.payload),
+        None => Event::decode(topic, &p.payload).inspect(|e| topics.remember(topic, e)),
+    };
+    match decoded {
         Ok(e) => Decoded::Event(e),
         Err(err) => Decoded::Dead(DeadLetter::new(
             now_ms,
@@ -339,9 +340,9 @@ struct Pipeline {
     stats: Arc<IngestStats>,
     /// Index into `windows` of each device.
     dedup: HashMap<MachineId, usize>,
-    windows: Vec<DedupWindow>,
-    /// The device of the last event and its slot in `windows`.
-    last_device: Option<(MachineId, usize)>,
+    windows: Vec<(MachineId, DedupWindow)>,
+    /// The slot in `windows` of the last event's device.
+    last_device: Option<usize>,
     /// Events stored just before this run started (emptied once as many were stored since).
     recent: HashMap<MachineId, HashSet<(u64, i64)>>,
     recent_budget: usize,
@@ -392,22 +393,23 @@ impl Pipeline {
     fn accept(&mut self, e: Event) {
         // Consecutive events mostly come from one device (one connection's read): compare with
         // the last one's id before hashing three strings.
-        let slot = match &self.last_device {
-            Some((id, slot)) if *id == e.machine => *slot,
+        let slot = match self.last_device {
+            Some(slot) if self.windows[slot].0 == e.machine => slot,
             _ => {
                 let slot = match self.dedup.get(&e.machine) {
                     Some(slot) => *slot,
                     None => {
-                        self.windows.push(DedupWindow::new(self.cfg.dedup_window));
+                        let w = DedupWindow::new(self.cfg.dedup_window);
+                        self.windows.push((e.machine.clone(), w));
                         self.dedup.insert(e.machine.clone(), self.windows.len() - 1);
                         self.windows.len() - 1
                     }
                 };
-                self.last_device = Some((e.machine.clone(), slot));
+                self.last_device = Some(slot);
                 slot
             }
         };
-        let seen = self.windows[slot].check(e.seq, e.ts_ms);
+        let seen = self.windows[slot].1.check(e.seq, e.ts_ms);
         let seen = if seen != Seen::Duplicate
             && !self.recent.is_empty()
             && self
@@ -509,6 +511,55 @@ mod tests {
 
     fn ts(seq: u64) -> i64 {
         seq as i64 * 10
+    }
+
+    fn publish(topic: &str, payload: &str) -> Publish {
+        Publish {
+            topic: bytes::Bytes::copy_from_slice(topic.as_bytes()),
+            payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn a_bad_payload_on_a_remembered_topic_is_a_dead_letter_and_the_next_event_decodes() {
+        let topic = "factory/s/l/m/telemetry";
+        let good = |seq: u64| {
+            format!(
+                r#"{{"v":1,"ts":1767600000000,"seq":{seq},"readings":[{{"name":"t","value":1.5,"unit":"degC"}}]}}"#
+            )
+        };
+        let mut topics = TopicCache::default();
+        assert!(matches!(
+            decode(&publish(topic, &good(1)), 0, &mut topics),
+            Decoded::Event(_)
+        ));
+        let Decoded::Dead(d) = decode(&publish(topic, "{not json"), 7, &mut topics) else {
+            panic!("a bad payload must be refused");
+        };
+        assert_eq!(
+            (d.topic.as_str(), d.reason.as_str(), d.received_ms),
+            (topic, "bad_json", 7)
+        );
+        let Decoded::Event(e) = decode(&publish(topic, &good(2)), 0, &mut topics) else {
+            panic!("ingest goes on after a refused message");
+        };
+        assert_eq!((e.machine.to_string().as_str(), e.seq), ("s/l/m", 2));
+        // Other topics of the same connection are decoded with their own machine and kind.
+        let Decoded::Event(e) = decode(
+            &publish(
+                "factory/s/l/other/state",
+                r#"{"v":1,"ts":1767600000000,"seq":3,"state":"idle"}"#,
+            ),
+            0,
+            &mut topics,
+        ) else {
+            panic!("a second topic decodes");
+        };
+        assert_eq!(e.machine.to_string(), "s/l/other");
+        assert!(matches!(
+            decode(&publish("factory/s/l/m/bogus", &good(4)), 0, &mut topics),
+            Decoded::Dead(d) if d.reason == "unknown_kind"
+        ));
     }
 
     #[test]

@@ -279,16 +279,16 @@ impl HeadEntry {
                     points: vec![(key_ts(&k[4..12]), f64::from_be_bytes(v))],
                 })
             }
-            // A chunk of one point (sparse devices, small batches): just the value; the key
-            // holds its timestamp.
-            20 if v.len() == 8 => Ok(Self {
-                order: u64::from_be_bytes(k[12..20].try_into().expect("8 bytes")),
-                points: vec![(
-                    key_ts(&k[4..12]),
-                    f64::from_le_bytes(v.try_into().expect("8 bytes")),
-                )],
-            }),
             20 => {
+                let order = u64::from_be_bytes(k[12..20].try_into().expect("8 bytes"));
+                // A chunk of one point (sparse devices, small batches) is just the value; the
+                // key holds its timestamp.
+                if let Ok(v) = <[u8; 8]>::try_from(v) {
+                    return Ok(Self {
+                        order,
+                        points: vec![(key_ts(&k[4..12]), f64::from_le_bytes(v))],
+                    });
+                }
                 let (&version, pairs) = v
                     .split_first()
                     .ok_or_else(|| corrupt("empty chunk".into()))?;
@@ -305,10 +305,7 @@ impl HeadEntry {
                         (ts, f64::from_le_bytes(p[8..].try_into().expect("8 bytes")))
                     })
                     .collect();
-                Ok(Self {
-                    order: u64::from_be_bytes(k[12..20].try_into().expect("8 bytes")),
-                    points,
-                })
+                Ok(Self { order, points })
             }
             n => Err(corrupt(format!("key of {n} bytes"))),
         }
@@ -346,8 +343,9 @@ impl PendingChunk {
     /// The value to store: a one-point chunk is only its value (8 bytes instead of 17), so
     /// that many sparse devices do not cost more memtable memory than one key per point did.
     fn encoded(&self) -> &[u8] {
-        if self.value.len() == 17 {
-            &self.value[9..]
+        const ONE_POINT: usize = 1 + 16;
+        if self.value.len() == ONE_POINT {
+            &self.value[ONE_POINT - 8..]
         } else {
             &self.value
         }
@@ -361,12 +359,19 @@ impl PendingChunk {
     }
 }
 
-/// Applies head entries in write order into `points`, keeping those `keep` accepts.
+/// Decodes the head entries `scan` yields and applies them in write order into `points`,
+/// keeping the points `keep` accepts. Returns how many it applied.
 fn merge_head(
     points: &mut BTreeMap<i64, f64>,
-    mut entries: Vec<HeadEntry>,
+    scan: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
     keep: impl Fn(i64) -> bool,
-) -> u64 {
+) -> Result<u64, StoreError> {
+    let mut entries = scan
+        .map(|item| {
+            let (k, v) = item?;
+            HeadEntry::decode(&k, &v)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     entries.sort_by_key(|e| e.order);
     let mut n = 0;
     for e in entries {
@@ -377,7 +382,7 @@ fn merge_head(
             }
         }
     }
-    n
+    Ok(n)
 }
 
 fn decode_block(v: &[u8]) -> Result<Vec<(i64, f64)>, StoreError> {
@@ -678,37 +683,35 @@ impl Store {
                     let series = &mut last.as_mut().expect("just set").1;
                     let w = e.ts_ms.div_euclid(window) * window;
                     for (n, r) in t.readings.iter().enumerate() {
+                        // Same metric at the same position as in the device's previous event?
                         let hit = series.get(n).filter(|c| c.0 == r.name.as_str()).copied();
-                        let (id, chunk) = match hit {
-                            Some((_, id, cw, chunk)) if cw == w => (id, chunk),
-                            _ => {
-                                let id = match hit {
-                                    Some((_, id, _, _)) => id,
-                                    None => {
-                                        name.clear();
-                                        name.push_str("t/");
-                                        name.push_str(&m.site);
-                                        name.push('/');
-                                        name.push_str(&m.line);
-                                        name.push('/');
-                                        name.push_str(&m.machine);
-                                        name.push('/');
-                                        name.push_str(&r.name);
-                                        self.id_for(&name, &r.unit, &mut batch, &mut new)?
-                                    }
-                                };
-                                let chunk = *chunk_of.entry((id, w)).or_insert_with(|| {
-                                    chunks.push(PendingChunk::new(id, e.ts_ms));
-                                    chunks.len() - 1
-                                });
-                                let entry = (r.name.as_str(), id, w, chunk);
-                                match series.get_mut(n) {
-                                    Some(c) => *c = entry,
-                                    None => series.push(entry),
-                                }
-                                (id, chunk)
+                        let id = match hit {
+                            Some((_, id, _, _)) => id,
+                            None => {
+                                name.clear();
+                                name.push_str("t/");
+                                name.push_str(&m.site);
+                                name.push('/');
+                                name.push_str(&m.line);
+                                name.push('/');
+                                name.push_str(&m.machine);
+                                name.push('/');
+                                name.push_str(&r.name);
+                                self.id_for(&name, &r.unit, &mut batch, &mut new)?
                             }
                         };
+                        let chunk = match hit {
+                            Some((_, _, cw, chunk)) if cw == w => chunk,
+                            _ => *chunk_of.entry((id, w)).or_insert_with(|| {
+                                chunks.push(PendingChunk::new(id, e.ts_ms));
+                                chunks.len() - 1
+                            }),
+                        };
+                        let entry = (r.name.as_str(), id, w, chunk);
+                        match series.get_mut(n) {
+                            Some(c) => *c = entry,
+                            None => series.push(entry),
+                        }
                         first_id.get_or_insert(id);
                         chunks[chunk].push(e.ts_ms, r.value);
                         stats.points += 1;
@@ -850,14 +853,7 @@ impl Store {
         if let Some(existing) = self.db.get_cf(blocks, block_key)? {
             points.extend(decode_block(&existing)?);
         }
-        let entries = self
-            .scan(CF_HEAD, &from, &to)
-            .map(|item| {
-                let (k, v) = item?;
-                HeadEntry::decode(&k, &v)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let fresh = merge_head(&mut points, entries, |_| true);
+        let fresh = merge_head(&mut points, self.scan(CF_HEAD, &from, &to), |_| true)?;
         let mut batch = WriteBatch::default();
         if !points.is_empty() {
             let pts: Vec<(i64, f64)> = points.into_iter().collect();
@@ -997,19 +993,13 @@ impl Store {
             }
             // A chunk's key holds its earliest point, and chunks do not span windows: every
             // chunk with points in range starts in `[first_block, to_ms)`.
-            let entries = self
-                .scan_at(
-                    &snapshot,
-                    CF_HEAD,
-                    &series_ts_key(id, first_block),
-                    &series_ts_key(id, to_ms),
-                )
-                .map(|item| {
-                    let (k, v) = item?;
-                    HeadEntry::decode(&k, &v)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            merge_head(&mut points, entries, |t| t >= from_ms && t < to_ms);
+            let head = self.scan_at(
+                &snapshot,
+                CF_HEAD,
+                &series_ts_key(id, first_block),
+                &series_ts_key(id, to_ms),
+            );
+            merge_head(&mut points, head, |t| t >= from_ms && t < to_ms)?;
         }
         Ok(Some(points.into_iter().collect()))
     }
@@ -1349,6 +1339,19 @@ mod tests {
             corrupt.to_string().contains("unknown chunk version 9"),
             "{corrupt}"
         );
+        for (k, v, want) in [
+            (&[0u8; 20][..], &[1u8, 0, 0][..], "chunk of 2 bytes"),
+            (&[0u8; 20][..], &[][..], "empty chunk"),
+            (
+                &[0u8; 12][..],
+                &[0u8; 5][..],
+                "point value of 5 bytes, not 8",
+            ),
+            (&[0u8; 7][..], &[0u8; 8][..], "key of 7 bytes"),
+        ] {
+            let err = HeadEntry::decode(k, v).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("head"), "{err}");
+        }
     }
 
     #[test]
