@@ -953,6 +953,29 @@ mod tests {
     }
 
     #[test]
+    fn payloads_that_are_not_utf8_are_refused_and_utf8_units_are_kept() {
+        let topic = "factory/p/l/m/telemetry";
+        let mut bad =
+            br#"{"v":1,"ts":1767600000000,"seq":1,"readings":[{"name":"t","value":1,"unit":"X"}]}"#
+                .to_vec();
+        let at = bad.iter().position(|b| *b == b'X').unwrap();
+        bad[at] = 0xff;
+        let e = Event::decode(topic, &bad).unwrap_err();
+        assert_eq!(e.reason(), "bad_json");
+        assert!(e.to_string().contains("readings[0].unit"), "{e}");
+        let good =
+            r#"{"v":1,"ts":1767600000000,"seq":1,"readings":[{"name":"t","value":1,"unit":"°C"}]}"#;
+        let Event {
+            body: EventBody::Telemetry(t),
+            ..
+        } = Event::decode(topic, good.as_bytes()).unwrap()
+        else {
+            panic!("telemetry");
+        };
+        assert_eq!(t.readings[0].unit, "°C");
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic() {
         // A cheap deterministic fuzz: every prefix and a set of byte flips of valid payloads.
         for e in samples() {
