@@ -198,7 +198,10 @@ def latency(work, a, out):
     out["latency_rate_events_per_s"] = half
     out["latency_p99_le_s"] = p99
     out["latency_samples"] = n
-    out["latency_buckets"] = buckets_from_histogram(e.metrics(), "millrace_edge_ingest_latency_seconds")
+    m = e.metrics()
+    out["latency_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_latency_seconds")
+    out["latency_batch_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_batch_seconds")
+    out["latency_read_to_stored_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_read_to_stored_seconds")
     log(f"p99 <= {p99} s over {n} events")
     e.stop()
 

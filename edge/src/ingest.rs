@@ -133,6 +133,8 @@ pub struct IngestChunk {
     pub bytes: u64,
     /// Fired after the batch holding them was written.
     pub done: tokio::sync::oneshot::Sender<()>,
+    /// When the bytes holding them were read off the device's connection.
+    pub read_at: Instant,
 }
 
 /// Called with each batch of events once it is stored (set once, after start: functions
@@ -277,6 +279,7 @@ impl Ingest {
                         events: vec![],
                         dead: vec![],
                         done: vec![],
+                        reads: vec![],
                         warned: WarnLimiter::default(),
                         on_stored,
                     }
@@ -350,6 +353,8 @@ struct Pipeline {
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
     done: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// When each chunk of the batch was read, and how many packets it held.
+    reads: Vec<(Instant, usize)>,
     warned: WarnLimiter,
 }
 
@@ -380,6 +385,7 @@ impl Pipeline {
 
     fn take(&mut self, chunk: IngestChunk) {
         self.stats.bytes.fetch_add(chunk.bytes, Ordering::Relaxed);
+        self.reads.push((chunk.read_at, chunk.items.len()));
         for item in chunk.items {
             match item {
                 Decoded::Event(e) => self.accept(e),
@@ -442,6 +448,7 @@ impl Pipeline {
             self.done.drain(..).for_each(|d| {
                 let _ = d.send(());
             });
+            self.reads.clear();
             return;
         }
         let started = Instant::now();
@@ -481,6 +488,12 @@ impl Pipeline {
                     self.done.drain(..).for_each(|d| {
                         let _ = d.send(());
                     });
+                    // The edge's own part of the latency: read off the socket -> durable.
+                    let waited = metrics::histogram!("millrace_edge_ingest_read_to_stored_seconds");
+                    let stored_at = Instant::now();
+                    for (at, n) in self.reads.drain(..) {
+                        waited.record_many(stored_at.duration_since(at).as_secs_f64(), n);
+                    }
                     if let Some(hook) = self.on_stored.get() {
                         hook(&mut self.events);
                     }
@@ -492,6 +505,7 @@ impl Pipeline {
                         // Not acknowledged to the devices, so they will send these again.
                         tracing::error!(error = %e, events = self.events.len(), "store write failed during shutdown; devices were not acknowledged");
                         self.done.clear();
+                        self.reads.clear();
                         break;
                     }
                     tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, events = self.events.len(), "store write failed; retrying");
