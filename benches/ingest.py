@@ -150,7 +150,10 @@ def main():
     if "size" in only:
         size(work, out)
     print(json.dumps(out, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    if os.environ.get("BENCH_KEEP"):
+        log(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def throughput(work, a, out):

@@ -339,17 +339,8 @@ async fn is_listening(addr: SocketAddr) -> bool {
     TcpStream::connect(addr).await.is_ok()
 }
 
-/// Bytes of one device connection read and not yet forwarded to rumqttd, at most (four full
-/// reads). A budget of bytes, not of reads: a device sending a few packets at a time keeps
-/// reading through a slow batch (measured: with 4 reads of any size in flight, 17 % of the
-/// events of the half-load benchmark took over 5 ms, waiting in the socket, against 6 % now).
-const READ_BUDGET_BYTES: usize = 4 * READ_BUF_BYTES;
-
-/// Size of each connection's read buffer, so the largest read.
-const READ_BUF_BYTES: usize = 64 * 1024;
-
-/// What a read costs against the budget at least, so a stream of tiny reads is bounded too.
-const READ_MIN_COST: usize = 256;
+/// Reads of one device connection handed to ingest and not yet forwarded to rumqttd, at most.
+const READS_IN_FLIGHT: usize = 4;
 
 /// Why a connection could not be routed.
 #[derive(Debug, thiserror::Error)]
@@ -489,20 +480,17 @@ impl Door {
         // ingest thread's next batch instead of waiting for this connection's turn to read.
         // `read` scans and hands PUBLISHes to ingest; `forward` writes each read's bytes to
         // rumqttd in order, once they are stored.
-        let budget = Arc::new(tokio::sync::Semaphore::new(READ_BUDGET_BYTES));
         let (queue_tx, mut queue_rx) = tokio::sync::mpsc::channel::<(
             bytes::Bytes,
             Option<oneshot::Receiver<()>>,
-            tokio::sync::OwnedSemaphorePermit,
-        )>(READ_BUDGET_BYTES / READ_MIN_COST);
+        )>(READS_IN_FLIGHT);
         let forward = async {
-            while let Some((bytes, stored, permit)) = queue_rx.recv().await {
+            while let Some((bytes, stored)) = queue_rx.recv().await {
                 if let Some(stored) = stored {
                     // Forward (and so let rumqttd acknowledge) only what is durable.
                     stored.await.map_err(|_| SpliceError::Stopped)?;
                 }
                 up_w.write_all(&bytes).await?;
-                drop(permit);
             }
             up_w.shutdown().await?;
             Ok::<(), SpliceError>(())
@@ -510,15 +498,10 @@ impl Door {
         let read = async {
             let queue = queue_tx;
             let send = |bytes: bytes::Bytes, stored| {
-                let (queue, budget) = (&queue, budget.clone());
+                let queue = &queue;
                 async move {
-                    let cost = bytes.len().clamp(READ_MIN_COST, READ_BUDGET_BYTES);
-                    let permit = budget
-                        .acquire_many_owned(cost as u32)
-                        .await
-                        .map_err(|_| SpliceError::Stopped)?;
                     queue
-                        .send((bytes, stored, permit))
+                        .send((bytes, stored))
                         .await
                         .map_err(|_| SpliceError::Stopped)
                 }
@@ -530,7 +513,7 @@ impl Door {
             let (mut fed, mut accepted) = (head.len() as u64, None);
             send(bytes::Bytes::from(head), None).await?;
             let mut accepted_rx = Some(accepted_rx);
-            let mut buf = vec![0u8; READ_BUF_BYTES];
+            let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = dev_r.read(&mut buf).await?;
                 let read_at = std::time::Instant::now();
