@@ -161,8 +161,79 @@ impl SyncBatch {
 }
 
 /// Encodes one item on its own (the edge's outbox record), appending to `out`.
-pub fn encode_item(out: &mut Vec<u8>, seq: u64, stored_ms: i64, event: &Event) {
-    ItemCodec::default().encode_parts(out, seq, stored_ms, false, event);
+///
+/// The format of a batch's first item, written without the batch codec's dictionaries (the
+/// edge writes one record per event; the maps and owned strings cost more than the encoding):
+/// every string is new, so every value is a delta from 0. A metric repeated within the event
+/// is written twice instead of referenced; [`decode_item`] reads both forms.
+pub fn encode_item(out: &mut Vec<u8>, seq: u64, stored_ms: i64, e: &Event) {
+    put_var(out, zigzag(seq as i64));
+    put_var(out, zigzag(stored_ms));
+    out.push(kind_byte(&e.body));
+    // String 0: the machine, as site/line/machine.
+    let m = &e.machine;
+    put_var(out, 0);
+    put_var(
+        out,
+        (m.site.len() + m.line.len() + m.machine.len() + 2) as u64,
+    );
+    for (i, level) in [&m.site, &m.line, &m.machine].into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'/');
+        }
+        out.extend_from_slice(level.as_bytes());
+    }
+    put_var(out, zigzag(e.ts_ms));
+    put_var(out, zigzag(e.seq as i64));
+    match &e.body {
+        EventBody::Telemetry(t) => {
+            put_var(out, t.readings.len() as u64);
+            for (i, rd) in t.readings.iter().enumerate() {
+                // Strings 1..: each reading's name NUL unit.
+                put_var(out, i as u64 + 1);
+                put_var(out, (rd.name.len() + 1 + rd.unit.len()) as u64);
+                out.extend_from_slice(rd.name.as_bytes());
+                out.push(0);
+                out.extend_from_slice(rd.unit.as_bytes());
+                put_value(out, rd.value, |_| 0);
+            }
+        }
+        body => put_body(out, body),
+    }
+}
+
+fn kind_byte(body: &EventBody) -> u8 {
+    match body {
+        EventBody::State(_) => KIND_STATE,
+        EventBody::Part(_) => KIND_PART,
+        EventBody::Telemetry(_) => KIND_TELEMETRY,
+        EventBody::Operator(_) => KIND_OPERATOR,
+    }
+}
+
+/// A reading's value: its decimal scale and the scaled value as a delta from `prev(scale)`
+/// (the series' previous scaled value at that scale, else 0), or raw bits. Returns the scale
+/// and scaled value to remember, if any.
+fn put_value(out: &mut Vec<u8>, v: f64, prev: impl FnOnce(u8) -> i64) -> Option<(u8, i64)> {
+    match decimal(v) {
+        Some((d, scaled)) => {
+            out.push(d);
+            put_var(out, zigzag(scaled.wrapping_sub(prev(d))));
+            Some((d, scaled))
+        }
+        None => {
+            out.push(RAW_F64);
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+            None
+        }
+    }
+}
+
+/// A state, part or operator body: its JSON, length first.
+fn put_body(out: &mut Vec<u8>, body: &EventBody) {
+    let json = serde_json::to_vec(body).expect("event bodies serialize");
+    put_var(out, json.len() as u64);
+    out.extend_from_slice(&json);
 }
 
 /// Decodes one item encoded by [`encode_item`].
@@ -277,12 +348,7 @@ impl ItemCodec {
         self.prev_seq = seq;
         put_var(out, zigzag(stored_ms.wrapping_sub(self.prev_stored)));
         self.prev_stored = stored_ms;
-        let kind = match &e.body {
-            EventBody::State(_) => KIND_STATE,
-            EventBody::Part(_) => KIND_PART,
-            EventBody::Telemetry(_) => KIND_TELEMETRY,
-            EventBody::Operator(_) => KIND_OPERATOR,
-        };
+        let kind = kind_byte(&e.body);
         out.push(kind | if backfill { FLAG_BACKFILL } else { 0 });
         // One string for the machine: the three levels cannot contain '/'.
         let mut name = String::with_capacity(48);
@@ -305,28 +371,17 @@ impl ItemCodec {
                     name.push('\0');
                     name.push_str(&rd.unit);
                     let s = self.put_string(out, &name);
-                    match decimal(rd.value) {
-                        Some((d, v)) => {
-                            out.push(d);
-                            let prev = match self.series.get(&(m, s)) {
-                                Some((pd, pv)) if *pd == d => *pv,
-                                _ => 0,
-                            };
-                            put_var(out, zigzag(v.wrapping_sub(prev)));
-                            self.series.insert((m, s), (d, v));
-                        }
-                        None => {
-                            out.push(RAW_F64);
-                            out.extend_from_slice(&rd.value.to_bits().to_le_bytes());
-                        }
+                    let series = &self.series;
+                    let prev = |d| match series.get(&(m, s)) {
+                        Some((pd, pv)) if *pd == d => *pv,
+                        _ => 0,
+                    };
+                    if let Some(kept) = put_value(out, rd.value, prev) {
+                        self.series.insert((m, s), kept);
                     }
                 }
             }
-            body => {
-                let json = serde_json::to_vec(body).expect("event bodies serialize");
-                put_var(out, json.len() as u64);
-                out.extend_from_slice(&json);
-            }
+            body => put_body(out, body),
         }
     }
 
@@ -639,6 +694,48 @@ mod tests {
             encode_item(&mut buf, item.seq, item.stored_ms, &item.event);
             assert_eq!(decode_item(&buf).unwrap(), item);
         }
+    }
+
+    #[test]
+    fn a_single_item_is_written_as_a_batch_writes_its_first_item() {
+        for item in sample() {
+            let mut alone = vec![];
+            encode_item(&mut alone, item.seq, item.stored_ms, &item.event);
+            let mut first = vec![];
+            ItemCodec::default().encode_parts(
+                &mut first,
+                item.seq,
+                item.stored_ms,
+                false,
+                &item.event,
+            );
+            assert_eq!(alone, first, "{item:?}");
+        }
+        // A metric twice in one event is written twice (the batch codec references it) and
+        // still decodes to the same event; so do raw and negative values after it.
+        let machine = MachineId::new("s", "l", "m").unwrap();
+        let reading = |value: f64| Reading {
+            name: "t".into(),
+            value,
+            unit: "degC".into(),
+        };
+        let event = Event {
+            machine,
+            ts_ms: -5,
+            seq: 0,
+            body: EventBody::Telemetry(Telemetry {
+                readings: vec![
+                    reading(21.5),
+                    reading(0.1 + 0.2),
+                    reading(21.5),
+                    reading(-3.0),
+                ],
+            }),
+        };
+        let mut buf = vec![];
+        encode_item(&mut buf, 7, 9, &event);
+        let back = decode_item(&buf).unwrap();
+        assert_eq!((back.seq, back.stored_ms, back.event), (7, 9, event));
     }
 
     #[test]
