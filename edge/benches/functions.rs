@@ -32,7 +32,7 @@ fn input() -> Input {
                 .map(|n| Reading {
                     name: (*n).into(),
                     value: 61.5,
-                    unit: String::new(),
+                    unit: Default::default(),
                 })
                 .collect(),
         }),

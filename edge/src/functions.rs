@@ -1296,9 +1296,9 @@ impl Inner {
                     seq: 0,
                     body: EventBody::Telemetry(Telemetry {
                         readings: vec![Reading {
-                            name: p.metric.clone(),
+                            name: p.metric.as_str().into(),
                             value: p.value,
-                            unit: String::new(),
+                            unit: Default::default(),
                         }],
                     }),
                 })

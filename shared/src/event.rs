@@ -17,6 +17,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::topic::{MachineId, TopicError};
@@ -209,12 +210,12 @@ pub struct PartProduced {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
     /// Metric name, e.g. `temperature` or `spindle_load`.
-    pub name: String,
+    pub name: CompactString,
     /// The value (finite).
     pub value: f64,
     /// Unit, e.g. `degC`, `mm/s`, `%`, `kW`; may be empty.
     #[serde(default)]
-    pub unit: String,
+    pub unit: CompactString,
 }
 
 /// Sensor readings taken at one instant.

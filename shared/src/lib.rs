@@ -22,6 +22,9 @@ pub mod master;
 pub mod sync;
 pub mod topic;
 
+/// The string type of identities and metric names: up to 24 bytes are kept inline, so decoding
+/// an event allocates nothing for them.
+pub use compact_str::CompactString;
 pub use event::{
     DecodeError, Event, EventBody, EventKind, MachineState, OperatorAction, OperatorEvent,
     PartOutcome, PartProduced, Reading, SCHEMA_VERSION, StateChange, StopReason, Telemetry,

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 
 use crate::event::{Event, EventBody, Reading, Telemetry};
 use crate::topic::MachineId;
+use compact_str::CompactString;
 
 /// Magic bytes and version of the wire format.
 pub const WIRE_MAGIC: &[u8; 4] = b"MRS1";
@@ -414,7 +415,7 @@ impl ItemCodec {
                     let (name, unit) = self.strings[s as usize]
                         .split_once('\0')
                         .ok_or_else(|| r.invalid("metric", "no unit"))?;
-                    let (name, unit) = (name.to_owned(), unit.to_owned());
+                    let (name, unit) = (CompactString::from(name), CompactString::from(unit));
                     let d = r.byte("scale")?;
                     let value = if d == RAW_F64 {
                         f64::from_bits(u64::from_le_bytes(

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::event::EventKind;
@@ -83,19 +84,19 @@ pub fn validate_id(what: &'static str, value: &str) -> Result<(), TopicError> {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MachineId {
     /// The site (plant), e.g. `plant-1`.
-    pub site: String,
+    pub site: CompactString,
     /// The production line within the site, e.g. `line-a`.
-    pub line: String,
+    pub line: CompactString,
     /// The machine within the line, e.g. `press-03`.
-    pub machine: String,
+    pub machine: CompactString,
 }
 
 impl MachineId {
     /// Builds an identity after checking each level.
     pub fn new(
-        site: impl Into<String>,
-        line: impl Into<String>,
-        machine: impl Into<String>,
+        site: impl Into<CompactString>,
+        line: impl Into<CompactString>,
+        machine: impl Into<CompactString>,
     ) -> Result<Self, TopicError> {
         let id = Self {
             site: site.into(),

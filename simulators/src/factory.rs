@@ -89,19 +89,19 @@ impl FactorySim {
             for st in m.shift_tallies() {
                 own.add(&st.shift, &st.tally);
                 lines
-                    .entry((spec.id.site.clone(), spec.id.line.clone()))
+                    .entry((spec.id.site.to_string(), spec.id.line.to_string()))
                     .or_default()
                     .add(&st.shift, &st.tally);
                 sites
-                    .entry(spec.id.site.clone())
+                    .entry(spec.id.site.to_string())
                     .or_default()
                     .add(&st.shift, &st.tally);
             }
             let (totals, shifts, days) = own.finish();
             machines.push(MachineTruth {
-                site: spec.id.site.clone(),
-                line: spec.id.line.clone(),
-                machine: spec.id.machine.clone(),
+                site: spec.id.site.to_string(),
+                line: spec.id.line.to_string(),
+                machine: spec.id.machine.to_string(),
                 ideal_cycle_time_ms: spec.ideal_cycle_time_ms,
                 last_seq: m.last_seq(),
                 off_shift_ms: m.off_shift_ms(),

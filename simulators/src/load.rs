@@ -136,7 +136,7 @@ fn telemetry(id: &MachineId, seq: u64, readings: usize) -> Event {
                 name: if i < NAMES.len() {
                     name.into()
                 } else {
-                    format!("{name}_{i}")
+                    format!("{name}_{i}").into()
                 },
                 value: ((seq % 1000) as f64 * 0.01 + i as f64 * 10.0 + 20.0).round(),
                 unit: unit.into(),

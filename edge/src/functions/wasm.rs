@@ -492,9 +492,9 @@ fn event_field(e: &Event, key: &str) -> Option<String> {
     let m = &e.machine;
     Some(match (key, &e.body) {
         ("kind", b) => b.kind().as_str().to_owned(),
-        ("site", _) => m.site.clone(),
-        ("line", _) => m.line.clone(),
-        ("machine", _) => m.machine.clone(),
+        ("site", _) => m.site.to_string(),
+        ("line", _) => m.line.to_string(),
+        ("machine", _) => m.machine.to_string(),
         ("state", EventBody::State(s)) => s.state.as_str().to_owned(),
         ("reason", EventBody::State(s)) => s.reason?.as_str().to_owned(),
         ("outcome", EventBody::Part(p)) => p.outcome.as_str().to_owned(),
