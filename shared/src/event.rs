@@ -729,6 +729,30 @@ mod tests {
     }
 
     #[test]
+    fn names_longer_than_inline_and_escaped_names_round_trip() {
+        // CompactString keeps up to 24 bytes inline; longer ones live on the heap.
+        let site = "plant-with-a-rather-long-name-01";
+        let topic = format!("factory/{site}/l/m/telemetry");
+        let name = "spindle_bearing_temperature_front_left";
+        let payload = format!(
+            r#"{{"v":1,"ts":1767600000000,"seq":1,"readings":[{{"name":"{name}","value":2.5,"unit":"\u00b0C"}},{{"name":"t.q-2","value":1,"unit":"a\"b"}}]}}"#
+        );
+        let e = Event::decode(&topic, payload.as_bytes()).unwrap();
+        assert_eq!(e.machine.site, site);
+        let EventBody::Telemetry(t) = &e.body else {
+            panic!("telemetry expected");
+        };
+        assert_eq!(
+            t.readings
+                .iter()
+                .map(|r| (r.name.as_str(), r.unit.as_str()))
+                .collect::<Vec<_>>(),
+            [(name, "°C"), ("t.q-2", "a\"b")]
+        );
+        assert_eq!(Event::decode(&e.topic(), &e.to_payload()).unwrap(), e);
+    }
+
+    #[test]
     fn payloads_are_flat_and_versioned() {
         let e = &samples()[2];
         let v: serde_json::Value = serde_json::from_slice(&e.to_payload()).unwrap();
