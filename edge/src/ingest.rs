@@ -145,6 +145,9 @@ pub type StoredHook = Arc<std::sync::OnceLock<Box<dyn Fn(&mut Vec<Event>) + Send
 /// Where the device listeners send what they find.
 pub type IngestTx = flume::Sender<IngestChunk>;
 
+/// A batch taking this long to write is counted and logged.
+const SLOW_BATCH: Duration = Duration::from_millis(100);
+
 /// Chunks waiting for the ingest thread at most (each is at most one 64 KiB read).
 const CHANNEL_CHUNKS: usize = 256;
 
@@ -471,8 +474,19 @@ impl Pipeline {
                     }
                     metrics::counter!("millrace_edge_ingest_points_total").increment(s.points);
                     metrics::counter!("millrace_edge_ingest_write_bytes_total").increment(s.bytes);
+                    let took = started.elapsed();
                     metrics::histogram!("millrace_edge_ingest_batch_seconds")
-                        .record(started.elapsed().as_secs_f64());
+                        .record(took.as_secs_f64());
+                    if took >= SLOW_BATCH {
+                        // Devices wait this long for their acknowledgements: say so.
+                        metrics::counter!("millrace_edge_ingest_slow_batches_total").increment(1);
+                        tracing::warn!(
+                            took_ms = took.as_millis() as u64,
+                            events = s.events,
+                            bytes = s.bytes,
+                            "slow store write"
+                        );
+                    }
                     self.stats.events.fetch_add(s.events, Ordering::Relaxed);
                     self.stats.points.fetch_add(s.points, Ordering::Relaxed);
                     self.stats
