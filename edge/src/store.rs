@@ -433,6 +433,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A device's series by reading position in its last event: (metric, series id, window, chunk).
+type SeriesSlots<'a> = Vec<(&'a str, u32, i64, usize)>;
+
 impl Store {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
@@ -662,7 +665,7 @@ impl Store {
         let mut chunks: Vec<PendingChunk> = vec![];
         let mut chunk_of: HashMap<(u32, i64), usize> = HashMap::new();
         // The last device's series: (metric, id, window, chunk) per reading position.
-        let mut last: Option<(&MachineId, Vec<(&str, u32, i64, usize)>)> = None;
+        let mut last: Option<(&MachineId, SeriesSlots<'_>)> = None;
         let (head, events_cf, dead_cf) = (self.cf(CF_HEAD), self.cf(CF_EVENTS), self.cf(CF_DEAD));
         let mut name = String::with_capacity(128);
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -1296,7 +1299,8 @@ mod tests {
         // A one-point chunk stores only its value.
         s.write(&[telemetry(T0 + 2 * window, 99, 5.5)], &[])
             .unwrap();
-        let single: Vec<(Box<[u8]>, Box<[u8]>)> =
+        type Entry = (Box<[u8]>, Box<[u8]>);
+        let single: Vec<Entry> =
             s.db.iterator_cf(s.cf(CF_HEAD), IteratorMode::Start)
                 .map(|kv| kv.unwrap())
                 .filter(|(k, _)| key_ts(&k[4..12]) == T0 + 2 * window)
