@@ -281,8 +281,7 @@ impl Ingest {
                         recent_budget,
                         events: vec![],
                         dead: vec![],
-                        done: vec![],
-                        reads: vec![],
+                        taken: vec![],
                         warned: WarnLimiter::default(),
                         on_stored,
                     }
@@ -355,9 +354,8 @@ struct Pipeline {
     on_stored: StoredHook,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
-    done: Vec<tokio::sync::oneshot::Sender<()>>,
-    /// When each chunk of the batch was read, and how many packets it held.
-    reads: Vec<(Instant, usize)>,
+    /// The batch's chunks: whom to tell once stored, when each was read, how many packets.
+    taken: Vec<(tokio::sync::oneshot::Sender<()>, Instant, usize)>,
     warned: WarnLimiter,
 }
 
@@ -388,7 +386,7 @@ impl Pipeline {
 
     fn take(&mut self, chunk: IngestChunk) {
         self.stats.bytes.fetch_add(chunk.bytes, Ordering::Relaxed);
-        self.reads.push((chunk.read_at, chunk.items.len()));
+        let packets = chunk.items.len();
         for item in chunk.items {
             match item {
                 Decoded::Event(e) => self.accept(e),
@@ -396,7 +394,7 @@ impl Pipeline {
                 Decoded::Skip => {}
             }
         }
-        self.done.push(chunk.done);
+        self.taken.push((chunk.done, chunk.read_at, packets));
     }
 
     fn accept(&mut self, e: Event) {
@@ -448,10 +446,9 @@ impl Pipeline {
     fn write(&mut self, stop: &AtomicBool) {
         if self.events.is_empty() && self.dead.is_empty() {
             // Chunks with nothing to store (the edge's own topics, duplicates) are done too.
-            self.done.drain(..).for_each(|d| {
+            self.taken.drain(..).for_each(|(d, _, _)| {
                 let _ = d.send(());
             });
-            self.reads.clear();
             return;
         }
         let started = Instant::now();
@@ -499,13 +496,11 @@ impl Pipeline {
                             self.recent = HashMap::new();
                         }
                     }
-                    self.done.drain(..).for_each(|d| {
-                        let _ = d.send(());
-                    });
                     // The edge's own part of the latency: read off the socket -> durable.
                     let waited = metrics::histogram!("millrace_edge_ingest_read_to_stored_seconds");
                     let stored_at = Instant::now();
-                    for (at, n) in self.reads.drain(..) {
+                    for (d, at, n) in self.taken.drain(..) {
+                        let _ = d.send(());
                         waited.record_many(stored_at.duration_since(at).as_secs_f64(), n);
                     }
                     if let Some(hook) = self.on_stored.get() {
@@ -518,8 +513,7 @@ impl Pipeline {
                     if stop.load(Ordering::Relaxed) && backoff > Duration::from_secs(1) {
                         // Not acknowledged to the devices, so they will send these again.
                         tracing::error!(error = %e, events = self.events.len(), "store write failed during shutdown; devices were not acknowledged");
-                        self.done.clear();
-                        self.reads.clear();
+                        self.taken.clear();
                         break;
                     }
                     tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, events = self.events.len(), "store write failed; retrying");

@@ -174,16 +174,7 @@ pub fn encode_item(out: &mut Vec<u8>, seq: u64, stored_ms: i64, e: &Event) {
     // String 0: the machine, as site/line/machine.
     let m = &e.machine;
     put_var(out, 0);
-    put_var(
-        out,
-        (m.site.len() + m.line.len() + m.machine.len() + 2) as u64,
-    );
-    for (i, level) in [&m.site, &m.line, &m.machine].into_iter().enumerate() {
-        if i > 0 {
-            out.push(b'/');
-        }
-        out.extend_from_slice(level.as_bytes());
-    }
+    put_joined(out, &[&m.site, &m.line, &m.machine], b'/');
     put_var(out, zigzag(e.ts_ms));
     put_var(out, zigzag(e.seq as i64));
     match &e.body {
@@ -192,14 +183,23 @@ pub fn encode_item(out: &mut Vec<u8>, seq: u64, stored_ms: i64, e: &Event) {
             for (i, rd) in t.readings.iter().enumerate() {
                 // Strings 1..: each reading's name NUL unit.
                 put_var(out, i as u64 + 1);
-                put_var(out, (rd.name.len() + 1 + rd.unit.len()) as u64);
-                out.extend_from_slice(rd.name.as_bytes());
-                out.push(0);
-                out.extend_from_slice(rd.unit.as_bytes());
+                put_joined(out, &[&rd.name, &rd.unit], 0);
                 put_value(out, rd.value, |_| 0);
             }
         }
         body => put_body(out, body),
+    }
+}
+
+/// What [`put_str`] writes for `parts` joined by `sep`, without building the joined string.
+fn put_joined(out: &mut Vec<u8>, parts: &[&str], sep: u8) {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1);
+    put_var(out, len as u64);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(sep);
+        }
+        out.extend_from_slice(p.as_bytes());
     }
 }
 
