@@ -811,10 +811,7 @@ impl Functions {
                             stats.drop_trigger();
                             continue;
                         }
-                        let outcome = inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
-                        if let Some(pause) = stats.record(outcome) {
-                            tracing::warn!(function = %spec.name, pause_s = pause.as_secs(), "function timed out {} times in a row: its triggers are dropped for a while", Breaker::TRIPS);
-                        }
+                        inner.run(&spec, compiled.as_ref(), &stats, &mut m, job);
                         m.queue_depth.set(rx.len() as f64);
                     }
                 })
@@ -1017,7 +1014,8 @@ impl Functions {
         let mut v =
             serde_json::to_value(&*d.spec.lock().expect("spec lock")).expect("specs serialize");
         v["stats"] = serde_json::json!({
-            "invocations": s.invocations.load(Ordering::Relaxed),
+            // Acquire, and read first: the failures and pauses it counts are visible.
+            "invocations": s.invocations.load(Ordering::Acquire),
             "failures": s.failures.load(Ordering::Relaxed),
             "dropped": s.dropped.load(Ordering::Relaxed),
             "pauses": s.pauses.load(Ordering::Relaxed),
@@ -1218,14 +1216,19 @@ impl Inner {
             Ok(()) => (Outcome::Ok, None),
             Err(e) => (Outcome::from(e), Some(e.to_string())),
         };
-        stats.invocations.fetch_add(1, Ordering::Relaxed);
-        m.invocation(&spec.name, job.input.trigger, outcome)
-            .increment(1);
-        m.duration.record(duration.as_secs_f64());
+        // The breaker and the failure count first: whoever sees this invocation counted sees
+        // the failure and the pause it started.
+        if let Some(pause) = stats.record(outcome) {
+            tracing::warn!(function = %spec.name, pause_s = pause.as_secs(), "function timed out {} times in a row: its triggers are dropped for a while", Breaker::TRIPS);
+        }
         if let Some(e) = &error {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(function = %spec.name, version = spec.version, trigger = job.input.trigger.as_str(), outcome = outcome.as_str(), error = %e, "function invocation failed");
         }
+        stats.invocations.fetch_add(1, Ordering::Release);
+        m.invocation(&spec.name, job.input.trigger, outcome)
+            .increment(1);
+        m.duration.record(duration.as_secs_f64());
         let record = InvocationRecord {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             function: spec.name.clone(),
