@@ -3,9 +3,10 @@
 //! rumqttd serves one protocol version per listener, while devices expect one port (1883) for
 //! MQTT 3.1.1 and 5, as Mosquitto offers. Every device listener (the device port, the optional
 //! per-version ports and TLS) is Millrace's own: it reads each connection's CONNECT protocol
-//! level and splices the connection to rumqttd's v4 or v5 listener on loopback. rumqttd's
-//! listeners bind their addresses themselves (its API takes no bound socket), so they get a port
-//! the OS just handed out on 127.0.0.1.
+//! level and hands the connection to rumqttd's MQTT 3.1.1 or 5 server through an in-memory pipe
+//! (`Server::connection`, a one-function patch of rumqttd in `vendor/rumqttd`: rumqttd 0.20 only
+//! serves connections its own TCP listener accepted, and the hop over loopback TCP cost two
+//! more socket reads and writes per device read). rumqttd opens no port of its own.
 //!
 //! **Ingest at the door.** On the way in, the splice finds PUBLISH packets in the byte stream
 //! ([`frames`]), hands them to ingest, and forwards those bytes to rumqttd only once ingest has
@@ -26,9 +27,9 @@ use std::time::Duration;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::{ConnectionSettings, Router, RouterConfig, Server, ServerSettings};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,10 +59,6 @@ pub enum BrokerError {
 pub struct Broker {
     /// The device port (3.1.1 and 5).
     pub addr: SocketAddr,
-    /// rumqttd's MQTT 3.1.1 listener.
-    pub v4_addr: SocketAddr,
-    /// rumqttd's MQTT 5 listener.
-    pub v5_addr: SocketAddr,
     connections: Arc<AtomicI64>,
     publisher: crate::functions::Publisher,
 }
@@ -101,12 +98,6 @@ where
     Ok(Arc::new(move |topic: &str, payload: Vec<u8>| {
         tx.try_send((topic.to_owned(), payload)).is_ok()
     }))
-}
-
-fn loopback_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
 }
 
 /// Checks device credentials against Argon2 hashes.
@@ -153,8 +144,6 @@ impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("addr", &self.addr)
-            .field("v4_addr", &self.v4_addr)
-            .field("v5_addr", &self.v5_addr)
             .finish_non_exhaustive()
     }
 }
@@ -229,54 +218,19 @@ impl Broker {
                 );
             }
         }
-        let settings = |name: &str, listen: SocketAddr| ServerSettings {
+        let settings = |name: &str| ServerSettings {
             name: name.to_owned(),
-            listen,
+            // Unused: rumqttd's own listener is never started (connections come through
+            // `Server::connection`).
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: None,
             next_connection_delay_ms: 0,
             connections: connections.clone(),
         };
-        let (v4_addr, v5_addr) = (loopback_port(), loopback_port());
-        let servers: Vec<(ServerSettings, bool, LinkType)> = vec![
-            (settings("v4", v4_addr), false, LinkType::Remote),
-            (settings("v5", v5_addr), true, LinkType::Remote),
-        ];
-        for (s, v5, link) in servers {
-            let (name, stop) = (s.name.clone(), stop.clone());
-            let router_tx = router_tx.clone();
-            tasks.spawn(async move {
-                let run = async move {
-                    let r = if v5 {
-                        Server::new(s, router_tx, V5).start(link).await
-                    } else {
-                        Server::new(s, router_tx, V4).start(link).await
-                    };
-                    if let Err(e) = r {
-                        tracing::error!(listener = %name, error = %e, "MQTT listener stopped");
-                    }
-                };
-                tokio::select! { _ = run => {}, _ = stop.cancelled() => {} }
-            });
-        }
-        // rumqttd binds asynchronously: wait until its listeners listen before taking devices.
-        for addr in [v4_addr, v5_addr] {
-            let mut waited = Duration::ZERO;
-            while !is_listening(addr).await {
-                if waited > Duration::from_secs(10) {
-                    return Err(BrokerError::Bind {
-                        addr,
-                        source: std::io::Error::other("rumqttd listener did not start"),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                waited += Duration::from_millis(5);
-            }
-        }
-
         let connections = Arc::new(AtomicI64::new(0));
         let door = Arc::new(Door {
-            v4: v4_addr,
-            v5: v5_addr,
+            v4: Server::new(settings("v4"), router_tx.clone(), V4),
+            v5: Server::new(settings("v5"), router_tx, V5),
             ingest,
             connections: connections.clone(),
             max: cfg.max_connections as i64,
@@ -304,11 +258,9 @@ impl Broker {
                 stop.clone(),
             );
         }
-        tracing::info!(%addr, rumqttd_v4 = %v4_addr, rumqttd_v5 = %v5_addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
+        tracing::info!(%addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
         Ok(Self {
             addr,
-            v4_addr,
-            v5_addr,
             connections,
             publisher,
         })
@@ -325,19 +277,8 @@ impl Broker {
     }
 }
 
-/// Whether something listens on `addr`. On Linux this reads the kernel's socket table, so that
-/// no probe connection makes rumqttd log an aborted CONNECT; elsewhere it connects.
-async fn is_listening(addr: SocketAddr) -> bool {
-    if let Ok(table) = tokio::fs::read_to_string("/proc/net/tcp").await {
-        let port = format!(":{:04X}", addr.port());
-        return table.lines().skip(1).any(|l| {
-            let mut f = l.split_whitespace();
-            let (local, state) = (f.nth(1).unwrap_or(""), f.nth(1).unwrap_or(""));
-            local.ends_with(&port) && state == "0A"
-        });
-    }
-    TcpStream::connect(addr).await.is_ok()
-}
+/// Bytes buffered each way in the in-memory pipe between a device's connection and rumqttd.
+const PIPE_BYTES: usize = 64 * 1024;
 
 /// Reads of one device connection handed to ingest and not yet forwarded to rumqttd, at most.
 const READS_IN_FLIGHT: usize = 4;
@@ -361,8 +302,8 @@ enum SpliceError {
 
 /// The device listeners' shared state.
 struct Door {
-    v4: SocketAddr,
-    v5: SocketAddr,
+    v4: Server<V4>,
+    v5: Server<V5>,
     ingest: Option<IngestTx>,
     connections: Arc<AtomicI64>,
     max: i64,
@@ -394,6 +335,7 @@ impl Door {
                     continue;
                 }
                 let (door, stop, tls) = (self.clone(), stop.clone(), tls.clone());
+                let tasks = inner.clone();
                 inner.spawn(async move {
                     door.connections.fetch_add(1, Ordering::Relaxed);
                     metrics::gauge!("millrace_edge_mqtt_connections").increment(1.0);
@@ -402,12 +344,12 @@ impl Door {
                         match tls {
                             Some(acceptor) => {
                                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
-                                    Ok(Ok(s)) => door.splice(s, only).await,
+                                    Ok(Ok(s)) => door.splice(s, only, &tasks, &stop).await,
                                     Ok(Err(e)) => Err(SpliceError::Io(e)),
                                     Err(_) => Err(SpliceError::Timeout),
                                 }
                             }
-                            None => door.splice(sock, only).await,
+                            None => door.splice(sock, only, &tasks, &stop).await,
                         }
                     };
                     tokio::select! {
@@ -429,22 +371,28 @@ impl Door {
         &self,
         mut sock: S,
         only: Option<u8>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
     ) -> Result<(), SpliceError> {
         let mut head = Vec::with_capacity(64);
         let level = tokio::time::timeout(Duration::from_secs(10), read_level(&mut sock, &mut head))
             .await
             .map_err(|_| SpliceError::Timeout)??;
-        let target = match (level, only) {
-            (5, None | Some(5)) => self.v5,
-            (3 | 4, None | Some(4)) => self.v4,
+        let (mut upstream, rumqttd_side) = tokio::io::duplex(PIPE_BYTES);
+        let connection: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match (level, only) {
+            (5, None | Some(5)) => Box::pin(self.v5.connection(rumqttd_side)),
+            (3 | 4, None | Some(4)) => Box::pin(self.v4.connection(rumqttd_side)),
             (other, _) => {
                 metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "protocol")
                     .increment(1);
                 return Err(SpliceError::Level(other));
             }
         };
-        let mut upstream = TcpStream::connect(target).await?;
-        upstream.set_nodelay(true)?;
+        // rumqttd's side of the connection outlives this one by the will delay: its own task.
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! { _ = connection => {}, _ = stop.cancelled() => {} }
+        });
         let Some(ingest) = &self.ingest else {
             upstream.write_all(&head).await?;
             tokio::io::copy_bidirectional_with_sizes(
@@ -457,7 +405,7 @@ impl Door {
             return Ok(());
         };
         let (mut dev_r, mut dev_w) = tokio::io::split(sock);
-        let (mut up_r, mut up_w) = upstream.into_split();
+        let (mut up_r, mut up_w) = tokio::io::split(upstream);
         // Nothing a connection publishes is ingested before rumqttd has accepted its login:
         // the way back reports whether the CONNACK said yes.
         let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel::<bool>();

@@ -1,3 +1,4 @@
+#![allow(warnings)] // Millrace: vendored, not ours to lint (see vendor/README.md).
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::SocketAddr;

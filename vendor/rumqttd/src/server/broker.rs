@@ -379,6 +379,29 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         Ok((Box::new(stream), None))
     }
 
+    /// Millrace patch: serves one connection the caller accepted itself, on any byte stream
+    /// (an in-memory pipe, a TLS stream...), as this server's listener would have. The returned
+    /// future ends when the connection is over (after the will delay, as for a listener's
+    /// connection); spawn it.
+    pub fn connection<S>(&self, stream: S) -> impl std::future::Future<Output = ()> + Send + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        remote(
+            Arc::new(self.config.connections.clone()),
+            None,
+            self.router_tx.clone(),
+            Box::new(stream),
+            self.protocol.clone(),
+            self.awaiting_will_handler.clone(),
+        )
+        .instrument(tracing::error_span!(
+            "remote_link",
+            client_id = field::Empty,
+            connection_id = field::Empty,
+        ))
+    }
+
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
