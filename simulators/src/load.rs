@@ -1,6 +1,8 @@
 //! Load mode for benchmarks: N devices, each its own MQTT connection, publishing telemetry at a
 //! fixed total rate (or as fast as the broker takes it) with the current wall-clock time as the
-//! event timestamp, so that the receiving side can measure latency.
+//! event timestamp, so that the receiving side can measure latency. Each device writes all its
+//! due publishes at once ([`WireDevice`], on rumqttc's packet codec), so that the load
+//! generator costs less CPU than what it measures; QoS 2 goes through rumqttc's full client.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +13,13 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use rumqttc::QoS;
+
 use crate::publish::{BrokerOptions, PublishError, Publisher};
+
+mod wire;
+
+pub use wire::WireDevice;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -52,50 +60,106 @@ pub fn device_id(site: &str, i: u32) -> MachineId {
     MachineId::new(site, format!("line-{}", i / 100 + 1), format!("dev-{i:05}")).expect("valid ids")
 }
 
+/// One device of the load: the wire device for QoS 0 and 1, rumqttc's full client for QoS 2.
+#[derive(Debug)]
+enum Device {
+    Wire(WireDevice),
+    Client(Publisher),
+}
+
+impl Device {
+    async fn connect(opts: &BrokerOptions) -> Result<Self, PublishError> {
+        Ok(match opts.qos {
+            QoS::ExactlyOnce => Self::Client(Publisher::connect(opts).await?),
+            _ => Self::Wire(WireDevice::connect(opts).await?),
+        })
+    }
+
+    async fn publish_all(
+        &mut self,
+        topic: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<(), PublishError> {
+        match self {
+            Self::Wire(d) => d.publish_all(topic, payloads).await,
+            Self::Client(p) => {
+                for payload in payloads {
+                    p.publish(topic.to_owned(), payload).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn keep_alive(&mut self) -> Result<(), PublishError> {
+        match self {
+            Self::Wire(d) => d.keep_alive().await,
+            Self::Client(_) => Ok(()),
+        }
+    }
+
+    /// Waits for the acknowledgements and disconnects; returns how many arrived.
+    async fn close(self) -> Result<u64, PublishError> {
+        let timeout = Duration::from_secs(60);
+        match self {
+            Self::Wire(d) => d.close(timeout).await,
+            Self::Client(p) => {
+                p.flush(timeout).await?;
+                let acked = p.counters().acked.load(Ordering::Relaxed);
+                let _ = p.close(Duration::from_secs(5)).await;
+                Ok(acked)
+            }
+        }
+    }
+}
+
 /// Runs the load and reports what it achieved.
 pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
-    let mut publishers = Vec::with_capacity(opts.devices as usize);
+    let mut devices = Vec::with_capacity(opts.devices as usize);
     for i in 0..opts.devices {
         let mut b = opts.broker.clone();
         b.client_id = format!("{}-{i}", opts.broker.client_id);
-        publishers.push(Arc::new(Publisher::connect(&b).await?));
+        devices.push(Device::connect(&b).await?);
     }
     let per_device = opts.rate as f64 / f64::from(opts.devices.max(1));
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let mut tasks = JoinSet::new();
-    for (i, p) in publishers.iter().enumerate() {
-        let p = p.clone();
+    for (i, mut device) in devices.into_iter().enumerate() {
         let id = device_id(&opts.site, i as u32);
         let (duration, readings, stop) = (opts.duration, opts.readings, stop.clone());
         tasks.spawn(async move {
             let topic = id.topic(millrace_shared::EventKind::Telemetry);
             let mut seq = 0u64;
-            // Spread device starts over one millisecond step so they do not publish in lockstep.
             while t0.elapsed() < duration && !stop.load(Ordering::Relaxed) {
                 let due = if per_device > 0.0 {
                     (t0.elapsed().as_secs_f64() * per_device) as u64
                 } else {
                     seq + 256
                 };
-                while seq < due {
-                    seq += 1;
-                    let e = telemetry(&id, seq, readings);
-                    p.publish(topic.clone(), e.to_payload()).await?;
-                }
+                // Everything due goes out in one write, stamped when it is encoded.
+                let batch: Vec<Vec<u8>> = (seq + 1..=due)
+                    .map(|n| telemetry(&id, n, readings).to_payload())
+                    .collect();
+                seq = seq.max(due);
+                device.publish_all(&topic, batch).await?;
                 if per_device > 0.0 {
+                    device.keep_alive().await?;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 } else {
                     tokio::task::yield_now().await;
                 }
             }
-            Ok::<u64, PublishError>(seq)
+            Ok::<(u64, Device), PublishError>((seq, device))
         });
     }
-    let mut published = 0;
+    let (mut published, mut done) = (0, Vec::with_capacity(opts.devices as usize));
     while let Some(r) = tasks.join_next().await {
         match r.expect("load task panicked") {
-            Ok(n) => published += n,
+            Ok((n, device)) => {
+                published += n;
+                done.push(device);
+            }
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
                 return Err(e);
@@ -103,12 +167,8 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
         }
     }
     let mut acked = 0;
-    for p in publishers {
-        p.flush(Duration::from_secs(60)).await?;
-        acked += p.counters().acked.load(Ordering::Relaxed);
-        if let Ok(p) = Arc::try_unwrap(p) {
-            let _ = p.close(Duration::from_secs(5)).await;
-        }
+    for device in done {
+        acked += device.close().await?;
     }
     let elapsed_s = t0.elapsed().as_secs_f64();
     Ok(LoadReport {

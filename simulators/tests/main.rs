@@ -276,3 +276,65 @@ fn bad_flags_and_files_get_clear_errors() {
     }
     let _ = Path::new(SIM);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_mode_delivers_every_event_once_at_qos_0_and_1() {
+    let broker = Mosquitto::start();
+    for qos in ["1", "0"] {
+        let recorder = Recorder::start(broker.port, "factory/bench/+/+/telemetry", None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("load.json");
+        let args: Vec<String> = [
+            "load",
+            "--broker",
+            &broker.url(),
+            "--devices",
+            "3",
+            "--rate",
+            "1500",
+            "--duration",
+            "1s",
+            "--qos",
+            qos,
+            "--site",
+            "bench",
+            "--report",
+            report.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        tokio::task::spawn_blocking(move || {
+            sim(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        let report = read_json(&report);
+        let sent = report["published"].as_u64().unwrap();
+        assert!(sent > 0, "{report}");
+        let acked = if qos == "1" { sent } else { 0 };
+        assert_eq!(
+            report["acked"].as_u64().unwrap(),
+            acked,
+            "QoS {qos}: {report}"
+        );
+        let got = recorder
+            .wait_for(sent as usize, Duration::from_secs(60))
+            .await;
+        assert_eq!(got, sent as usize, "QoS {qos}");
+        // Per device: sequence numbers 1..=n, each once, every payload a valid event.
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for m in recorder.messages() {
+            let e =
+                Event::decode(&m.topic, &m.payload).unwrap_or_else(|e| panic!("{}: {e}", m.topic));
+            assert_eq!(e.machine.site.as_str(), "bench");
+            seqs.entry(e.machine.to_string()).or_default().push(e.seq);
+        }
+        assert_eq!(seqs.len(), 3, "{:?}", seqs.keys());
+        for (device, mut s) in seqs {
+            s.sort_unstable();
+            let n = s.len() as u64;
+            assert_eq!(s, (1..=n).collect::<Vec<_>>(), "QoS {qos}, {device}");
+        }
+        recorder.stop().await;
+    }
+}
