@@ -413,7 +413,8 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Millrace patch: debug, not error; the comment above says why it is expected.
+                tracing::debug!("no-connection id {} is already gone", id);
                 return;
             }
         };

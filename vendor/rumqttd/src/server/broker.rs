@@ -601,7 +601,8 @@ async fn remote<P: Protocol>(
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            // Millrace patch: debug, not error: the router closes a link on every DISCONNECT.
+            tracing::debug!(error=?e, "router-drop");
             send_disconnect = false;
         }
         // Connection was closed by peer
