@@ -149,8 +149,8 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Starts the router, rumqttd's listeners and the device port. Tasks are tracked by
-    /// `tasks` and stop when `stop` is cancelled.
+    /// Starts the router, rumqttd's MQTT 3.1.1 and 5 servers (fed through in-memory pipes) and
+    /// the device port. Tasks are tracked by `tasks` and stop when `stop` is cancelled.
     /// With `ingest`, every PUBLISH is written to the store before rumqttd sees it.
     pub async fn start(
         cfg: &MqttConfig,
