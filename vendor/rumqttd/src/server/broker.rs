@@ -532,7 +532,8 @@ async fn remote<P: Protocol>(
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
         Err(e) => {
-            error!(error=?e, "Error while handling MQTT connect packet");
+            // Millrace patch: warn, not error: a refused login or a bad CONNECT is the device's fault.
+            warn!(error=?e, "Error while handling MQTT connect packet");
             return;
         }
     };
