@@ -24,6 +24,17 @@ fn sim(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// Waits until the recorder has `sent` messages, then checks that no more arrive.
+async fn expect_exactly(recorder: &Recorder, sent: u64, what: &str) {
+    let got = recorder
+        .wait_for(sent as usize, Duration::from_secs(60))
+        .await;
+    // Anything more than `sent` would be a duplicate: give stragglers a moment to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(got, sent as usize, "{what}");
+    assert_eq!(recorder.count(), sent as usize, "{what}");
+}
+
 const SHIFT: &[&str] = &[
     "--seed",
     "42",
@@ -68,13 +79,7 @@ async fn a_shift_published_to_mosquitto_arrives_complete() {
         sent,
         "QoS 1: every publish acknowledged"
     );
-    let got = recorder
-        .wait_for(sent as usize, Duration::from_secs(60))
-        .await;
-    // Anything more than `sent` would be a duplicate: give stragglers a moment to show up.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(got, sent as usize);
-    assert_eq!(recorder.count(), sent as usize);
+    expect_exactly(&recorder, sent, "the shift").await;
 
     // Every message decodes, per-machine sequences have no gaps, kinds match the truth.
     let truth = read_json(&truth);
@@ -317,10 +322,7 @@ async fn load_mode_delivers_every_event_once_at_qos_0_and_1() {
             acked,
             "QoS {qos}: {report}"
         );
-        let got = recorder
-            .wait_for(sent as usize, Duration::from_secs(60))
-            .await;
-        assert_eq!(got, sent as usize, "QoS {qos}");
+        expect_exactly(&recorder, sent, &format!("load at QoS {qos}")).await;
         // Per device: sequence numbers 1..=n, each once, every payload a valid event.
         let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for m in recorder.messages() {
