@@ -1,7 +1,7 @@
 //! Load mode for benchmarks: N devices, each its own MQTT connection, publishing telemetry at a
 //! fixed total rate (or as fast as the broker takes it) with the current wall-clock time as the
 //! event timestamp, so that the receiving side can measure latency. Each device writes all its
-//! due publishes at once ([`WireDevice`], on rumqttc's packet codec), so that the load
+//! due publishes at once (`WireDevice`, on rumqttc's packet codec), so that the load
 //! generator costs less CPU than what it measures; QoS 2 goes through rumqttc's full client.
 
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::publish::{BrokerOptions, PublishError, Publisher};
 
 mod wire;
 
-pub use wire::WireDevice;
+use wire::WireDevice;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -104,10 +104,10 @@ impl Device {
         match self {
             Self::Wire(d) => d.close(timeout).await,
             Self::Client(p) => {
-                p.flush(timeout).await?;
-                let acked = p.counters().acked.load(Ordering::Relaxed);
-                let _ = p.close(Duration::from_secs(5)).await;
-                Ok(acked)
+                let counters = p.counters().clone();
+                // `close` waits for the acknowledgements first.
+                p.close(timeout).await?;
+                Ok(counters.acked.load(Ordering::Relaxed))
             }
         }
     }

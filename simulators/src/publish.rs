@@ -9,10 +9,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Largest packet the simulator sends or receives (fault mode sends oversized payloads).
-const MAX_PACKET: usize = 1024 * 1024;
+pub(crate) const MAX_PACKET: usize = 1024 * 1024;
 
 /// Most messages unacknowledged at once (QoS 1 and 2): `publish` waits beyond it.
-const MAX_UNACKED: u64 = 4096;
+pub(crate) const MAX_UNACKED: u64 = 4096;
 
 /// Why publishing failed.
 #[derive(Debug, thiserror::Error)]

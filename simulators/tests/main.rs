@@ -261,6 +261,10 @@ fn bad_flags_and_files_get_clear_errors() {
         fail(&["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "1m"])
             .contains("cannot connect to broker 127.0.0.1:1")
     );
+    assert!(
+        fail(&["load", "--broker", "mqtt://127.0.0.1:1", "--duration", "1s"])
+            .contains("cannot connect to broker 127.0.0.1:1")
+    );
     assert!(fail(&["run", "--qos", "3"]).contains("3 is not in 0..=2"));
     assert!(fail(&["run", "--speed", "-1", "--duration", "1m"]).contains("--speed must be 0"));
     assert!(
@@ -338,5 +342,49 @@ async fn load_mode_delivers_every_event_once_at_qos_0_and_1() {
             assert_eq!(s, (1..=n).collect::<Vec<_>>(), "QoS {qos}, {device}");
         }
         recorder.stop().await;
+    }
+}
+
+#[test]
+fn load_mode_names_a_refused_login() {
+    // A broker that answers every CONNECT with "not authorized" (rumqttd instead closes the
+    // socket without a CONNACK: both are reported).
+    for answer in [&[0x20u8, 0x02, 0x00, 0x05][..], &[][..]] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broker = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut sock, _) = listener.accept().unwrap();
+            // The whole CONNECT (short: a one-byte remaining length), so that closing sends FIN,
+            // not a reset for unread bytes.
+            let mut head = [0u8; 2];
+            sock.read_exact(&mut head).unwrap();
+            assert_eq!(head[0], 0x10, "CONNECT first");
+            let mut rest = vec![0u8; usize::from(head[1])];
+            sock.read_exact(&mut rest).unwrap();
+            sock.write_all(answer).unwrap();
+            sock.shutdown(std::net::Shutdown::Write).unwrap();
+            // Until the client has gone.
+            let _ = sock.read_to_end(&mut rest);
+        });
+        let out = Command::new(SIM)
+            .args(["load", "--broker", &format!("mqtt://127.0.0.1:{port}")])
+            .args(["--devices", "1", "--duration", "1s", "--qos", "1"])
+            .output()
+            .unwrap();
+        broker.join().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let expected = if answer.is_empty() {
+            "the broker closed the connection (login refused?)"
+        } else {
+            "refused: NotAuthorized"
+        };
+        assert!(
+            err.contains(&format!(
+                "cannot connect to broker 127.0.0.1:{port}: {expected}"
+            )),
+            "{err}"
+        );
     }
 }

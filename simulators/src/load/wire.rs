@@ -19,25 +19,19 @@ use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Disconnect, Pa
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::publish::{BrokerOptions, PublishError};
-
-/// Largest packet read from the broker.
-const MAX_PACKET: usize = 1024 * 1024;
-
-/// Publishes sent and not yet acknowledged at most (QoS 1), as rumqttc's inflight setting.
-const WINDOW: usize = 4096;
+use crate::publish::{BrokerOptions, MAX_PACKET, MAX_UNACKED, PublishError};
 
 /// Seconds of silence after which the device pings; the broker's limit is 1.5 × this.
 const KEEP_ALIVE_S: u16 = 30;
 
 /// One device connection of the load.
 #[derive(Debug)]
-pub struct WireDevice {
+pub(crate) struct WireDevice {
     writer: OwnedWriteHalf,
     buf: BytesMut,
     qos: QoS,
@@ -89,39 +83,15 @@ impl WireDevice {
             .map_err(|e| connect_error(&addr, e))?;
         buf.clear();
         let mut incoming = BytesMut::with_capacity(64 * 1024);
-        let connack = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match Packet::read(&mut incoming, MAX_PACKET) {
-                    Ok(p) => return Ok(p),
-                    Err(CodecError::InsufficientBytes(_)) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-                match reader.read_buf(&mut incoming).await {
-                    Ok(0) => return Err("the broker closed the connection (login refused?)".into()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
+        let connack = tokio::time::timeout(
+            Duration::from_secs(10),
+            next_packet(&mut reader, &mut incoming),
+        )
         .await
         .map_err(|_| connect_error(&addr, "no CONNACK within 10 s"))?
         .map_err(|e| connect_error(&addr, e))?;
-        match connack {
-            Packet::ConnAck(ConnAck {
-                code: ConnectReturnCode::Success,
-                ..
-            }) => {}
-            Packet::ConnAck(ConnAck { code, .. }) => {
-                return Err(connect_error(&addr, format!("refused: {code:?}")));
-            }
-            other => {
-                return Err(connect_error(
-                    &addr,
-                    format!("expected CONNACK, got {other:?}"),
-                ));
-            }
-        }
-        let window = Arc::new(Semaphore::new(WINDOW));
+        check_connack(connack).map_err(|e| connect_error(&addr, e))?;
+        let window = Arc::new(Semaphore::new(MAX_UNACKED as usize));
         let acked = Arc::new(AtomicU64::new(0));
         let reader = tokio::spawn({
             let (window, acked, addr) = (window.clone(), acked.clone(), addr.clone());
@@ -198,11 +168,6 @@ impl WireDevice {
         Ok(())
     }
 
-    /// Publishes sent.
-    pub const fn published(&self) -> u64 {
-        self.published
-    }
-
     /// PUBACKs received.
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
@@ -235,37 +200,59 @@ impl WireDevice {
 
 /// Counts PUBACKs and reopens the window by one for each.
 async fn read_acks(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
+    mut reader: OwnedReadHalf,
     mut incoming: BytesMut,
     window: &Semaphore,
     acked: &AtomicU64,
     addr: &str,
 ) -> Result<(), PublishError> {
     loop {
-        loop {
-            match Packet::read(&mut incoming, MAX_PACKET) {
-                Ok(Packet::PubAck(_)) => {
-                    acked.fetch_add(1, Ordering::Relaxed);
-                    window.add_permits(1);
-                }
-                Ok(Packet::PingResp) => {}
-                Ok(other) => {
-                    tracing::debug!(broker = %addr, packet = ?other, "unexpected packet ignored");
-                }
-                Err(CodecError::InsufficientBytes(_)) => break,
-                Err(e) => {
-                    tracing::warn!(broker = %addr, error = %e, "broker sent a malformed packet");
-                    return Err(PublishError::Closed);
-                }
+        match next_packet(&mut reader, &mut incoming).await {
+            Ok(Some(Packet::PubAck(_))) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                window.add_permits(1);
             }
-        }
-        match reader.read_buf(&mut incoming).await {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
+            Ok(Some(Packet::PingResp)) => {}
+            Ok(Some(other)) => {
+                tracing::debug!(broker = %addr, packet = ?other, "unexpected packet ignored");
+            }
+            Ok(None) => return Ok(()),
             Err(e) => {
-                tracing::debug!(broker = %addr, error = %e, "load connection closed");
+                tracing::warn!(broker = %addr, error = %e, "load connection failed");
                 return Err(PublishError::Closed);
             }
         }
+    }
+}
+
+/// The next packet from the broker; `None` when it closed the connection.
+async fn next_packet(
+    reader: &mut OwnedReadHalf,
+    incoming: &mut BytesMut,
+) -> Result<Option<Packet>, String> {
+    loop {
+        match Packet::read(incoming, MAX_PACKET) {
+            Ok(p) => return Ok(Some(p)),
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => return Err(format!("malformed packet from the broker: {e}")),
+        }
+        match reader.read_buf(incoming).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Whether the broker's first packet accepts the login.
+fn check_connack(first: Option<Packet>) -> Result<(), String> {
+    match first {
+        Some(Packet::ConnAck(ConnAck {
+            code: ConnectReturnCode::Success,
+            ..
+        })) => Ok(()),
+        Some(Packet::ConnAck(ConnAck { code, .. })) => Err(format!("refused: {code:?}")),
+        Some(other) => Err(format!("expected CONNACK, got {other:?}")),
+        None => Err("the broker closed the connection (login refused?)".into()),
     }
 }
