@@ -4,7 +4,8 @@
 1. Throughput: the same load (millrace-sim load, N devices, as fast as possible) against
    (a) the bare embedded broker (ingest off), (b) Mosquitto, (c) the full edge; for (c) the rate
    counts events durable in RocksDB (the edge's own counter), not only acknowledged.
-2. Latency: p99 device timestamp -> stored at half the edge's measured maximum.
+2. Latency: p99 device timestamp -> stored at half the edge's measured maximum, in several runs
+   (`--latency-runs`, each on a fresh edge; the median run is summarised).
 3. Bytes on disk per telemetry point: a simulated day (12 machines, 1 s telemetry) through the
    edge, then `store-stats --compact`.
 4. Memory: edge RSS with 1,000 devices connected publishing 10,000 events/s.
@@ -134,6 +135,9 @@ def main():
                          "(latency without throughput needs --latency-rate)")
     ap.add_argument("--latency-rate", type=int, default=0,
                     help="events/s of the latency run (default: half the measured stored rate)")
+    ap.add_argument("--latency-runs", type=int, default=3,
+                    help="latency runs, each on a fresh edge (the share <= 5 ms varies from run to "
+                         "run with the host's load; the summary gives every run and the median)")
     a = ap.parse_args()
     only = set(a.only.split(","))
     if a.skip_size:
@@ -197,25 +201,42 @@ def throughput(work, a, out):
 
 
 def latency(work, a, out):
-    # 2. latency at half the edge's maximum
+    # 2. latency at half the edge's maximum, several runs (each on a fresh edge)
     half = a.latency_rate or int(out["edge_stored_events_per_s"] / 2)
-    log(f"latency at {half} events/s …")
-    e = Edge(work, "latency")
-    cpu0 = e.cpu_s()
-    r = load(e.mqtt, a.devices, half, a.duration, a.qos, os.path.join(work, "latency.json"))
-    time.sleep(0.5)
-    # The edge's CPU cost per event at this fixed rate (less noisy than the maximum rate).
-    out["latency_edge_cpu_us_per_event"] = (e.cpu_s() - cpu0) / max(r["published"], 1) * 1e6
-    p99, n = p99_from_histogram(e.metrics(), "millrace_edge_ingest_latency_seconds")
     out["latency_rate_events_per_s"] = half
-    out["latency_p99_le_s"] = p99
-    out["latency_samples"] = n
+    runs = []
+    for i in range(max(a.latency_runs, 1)):
+        log(f"latency run {i + 1}/{a.latency_runs} at {half} events/s …")
+        runs.append(latency_run(work, a, half, f"latency-{i}"))
+        log(f"p99 <= {runs[-1]['p99_le_s']} s, {runs[-1]['share_le_5ms']:.4f} of events <= 5 ms")
+    out["latency_runs"] = runs
+    mid = sorted(runs, key=lambda r: r["share_le_5ms"])[len(runs) // 2]
+    # The median run (by share <= 5 ms) stands for the whole in the flat keys.
+    out["latency_p99_le_s"] = mid["p99_le_s"]
+    out["latency_share_le_5ms_median"] = mid["share_le_5ms"]
+    out["latency_samples"] = mid["samples"]
+    out["latency_edge_cpu_us_per_event"] = mid["edge_cpu_us_per_event"]
+    out["latency_buckets"] = mid["buckets"]
+    out["latency_batch_buckets"] = mid["batch_buckets"]
+    out["latency_read_to_stored_buckets"] = mid["read_to_stored_buckets"]
+
+
+def latency_run(work, a, rate, name):
+    e = Edge(work, name)
+    cpu0 = e.cpu_s()
+    r = load(e.mqtt, a.devices, rate, a.duration, a.qos, os.path.join(work, name + ".json"))
+    time.sleep(0.5)
+    run = {}
+    # The edge's CPU cost per event at this fixed rate (less noisy than the maximum rate).
+    run["edge_cpu_us_per_event"] = (e.cpu_s() - cpu0) / max(r["published"], 1) * 1e6
     m = e.metrics()
-    out["latency_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_latency_seconds")
-    out["latency_batch_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_batch_seconds")
-    out["latency_read_to_stored_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_read_to_stored_seconds")
-    log(f"p99 <= {p99} s over {n} events")
+    run["p99_le_s"], run["samples"] = p99_from_histogram(m, "millrace_edge_ingest_latency_seconds")
+    run["buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_latency_seconds")
+    run["share_le_5ms"] = run["buckets"].get("0.005", 0.0)
+    run["batch_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_batch_seconds")
+    run["read_to_stored_buckets"] = buckets_from_histogram(m, "millrace_edge_ingest_read_to_stored_seconds")
     e.stop()
+    return run
 
 
 def rss(work, a, out):

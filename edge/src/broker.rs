@@ -277,6 +277,10 @@ impl Broker {
     }
 }
 
+/// A device connection's first read buffer, and the one it gets once it fills that.
+const SMALL_READ: usize = 4 * 1024;
+const LARGE_READ: usize = 64 * 1024;
+
 /// Bytes buffered each way in the in-memory pipe between a device's connection and rumqttd.
 const PIPE_BYTES: usize = 64 * 1024;
 
@@ -461,10 +465,15 @@ impl Door {
             let (mut fed, mut accepted) = (head.len() as u64, None);
             send(bytes::Bytes::from(head), None).await?;
             let mut accepted_rx = Some(accepted_rx);
-            let mut buf = vec![0u8; 64 * 1024];
+            // Most devices send a few small messages a second: a small buffer each keeps 1,000
+            // connections cheap. One that fills it is fast and gets the large one for good.
+            let mut buf = vec![0u8; SMALL_READ];
             loop {
                 let n = dev_r.read(&mut buf).await?;
                 let read_at = std::time::Instant::now();
+                if n == buf.len() && n < LARGE_READ {
+                    buf.resize(LARGE_READ, 0);
+                }
                 if n == 0 {
                     // Dropping the queue lets `forward` finish what is queued and close.
                     return Ok::<(), SpliceError>(());

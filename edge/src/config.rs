@@ -206,6 +206,8 @@ pub struct StoreConfig {
     pub cache_bytes: usize,
     /// RocksDB memtable size per column family, bytes.
     pub write_buffer_bytes: usize,
+    /// RocksDB memtables of all column families together at most, bytes (0: no total limit).
+    pub memtable_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -219,6 +221,7 @@ impl Default for StoreConfig {
             retention: RetentionConfig::default(),
             cache_bytes: d.cache_bytes,
             write_buffer_bytes: d.write_buffer_bytes,
+            memtable_bytes: d.memtable_bytes,
         }
     }
 }
@@ -239,6 +242,7 @@ impl StoreConfig {
             alert_retention: self.retention.alerts,
             cache_bytes: self.cache_bytes,
             write_buffer_bytes: self.write_buffer_bytes,
+            memtable_bytes: self.memtable_bytes,
         }
     }
 }

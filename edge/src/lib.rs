@@ -202,6 +202,15 @@ impl Edge {
                             let now = chrono::Utc::now().timestamp_millis();
                             let sealed = store.seal(now)?;
                             store.enforce_retention(now)?;
+                            let memory = store.memory()?;
+                            for (kind, bytes) in [
+                                ("memtables", memory.memtables),
+                                ("table_readers", memory.table_readers),
+                                ("block_cache", memory.block_cache),
+                            ] {
+                                metrics::gauge!("millrace_edge_store_memory_bytes", "kind" => kind)
+                                    .set(bytes as f64);
+                            }
                             let sizes = store.size_by_cf()?;
                             for (cf, bytes) in &sizes {
                                 metrics::gauge!("millrace_edge_store_bytes", "cf" => *cf)

@@ -125,6 +125,9 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Memtable size per column family in bytes.
     pub write_buffer_bytes: usize,
+    /// Memtables of all column families together at most, in bytes (the largest is flushed
+    /// when they reach it); zero for no limit beyond `write_buffer_bytes` per family.
+    pub memtable_bytes: usize,
     /// Keep an outbox for the cloud, and its disk quota in bytes (`None`: no sync, no outbox).
     pub outbox_quota_bytes: Option<u64>,
     /// Events remembered across a restart to recognise devices re-sending what was stored just
@@ -147,6 +150,7 @@ impl Default for StoreOptions {
             dead_letter_retention: Duration::from_secs(7 * 86_400),
             cache_bytes: 32 << 20,
             write_buffer_bytes: 16 << 20,
+            memtable_bytes: 32 << 20,
             outbox_quota_bytes: None,
             recent_events: 100_000,
             invocation_retention: Duration::from_secs(7 * 86_400),
@@ -213,6 +217,17 @@ pub struct Bucket {
     pub max: f64,
     /// Mean value.
     pub mean: f64,
+}
+
+/// RocksDB's memory by use, bytes (see [`Store::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoreMemory {
+    /// Memtables, active and immutable.
+    pub memtables: u64,
+    /// Index and filter blocks of open SST files (outside the block cache).
+    pub table_readers: u64,
+    /// Blocks cached for reads.
+    pub block_cache: u64,
 }
 
 /// Counts of one write.
@@ -409,6 +424,7 @@ struct Unsealed {
 /// The time-series store. Every method blocks: call it off the async runtime.
 pub struct Store {
     db: DB,
+    cache: Cache,
     opts: StoreOptions,
     index: RwLock<Index>,
     unsealed: Mutex<Unsealed>,
@@ -467,6 +483,9 @@ impl Store {
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(5);
         db_opts.set_max_total_wal_size(64 << 20);
+        // Twelve column families with a 16 MiB memtable each (up to three while one flushes)
+        // would let memory grow with time under steady load: cap them together.
+        db_opts.set_db_write_buffer_size(opts.memtable_bytes);
         // Write SST and WAL files out a MiB at a time instead of in one burst when a file is
         // closed: a burst of writeback delays the next WAL fsync, so the ingest latency tail.
         db_opts.set_bytes_per_sync(1 << 20);
@@ -481,6 +500,7 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let store = Self {
             db,
+            cache,
             opts,
             index: RwLock::new(Index::default()),
             unsealed: Mutex::new(Unsealed::default()),
@@ -1107,6 +1127,22 @@ impl Store {
             out.insert(name, sst + mem);
         }
         Ok(out)
+    }
+
+    /// RocksDB's memory by use, bytes: memtables (all column families, also those being
+    /// flushed), table readers (index and filter blocks of open SST files) and the block cache.
+    pub fn memory(&self) -> Result<StoreMemory, StoreError> {
+        let mut m = StoreMemory {
+            block_cache: self.cache.get_usage() as u64,
+            ..Default::default()
+        };
+        for name in CFS {
+            let cf = self.cf(name);
+            let prop = |p: &str| self.db.property_int_value_cf(cf, p);
+            m.memtables += prop("rocksdb.size-all-mem-tables")?.unwrap_or(0);
+            m.table_readers += prop("rocksdb.estimate-table-readers-mem")?.unwrap_or(0);
+        }
+        Ok(m)
     }
 
     /// Flushes memtables to SST files and syncs the WAL.
