@@ -220,7 +220,7 @@ pub struct Bucket {
 }
 
 /// RocksDB's memory by use, bytes (see [`Store::memory`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct StoreMemory {
     /// Memtables, active and immutable.
     pub memtables: u64,
@@ -1115,18 +1115,19 @@ impl Store {
     pub fn size_by_cf(&self) -> Result<BTreeMap<&'static str, u64>, StoreError> {
         let mut out = BTreeMap::new();
         for name in CFS {
-            let cf = self.cf(name);
-            let sst = self
-                .db
-                .property_int_value_cf(cf, "rocksdb.total-sst-files-size")?
-                .unwrap_or(0);
-            let mem = self
-                .db
-                .property_int_value_cf(cf, "rocksdb.size-all-mem-tables")?
-                .unwrap_or(0);
+            let sst = self.cf_property(name, "rocksdb.total-sst-files-size")?;
+            let mem = self.cf_property(name, "rocksdb.size-all-mem-tables")?;
             out.insert(name, sst + mem);
         }
         Ok(out)
+    }
+
+    /// An integer property of one column family (0 when RocksDB does not report it).
+    fn cf_property(&self, name: &'static str, property: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .property_int_value_cf(self.cf(name), property)?
+            .unwrap_or(0))
     }
 
     /// RocksDB's memory by use, bytes: memtables (all column families, also those being
@@ -1137,10 +1138,8 @@ impl Store {
             ..Default::default()
         };
         for name in CFS {
-            let cf = self.cf(name);
-            let prop = |p: &str| self.db.property_int_value_cf(cf, p);
-            m.memtables += prop("rocksdb.size-all-mem-tables")?.unwrap_or(0);
-            m.table_readers += prop("rocksdb.estimate-table-readers-mem")?.unwrap_or(0);
+            m.memtables += self.cf_property(name, "rocksdb.size-all-mem-tables")?;
+            m.table_readers += self.cf_property(name, "rocksdb.estimate-table-readers-mem")?;
         }
         Ok(m)
     }
@@ -1308,6 +1307,32 @@ mod tests {
         );
         let head_keys = s.db.iterator_cf(s.cf(CF_HEAD), IteratorMode::Start).count();
         assert_eq!(head_keys, 0);
+    }
+
+    #[test]
+    fn memory_reports_memtables_until_they_are_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let empty = s.memory().unwrap().memtables;
+        let events: Vec<Event> = (0..500)
+            .map(|i| telemetry(T0 + i, i as u64 + 1, 1.0))
+            .collect();
+        s.write(&events, &[]).unwrap();
+        let written = s.memory().unwrap();
+        assert!(
+            written.memtables > empty,
+            "{written:?} after a write, {empty} before"
+        );
+        s.flush().unwrap();
+        let flushed = s.memory().unwrap();
+        assert!(
+            flushed.memtables < written.memtables,
+            "{flushed:?} after a flush"
+        );
+        assert!(
+            flushed.table_readers > 0,
+            "the flushed SST files are open: {flushed:?}"
+        );
     }
 
     #[test]
