@@ -466,13 +466,17 @@ impl Door {
             send(bytes::Bytes::from(head), None).await?;
             let mut accepted_rx = Some(accepted_rx);
             // Most devices send a few small messages a second: a small buffer each keeps 1,000
-            // connections cheap. One that fills it is fast and gets the large one for good.
+            // connections cheap. One that fills it gets the large one, and gives it back on the
+            // first read the small one would have held (a device that caught up after a stall).
             let mut buf = vec![0u8; SMALL_READ];
             loop {
                 let n = dev_r.read(&mut buf).await?;
                 let read_at = std::time::Instant::now();
                 if n == buf.len() && n < LARGE_READ {
                     buf.resize(LARGE_READ, 0);
+                } else if n < SMALL_READ && buf.len() > SMALL_READ {
+                    buf.truncate(SMALL_READ);
+                    buf.shrink_to_fit();
                 }
                 if n == 0 {
                     // Dropping the queue lets `forward` finish what is queued and close.

@@ -16,6 +16,7 @@
 //! received, flush RocksDB.
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod api;
 pub mod broker;
 pub mod config;

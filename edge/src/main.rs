@@ -296,8 +296,14 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mmap_threshold_fixed = millrace_edge::allocator::fix_mmap_threshold();
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    tracing::debug!(
+        mmap_threshold_fixed,
+        bytes = millrace_edge::allocator::MMAP_THRESHOLD,
+        "allocator tuned"
+    );
     match cli.command.unwrap_or(Command::Run) {
         Command::HashPassword => {
             if std::io::stdin().is_terminal() {

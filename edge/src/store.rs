@@ -150,7 +150,7 @@ impl Default for StoreOptions {
             dead_letter_retention: Duration::from_secs(7 * 86_400),
             cache_bytes: 32 << 20,
             write_buffer_bytes: 16 << 20,
-            memtable_bytes: 32 << 20,
+            memtable_bytes: 16 << 20,
             outbox_quota_bytes: None,
             recent_events: 100_000,
             invocation_retention: Duration::from_secs(7 * 86_400),
@@ -484,7 +484,9 @@ impl Store {
         db_opts.set_keep_log_file_num(5);
         db_opts.set_max_total_wal_size(64 << 20);
         // Twelve column families with a 16 MiB memtable each (up to three while one flushes)
-        // would let memory grow with time under steady load: cap them together.
+        // would let memory grow with time under steady load: cap them together (16 MiB by
+        // default: with 32 MiB the edge's RSS at 1,000 devices was ~10 MiB higher and the
+        // ingest rate the same).
         db_opts.set_db_write_buffer_size(opts.memtable_bytes);
         // Write SST and WAL files out a MiB at a time instead of in one burst when a file is
         // closed: a burst of writeback delays the next WAL fsync, so the ingest latency tail.
