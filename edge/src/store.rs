@@ -463,7 +463,8 @@ impl Store {
             // Bloom filters serve point lookups only. The families read by range scans (raw
             // points, events, outbox, ...) go without: building a filter keeps a hash of every
             // key of the output file in memory until the file is finished, which made RSS
-            // climb by up to ~20 MiB during each compaction of raw points (docs/benchmarks.md).
+            // climb by up to ~20 MiB during each compaction of raw points (a key per series and
+            // batch: with 1,000 devices close to one per reading; docs/benchmarks.md).
             if matches!(name, CF_BLOCKS | CF_FUNCTIONS | CF_KV | CF_META) {
                 t.set_bloom_filter(10.0, false);
             }
