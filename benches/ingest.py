@@ -92,36 +92,34 @@ def load(port, devices, rate, duration, qos, report):
         return json.load(f)
 
 
-def p99_from_histogram(text, name):
-    buckets = []
-    count = None
+def histogram(text, name):
+    """A Prometheus histogram from /metrics: (count, [(bound as printed, cumulative count)])."""
+    count, buckets = 0, []
     for line in text.splitlines():
         m = re.match(rf'{name}_bucket{{le="([^"]+)"}} (\S+)', line)
         if m:
-            buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+            buckets.append((m.group(1), float(m.group(2))))
         m = re.match(rf"{name}_count (\S+)", line)
         if m:
             count = float(m.group(1))
+    return count, buckets
+
+
+def p99_from_histogram(text, name):
+    """(upper bound of the bucket holding the 99th percentile, samples)."""
+    count, buckets = histogram(text, name)
     if not count:
         return None, 0
-    for le, c in sorted(buckets):
+    for le, c in sorted(buckets, key=lambda b: float(b[0])):
         if c >= 0.99 * count:
-            return le, int(count)
+            return float(le), int(count)
     return None, int(count)
 
 
 def buckets_from_histogram(text, name):
     """Share of events at or below each bucket bound, e.g. {"0.005": 0.991}."""
-    count, out = None, {}
-    for line in text.splitlines():
-        m = re.match(rf"{name}_count (\S+)", line)
-        if m:
-            count = float(m.group(1))
-    for line in text.splitlines():
-        m = re.match(rf'{name}_bucket{{le="([^"]+)"}} (\S+)', line)
-        if m and count:
-            out[m.group(1)] = round(float(m.group(2)) / count, 5)
-    return out
+    count, buckets = histogram(text, name)
+    return {le: round(c / count, 5) for le, c in buckets} if count else {}
 
 
 def main():
