@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use millrace_shared::service::{ConfigLoadError, load_config};
 use millrace_shared::{MachineSpec, ShiftCalendar};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -148,20 +147,13 @@ impl Default for CloudConfig {
 impl CloudConfig {
     /// Loads defaults, then `file` if given, then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(CloudConfig::default()));
-        if let Some(f) = file {
-            if !f.exists() {
-                return Err(ConfigError::Invalid {
-                    field: "--config".into(),
-                    reason: format!("file {} does not exist", f.display()),
-                });
-            }
-            fig = fig.merge(Toml::file(f));
-        }
-        let cfg: CloudConfig = fig
-            .merge(Env::prefixed("MILLRACE_CLOUD_").split("__"))
-            .extract()
-            .map_err(Box::new)?;
+        let cfg: CloudConfig = load_config(file, "MILLRACE_CLOUD_").map_err(|e| match e {
+            ConfigLoadError::Missing(_) => ConfigError::Invalid {
+                field: "--config".into(),
+                reason: e.to_string(),
+            },
+            ConfigLoadError::Read(e) => ConfigError::Load(e),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -35,16 +35,22 @@
 //! time, in row groups of [`EVENTS_ROW_GROUP`] rows, so that a scan for state changes skips the
 //! row groups of parts by their statistics.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod compaction;
+mod ledger;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-use millrace_shared::sync::{RangeSet, SeqRange, SyncAck, SyncItem};
-use millrace_shared::{EventBody, PartOutcome};
+use millrace_shared::sync::{RangeSet, SeqRange};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
+
+pub use ledger::EdgeLedger;
+
+use crate::schema::{events, part_counts};
 
 /// Errors of the dataset.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +103,7 @@ pub enum Table {
 }
 
 impl Table {
-    /// Both tables.
+    /// Every table.
     pub const ALL: [Table; 3] = [Table::Telemetry, Table::Events, Table::PartCounts];
 
     /// Directory name.
@@ -159,58 +165,6 @@ pub const FORMAT: u32 = 2;
 pub const EVENTS_ROW_GROUP: usize = 65_536;
 
 const MINUTE_MS: i64 = 60_000;
-const DAY_MS: i64 = 86_400_000;
-
-/// What the cloud holds of one edge.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct EdgeLedger {
-    /// Outbox sequence numbers held.
-    pub received: RangeSet,
-    /// Sequence numbers the edge reported dropped under its quota.
-    pub dropped: RangeSet,
-    /// Batches committed.
-    pub batches: u64,
-    /// Unix ms of the last commit.
-    pub last_commit_ms: Option<i64>,
-}
-
-impl EdgeLedger {
-    /// Items held.
-    pub fn items(&self) -> u64 {
-        self.received.len()
-    }
-
-    /// Items the edge dropped under its quota (reported ranges minus what arrived anyway: the
-    /// edge reports a lane's dropped seqs as ranges that may span the other lane's items).
-    pub fn dropped_items(&self) -> u64 {
-        self.dropped.len() - self.dropped.intersection_len(&self.received)
-    }
-
-    /// Holes in the received sequence that the edge did not report as dropped.
-    pub fn gaps(&self) -> Vec<SeqRange> {
-        let mut out = vec![];
-        for (a, b) in self.received.gaps() {
-            // Subtract dropped ranges from [a, b].
-            let mut lo = a;
-            for &(da, db) in self.dropped.ranges() {
-                if db < lo || da > b {
-                    continue;
-                }
-                if da > lo {
-                    out.push((lo, da - 1));
-                }
-                lo = db.saturating_add(1);
-                if lo > b {
-                    break;
-                }
-            }
-            if lo <= b {
-                out.push((lo, b));
-            }
-        }
-        out
-    }
-}
 
 #[derive(Debug, Default)]
 struct State {
@@ -237,99 +191,6 @@ pub struct Dataset {
 /// How long files replaced by a compaction stay on disk (a restart removes them at once:
 /// they are not in the manifest).
 pub const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
-
-/// Rows of one batch for one partition, borrowing the batch's strings (no copy per row).
-#[derive(Default)]
-struct Rows<'a> {
-    edge: &'a str,
-    oseq: Vec<u64>,
-    line: Vec<&'a str>,
-    machine: Vec<&'a str>,
-    ts: Vec<i64>,
-    dseq: Vec<u64>,
-    backfill: Vec<bool>,
-    // telemetry
-    metric: Vec<&'a str>,
-    unit: Vec<&'a str>,
-    value: Vec<f64>,
-    // events
-    kind: Vec<&'static str>,
-    state: Vec<Option<String>>,
-    reason: Vec<Option<String>>,
-    outcome: Vec<Option<String>>,
-    cycle_time_ms: Vec<Option<u32>>,
-    part_id: Vec<Option<&'a str>>,
-    action: Vec<Option<String>>,
-    operator: Vec<Option<&'a str>>,
-}
-
-fn enum_name<T: Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
-}
-
-impl<'a> Rows<'a> {
-    fn common(&mut self, edge: &'a str, it: &'a SyncItem) {
-        self.edge = edge;
-        self.oseq.push(it.seq);
-        self.line.push(&it.event.machine.line);
-        self.machine.push(&it.event.machine.machine);
-        self.ts.push(it.event.ts_ms);
-        self.dseq.push(it.event.seq);
-        self.backfill.push(it.backfill);
-    }
-
-    fn len(&self) -> usize {
-        self.oseq.len()
-    }
-
-    fn frame(self, table: Table, site: &str, received_ms: i64) -> PolarsResult<DataFrame> {
-        let n = self.len();
-        let ts = Column::new("ts".into(), self.ts)
-            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
-        let received = Column::new("received_at".into(), vec![received_ms; n])
-            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
-        let mut cols = vec![
-            Column::new("site".into(), vec![site; n]),
-            Column::new("line".into(), self.line),
-            Column::new("machine".into(), self.machine),
-            ts,
-            Column::new("device_seq".into(), self.dseq),
-        ];
-        match table {
-            Table::Telemetry => cols.extend([
-                Column::new("metric".into(), self.metric),
-                Column::new("unit".into(), self.unit),
-                Column::new("value".into(), self.value),
-            ]),
-            Table::PartCounts => unreachable!("part counts are not built from rows"),
-            Table::Events => cols.extend([
-                Column::new("kind".into(), self.kind),
-                Column::new("state".into(), self.state),
-                Column::new("reason".into(), self.reason),
-                Column::new("outcome".into(), self.outcome),
-                Column::new("cycle_time_ms".into(), self.cycle_time_ms),
-                Column::new("part_id".into(), self.part_id),
-                Column::new("action".into(), self.action),
-                Column::new("operator".into(), self.operator),
-            ]),
-        }
-        cols.extend([
-            Column::new("edge".into(), vec![self.edge; n]),
-            Column::new("outbox_seq".into(), self.oseq),
-            Column::new("backfill".into(), self.backfill),
-            received,
-        ]);
-        DataFrame::new(n, cols)
-    }
-}
-
-fn date_of(ts_ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ts_ms)
-        .map_or_else(|| "invalid".into(), |d| d.format("%Y-%m-%d").to_string())
-}
 
 fn sync_dir(dir: &Path) -> Result<(), DatasetError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
@@ -383,61 +244,6 @@ impl Dataset {
         ds.remove_orphans()?;
         ds.upgrade()?;
         Ok(ds)
-    }
-
-    /// Brings a dataset of an older layout to [`FORMAT`]: builds the part counts of every
-    /// partition from its event files (once; progress is logged per partition).
-    fn upgrade(&self) -> Result<(), DatasetError> {
-        let (format, partitions) = {
-            let s = self.state.lock().expect("state lock");
-            let mut g: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
-            for f in s.files.values().filter(|f| f.table == Table::Events) {
-                g.entry((f.date.clone(), f.site.clone()))
-                    .or_default()
-                    .push(self.dir.join(&f.path));
-            }
-            (s.format, g)
-        };
-        if format >= FORMAT {
-            return Ok(());
-        }
-        let mut manifest = self.manifest.lock().expect("manifest lock");
-        if !partitions.is_empty() {
-            tracing::info!(
-                partitions = partitions.len(),
-                "dataset of layout {format}: building the part counts from the event files"
-            );
-        }
-        let n = partitions.len();
-        for (i, ((date, site), paths)) in partitions.into_iter().enumerate() {
-            let mut df = count_parts(scan_files(&paths)?, true).collect()?;
-            let df = part_counts_schema(&mut df)?;
-            let id = self.next_id();
-            let rel = format!(
-                "{}/date={date}/site={site}/{id:012}-upgrade.parquet",
-                Table::PartCounts.as_str()
-            );
-            let rows = df.height() as u64;
-            self.write_file(&rel, df)?;
-            let record = Record::Compact {
-                id,
-                add: vec![DataFile {
-                    path: rel,
-                    table: Table::PartCounts,
-                    date,
-                    site,
-                    rows,
-                }],
-                remove: vec![],
-            };
-            self.append(&mut manifest, &record)?;
-            Self::apply(&mut self.state.lock().expect("state lock"), record);
-            tracing::info!(partition = i + 1, of = n, "part counts built");
-        }
-        let record = Record::Format { version: FORMAT };
-        self.append(&mut manifest, &record)?;
-        Self::apply(&mut self.state.lock().expect("state lock"), record);
-        Ok(())
     }
 
     fn next_id(&self) -> u64 {
@@ -570,189 +376,19 @@ impl Dataset {
         out
     }
 
-    /// Stores a batch from `edge` durably; items already held are skipped and counted.
-    pub fn commit(
-        &self,
-        edge: &str,
-        items: &[SyncItem],
-        dropped: &[SeqRange],
-        received_ms: i64,
-    ) -> Result<SyncAck, DatasetError> {
-        // One commit at a time: the duplicate check and the manifest append must not interleave.
-        let mut manifest = self.manifest.lock().expect("manifest lock");
-        let (id, fresh, duplicates) = {
-            let state = self.state.lock().expect("state lock");
-            let held = state.edges.get(edge).map(|l| &l.received);
-            let mut seen = std::collections::HashSet::new();
-            let (mut fresh, mut dup) = (vec![], 0u64);
-            for it in items {
-                if held.is_some_and(|h| h.contains(it.seq)) || !seen.insert(it.seq) {
-                    dup += 1;
-                } else {
-                    fresh.push(it);
-                }
-            }
-            (state.next_id, fresh, dup)
-        };
-        let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
-        type CountKey<'b> = (&'b str, &'b str, &'b str, i64);
-        // By day (days since 1970), then machine and minute.
-        let mut counts: BTreeMap<i64, BTreeMap<CountKey<'_>, [u64; 3]>> = BTreeMap::new();
-        let mut points = 0u64;
-        for it in &fresh {
-            let e = &it.event;
-            let date = date_of(e.ts_ms);
-            match &e.body {
-                EventBody::Telemetry(t) => {
-                    let rows = parts
-                        .entry((Table::Telemetry, date, e.machine.site.as_str()))
-                        .or_default();
-                    for r in &t.readings {
-                        rows.common(edge, it);
-                        rows.metric.push(&r.name);
-                        rows.unit.push(&r.unit);
-                        rows.value.push(r.value);
-                        points += 1;
-                    }
-                }
-                body => {
-                    let rows = parts
-                        .entry((Table::Events, date, e.machine.site.as_str()))
-                        .or_default();
-                    rows.common(edge, it);
-                    rows.kind.push(body.kind().as_str());
-                    let (mut st, mut rs, mut oc, mut ct, mut pi, mut ac, mut op) =
-                        (None, None, None, None, None, None, None);
-                    match body {
-                        EventBody::State(s) => {
-                            st = Some(enum_name(&s.state));
-                            rs = s.reason.as_ref().map(enum_name);
-                        }
-                        EventBody::Part(p) => {
-                            let minute = e.ts_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-                            let c = counts
-                                .entry(minute.div_euclid(DAY_MS))
-                                .or_default()
-                                .entry((
-                                    &e.machine.site,
-                                    &e.machine.line,
-                                    &e.machine.machine,
-                                    minute,
-                                ))
-                                .or_default();
-                            c[match p.outcome {
-                                PartOutcome::Good => 0,
-                                PartOutcome::Scrap => 1,
-                                PartOutcome::Rework => 2,
-                            }] += 1;
-                            oc = Some(enum_name(&p.outcome));
-                            ct = Some(p.cycle_time_ms);
-                            pi = p.part_id.as_deref();
-                        }
-                        EventBody::Operator(o) => {
-                            ac = Some(enum_name(&o.action));
-                            op = Some(o.operator.as_str());
-                        }
-                        EventBody::Telemetry(_) => unreachable!("handled above"),
-                    }
-                    rows.state.push(st);
-                    rows.reason.push(rs);
-                    rows.outcome.push(oc);
-                    rows.cycle_time_ms.push(ct);
-                    rows.part_id.push(pi);
-                    rows.action.push(ac);
-                    rows.operator.push(op);
-                }
-            }
-        }
-        let mut files = vec![];
-        for ((table, date, site), rows) in parts {
-            let rel = format!(
-                "{}/date={date}/site={site}/{id:012}-{edge}.parquet",
-                table.as_str()
-            );
-            let n = rows.len() as u64;
-            let mut df = rows.frame(table, site, received_ms)?;
-            self.write_file(&rel, &mut df)?;
-            files.push(DataFile {
-                path: rel,
-                table,
-                date,
-                site: site.to_owned(),
-                rows: n,
-            });
-        }
-        for (day, by_key) in counts {
-            let date = date_of(day * DAY_MS);
-            let mut by_site: BTreeMap<&str, Vec<(&CountKey<'_>, &[u64; 3])>> = BTreeMap::new();
-            for (k, c) in &by_key {
-                by_site.entry(k.0).or_default().push((k, c));
-            }
-            for (site, rows) in by_site {
-                let rel = format!(
-                    "{}/date={date}/site={site}/{id:012}-{edge}.parquet",
-                    Table::PartCounts.as_str()
-                );
-                let col_u = |name: &str, i: usize| {
-                    Column::new(
-                        name.into(),
-                        rows.iter().map(|r| r.1[i]).collect::<Vec<u64>>(),
-                    )
-                };
-                let mut df = DataFrame::new(
-                    rows.len(),
-                    vec![
-                        Column::new("site".into(), vec![site; rows.len()]),
-                        Column::new(
-                            "line".into(),
-                            rows.iter().map(|r| r.0.1).collect::<Vec<_>>(),
-                        ),
-                        Column::new(
-                            "machine".into(),
-                            rows.iter().map(|r| r.0.2).collect::<Vec<_>>(),
-                        ),
-                        Column::new(
-                            "minute".into(),
-                            rows.iter().map(|r| r.0.3).collect::<Vec<_>>(),
-                        ),
-                        col_u("good", 0),
-                        col_u("scrap", 1),
-                        col_u("rework", 2),
-                    ],
-                )?;
-                let df = part_counts_schema(&mut df)?;
-                self.write_file(&rel, df)?;
-                files.push(DataFile {
-                    path: rel,
-                    table: Table::PartCounts,
-                    date: date.clone(),
-                    site: site.to_owned(),
-                    rows: rows.len() as u64,
-                });
-            }
-        }
-        let mut seqs = RangeSet::default();
-        seqs.extend(fresh.iter().map(|it| it.seq));
-        let machines: BTreeSet<String> = fresh
-            .iter()
-            .map(|it| it.event.machine.to_string())
-            .collect();
-        let record = Record::Commit {
+    /// Starts the commit of one batch from `edge`. The commit holds the dataset's commit lock
+    /// until it is finished or dropped: the duplicate check and the manifest append of two
+    /// batches must not interleave.
+    pub(crate) fn begin_commit<'a>(&'a self, edge: &'a str) -> Commit<'a> {
+        let manifest = self.manifest.lock().expect("manifest lock");
+        let id = self.state.lock().expect("state lock").next_id;
+        Commit {
+            ds: self,
+            manifest,
             id,
-            edge: edge.to_owned(),
-            seqs: seqs.ranges().to_vec(),
-            dropped: dropped.to_vec(),
-            files,
-            received_ms,
-            machines: machines.into_iter().collect(),
-        };
-        self.append(&mut manifest, &record)?;
-        Self::apply(&mut self.state.lock().expect("state lock"), record);
-        Ok(SyncAck {
-            stored: fresh.len() as u64,
-            duplicates,
-            points,
-        })
+            edge,
+            files: vec![],
+        }
     }
 
     fn append(&self, manifest: &mut File, record: &Record) -> Result<(), DatasetError> {
@@ -777,7 +413,10 @@ impl Dataset {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         ParquetWriter::new(&mut w)
             .with_compression(ParquetCompression::Zstd(None))
-            .with_row_group_size(rel.starts_with("events/").then_some(EVENTS_ROW_GROUP))
+            .with_row_group_size(
+                rel.starts_with(Table::Events.as_str())
+                    .then_some(EVENTS_ROW_GROUP),
+            )
             .finish(df)?;
         let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         if self.fsync {
@@ -801,131 +440,115 @@ impl Dataset {
         }
         Ok(())
     }
+}
 
-    /// Rewrites partitions with more than `min_files` files into one file each. Returns the
-    /// files removed.
-    pub fn compact(&self, min_files: usize) -> Result<usize, DatasetError> {
-        let groups: Vec<((Table, String, String), Vec<DataFile>)> = {
-            let state = self.state.lock().expect("state lock");
-            let mut g: BTreeMap<(Table, String, String), Vec<DataFile>> = BTreeMap::new();
-            for f in state.files.values() {
-                g.entry((f.table, f.date.clone(), f.site.clone()))
-                    .or_default()
-                    .push(f.clone());
-            }
-            g.into_iter()
-                .filter(|(_, v)| v.len() >= min_files.max(2))
-                .collect()
-        };
-        let mut removed = 0;
-        for ((table, date, site), old) in groups {
-            let paths: Vec<PathBuf> = old.iter().map(|f| self.dir.join(&f.path)).collect();
-            let mut df = match table {
-                Table::Telemetry => {
-                    read_files(&paths)?.sort(["ts"], SortMultipleOptions::default())?
-                }
-                Table::Events => read_files(&paths)?.sort(
-                    ["kind", "ts"],
-                    SortMultipleOptions::default().with_maintain_order(true),
-                )?,
-                // Commits may count the same minute (a batch ends mid-minute): sum them.
-                Table::PartCounts => scan_files(&paths)?
-                    .group_by([col("site"), col("line"), col("machine"), col("minute")])
-                    .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
-                    .sort(
-                        ["site", "line", "machine", "minute"],
-                        SortMultipleOptions::default(),
-                    )
-                    .collect()?,
-            };
-            if table == Table::PartCounts {
-                part_counts_schema(&mut df)?;
-            }
-            let mut manifest = self.manifest.lock().expect("manifest lock");
-            let id = self.next_id();
-            let rel = format!(
-                "{}/date={date}/site={site}/{id:012}-compacted.parquet",
-                table.as_str()
-            );
-            let rows = df.height() as u64;
-            self.write_file(&rel, &mut df)?;
-            let record = Record::Compact {
-                id,
-                add: vec![DataFile {
-                    path: rel,
-                    table,
-                    date,
-                    site,
-                    rows,
-                }],
-                remove: old.iter().map(|f| f.path.clone()).collect(),
-            };
-            self.append(&mut manifest, &record)?;
-            Self::apply(&mut self.state.lock().expect("state lock"), record);
-            drop(manifest);
-            let now = std::time::Instant::now();
-            self.retired
-                .lock()
-                .expect("retired lock")
-                .extend(paths.into_iter().map(|p| (now, p)));
-            removed += old.len();
-        }
-        Ok(removed)
+/// One edge batch being committed ([`Dataset::begin_commit`]): its files are written one by one
+/// ([`Commit::write`]), then one manifest line names them all ([`Commit::finish`]), the commit
+/// point. A commit dropped before it finishes leaves files that no manifest line names; they
+/// are removed at the next start.
+#[derive(Debug)]
+pub(crate) struct Commit<'a> {
+    ds: &'a Dataset,
+    manifest: MutexGuard<'a, File>,
+    id: u64,
+    edge: &'a str,
+    files: Vec<DataFile>,
+}
+
+impl Commit<'_> {
+    /// Runs `f` on the outbox sequence numbers of this edge the dataset holds already.
+    pub(crate) fn with_held<R>(&self, f: impl FnOnce(Option<&RangeSet>) -> R) -> R {
+        let state = self.ds.state.lock().expect("state lock");
+        f(state.edges.get(self.edge).map(|l| &l.received))
     }
 
-    /// Deletes files that compactions replaced at least `after` ago. Returns how many.
-    pub fn remove_retired(&self, after: std::time::Duration) -> usize {
-        let due: Vec<PathBuf> = {
-            let mut r = self.retired.lock().expect("retired lock");
-            let (due, keep) = r.drain(..).partition(|(t, _)| t.elapsed() >= after);
-            *r = keep;
-            due.into_iter().map(|(_, p)| p).collect()
-        };
-        for p in &due {
-            if let Err(e) = std::fs::remove_file(p) {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove a compacted file; it will be removed at the next start");
-            }
+    /// Writes the batch's rows of one partition (`date` as `YYYY-MM-DD`) as a new file.
+    pub(crate) fn write(
+        &mut self,
+        table: Table,
+        date: String,
+        site: &str,
+        df: &mut DataFrame,
+    ) -> Result<(), DatasetError> {
+        let rel = format!(
+            "{}/date={date}/site={site}/{:012}-{}.parquet",
+            table.as_str(),
+            self.id,
+            self.edge
+        );
+        if table == Table::PartCounts {
+            part_counts_schema(df)?;
         }
-        due.len()
+        let rows = df.height() as u64;
+        self.ds.write_file(&rel, df)?;
+        self.files.push(DataFile {
+            path: rel,
+            table,
+            date,
+            site: site.to_owned(),
+            rows,
+        });
+        Ok(())
+    }
+
+    /// Commits: appends (and fsyncs) the manifest line naming the files written, the outbox
+    /// sequence numbers they hold (`seqs`), the ranges the edge reported dropped and the
+    /// machines (`site/line/machine`) the batch had rows of.
+    pub(crate) fn finish(
+        mut self,
+        seqs: &RangeSet,
+        dropped: &[SeqRange],
+        machines: Vec<String>,
+        received_ms: i64,
+    ) -> Result<(), DatasetError> {
+        let record = Record::Commit {
+            id: self.id,
+            edge: self.edge.to_owned(),
+            seqs: seqs.ranges().to_vec(),
+            dropped: dropped.to_vec(),
+            files: std::mem::take(&mut self.files),
+            received_ms,
+            machines,
+        };
+        self.ds.append(&mut self.manifest, &record)?;
+        Dataset::apply(&mut self.ds.state.lock().expect("state lock"), record);
+        Ok(())
     }
 }
 
 /// Good, scrap and rework parts per machine and minute from event rows (columns `site`, `line`,
 /// `machine`, `minute` as Unix ms, counts as `i64`), sorted by machine, then minute: the
 /// part-counts rollup of those rows. With `per_minute` false, `minute` is each part's own time.
-pub fn count_parts(events: LazyFrame, per_minute: bool) -> LazyFrame {
-    let ts = col("ts").cast(DataType::Int64);
+pub(crate) fn count_parts(rows: LazyFrame, per_minute: bool) -> LazyFrame {
+    let ts = col(events::TS).cast(DataType::Int64);
     let minute = if per_minute {
         (ts / lit(MINUTE_MS)) * lit(MINUTE_MS)
     } else {
         ts
     };
+    // The count columns are named as the outcomes are.
     let count = |outcome: &str| {
-        col("outcome")
+        col(events::OUTCOME)
             .eq(lit(outcome))
             .sum()
             .cast(DataType::Int64)
             .alias(outcome)
     };
-    events
-        .filter(col("kind").eq(lit("part")))
-        .with_column(minute.alias("minute"))
-        .group_by([col("site"), col("line"), col("machine"), col("minute")])
-        .agg([count("good"), count("scrap"), count("rework")])
-        .sort(
-            ["site", "line", "machine", "minute"],
-            SortMultipleOptions::default(),
-        )
+    rows.filter(col(events::KIND).eq(lit(events::KIND_PART)))
+        .with_column(minute.alias(part_counts::MINUTE))
+        .group_by(part_counts::KEY.map(col))
+        .agg(part_counts::COUNTS.map(count))
+        .sort(part_counts::KEY, SortMultipleOptions::default())
 }
 
 /// The column types of a part-counts file: `minute` a timestamp, counts `u32`.
 fn part_counts_schema(df: &mut DataFrame) -> PolarsResult<&mut DataFrame> {
     let minute = df
-        .column("minute")?
+        .column(part_counts::MINUTE)?
         .cast(&DataType::Int64)?
         .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
     df.with_column(minute)?;
-    for c in ["good", "scrap", "rework"] {
+    for c in part_counts::COUNTS {
         let v = df.column(c)?.cast(&DataType::UInt32)?;
         df.with_column(v)?;
     }

@@ -1,13 +1,20 @@
 //! The Millrace cloud aggregator: stores what the edges send and turns it into factory reports.
 //!
 //! # Layout
-//! - [`config`]: configuration (defaults → TOML → `MILLRACE_CLOUD_*` environment), validated.
+//! Layers, each using only the ones below it:
+//!
+//! - [`api`]: the HTTP API (axum): the sync endpoint for edges (per-edge tokens), per-edge
+//!   completeness, raw rows and reports (API keys), master data, the live dashboard, health
+//!   and Prometheus metrics. One `ApiError` maps the errors of the layers below.
+//! - [`sync`]: the receiving end of sync: a batch decoded, deduplicated against what the
+//!   dataset holds, laid out per table and partition, committed once.
+//! - [`reports`]: factory reports with Polars: OEE (ISO 22400), production, downtime,
+//!   telemetry aggregates, the dashboard's snapshot; master data.
+//! - [`query`]: what to read ([`query::Selection`]) and a pruned, filtered scan of one table.
 //! - [`dataset`]: the Parquet dataset partitioned by table, date and site, with an append-only
-//!   manifest that makes each edge batch one atomic, idempotent commit.
-//! - [`api`]: the HTTP API: the sync endpoint for edges (per-edge tokens), per-edge
-//!   completeness, data queries, health and Prometheus metrics (API keys).
-//! - [`reports`]: the query and report endpoints (filters, formats).
-//! - [`factory`]: factory reports with Polars: OEE (ISO 22400), production, downtime, telemetry.
+//!   manifest that makes each edge batch one atomic, idempotent commit; compaction.
+//! - `schema`: every stored table's columns, named once.
+//! - [`config`]: configuration (defaults → TOML → `MILLRACE_CLOUD_*` environment), validated.
 //!
 //! [`Cloud`] wires them together with an explicit shutdown.
 #![warn(missing_docs)]
@@ -15,14 +22,17 @@
 pub mod api;
 pub mod config;
 pub mod dataset;
-pub mod factory;
+pub mod query;
 pub mod reports;
+mod schema;
+pub mod sync;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use millrace_shared::service;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,44 +60,9 @@ pub enum CloudError {
 
 /// The process-wide Prometheus recorder.
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let buckets = [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &buckets)
-                .expect("valid buckets")
-                .build_recorder();
-            let handle = recorder.handle();
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
-
-/// Master data: the configuration, then the edits saved through the API.
-fn load_master(cfg: &CloudConfig) -> factory::Master {
-    let mut m = factory::Master {
-        ideal_cycle_ms: cfg
-            .master
-            .machines
-            .iter()
-            .map(|s| (s.id.to_string(), s.ideal_cycle_time_ms))
-            .collect(),
-        default_ideal_cycle_ms: cfg.master.default_ideal_cycle_ms,
-        calendar: cfg.master.calendar.clone(),
-    };
-    let saved = cfg.data_dir.join("master.json");
-    match std::fs::read(&saved).map(|b| serde_json::from_slice::<factory::Master>(&b)) {
-        Ok(Ok(s)) => m.ideal_cycle_ms.extend(s.ideal_cycle_ms),
-        Ok(Err(e)) => {
-            tracing::error!(path = %saved.display(), error = %e, "saved master data unreadable; using the configuration")
-        }
-        Err(_) => {}
-    }
-    m
+    service::prometheus_recorder(&[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 /// A running cloud aggregator.
@@ -113,20 +88,7 @@ impl Cloud {
             tracing::warn!("no edges configured ([edges]): every sync request will be refused");
         }
 
-        // Histogram samples wait in the recorder until drained: without upkeep an instance
-        // nobody scrapes would keep every sample it ever recorded.
-        tasks.spawn({
-            let (handle, stop) = (metrics.clone(), stop.clone());
-            async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
-                    let handle = handle.clone();
-                    let _ = tokio::task::spawn_blocking(move || handle.run_upkeep()).await;
-                }
-            }
-        });
+        tasks.spawn(service::metrics_upkeep(metrics.clone(), stop.clone()));
 
         // Compaction of small files.
         tasks.spawn({
@@ -142,7 +104,7 @@ impl Cloud {
                     tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
                     let ds = ds.clone();
                     let pass = move || {
-                        ds.remove_retired(crate::dataset::RETIRE_AFTER);
+                        ds.remove_retired(dataset::RETIRE_AFTER);
                         ds.compact(min)
                     };
                     match tokio::task::spawn_blocking(pass).await {
@@ -172,7 +134,7 @@ impl Cloud {
             metrics,
             started,
             commits: Arc::new(commits),
-            master: Arc::new(std::sync::RwLock::new(load_master(&cfg))),
+            master: Arc::new(std::sync::RwLock::new(reports::Master::load(&cfg))),
         };
         tasks.spawn({
             let stop = stop.clone();

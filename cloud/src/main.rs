@@ -61,18 +61,6 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -110,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             let cfg = CloudConfig::load(cli.config.as_deref())?;
             let cloud = Cloud::start(cfg).await?;
             eprintln!("millrace-cloud: API on http://{}", cloud.addr);
-            shutdown_signal().await;
+            millrace_shared::service::shutdown_signal().await;
             tracing::info!("shutting down");
             cloud.shutdown().await;
         }

@@ -79,20 +79,25 @@ fn a_batch_sent_twice_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
     let batch = items(1, 3000);
-    let ack = ds.commit("e1", &batch, &[], 1).unwrap();
+    let ack = millrace_cloud::sync::store(&ds, "e1", &batch, &[], 1).unwrap();
     assert_eq!((ack.stored, ack.duplicates), (3000, 0));
     let telemetry = rows(&ds, Table::Telemetry);
     assert_eq!(telemetry, 2 * 2400);
     // The same batch again (a lost acknowledgement), and one overlapping it (rebuilt
     // differently after an edge restart): only the new items are stored.
-    let again = ds.commit("e1", &batch, &[], 2).unwrap();
+    let again = millrace_cloud::sync::store(&ds, "e1", &batch, &[], 2).unwrap();
     assert_eq!((again.stored, again.duplicates), (0, 3000));
-    let overlap = ds.commit("e1", &items(2001, 2000), &[], 3).unwrap();
+    let overlap = millrace_cloud::sync::store(&ds, "e1", &items(2001, 2000), &[], 3).unwrap();
     assert_eq!((overlap.stored, overlap.duplicates), (1000, 1000));
     assert_eq!(rows(&ds, Table::Telemetry), 2 * 3200);
     assert_eq!(rows(&ds, Table::Events), 800);
     // Another edge's seqs are its own.
-    assert_eq!(ds.commit("e2", &items(1, 10), &[], 4).unwrap().stored, 10);
+    assert_eq!(
+        millrace_cloud::sync::store(&ds, "e2", &items(1, 10), &[], 4)
+            .unwrap()
+            .stored,
+        10
+    );
     let edges = ds.edges();
     assert_eq!(edges["e1"].received.ranges(), &[(1, 4000)]);
     assert_eq!(edges["e1"].items(), 4000);
@@ -106,14 +111,19 @@ fn a_batch_sent_twice_is_stored_once() {
         2 * 3200 + 2 * 8,
         "e1's and e2's"
     );
-    assert_eq!(ds.commit("e1", &batch, &[], 5).unwrap().stored, 0);
+    assert_eq!(
+        millrace_cloud::sync::store(&ds, "e1", &batch, &[], 5)
+            .unwrap()
+            .stored,
+        0
+    );
 }
 
 #[test]
 fn an_interrupted_commit_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    ds.commit("e1", &items(1, 100), &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 100), &[], 1).unwrap();
     drop(ds);
     // A crash after writing a file but before the manifest line was complete.
     let orphan = dir
@@ -131,7 +141,12 @@ fn an_interrupted_commit_leaves_nothing_behind() {
     assert!(!orphan.exists(), "files no manifest line names are removed");
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 100)]);
     // The torn line was cut off: the batch is simply taken again.
-    assert_eq!(ds.commit("e1", &items(101, 50), &[], 2).unwrap().stored, 50);
+    assert_eq!(
+        millrace_cloud::sync::store(&ds, "e1", &items(101, 50), &[], 2)
+            .unwrap()
+            .stored,
+        50
+    );
     drop(ds);
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 150)]);
@@ -141,8 +156,8 @@ fn an_interrupted_commit_leaves_nothing_behind() {
 fn a_damaged_manifest_line_in_the_middle_is_an_error_not_a_silent_loss() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    ds.commit("e1", &items(1, 10), &[], 1).unwrap();
-    ds.commit("e1", &items(11, 10), &[], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(11, 10), &[], 2).unwrap();
     drop(ds);
     let manifest = dir.path().join("manifest.log");
     let text = std::fs::read_to_string(&manifest).unwrap();
@@ -157,8 +172,7 @@ fn compaction_keeps_every_row_and_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
     for i in 0..6 {
-        ds.commit("e1", &items(1 + i * 100, 100), &[], i as i64)
-            .unwrap();
+        millrace_cloud::sync::store(&ds, "e1", &items(1 + i * 100, 100), &[], i as i64).unwrap();
     }
     let (before_t, before_e) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
     let listed = ds.files(Table::Telemetry, None, None);
@@ -209,13 +223,13 @@ fn part_items(first: u64, n: u64) -> Vec<SyncItem> {
 
 /// Parts per machine and minute, sorted, as (machine, minute, good, scrap, rework) rows.
 fn minutes(ds: &Dataset, from_ms: i64, to_ms: i64, rollup: bool) -> Vec<(String, i64, [i64; 3])> {
-    let sel = millrace_cloud::reports::Selection {
+    let sel = millrace_cloud::query::Selection {
         from_ms,
         to_ms,
         entity: None,
         sites: None,
     };
-    let Some(lf) = millrace_cloud::factory::part_minutes(ds, &sel, rollup).unwrap() else {
+    let Some(lf) = millrace_cloud::reports::part_minutes(ds, &sel, rollup).unwrap() else {
         return vec![];
     };
     use polars::prelude::*;
@@ -250,10 +264,10 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
     // Batches that end mid-minute, so several commits count the same minute.
     let all = part_items(1, 30_000);
     for chunk in all.chunks(4_321) {
-        ds.commit("e1", chunk, &[], 1).unwrap();
+        millrace_cloud::sync::store(&ds, "e1", chunk, &[], 1).unwrap();
     }
     // A batch sent again counts nothing twice.
-    ds.commit("e1", &all[..5_000], &[], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &all[..5_000], &[], 2).unwrap();
     assert!(rows(&ds, Table::PartCounts) > 0);
     let t0 = 1_767_657_000_000i64;
     let ranges = [
@@ -305,8 +319,8 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
 fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    ds.commit("e1", &part_items(1, 5_000), &[], 1).unwrap();
-    ds.commit("e1", &items(5_001, 2_000), &[], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &part_items(1, 5_000), &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(5_001, 2_000), &[], 2).unwrap();
     let t0 = 1_767_600_000_000i64;
     let want = minutes(&ds, t0, t0 + 3 * 86_400_000, false);
     drop(ds);
@@ -343,8 +357,8 @@ fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
 fn dropped_ranges_are_not_gaps() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    ds.commit("e1", &items(1, 10), &[], 1).unwrap();
-    ds.commit("e1", &items(31, 10), &[(11, 20)], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(31, 10), &[(11, 20)], 2).unwrap();
     let l = &ds.edges()["e1"];
     assert_eq!(l.gaps(), vec![(21, 30)]);
     assert_eq!(l.dropped.len(), 10);
@@ -585,6 +599,81 @@ async fn data_queries_check_keys_and_parameters() {
         assert_ne!(st, StatusCode::NOT_FOUND, "{path} served");
     }
     assert_eq!(v["edges"][0]["gap_items"], 0);
+}
+
+#[tokio::test]
+async fn the_openapi_document_names_every_route_and_every_documented_route_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), false);
+    let (st, doc) = call(&s, get("/api/v1/openapi.json", None)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        doc,
+        serde_json::from_str::<Value>(millrace_cloud::api::openapi_document()).unwrap()
+    );
+    let mut documented = vec![];
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            documented.push(format!("{} {path}", method.to_uppercase()));
+            assert!(
+                op["responses"]["200"].is_object(),
+                "{method} {path} documents its answer"
+            );
+            // Served: the router answers this method on this path with something else than
+            // "no such route" (404 with an empty body) or "wrong method" (405).
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(path.as_str())
+                .body(Body::empty())
+                .unwrap();
+            let resp = app(s.clone()).oneshot(req).await.unwrap();
+            assert_ne!(
+                resp.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+            if resp.status() == StatusCode::NOT_FOUND {
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert!(!body.is_empty(), "{method} {path} is served");
+            }
+        }
+    }
+    documented.sort();
+    let mut expected: Vec<String> = [
+        "GET /",
+        "GET /api/v1/edges",
+        "GET /api/v1/events",
+        "GET /api/v1/live",
+        "GET /api/v1/machines",
+        "GET /api/v1/master",
+        "GET /api/v1/openapi.json",
+        "GET /api/v1/reports/downtime",
+        "GET /api/v1/reports/oee",
+        "GET /api/v1/reports/production",
+        "GET /api/v1/reports/telemetry",
+        "GET /api/v1/telemetry",
+        "GET /health",
+        "GET /metrics",
+        "POST /api/v1/sync/batches",
+        "PUT /api/v1/master/machines",
+    ]
+    .map(String::from)
+    .to_vec();
+    expected.sort();
+    assert_eq!(documented, expected);
+    // The report filters are documented as the server reads them.
+    let oee = &doc["paths"]["/api/v1/reports/oee"]["get"];
+    let params: Vec<&str> = oee["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for p in [
+        "from", "to", "site", "line", "machine", "level", "period", "format",
+    ] {
+        assert!(params.contains(&p), "{p} in {params:?}");
+    }
 }
 
 #[tokio::test]

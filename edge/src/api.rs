@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use millrace_shared::{EventKind, MachineId};
+use millrace_shared::{EventKind, MachineId, TopicError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -22,27 +22,27 @@ use crate::store::{Bucket, Store, StoreError};
 
 /// What the handlers share.
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     /// The store.
-    pub store: Arc<Store>,
+    pub(crate) store: Arc<Store>,
     /// Ingest counters.
-    pub ingest: Arc<IngestStats>,
+    pub(crate) ingest: Arc<IngestStats>,
     /// Devices connected.
-    pub connections: Arc<dyn Fn() -> i64 + Send + Sync>,
+    pub(crate) connections: Arc<dyn Fn() -> i64 + Send + Sync>,
     /// Prometheus renderer.
-    pub metrics: PrometheusHandle,
+    pub(crate) metrics: PrometheusHandle,
     /// Accepted API keys (empty: no key needed; the API then only listens on loopback).
-    pub api_keys: Arc<Vec<String>>,
+    pub(crate) api_keys: Arc<Vec<String>>,
     /// Most points one query may return.
-    pub max_points: usize,
+    pub(crate) max_points: usize,
     /// This edge's id.
-    pub edge_id: String,
+    pub(crate) edge_id: String,
     /// When the edge started.
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// Sync counters (`None`: sync is off).
-    pub sync: Option<(Arc<crate::sync::SyncStats>, String)>,
+    pub(crate) sync: Option<(Arc<crate::sync::SyncStats>, String)>,
     /// The functions service (`None`: functions are off).
-    pub functions: Option<Functions>,
+    pub(crate) functions: Option<Functions>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -56,7 +56,7 @@ impl std::fmt::Debug for ApiState {
 
 /// Errors a handler returns: the client's mistakes as 4xx with a message, ours as a logged 500.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// A parameter is wrong.
     #[error("{0}")]
     BadRequest(String),
@@ -114,7 +114,7 @@ impl IntoResponse for ApiError {
 }
 
 /// The router, separate from serving so that tests can call it with `oneshot`.
-pub fn app(state: ApiState) -> Router {
+pub(crate) fn app(state: ApiState) -> Router {
     let api = Router::new()
         .route("/status", get(status))
         .route("/series", get(series))
@@ -239,20 +239,9 @@ async fn machines(State(s): State<ApiState>) -> Json<serde_json::Value> {
     Json(json!({ "machines": s.store.machines() }))
 }
 
-/// Parses a time: Unix milliseconds, RFC 3339, or a duration before now (`-2h`).
+/// Parses a time parameter ([`millrace_shared::time::parse_time`]); a bad one is a 400.
 fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = v.parse::<i64>() {
-        return Ok(ms);
-    }
-    if let Some(d) = v
-        .strip_prefix('-')
-        .and_then(|d| humantime::parse_duration(d).ok())
-    {
-        return Ok(chrono::Utc::now().timestamp_millis() - d.as_millis() as i64);
-    }
-    chrono::DateTime::parse_from_rfc3339(v).map(|d| d.timestamp_millis()).map_err(|_| {
-        ApiError::BadRequest(format!("`{name}` = `{v}` is not a time: expected Unix milliseconds, RFC 3339 (2026-01-05T06:00:00Z) or a duration before now (-2h)"))
-    })
+    millrace_shared::time::parse_time(name, v).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 fn range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), ApiError> {
@@ -340,7 +329,7 @@ async fn points(
 }
 
 /// min/max/mean/count per step, for steps that hold points.
-pub fn downsample(points: &[(i64, f64)], from: i64, step: i64) -> Vec<Bucket> {
+pub(crate) fn downsample(points: &[(i64, f64)], from: i64, step: i64) -> Vec<Bucket> {
     let mut out: Vec<Bucket> = vec![];
     for &(t, v) in points {
         let start = from + (t - from).div_euclid(step) * step;
@@ -399,16 +388,12 @@ async fn events(
             "`machine` is required: site/line/machine (see /api/v1/machines)".into(),
         )
     })?;
-    let parts: Vec<&str> = m.split('/').collect();
-    let machine = match parts.as_slice() {
-        [s, l, m] => MachineId::new(*s, *l, *m)
-            .map_err(|e| ApiError::BadRequest(format!("`machine`: {e}")))?,
-        _ => {
-            return Err(ApiError::BadRequest(format!(
-                "`machine` = `{m}` is not site/line/machine"
-            )));
+    let machine: MachineId = m.parse().map_err(|e| match e {
+        TopicError::MachinePath { .. } => {
+            ApiError::BadRequest(format!("`machine` = `{m}` is not site/line/machine"))
         }
-    };
+        e => ApiError::BadRequest(format!("`machine`: {e}")),
+    })?;
     let kind = match q.kind.as_deref() {
         None => None,
         Some(k) => Some(EventKind::parse(k).filter(|k| *k != EventKind::Telemetry).ok_or_else(|| {

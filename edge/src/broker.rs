@@ -16,6 +16,11 @@
 //! subscriber at most 200 messages per router round (about 90,000 a second here) and silently
 //! skips what its log no longer holds, so subscribing inside the broker lost data under load.
 //!
+//! Two steps, so that the edge can wire its components in one direction: [`Broker::start`]
+//! starts rumqttd's router, its MQTT 3.1.1 and 5 servers (no ports) and the in-process
+//! [`Publisher`] that functions publish through; [`Broker::listen`], once ingest runs, opens the
+//! device ports ([`DeviceListeners`]).
+//!
 //! rumqttd's router runs on its own thread and has no stop API; its listeners run as tasks on
 //! our runtime and stop with it.
 
@@ -36,8 +41,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::MqttConfig;
 use crate::ingest::{IngestChunk, IngestTx};
-
-pub mod frames;
+use crate::mqtt::{self, ReadError};
 
 /// Errors of the broker.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +59,36 @@ pub enum BrokerError {
     Tls(String),
 }
 
-/// The running broker.
+/// Publishes into the broker from inside the edge (QoS 0, no TCP hop): `false` when its queue
+/// is full (the message is dropped, never blocks).
+pub type Publisher = Arc<dyn Fn(&str, Vec<u8>) -> bool + Send + Sync>;
+
+/// The broker's router and servers, before any device port is open ([`Broker::listen`]).
 pub struct Broker {
+    v4: Server<V4>,
+    v5: Server<V5>,
+    publisher: Publisher,
+}
+
+/// The open device ports.
+#[derive(Debug)]
+pub struct DeviceListeners {
     /// The device port (3.1.1 and 5).
     pub addr: SocketAddr,
     connections: Arc<AtomicI64>,
-    publisher: crate::functions::Publisher,
+}
+
+impl DeviceListeners {
+    /// Devices connected now.
+    pub fn connections(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// A reader of [`DeviceListeners::connections`] for other components.
+    pub fn connection_count(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
+        let c = self.connections.clone();
+        Arc::new(move || c.load(Ordering::Relaxed))
+    }
 }
 
 /// Messages waiting for the in-process publisher at most.
@@ -68,7 +96,7 @@ const LOCAL_PUBLISH_QUEUE: usize = 65_536;
 
 /// Starts a thread holding a rumqttd local link (no TCP hop) that publishes what the returned
 /// closure is given, at QoS 0. The closure never blocks: `false` when the queue is full.
-fn local_publisher<S>(router_tx: S) -> Result<crate::functions::Publisher, BrokerError>
+fn local_publisher<S>(router_tx: S) -> Result<Publisher, BrokerError>
 where
     S: FnOnce() -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String>
         + Send
@@ -142,27 +170,15 @@ pub fn hash_password(password: &str) -> String {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("Broker").finish_non_exhaustive()
     }
 }
 
 impl Broker {
-    /// Starts the router, rumqttd's MQTT 3.1.1 and 5 servers (fed through in-memory pipes) and
-    /// the device port. Tasks are tracked by `tasks` and stop when `stop` is cancelled.
-    /// With `ingest`, every PUBLISH is written to the store before rumqttd sees it.
-    pub async fn start(
-        cfg: &MqttConfig,
-        ingest: Option<IngestTx>,
-        tasks: &TaskTracker,
-        stop: CancellationToken,
-    ) -> Result<Self, BrokerError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| BrokerError::Bind { addr, source })
-        };
+    /// Starts the router, the in-process publisher and rumqttd's MQTT 3.1.1 and 5 servers (fed
+    /// through in-memory pipes once [`Broker::listen`] opens the device ports). Blocks briefly
+    /// (threads start): call it off the async runtime or at start.
+    pub(crate) fn start(cfg: &MqttConfig) -> Result<Self, BrokerError> {
         let router_cfg = RouterConfig {
             max_connections: cfg.max_connections + 16,
             max_outgoing_packet_count: 200,
@@ -227,10 +243,37 @@ impl Broker {
             next_connection_delay_ms: 0,
             connections: connections.clone(),
         };
-        let connections = Arc::new(AtomicI64::new(0));
-        let door = Arc::new(Door {
+        Ok(Self {
             v4: Server::new(settings("v4"), router_tx.clone(), V4),
             v5: Server::new(settings("v5"), router_tx, V5),
+            publisher,
+        })
+    }
+
+    /// Publishes into the broker from inside the edge (QoS 0, no TCP hop).
+    pub(crate) fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// Opens the device port (and the per-version and TLS ports configured). With `ingest`,
+    /// every PUBLISH is written to the store before rumqttd sees it. Tasks are tracked by
+    /// `tasks` and stop when `stop` is cancelled.
+    pub(crate) async fn listen(
+        self,
+        cfg: &MqttConfig,
+        ingest: Option<IngestTx>,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<DeviceListeners, BrokerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BrokerError::Bind { addr, source })
+        };
+        let connections = Arc::new(AtomicI64::new(0));
+        let door = Arc::new(Door {
+            v4: self.v4,
+            v5: self.v5,
             ingest,
             connections: connections.clone(),
             max: cfg.max_connections as i64,
@@ -259,21 +302,7 @@ impl Broker {
             );
         }
         tracing::info!(%addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
-        Ok(Self {
-            addr,
-            connections,
-            publisher,
-        })
-    }
-
-    /// Publishes into the broker from inside the edge (QoS 0, no TCP hop).
-    pub fn publisher(&self) -> crate::functions::Publisher {
-        self.publisher.clone()
-    }
-
-    /// Devices connected through the device port now.
-    pub fn connections(&self) -> i64 {
-        self.connections.load(Ordering::Relaxed)
+        Ok(DeviceListeners { addr, connections })
     }
 }
 
@@ -292,8 +321,8 @@ const READS_IN_FLIGHT: usize = 4;
 enum SpliceError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("first packet is not CONNECT")]
-    NotConnect,
+    #[error("{0}")]
+    Read(#[from] ReadError),
     #[error("unsupported protocol level {0}")]
     Level(u8),
     #[error("no CONNECT within 10 s")]
@@ -379,9 +408,12 @@ impl Door {
         stop: &CancellationToken,
     ) -> Result<(), SpliceError> {
         let mut head = Vec::with_capacity(64);
-        let level = tokio::time::timeout(Duration::from_secs(10), read_level(&mut sock, &mut head))
-            .await
-            .map_err(|_| SpliceError::Timeout)??;
+        let level = tokio::time::timeout(
+            Duration::from_secs(10),
+            mqtt::read_level(&mut sock, &mut head),
+        )
+        .await
+        .map_err(|_| SpliceError::Timeout)??;
         let (mut upstream, rumqttd_side) = tokio::io::duplex(PIPE_BYTES);
         let connection: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match (level, only) {
             (5, None | Some(5)) => Box::pin(self.v5.connection(rumqttd_side)),
@@ -415,7 +447,7 @@ impl Door {
         let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel::<bool>();
         let down = async {
             let mut connack = Vec::with_capacity(8);
-            let accepted = read_connack(&mut up_r, &mut connack).await;
+            let accepted = mqtt::read_connack(&mut up_r, &mut connack).await;
             let _ = accepted_tx.send(accepted.as_ref().is_ok_and(|ok| *ok));
             let ok = accepted?;
             dev_w.write_all(&connack).await?;
@@ -458,7 +490,7 @@ impl Door {
                         .map_err(|_| SpliceError::Stopped)
                 }
             };
-            let mut scanner = frames::Scanner::new(level == 5);
+            let mut scanner = mqtt::Scanner::new(level == 5);
             let mut topics = crate::ingest::TopicCache::default();
             let mut publishes = vec![];
             let mut framed = scanner.push(&head, &mut publishes).is_ok();
@@ -573,59 +605,4 @@ fn tls_acceptor(
         .with_single_cert(certs, key)
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Reads rumqttd's first packet into `out` and tells whether it is a CONNACK that accepts the
-/// login (return code / reason code 0, both in MQTT 3.1.1 and 5).
-async fn read_connack<R: AsyncRead + Unpin>(
-    r: &mut R,
-    out: &mut Vec<u8>,
-) -> Result<bool, SpliceError> {
-    let first = r.read_u8().await?;
-    out.push(first);
-    let mut len = 0usize;
-    for i in 0..4 {
-        let b = r.read_u8().await?;
-        out.push(b);
-        len |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let start = out.len();
-    out.resize(start + len, 0);
-    r.read_exact(&mut out[start..]).await?;
-    Ok(first == 0x20 && len >= 2 && out[start + 1] == 0)
-}
-
-/// CONNECT: fixed header 0x10, remaining length (1–4 bytes), protocol name (2-byte length +
-/// "MQTT" or "MQIsdp"), protocol level.
-async fn read_level<S: AsyncRead + Unpin>(
-    sock: &mut S,
-    head: &mut Vec<u8>,
-) -> Result<u8, SpliceError> {
-    async fn byte<S: AsyncRead + Unpin>(
-        sock: &mut S,
-        head: &mut Vec<u8>,
-    ) -> Result<u8, SpliceError> {
-        let b = sock.read_u8().await?;
-        head.push(b);
-        Ok(b)
-    }
-    if byte(sock, head).await? != 0x10 {
-        return Err(SpliceError::NotConnect);
-    }
-    for _ in 0..4 {
-        if byte(sock, head).await? & 0x80 == 0 {
-            break;
-        }
-    }
-    let len = (u16::from(byte(sock, head).await?) << 8) | u16::from(byte(sock, head).await?);
-    if len > 6 {
-        return Err(SpliceError::NotConnect);
-    }
-    for _ in 0..len {
-        byte(sock, head).await?;
-    }
-    byte(sock, head).await
 }

@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use millrace_shared::service::{ConfigLoadError, load_config};
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreOptions;
@@ -387,20 +386,13 @@ impl Default for EdgeConfig {
 impl EdgeConfig {
     /// Loads defaults, then `file` if given, then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(EdgeConfig::default()));
-        if let Some(f) = file {
-            if !f.exists() {
-                return Err(ConfigError::Invalid {
-                    field: "--config",
-                    reason: format!("file {} does not exist", f.display()),
-                });
-            }
-            fig = fig.merge(Toml::file(f));
-        }
-        let cfg: EdgeConfig = fig
-            .merge(Env::prefixed("MILLRACE_EDGE_").split("__"))
-            .extract()
-            .map_err(Box::new)?;
+        let cfg: EdgeConfig = load_config(file, "MILLRACE_EDGE_").map_err(|e| match e {
+            ConfigLoadError::Missing(_) => ConfigError::Invalid {
+                field: "--config",
+                reason: e.to_string(),
+            },
+            ConfigLoadError::Read(e) => ConfigError::Load(e),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -1,5 +1,5 @@
 //! The ingest pipeline: takes the PUBLISH packets the device listeners find in each
-//! connection's byte stream (see [`crate::broker`]), decoded with the shared model on the
+//! connection's byte stream (see `crate::broker`), decoded with the shared model on the
 //! connection's task, and writes them in batches to the store on a dedicated thread, then tells
 //! each connection its packets are durable so the broker may acknowledge them.
 //!
@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 use millrace_shared::{Event, MachineId};
 use serde::Serialize;
 
-use crate::broker::frames::Publish;
 use crate::config::IngestConfig;
+use crate::mqtt::Publish;
 use crate::store::{DeadLetter, Store};
 
 /// Topics the edge publishes itself; ingest ignores them.
-pub const OWN_TOPIC_PREFIX: &str = "millrace/";
+pub(crate) const OWN_TOPIC_PREFIX: &str = "millrace/";
 
 /// Errors starting ingest.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,7 @@ pub enum IngestError {
 /// One PUBLISH, decoded where it was read (on the connection's task, so that decoding runs in
 /// parallel with the ingest thread's writes).
 #[derive(Debug)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     /// A valid event.
     Event(Event),
     /// A refused message.
@@ -63,7 +63,7 @@ pub enum Decoded {
 /// device publishes to a few topics over and over, so each is parsed and validated once, not
 /// per event.
 #[derive(Debug, Default)]
-pub struct TopicCache {
+pub(crate) struct TopicCache {
     topics: Vec<(Box<str>, MachineId, millrace_shared::EventKind)>,
     next: usize,
 }
@@ -91,7 +91,7 @@ impl TopicCache {
 }
 
 /// Decodes one PUBLISH found in a device's stream.
-pub fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decoded {
+pub(crate) fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decoded {
     let topic = match std::str::from_utf8(&p.topic) {
         Ok(t) => t,
         Err(_) => {
@@ -126,24 +126,23 @@ pub fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decoded {
 
 /// What one read of one device connection held; `done` fires once it is stored.
 #[derive(Debug)]
-pub struct IngestChunk {
+pub(crate) struct IngestChunk {
     /// The decoded packets, in the order the device sent them.
-    pub items: Vec<Decoded>,
+    pub(crate) items: Vec<Decoded>,
     /// Payload bytes they carried.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Fired after the batch holding them was written.
-    pub done: tokio::sync::oneshot::Sender<()>,
+    pub(crate) done: tokio::sync::oneshot::Sender<()>,
     /// When the bytes holding them were read off the device's connection.
-    pub read_at: Instant,
+    pub(crate) read_at: Instant,
 }
 
-/// Called with each batch of events once it is stored (set once, after start: functions
-/// start after the broker, which needs the ingest sender).
-/// The hook may take the events (leaving the vector empty) instead of copying them.
-pub type StoredHook = Arc<std::sync::OnceLock<Box<dyn Fn(&mut Vec<Event>) + Send + Sync>>>;
+/// Called with each batch of events once it is stored (functions' triggers). The hook may take
+/// the events (leaving the vector empty) instead of copying them.
+pub(crate) type StoredHook = Box<dyn Fn(&mut Vec<Event>) + Send + Sync>;
 
 /// Where the device listeners send what they find.
-pub type IngestTx = flume::Sender<IngestChunk>;
+pub(crate) type IngestTx = flume::Sender<IngestChunk>;
 
 /// A batch taking this long to write is counted and logged.
 const SLOW_BATCH: Duration = Duration::from_millis(100);
@@ -153,19 +152,19 @@ const CHANNEL_CHUNKS: usize = 256;
 
 /// Counters of the pipeline since start.
 #[derive(Debug, Default, Serialize)]
-pub struct IngestStats {
+pub(crate) struct IngestStats {
     /// Events stored.
-    pub events: AtomicU64,
+    pub(crate) events: AtomicU64,
     /// Telemetry points stored.
-    pub points: AtomicU64,
+    pub(crate) points: AtomicU64,
     /// Messages refused into dead letters.
-    pub dead_letters: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
     /// Duplicates dropped.
-    pub duplicates: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
     /// Write batches.
-    pub batches: AtomicU64,
+    pub(crate) batches: AtomicU64,
     /// Payload bytes received.
-    pub bytes: AtomicU64,
+    pub(crate) bytes: AtomicU64,
 }
 
 /// Remembers which of the last `window` sequence numbers of a device were seen.
@@ -237,31 +236,26 @@ impl DedupWindow {
 
 /// The running pipeline.
 #[derive(Debug)]
-pub struct Ingest {
+pub(crate) struct Ingest {
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     tx: IngestTx,
     /// Counters since start.
-    pub stats: Arc<IngestStats>,
+    pub(crate) stats: Arc<IngestStats>,
 }
 
 impl Ingest {
     /// Starts the ingest thread.
-    pub fn start(
+    pub(crate) fn start(
         store: Arc<Store>,
         cfg: IngestConfig,
-        on_stored: StoredHook,
+        on_stored: Option<StoredHook>,
     ) -> Result<Self, IngestError> {
         let (tx, rx) = flume::bounded(CHANNEL_CHUNKS);
         let recent_budget = store.recent_limit();
         let mut recent: HashMap<MachineId, HashSet<(u64, i64)>> = HashMap::new();
-        for (name, seq, ts) in store.recent_events(recent_budget)? {
-            let mut p = name.splitn(3, '/');
-            if let (Some(s), Some(l), Some(m)) = (p.next(), p.next(), p.next())
-                && let Ok(id) = MachineId::new(s, l, m)
-            {
-                recent.entry(id).or_default().insert((seq, ts));
-            }
+        for (machine, seq, ts) in store.recent_events(recent_budget)? {
+            recent.entry(machine).or_default().insert((seq, ts));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(IngestStats::default());
@@ -297,13 +291,13 @@ impl Ingest {
     }
 
     /// The sender the device listeners use.
-    pub fn sender(&self) -> IngestTx {
+    pub(crate) fn sender(&self) -> IngestTx {
         self.tx.clone()
     }
 
     /// Stops after writing every chunk already taken. Chunks not taken are not acknowledged,
     /// so their devices send them again. Blocks: call off the async runtime.
-    pub fn shutdown(mut self) {
+    pub(crate) fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -351,7 +345,7 @@ struct Pipeline {
     /// Events stored just before this run started (emptied once as many were stored since).
     recent: HashMap<MachineId, HashSet<(u64, i64)>>,
     recent_budget: usize,
-    on_stored: StoredHook,
+    on_stored: Option<StoredHook>,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
     /// The batch's chunks: whom to tell once stored, when each was read, how many packets.
@@ -503,7 +497,7 @@ impl Pipeline {
                         let _ = d.send(());
                         waited.record_many(stored_at.duration_since(at).as_secs_f64(), n);
                     }
-                    if let Some(hook) = self.on_stored.get() {
+                    if let Some(hook) = &self.on_stored {
                         hook(&mut self.events);
                     }
                     break;

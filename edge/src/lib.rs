@@ -1,41 +1,53 @@
 //! The Millrace edge node: runs on a gateway in the factory.
 //!
 //! # Layout
-//! - [`config`]: configuration (defaults → TOML → `MILLRACE_EDGE_*` environment), validated.
-//! - [`broker`]: the embedded rumqttd broker, device authentication and the single device port
-//!   that serves MQTT 3.1.1 and 5.
-//! - [`ingest`]: the writer thread that deduplicates the events the device listeners decoded and
-//!   batches them into the store, with dead letters for what it refuses.
-//! - [`store`]: the RocksDB time-series store (compressed telemetry blocks, events, dead
-//!   letters, retention).
-//! - [`functions`]: on-device WebAssembly functions (triggers, runtime, log).
-//! - [`sync`]: the sync client that sends the store's outbox to the cloud.
-//! - [`api`]: the HTTP API (health, Prometheus metrics, series, points, events, dead letters).
+//! Components, each using only the ones listed after it:
 //!
-//! [`Edge`] wires them together with an explicit shutdown: stop taking devices, write what was
-//! received, flush RocksDB.
+//! - `api`: the HTTP API (health, Prometheus metrics, series, points, events, dead letters,
+//!   sync status, functions).
+//! - `sync`: the sync client that sends the store's outbox to the cloud.
+//! - [`functions`]: on-device WebAssembly functions (registry, scheduler, workers, log).
+//! - [`broker`]: the embedded rumqttd broker, device authentication, the in-process publisher
+//!   and the device ports that serve MQTT 3.1.1 and 5 and hand each PUBLISH to ingest.
+//! - `ingest`: the writer thread that decodes, deduplicates and batches the events the device
+//!   listeners found into the store, with dead letters for what it refuses.
+//! - `maintenance`: sealing, retention and store gauges, on a timer.
+//! - [`store`]: the RocksDB store (series and compressed blocks, events, dead letters, outbox,
+//!   functions' state), written through one write batch per ingest batch.
+//! - `mqtt`: MQTT wire framing (remaining length, CONNECT level, CONNACK, PUBLISH scanner).
+//! - [`config`]: configuration (defaults → TOML → `MILLRACE_EDGE_*` environment), validated.
+//!
+//! [`Edge::start`] builds them in that order, bottom up, handing each what it needs; each
+//! long-running task is tracked and stops on [`Edge::shutdown`]: stop taking devices, write
+//! what was received, flush RocksDB.
 #![warn(missing_docs)]
 
 pub mod allocator;
-pub mod api;
+mod api;
 pub mod broker;
 pub mod config;
 pub mod functions;
-pub mod ingest;
+mod ingest;
+mod maintenance;
+mod mqtt;
 pub mod store;
-pub mod sync;
+mod sync;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use millrace_shared::service;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::ingest::IngestError;
+pub use crate::sync::SyncError;
+
 use crate::broker::{Broker, BrokerError};
 use crate::config::EdgeConfig;
-use crate::ingest::{Ingest, IngestError};
+use crate::ingest::Ingest;
 use crate::store::{Store, StoreError};
 
 /// Errors starting the edge.
@@ -71,7 +83,7 @@ pub enum EdgeError {
     },
     /// The sync client could not be built.
     #[error("sync: {0}")]
-    Sync(sync::SyncError),
+    Sync(SyncError),
     /// A blocking task panicked.
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -79,23 +91,10 @@ pub enum EdgeError {
 
 /// The process-wide Prometheus recorder (one per process, shared by every edge in it).
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let buckets = [
-                0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
-                0.5, 1.0, 2.5, 5.0, 10.0,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &buckets)
-                .expect("valid buckets")
-                .build_recorder();
-            let handle = recorder.handle();
-            // A second recorder in the same process (tests) keeps the first one.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+    service::prometheus_recorder(&[
+        0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5, 5.0, 10.0,
+    ])
 }
 
 /// A running edge node.
@@ -127,112 +126,63 @@ impl Edge {
             .options(cfg.sync.enabled.then_some(cfg.sync.outbox_quota_bytes));
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??);
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-        let on_stored: ingest::StoredHook = Default::default();
+
+        // Bottom up: each component gets what it needs when it is built.
+        let broker = {
+            let mqtt = cfg.mqtt.clone();
+            tokio::task::spawn_blocking(move || Broker::start(&mqtt)).await??
+        };
+        let functions = if cfg.functions.enabled {
+            let (store, publisher, fcfg) =
+                (store.clone(), broker.publisher(), cfg.functions.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    let engine = functions::WasmEngine::with_limits(fcfg.max_memory_mib, 256)
+                        .map_err(functions::FunctionError::Runtime)?;
+                    functions::Functions::start(
+                        store,
+                        Arc::new(engine),
+                        publisher,
+                        fcfg,
+                        Arc::new(functions::SystemClock),
+                    )
+                })
+                .await??,
+            )
+        } else {
+            tracing::info!("functions are disabled (functions.enabled = false)");
+            None
+        };
         let ingest = if cfg.ingest.enabled {
-            Some(Ingest::start(
-                store.clone(),
-                cfg.ingest.clone(),
-                on_stored.clone(),
-            )?)
+            let on_stored = functions.clone().map(|f| -> ingest::StoredHook {
+                Box::new(move |events: &mut Vec<millrace_shared::Event>| f.on_stored(events))
+            });
+            let (store, icfg) = (store.clone(), cfg.ingest.clone());
+            Some(
+                tokio::task::spawn_blocking(move || Ingest::start(store, icfg, on_stored))
+                    .await??,
+            )
         } else {
             tracing::warn!(
                 "ingest is disabled (ingest.enabled = false): nothing devices send is stored"
             );
             None
         };
-        let broker = Arc::new(
-            Broker::start(
+        let devices = broker
+            .listen(
                 &cfg.mqtt,
                 ingest.as_ref().map(Ingest::sender),
                 &tasks,
                 stop.clone(),
             )
-            .await?,
-        );
+            .await?;
 
-        let functions = if cfg.functions.enabled {
-            let (store, publisher, fcfg) =
-                (store.clone(), broker.publisher(), cfg.functions.clone());
-            let f = tokio::task::spawn_blocking(move || {
-                let engine = functions::WasmEngine::with_limits(fcfg.max_memory_mib, 256)
-                    .map_err(functions::FunctionError::Runtime)?;
-                functions::Functions::start(
-                    store,
-                    Arc::new(engine),
-                    publisher,
-                    fcfg,
-                    Arc::new(functions::SystemClock),
-                )
-            })
-            .await??;
-            let hook = f.clone();
-            let _ = on_stored.set(Box::new(move |events| hook.on_stored(events)));
-            Some(f)
-        } else {
-            tracing::info!("functions are disabled (functions.enabled = false)");
-            None
-        };
-
-        // Histogram samples wait in the recorder until drained: without upkeep an instance
-        // nobody scrapes would keep every sample it ever recorded.
-        tasks.spawn({
-            let (handle, stop) = (metrics.clone(), stop.clone());
-            async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
-                    let handle = handle.clone();
-                    let _ = tokio::task::spawn_blocking(move || handle.run_upkeep()).await;
-                }
-            }
-        });
-
-        // Maintenance: seal full windows into compressed blocks, apply retention, report size.
-        tasks.spawn({
-            let (store, stop, every) =
-                (store.clone(), stop.clone(), cfg.store.maintenance_interval);
-            async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
-                    let store = store.clone();
-                    let r =
-                        tokio::task::spawn_blocking(move || -> Result<(u64, u64), StoreError> {
-                            let now = chrono::Utc::now().timestamp_millis();
-                            let sealed = store.seal(now)?;
-                            store.enforce_retention(now)?;
-                            let memory = store.memory()?;
-                            for (kind, bytes) in [
-                                ("memtables", memory.memtables),
-                                ("table_readers", memory.table_readers),
-                                ("block_cache", memory.block_cache),
-                            ] {
-                                metrics::gauge!("millrace_edge_store_memory_bytes", "kind" => kind)
-                                    .set(bytes as f64);
-                            }
-                            let sizes = store.size_by_cf()?;
-                            for (cf, bytes) in &sizes {
-                                metrics::gauge!("millrace_edge_store_bytes", "cf" => *cf)
-                                    .set(*bytes as f64);
-                            }
-                            Ok((sealed, sizes.values().sum()))
-                        })
-                        .await;
-                    match r {
-                        Ok(Ok((sealed, _))) => {
-                            if sealed > 0 {
-                                tracing::debug!(sealed, "sealed telemetry into blocks");
-                            }
-                        }
-                        Ok(Err(e)) => tracing::error!(error = %e, "store maintenance failed"),
-                        Err(e) => tracing::error!(error = %e, "store maintenance panicked"),
-                    }
-                }
-            }
-        });
-
+        tasks.spawn(service::metrics_upkeep(metrics.clone(), stop.clone()));
+        tasks.spawn(maintenance::run(
+            store.clone(),
+            cfg.store.maintenance_interval,
+            stop.clone(),
+        ));
         let sync_stats = cfg
             .sync
             .enabled
@@ -246,35 +196,7 @@ impl Edge {
             )
             .map_err(EdgeError::Sync)?;
             tasks.spawn(client.run(stop.clone()));
-            // Outbox gauges for Prometheus.
-            tasks.spawn({
-                let (store, stop) = (store.clone(), stop.clone());
-                async move {
-                    let mut tick = tokio::time::interval(Duration::from_secs(5));
-                    loop {
-                        tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
-                        let store = store.clone();
-                        if let Ok(Ok(Some(o))) =
-                            tokio::task::spawn_blocking(move || store.outbox_status()).await
-                        {
-                            for (lane, items, bytes) in [
-                                ("events", o.items.events, o.bytes.events),
-                                ("telemetry", o.items.telemetry, o.bytes.telemetry),
-                            ] {
-                                metrics::gauge!("millrace_edge_outbox_items", "lane" => lane)
-                                    .set(items as f64);
-                                metrics::gauge!("millrace_edge_outbox_bytes", "lane" => lane)
-                                    .set(bytes as f64);
-                            }
-                            let lag = o
-                                .oldest_stored_ms
-                                .map_or(0, |t| (chrono::Utc::now().timestamp_millis() - t).max(0));
-                            metrics::gauge!("millrace_edge_sync_lag_seconds")
-                                .set(lag as f64 / 1000.0);
-                        }
-                    }
-                }
-            });
+            tasks.spawn(sync::report_outbox(store.clone(), stop.clone()));
         }
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
@@ -291,10 +213,7 @@ impl Edge {
             ingest: ingest
                 .as_ref()
                 .map_or_else(Default::default, |i| i.stats.clone()),
-            connections: {
-                let b = broker.clone();
-                Arc::new(move || b.connections())
-            },
+            connections: devices.connection_count(),
             metrics,
             api_keys: Arc::new(cfg.http.api_keys.clone()),
             max_points: cfg.http.max_points,
@@ -314,9 +233,9 @@ impl Edge {
                 }
             }
         });
-        tracing::info!(edge_id = %cfg.edge_id, mqtt = %broker.addr, http = %http_addr, data_dir = %cfg.data_dir.display(), "edge started");
+        tracing::info!(edge_id = %cfg.edge_id, mqtt = %devices.addr, http = %http_addr, data_dir = %cfg.data_dir.display(), "edge started");
         Ok(Self {
-            mqtt_addr: broker.addr,
+            mqtt_addr: devices.addr,
             http_addr,
             store,
             ingest,

@@ -282,18 +282,6 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mmap_threshold_fixed = millrace_edge::allocator::fix_mmap_threshold();
@@ -373,7 +361,7 @@ async fn main() -> anyhow::Result<()> {
                 "millrace-edge: devices on mqtt://{}, API on http://{}",
                 edge.mqtt_addr, edge.http_addr
             );
-            shutdown_signal().await;
+            millrace_shared::service::shutdown_signal().await;
             tracing::info!("shutting down");
             edge.shutdown().await;
         }

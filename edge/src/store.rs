@@ -22,24 +22,44 @@
 //! duplicate is stored once.
 //! Retention deletes by key range per series and machine.
 
+//!
+//! # Layout
+//! The [`Store`] is one RocksDB with a small façade; each group of families has its module:
+//! - `series`: the index of series and machine names, raw points (`head`), sealing into
+//!   blocks, the points query; [`block`]: the block codec.
+//! - `events`: state, part and operator events.
+//! - `dead_letters`: what ingest refused.
+//! - [`outbox`]: the outbox for sync and the dedup memory across restarts (`recent`).
+//! - `functions`: deployed functions, their key-value state, invocation log and alerts.
+//! - `write`: the write path: one write batch that each of the above adds its part to.
+//! - `retention`: deleting what is older than each kind's retention.
+
 pub mod block;
+mod dead_letters;
+mod events;
 mod functions;
 pub mod outbox;
+mod retention;
+mod series;
+mod write;
 
+pub use dead_letters::DeadLetter;
 pub use functions::KvWrite;
+pub use series::{Bucket, SeriesInfo};
+pub use write::WriteStats;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use millrace_shared::{Event, EventBody, EventKind, MachineId};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions,
+    ReadOptions,
 };
-use serde::{Deserialize, Serialize};
+
+use series::{HeadEntry, Index, Unsealed};
 
 const CF_SERIES: &str = "series";
 const CF_HEAD: &str = "head";
@@ -159,66 +179,6 @@ impl Default for StoreOptions {
     }
 }
 
-/// A payload the ingest pipeline refused, kept with the reason.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// When the edge received it, Unix ms.
-    pub received_ms: i64,
-    /// The topic it was published to.
-    pub topic: String,
-    /// Short reason code (`bad_json`, `bad_field`, `bad_topic`, `unknown_kind`, `too_large`, `unsupported_version`).
-    pub reason: String,
-    /// The full error message.
-    pub error: String,
-    /// The payload as text (lossy UTF-8), cut to 4 KiB.
-    pub payload: String,
-    /// The payload's full size in bytes.
-    pub payload_bytes: usize,
-}
-
-impl DeadLetter {
-    /// Builds a dead letter from a refused message.
-    pub fn new(received_ms: i64, topic: &str, payload: &[u8], reason: &str, error: String) -> Self {
-        const KEEP: usize = 4096;
-        let cut = &payload[..payload.len().min(KEEP)];
-        Self {
-            received_ms,
-            topic: topic.chars().take(512).collect(),
-            reason: reason.to_owned(),
-            error,
-            payload: String::from_utf8_lossy(cut).into_owned(),
-            payload_bytes: payload.len(),
-        }
-    }
-}
-
-/// One telemetry series.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SeriesInfo {
-    /// `site/line/machine/metric`.
-    pub name: String,
-    /// Unit of its values.
-    pub unit: String,
-    /// Internal id.
-    #[serde(skip)]
-    pub id: u32,
-}
-
-/// Aggregate of one downsampling step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Bucket {
-    /// Step start, Unix ms.
-    pub ts_ms: i64,
-    /// Points in the step.
-    pub count: u64,
-    /// Smallest value.
-    pub min: f64,
-    /// Largest value.
-    pub max: f64,
-    /// Mean value.
-    pub mean: f64,
-}
-
 /// RocksDB's memory by use, bytes (see [`Store::memory`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StoreMemory {
@@ -228,19 +188,6 @@ pub struct StoreMemory {
     pub table_readers: u64,
     /// Blocks cached for reads.
     pub block_cache: u64,
-}
-
-/// Counts of one write.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WriteStats {
-    /// Events written.
-    pub events: u64,
-    /// Telemetry points written.
-    pub points: u64,
-    /// Dead letters written.
-    pub dead_letters: u64,
-    /// Bytes handed to RocksDB.
-    pub bytes: u64,
 }
 
 fn ts_key(ts: i64) -> [u8; 8] {
@@ -256,169 +203,6 @@ fn series_ts_key(id: u32, ts: i64) -> [u8; 12] {
     k[..4].copy_from_slice(&id.to_be_bytes());
     k[4..].copy_from_slice(&ts_key(ts));
     k
-}
-
-/// Version byte of a head entry that holds several points ([`HeadEntry`]).
-const HEAD_CHUNK_V1: u8 = 1;
-
-/// One key of `head`. Two encodings are read:
-/// - *chunk* (written since 2026-12): key = series id · ts of its earliest point · write order
-///   `u64`; value = version byte 1, then (ts `i64`, value `f64`) little-endian pairs, or for a
-///   chunk of one point just its `f64` (little-endian; the key holds the ts). One chunk
-///   holds the points one write batch brought for one series and block window, so a batch
-///   inserts one key per series instead of one per point, and a chunk never spans two windows.
-/// - *point* (the first layout): key = series id · ts; value = the `f64`, big-endian.
-///
-/// Readers apply entries in write order, so that for two points with the same timestamp the
-/// later write wins, as when every point had its own key.
-#[derive(Debug, PartialEq)]
-struct HeadEntry {
-    /// Write order (0 for the first layout's points, which predate every chunk).
-    order: u64,
-    points: Vec<(i64, f64)>,
-}
-
-impl HeadEntry {
-    fn decode(k: &[u8], v: &[u8]) -> Result<Self, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            cf: CF_HEAD,
-            reason,
-        };
-        match k.len() {
-            12 => {
-                let v: [u8; 8] = v
-                    .try_into()
-                    .map_err(|_| corrupt(format!("point value of {} bytes, not 8", v.len())))?;
-                Ok(Self {
-                    order: 0,
-                    points: vec![(key_ts(&k[4..12]), f64::from_be_bytes(v))],
-                })
-            }
-            20 => {
-                let order = u64::from_be_bytes(k[12..20].try_into().expect("8 bytes"));
-                // A chunk of one point (sparse devices, small batches) is just the value; the
-                // key holds its timestamp.
-                if let Ok(v) = <[u8; 8]>::try_from(v) {
-                    return Ok(Self {
-                        order,
-                        points: vec![(key_ts(&k[4..12]), f64::from_le_bytes(v))],
-                    });
-                }
-                let (&version, pairs) = v
-                    .split_first()
-                    .ok_or_else(|| corrupt("empty chunk".into()))?;
-                if version != HEAD_CHUNK_V1 {
-                    return Err(corrupt(format!("unknown chunk version {version}")));
-                }
-                if pairs.len() % 16 != 0 {
-                    return Err(corrupt(format!("chunk of {} bytes", pairs.len())));
-                }
-                let points = pairs
-                    .chunks_exact(16)
-                    .map(|p| {
-                        let ts = i64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
-                        (ts, f64::from_le_bytes(p[8..].try_into().expect("8 bytes")))
-                    })
-                    .collect();
-                Ok(Self { order, points })
-            }
-            n => Err(corrupt(format!("key of {n} bytes"))),
-        }
-    }
-}
-
-/// The points of one write batch for one series and window, becoming one `head` chunk.
-#[derive(Debug)]
-struct PendingChunk {
-    id: u32,
-    min_ts: i64,
-    max_ts: i64,
-    value: Vec<u8>,
-}
-
-impl PendingChunk {
-    fn new(id: u32, ts: i64) -> Self {
-        let mut value = Vec::with_capacity(1 + 16 * 16);
-        value.push(HEAD_CHUNK_V1);
-        Self {
-            id,
-            min_ts: ts,
-            max_ts: ts,
-            value,
-        }
-    }
-
-    fn push(&mut self, ts: i64, v: f64) {
-        self.min_ts = self.min_ts.min(ts);
-        self.max_ts = self.max_ts.max(ts);
-        self.value.extend_from_slice(&ts.to_le_bytes());
-        self.value.extend_from_slice(&v.to_le_bytes());
-    }
-
-    /// The value to store: a one-point chunk is only its value (8 bytes instead of 17), so
-    /// that many sparse devices do not cost more memtable memory than one key per point did.
-    fn encoded(&self) -> &[u8] {
-        const ONE_POINT: usize = 1 + 16;
-        if self.value.len() == ONE_POINT {
-            &self.value[ONE_POINT - 8..]
-        } else {
-            &self.value
-        }
-    }
-
-    fn key(&self, order: u64) -> [u8; 20] {
-        let mut k = [0u8; 20];
-        k[..12].copy_from_slice(&series_ts_key(self.id, self.min_ts));
-        k[12..].copy_from_slice(&order.to_be_bytes());
-        k
-    }
-}
-
-/// Decodes the head entries `scan` yields and applies them in write order into `points`,
-/// keeping the points `keep` accepts. Returns how many it applied.
-fn merge_head(
-    points: &mut BTreeMap<i64, f64>,
-    scan: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
-    keep: impl Fn(i64) -> bool,
-) -> Result<u64, StoreError> {
-    let mut entries = scan
-        .map(|item| {
-            let (k, v) = item?;
-            HeadEntry::decode(&k, &v)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    entries.sort_by_key(|e| e.order);
-    let mut n = 0;
-    for e in entries {
-        for (ts, v) in e.points {
-            if keep(ts) {
-                points.insert(ts, v);
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
-
-fn decode_block(v: &[u8]) -> Result<Vec<(i64, f64)>, StoreError> {
-    block::decode(v).map_err(|e| StoreError::Corrupt {
-        cf: CF_BLOCKS,
-        reason: e.to_string(),
-    })
-}
-
-#[derive(Default)]
-struct Index {
-    by_name: HashMap<String, (u32, String)>,
-    by_id: BTreeMap<u32, String>,
-    next_id: u32,
-}
-
-/// Windows with unsealed points, per series, and the newest point seen per series.
-#[derive(Default)]
-struct Unsealed {
-    windows: BTreeMap<u32, BTreeSet<i64>>,
-    newest: HashMap<u32, i64>,
 }
 
 /// The time-series store. Every method blocks: call it off the async runtime.
@@ -448,9 +232,6 @@ impl std::fmt::Debug for Store {
             .finish_non_exhaustive()
     }
 }
-
-/// A device's series by reading position in its last event: (metric, series id, window, chunk).
-type SeriesSlots<'a> = Vec<(&'a str, u32, i64, usize)>;
 
 impl Store {
     /// Opens (creating if needed) the store in `path`.
@@ -630,496 +411,6 @@ impl Store {
         snapshot.iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
     }
 
-    /// The id of a series (`t/…`) or machine (`m/…`) name, if known.
-    fn id_of(&self, name: &str) -> Option<u32> {
-        self.index
-            .read()
-            .expect("index lock")
-            .by_name
-            .get(name)
-            .map(|(id, _)| *id)
-    }
-
-    fn window_ms(&self) -> i64 {
-        self.opts.block_window.as_millis().max(1) as i64
-    }
-
-    /// Looks up or assigns the id of `name`, adding a new entry to `batch`.
-    fn id_for(
-        &self,
-        name: &str,
-        unit: &str,
-        batch: &mut WriteBatch,
-        new: &mut Vec<(String, u32, String)>,
-    ) -> Result<u32, StoreError> {
-        if let Some(id) = self.id_of(name) {
-            return Ok(id);
-        }
-        if let Some((_, id, _)) = new.iter().find(|(n, _, _)| n == name) {
-            return Ok(*id);
-        }
-        let id = {
-            let index = self.index.read().expect("index lock");
-            index.next_id + new.len() as u32
-        };
-        if id == u32::MAX {
-            return Err(StoreError::SeriesExhausted);
-        }
-        let mut v = id.to_be_bytes().to_vec();
-        v.extend_from_slice(unit.as_bytes());
-        batch.put_cf(self.cf(CF_SERIES), name.as_bytes(), v);
-        new.push((name.to_owned(), id, unit.to_owned()));
-        Ok(id)
-    }
-
-    /// Writes decoded events and dead letters in one atomic batch.
-    pub fn write(&self, events: &[Event], dead: &[DeadLetter]) -> Result<WriteStats, StoreError> {
-        self.write_synced(events, dead, self.opts.sync_writes)
-    }
-
-    /// [`Store::write`], choosing whether this batch is fsync'd (functions' derived points are
-    /// not: they survive a crash of the process, not a power cut).
-    pub fn write_synced(
-        &self,
-        events: &[Event],
-        dead: &[DeadLetter],
-        sync: bool,
-    ) -> Result<WriteStats, StoreError> {
-        let _guard = self.write_lock.lock().expect("write lock");
-        let mut batch = WriteBatch::default();
-        let mut new = vec![];
-        let mut stats = WriteStats::default();
-        let window = self.window_ms();
-        // Telemetry: one head chunk per series and window; most batches hold one window.
-        let mut chunks: Vec<PendingChunk> = vec![];
-        let mut chunk_of: HashMap<(u32, i64), usize> = HashMap::new();
-        // The last device's series: (metric, id, window, chunk) per reading position.
-        let mut last: Option<(&MachineId, SeriesSlots<'_>)> = None;
-        let (head, events_cf, dead_cf) = (self.cf(CF_HEAD), self.cf(CF_EVENTS), self.cf(CF_DEAD));
-        let mut name = String::with_capacity(128);
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let mut outbox = self.outbox.as_ref().map(|o| o.begin());
-        let mut recent = Vec::with_capacity(events.len() * 10);
-        let mut item = Vec::with_capacity(128);
-        for e in events {
-            let m = &e.machine;
-            let mut first_id = None;
-            match &e.body {
-                EventBody::Telemetry(t) => {
-                    // Consecutive events mostly come from one device (one connection's read):
-                    // its series' ids and chunks are looked up once, not per reading.
-                    let cached = matches!(&last, Some((lm, _)) if *lm == m);
-                    if !cached {
-                        last = Some((m, Vec::with_capacity(t.readings.len())));
-                    }
-                    let series = &mut last.as_mut().expect("just set").1;
-                    let w = e.ts_ms.div_euclid(window) * window;
-                    for (n, r) in t.readings.iter().enumerate() {
-                        // Same metric at the same position as in the device's previous event?
-                        let hit = series.get(n).filter(|c| c.0 == r.name.as_str()).copied();
-                        let id = match hit {
-                            Some((_, id, _, _)) => id,
-                            None => {
-                                name.clear();
-                                name.push_str("t/");
-                                name.push_str(&m.site);
-                                name.push('/');
-                                name.push_str(&m.line);
-                                name.push('/');
-                                name.push_str(&m.machine);
-                                name.push('/');
-                                name.push_str(&r.name);
-                                self.id_for(&name, &r.unit, &mut batch, &mut new)?
-                            }
-                        };
-                        let chunk = match hit {
-                            Some((_, _, cw, chunk)) if cw == w => chunk,
-                            _ => *chunk_of.entry((id, w)).or_insert_with(|| {
-                                chunks.push(PendingChunk::new(id, e.ts_ms));
-                                chunks.len() - 1
-                            }),
-                        };
-                        let entry = (r.name.as_str(), id, w, chunk);
-                        match series.get_mut(n) {
-                            Some(c) => *c = entry,
-                            None => series.push(entry),
-                        }
-                        first_id.get_or_insert(id);
-                        chunks[chunk].push(e.ts_ms, r.value);
-                        stats.points += 1;
-                    }
-                }
-                body => {
-                    let id = self.id_for(&format!("m/{m}"), "", &mut batch, &mut new)?;
-                    first_id = Some(id);
-                    let mut k = Vec::with_capacity(20);
-                    k.extend_from_slice(&id.to_be_bytes());
-                    k.extend_from_slice(&ts_key(e.ts_ms));
-                    k.extend_from_slice(&e.seq.to_be_bytes());
-                    let v = serde_json::to_vec(body).expect("event bodies serialize");
-                    batch.put_cf(events_cf, k, v);
-                }
-            }
-            if let Some(id) = first_id {
-                outbox::put_recent(&mut recent, id, e.seq, e.ts_ms);
-            }
-            if let Some(ob) = outbox.as_mut() {
-                item.clear();
-                let seq = ob.next_seq();
-                millrace_shared::sync::encode_item(&mut item, seq, now_ms, e);
-                ob.put(&mut batch, self.cf(CF_OUTBOX), e.kind(), seq, &item);
-            }
-            stats.events += 1;
-        }
-        if !recent.is_empty() && self.opts.recent_events > 0 {
-            let n = self.recent_counter.fetch_add(1, Ordering::Relaxed);
-            batch.put_cf(self.cf(CF_RECENT), n.to_be_bytes(), &recent);
-            self.trim_recent(&mut batch, n, recent.len() / 20);
-        }
-        if let Some(ob) = outbox.as_ref() {
-            ob.finish(&mut batch, self.cf(CF_META));
-        }
-        for d in dead {
-            let n = self.dead_counter.fetch_add(1, Ordering::Relaxed);
-            let mut k = ts_key(d.received_ms).to_vec();
-            k.extend_from_slice(&n.to_be_bytes());
-            batch.put_cf(
-                dead_cf,
-                k,
-                serde_json::to_vec(d).expect("dead letters serialize"),
-            );
-            stats.dead_letters += 1;
-        }
-        // Unique and increasing under the write lock: every batch advances the sequence.
-        let order = self.db.latest_sequence_number() + 1;
-        for c in &chunks {
-            batch.put_cf(head, c.key(order), c.encoded());
-        }
-        stats.bytes = batch.size_in_bytes() as u64;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db.write_opt(batch, &wo)?;
-        if let (Some(ob), Some(state)) = (outbox, self.outbox.as_ref()) {
-            state.commit(ob);
-        }
-        if !new.is_empty() {
-            let mut index = self.index.write().expect("index lock");
-            for (name, id, unit) in new {
-                index.next_id = index.next_id.max(id + 1);
-                index.by_id.insert(id, name.clone());
-                index.by_name.insert(name, (id, unit));
-            }
-        }
-        let mut unsealed = self.unsealed.lock().expect("unsealed lock");
-        for c in &chunks {
-            unsealed
-                .windows
-                .entry(c.id)
-                .or_default()
-                .insert(c.min_ts.div_euclid(window) * window);
-            let newest = unsealed.newest.entry(c.id).or_insert(c.max_ts);
-            *newest = (*newest).max(c.max_ts);
-        }
-        drop(_guard);
-        if self.outbox.is_some() {
-            self.enforce_outbox_quota()?;
-        }
-        Ok(stats)
-    }
-
-    /// How many events are remembered across a restart for dedup.
-    pub fn recent_limit(&self) -> usize {
-        self.opts.recent_events
-    }
-
-    /// Seals every window that ended more than the grace period before `now_ms` (or before the
-    /// series' newest point) into a compressed block. Returns the points sealed.
-    pub fn seal(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let window = self.window_ms();
-        let grace = self.opts.seal_grace.as_millis() as i64;
-        let due: Vec<(u32, i64)> = {
-            let unsealed = self.unsealed.lock().expect("unsealed lock");
-            unsealed
-                .windows
-                .iter()
-                .flat_map(|(id, ws)| {
-                    let horizon =
-                        now_ms.max(unsealed.newest.get(id).copied().unwrap_or(i64::MIN)) - grace;
-                    ws.iter()
-                        .filter(move |w| **w + window <= horizon)
-                        .map(move |w| (*id, *w))
-                })
-                .collect()
-        };
-        let mut sealed = 0;
-        for (id, start) in due {
-            sealed += self.seal_window(id, start, start + window)?;
-        }
-        Ok(sealed)
-    }
-
-    /// Seals every unsealed point regardless of time (used before measuring size on disk).
-    pub fn seal_all(&self) -> Result<u64, StoreError> {
-        let window = self.window_ms();
-        let due: Vec<(u32, i64)> = {
-            let unsealed = self.unsealed.lock().expect("unsealed lock");
-            unsealed
-                .windows
-                .iter()
-                .flat_map(|(id, ws)| ws.iter().map(move |w| (*id, *w)))
-                .collect()
-        };
-        let mut sealed = 0;
-        for (id, start) in due {
-            sealed += self.seal_window(id, start, start + window)?;
-        }
-        Ok(sealed)
-    }
-
-    fn seal_window(&self, id: u32, start: i64, end: i64) -> Result<u64, StoreError> {
-        let _guard = self.write_lock.lock().expect("write lock");
-        let (head, blocks) = (self.cf(CF_HEAD), self.cf(CF_BLOCKS));
-        let (from, to) = (series_ts_key(id, start), series_ts_key(id, end));
-        let mut points: BTreeMap<i64, f64> = BTreeMap::new();
-        let block_key = series_ts_key(id, start);
-        if let Some(existing) = self.db.get_cf(blocks, block_key)? {
-            points.extend(decode_block(&existing)?);
-        }
-        let fresh = merge_head(&mut points, self.scan(CF_HEAD, &from, &to), |_| true)?;
-        let mut batch = WriteBatch::default();
-        if !points.is_empty() {
-            let pts: Vec<(i64, f64)> = points.into_iter().collect();
-            batch.put_cf(blocks, block_key, block::encode(&pts));
-        }
-        batch.delete_range_cf(head, from, to);
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.opts.sync_writes);
-        self.db.write_opt(batch, &wo)?;
-        let mut unsealed = self.unsealed.lock().expect("unsealed lock");
-        if let Some(ws) = unsealed.windows.get_mut(&id) {
-            ws.remove(&start);
-            if ws.is_empty() {
-                unsealed.windows.remove(&id);
-            }
-        }
-        Ok(fresh)
-    }
-
-    /// Deletes data older than each kind's retention. Cheap to call often: it acts when a
-    /// cutoff has moved past a new block window or series were added. Data older than the
-    /// cutoff that arrives late is hidden from queries at once and deleted by the next pass
-    /// that acts (at the latest one block window later).
-    pub fn enforce_retention(&self, now_ms: i64) -> Result<(), StoreError> {
-        let window = self.window_ms();
-        let cut = |d: Duration| {
-            (!d.is_zero()).then(|| (now_ms - d.as_millis() as i64).div_euclid(window) * window)
-        };
-        let ids_now = self.index.read().expect("index lock").next_id;
-        let mut done = self.retention_done.lock().expect("retention lock");
-        // Act when the cutoff moved or series were added since the last pass.
-        let mut fresh = |kind: &'static str, cutoff: Option<i64>| match cutoff {
-            Some(c) if done.get(kind) != Some(&(c, ids_now)) => {
-                done.insert(kind, (c, ids_now));
-                Some(c)
-            }
-            _ => None,
-        };
-        let (telemetry, events, dead) = (
-            fresh("telemetry", cut(self.opts.telemetry_retention)),
-            fresh("events", cut(self.opts.event_retention)),
-            fresh("dead", cut(self.opts.dead_letter_retention)),
-        );
-        // The function log and alerts: once per block window.
-        let function_log = fresh("functions", cut(Duration::from_millis(1)));
-        drop(done);
-        let _guard = self.write_lock.lock().expect("write lock");
-        let mut batch = WriteBatch::default();
-        let ids: Vec<(u32, bool)> = self
-            .index
-            .read()
-            .expect("index lock")
-            .by_id
-            .iter()
-            .map(|(id, name)| (*id, name.starts_with("t/")))
-            .collect();
-        for (id, is_series) in ids {
-            let lo = series_ts_key(id, i64::MIN);
-            match (is_series, telemetry, events) {
-                (true, Some(c), _) => {
-                    batch.delete_range_cf(self.cf(CF_HEAD), lo, series_ts_key(id, c));
-                    // Blocks start at window boundaries: a block starting before the cutoff is whole.
-                    batch.delete_range_cf(self.cf(CF_BLOCKS), lo, series_ts_key(id, c));
-                }
-                (false, _, Some(c)) => {
-                    batch.delete_range_cf(self.cf(CF_EVENTS), lo, series_ts_key(id, c));
-                }
-                _ => {}
-            }
-        }
-        if let Some(c) = dead {
-            batch.delete_range_cf(self.cf(CF_DEAD), ts_key(i64::MIN), ts_key(c));
-        }
-        if function_log.is_some() {
-            self.function_retention(&mut batch, now_ms);
-        }
-        if let Some(c) = telemetry {
-            let mut unsealed = self.unsealed.lock().expect("unsealed lock");
-            for ws in unsealed.windows.values_mut() {
-                ws.retain(|w| *w >= c);
-            }
-            unsealed.windows.retain(|_, ws| !ws.is_empty());
-        }
-        if !batch.is_empty() {
-            self.db.write(batch)?;
-        }
-        Ok(())
-    }
-
-    /// Every telemetry series.
-    pub fn series(&self) -> Vec<SeriesInfo> {
-        let index = self.index.read().expect("index lock");
-        let mut out: Vec<SeriesInfo> = index
-            .by_name
-            .iter()
-            .filter_map(|(name, (id, unit))| {
-                name.strip_prefix("t/").map(|n| SeriesInfo {
-                    name: n.to_owned(),
-                    unit: unit.clone(),
-                    id: *id,
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    /// The points of `series` (`site/line/machine/metric`) in `[from_ms, to_ms)`, in time
-    /// order, or `None` for an unknown series.
-    pub fn points(
-        &self,
-        series: &str,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Option<Vec<(i64, f64)>>, StoreError> {
-        let Some(id) = self.id_of(&format!("t/{series}")) else {
-            return Ok(None);
-        };
-        let cutoff = self.visible_from(self.opts.telemetry_retention);
-        let from_ms = from_ms.max(cutoff);
-        let mut points: BTreeMap<i64, f64> = BTreeMap::new();
-        if from_ms < to_ms {
-            // Blocks and head from one snapshot: a seal between the two scans would otherwise
-            // move points from the head (not yet scanned) into a block (already scanned).
-            let snapshot = self.db.snapshot();
-            let window = self.window_ms();
-            let first_block = from_ms.div_euclid(window).saturating_mul(window);
-            for item in self.scan_at(
-                &snapshot,
-                CF_BLOCKS,
-                &series_ts_key(id, first_block),
-                &series_ts_key(id, to_ms),
-            ) {
-                let (_, v) = item?;
-                let pts = decode_block(&v)?;
-                points.extend(pts.into_iter().filter(|(t, _)| *t >= from_ms && *t < to_ms));
-            }
-            // A chunk's key holds its earliest point, and chunks do not span windows: every
-            // chunk with points in range starts in `[first_block, to_ms)`.
-            let head = self.scan_at(
-                &snapshot,
-                CF_HEAD,
-                &series_ts_key(id, first_block),
-                &series_ts_key(id, to_ms),
-            );
-            merge_head(&mut points, head, |t| t >= from_ms && t < to_ms)?;
-        }
-        Ok(Some(points.into_iter().collect()))
-    }
-
-    fn visible_from(&self, retention: Duration) -> i64 {
-        if retention.is_zero() {
-            i64::MIN
-        } else {
-            chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64
-        }
-    }
-
-    /// Events of one machine in `[from_ms, to_ms)`, optionally of one kind, at most `limit`,
-    /// or `None` for a machine that never sent state, part or operator events.
-    pub fn events(
-        &self,
-        machine: &MachineId,
-        from_ms: i64,
-        to_ms: i64,
-        kind: Option<EventKind>,
-        limit: usize,
-    ) -> Result<Option<Vec<Event>>, StoreError> {
-        let Some(id) = self.id_of(&format!("m/{machine}")) else {
-            return Ok(None);
-        };
-        let from_ms = from_ms.max(self.visible_from(self.opts.event_retention));
-        let mut out = vec![];
-        if from_ms >= to_ms {
-            return Ok(Some(out));
-        }
-        for item in self.scan(
-            CF_EVENTS,
-            &series_ts_key(id, from_ms),
-            &series_ts_key(id, to_ms),
-        ) {
-            let (k, v) = item?;
-            let body: EventBody = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                cf: CF_EVENTS,
-                reason: e.to_string(),
-            })?;
-            if kind.is_some_and(|kd| kd != body.kind()) {
-                continue;
-            }
-            out.push(Event {
-                machine: machine.clone(),
-                ts_ms: key_ts(&k[4..12]),
-                seq: u64::from_be_bytes(k[12..20].try_into().expect("8 bytes")),
-                body,
-            });
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// Machines that have sent state, part or operator events.
-    pub fn machines(&self) -> Vec<String> {
-        let index = self.index.read().expect("index lock");
-        let mut out: Vec<String> = index
-            .by_name
-            .keys()
-            .filter_map(|n| n.strip_prefix("m/").map(str::to_owned))
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// Dead letters received at or after `from_ms`, oldest first, at most `limit`.
-    pub fn dead_letters(&self, from_ms: i64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let from_ms = from_ms.max(self.visible_from(self.opts.dead_letter_retention));
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_range(ts_key(from_ms).to_vec()..);
-        let mut out = vec![];
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_DEAD), ro, IteratorMode::Start)
-            .take(limit)
-        {
-            let (_, v) = item?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                cf: CF_DEAD,
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
-    }
-
     /// Bytes of live SST files plus memtables, per column family.
     pub fn size_by_cf(&self) -> Result<BTreeMap<&'static str, u64>, StoreError> {
         let mut out = BTreeMap::new();
@@ -1176,7 +467,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use millrace_shared::{MachineState, Reading, StateChange, Telemetry};
+    use millrace_shared::{
+        Event, EventBody, MachineId, MachineState, Reading, StateChange, Telemetry,
+    };
     use std::sync::Arc;
 
     fn machine() -> MachineId {

@@ -65,57 +65,57 @@ impl SyncError {
 
 /// What the sync client has done, for the API and metrics.
 #[derive(Debug, Default)]
-pub struct SyncStats {
+pub(crate) struct SyncStats {
     /// Batches the cloud acknowledged.
-    pub batches: AtomicU64,
+    pub(crate) batches: AtomicU64,
     /// Items acknowledged.
-    pub items: AtomicU64,
+    pub(crate) items: AtomicU64,
     /// Telemetry points acknowledged.
-    pub points: AtomicU64,
+    pub(crate) points: AtomicU64,
     /// Of those, items the cloud already had (re-sent after a lost answer).
-    pub duplicates: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
     /// Request body bytes that reached the cloud (answered, whatever the answer).
-    pub wire_bytes: AtomicU64,
+    pub(crate) wire_bytes: AtomicU64,
     /// Failed attempts.
-    pub failures: AtomicU64,
+    pub(crate) failures: AtomicU64,
     /// Failures in a row (0 when the last attempt worked).
-    pub consecutive_failures: AtomicU64,
+    pub(crate) consecutive_failures: AtomicU64,
     /// Unix ms of the last acknowledgement.
-    pub last_ack_ms: AtomicU64,
+    pub(crate) last_ack_ms: AtomicU64,
     /// The last error, if the last attempt failed.
-    pub last_error: Mutex<Option<String>>,
+    pub(crate) last_error: Mutex<Option<String>>,
     /// Whether a telemetry backlog is draining behind live data.
-    pub draining_backlog: AtomicBool,
+    pub(crate) draining_backlog: AtomicBool,
 }
 
 /// A snapshot of [`SyncStats`].
 #[derive(Debug, Clone, Serialize)]
-pub struct SyncFigures {
+pub(crate) struct SyncFigures {
     /// Batches acknowledged.
-    pub batches: u64,
+    pub(crate) batches: u64,
     /// Items acknowledged.
-    pub items: u64,
+    pub(crate) items: u64,
     /// Telemetry points acknowledged.
-    pub points: u64,
+    pub(crate) points: u64,
     /// Items the cloud already had.
-    pub duplicates: u64,
+    pub(crate) duplicates: u64,
     /// Bytes sent.
-    pub wire_bytes: u64,
+    pub(crate) wire_bytes: u64,
     /// Failed attempts.
-    pub failures: u64,
+    pub(crate) failures: u64,
     /// Failures in a row.
-    pub consecutive_failures: u64,
+    pub(crate) consecutive_failures: u64,
     /// Unix ms of the last acknowledgement.
-    pub last_ack_ms: Option<u64>,
+    pub(crate) last_ack_ms: Option<u64>,
     /// The last error, if the last attempt failed.
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// Whether a telemetry backlog is draining behind live data.
-    pub draining_backlog: bool,
+    pub(crate) draining_backlog: bool,
 }
 
 impl SyncStats {
     /// A snapshot.
-    pub fn figures(&self) -> SyncFigures {
+    pub(crate) fn figures(&self) -> SyncFigures {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         SyncFigures {
             batches: l(&self.batches),
@@ -134,7 +134,7 @@ impl SyncStats {
 
 /// The sync client.
 #[derive(Debug)]
-pub struct SyncClient {
+pub(crate) struct SyncClient {
     store: Arc<Store>,
     cfg: SyncConfig,
     edge_id: String,
@@ -153,7 +153,7 @@ struct Planned {
 
 impl SyncClient {
     /// A client for `store`'s outbox.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<Store>,
         cfg: SyncConfig,
         edge_id: String,
@@ -176,7 +176,7 @@ impl SyncClient {
     }
 
     /// Sends until `stop` is cancelled (a batch in flight is finished or abandoned unacknowledged).
-    pub async fn run(mut self, stop: CancellationToken) {
+    pub(crate) async fn run(mut self, stop: CancellationToken) {
         let Some(notify) = self.store.outbox_notify() else {
             tracing::error!("sync enabled but the store has no outbox");
             return;
@@ -425,5 +425,27 @@ impl SyncClient {
         metrics::counter!("millrace_edge_sync_points_total").increment(points);
         metrics::counter!("millrace_edge_sync_duplicates_total").increment(ack.duplicates);
         Ok(sent)
+    }
+}
+
+/// Reports the outbox's size per lane and the sync lag as gauges every 5 s until `stop`.
+pub(crate) async fn report_outbox(store: Arc<Store>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
+        let store = store.clone();
+        if let Ok(Ok(Some(o))) = tokio::task::spawn_blocking(move || store.outbox_status()).await {
+            for (lane, items, bytes) in [
+                ("events", o.items.events, o.bytes.events),
+                ("telemetry", o.items.telemetry, o.bytes.telemetry),
+            ] {
+                metrics::gauge!("millrace_edge_outbox_items", "lane" => lane).set(items as f64);
+                metrics::gauge!("millrace_edge_outbox_bytes", "lane" => lane).set(bytes as f64);
+            }
+            let lag = o
+                .oldest_stored_ms
+                .map_or(0, |t| (chrono::Utc::now().timestamp_millis() - t).max(0));
+            metrics::gauge!("millrace_edge_sync_lag_seconds").set(lag as f64 / 1000.0);
+        }
     }
 }

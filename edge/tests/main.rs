@@ -626,40 +626,19 @@ async fn tls_listener_takes_devices_with_credentials() {
     edge.shutdown().await;
 }
 
-/// CONNECT (MQTT 3.1.1, username and password) followed by a QoS 1 PUBLISH, as one buffer.
+/// CONNECT (MQTT 3.1.1, username and password) followed by a QoS 1 PUBLISH, as one buffer,
+/// encoded by rumqttc's codec.
 fn connect_and_publish(user: &str, pass: &str, topic: &str, payload: &[u8]) -> Vec<u8> {
-    fn field(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        out.extend_from_slice(b);
-    }
-    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![first];
-        let mut len = body.len();
-        loop {
-            let mut b = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                b |= 0x80;
-            }
-            out.push(b);
-            if len == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(body);
-        out
-    }
-    let mut connect = vec![];
-    field(&mut connect, b"MQTT");
-    connect.extend_from_slice(&[4, 0xC2, 0, 60]);
-    field(&mut connect, b"raw-client");
-    field(&mut connect, user.as_bytes());
-    field(&mut connect, pass.as_bytes());
-    let mut publish = vec![];
-    field(&mut publish, topic.as_bytes());
-    publish.extend_from_slice(&[0, 1]);
-    publish.extend_from_slice(payload);
-    [packet(0x10, &connect), packet(0x32, &publish)].concat()
+    use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
+    let mut connect = Connect::new("raw-client");
+    connect.keep_alive = 60;
+    connect.set_login(user, pass);
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    publish.pkid = 1;
+    let mut buf = bytes::BytesMut::new();
+    Packet::Connect(connect).write(&mut buf, 1 << 20).unwrap();
+    Packet::Publish(publish).write(&mut buf, 1 << 20).unwrap();
+    buf.to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,11 @@
 //!   encoding, and sets of sequence ranges.
 //! - [`kpi`]: ISO 22400 time and count accumulators and the OEE arithmetic used by the simulator's
 //!   ground truth and by the cloud's reports alike, so that both divide the same way.
+//! - [`time`]: times as written in queries and on the command line (`-2h`, RFC 3339, Unix ms).
+//! - `service` (feature `service`): plumbing of the edge and cloud servers: layered
+//!   configuration, the Prometheus recorder and its upkeep, the shutdown signal. It lives here,
+//!   behind a feature, rather than in a crate of its own, because the workspace layout is fixed
+//!   and edge and cloud may depend on nothing but `shared`.
 //!
 //! This crate depends on no other Millrace crate (see `docs/architecture.md`).
 #![warn(missing_docs)]
@@ -19,7 +24,10 @@
 pub mod event;
 pub mod kpi;
 pub mod master;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod sync;
+pub mod time;
 pub mod topic;
 
 /// The string type of identities and metric names: up to 24 bytes are kept inline, so decoding
@@ -34,4 +42,4 @@ pub use master::{
     BreakDef, CalendarError, CalendarSlot, MachineSpec, ShiftCalendar, ShiftDef, ShiftInstance,
 };
 pub use sync::{RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
-pub use topic::{MachineId, TopicError};
+pub use topic::{MachineId, SeriesKey, TopicError};

@@ -394,14 +394,9 @@ impl ItemCodec {
         let flags = r.byte("kind")?;
         let kind = flags & 0x0f;
         let m = self.get_string(r, "machine")?;
-        let machine = {
-            let mut parts = self.strings[m as usize].splitn(3, '/');
-            let (Some(site), Some(line), Some(mach)) = (parts.next(), parts.next(), parts.next())
-            else {
-                return Err(r.invalid("machine", "not site/line/machine"));
-            };
-            MachineId::new(site, line, mach).map_err(|e| r.invalid("machine", &e.to_string()))?
-        };
+        let machine: MachineId = self.strings[m as usize]
+            .parse()
+            .map_err(|e: crate::TopicError| r.invalid("machine", &e.to_string()))?;
         let (pts, pseq) = self.machines.get(&m).copied().unwrap_or((0, 0));
         let ts_ms = pts.wrapping_add(unzigzag(r.var("ts")?));
         let dseq = pseq.wrapping_add(unzigzag(r.var("device seq")?) as u64);

@@ -51,6 +51,18 @@ pub enum TopicError {
         /// The unknown last level.
         kind: String,
     },
+    /// A machine path is not `site/line/machine`.
+    #[error("`{value}` is not a machine path: expected `site/line/machine`")]
+    MachinePath {
+        /// The text as given.
+        value: String,
+    },
+    /// A series path is not `site/line/machine/metric`.
+    #[error("`{value}` is not a series: expected `site/line/machine/metric`")]
+    SeriesPath {
+        /// The text as given.
+        value: String,
+    },
     /// An identifier is empty, too long or uses characters outside `A-Z a-z 0-9 _ -`.
     #[error(
         "{what} `{value}` is not a valid identifier: expected 1 to 64 characters of A-Z a-z 0-9 _ -"
@@ -154,6 +166,65 @@ impl fmt::Display for MachineId {
     }
 }
 
+/// Parses `site/line/machine` (as [`MachineId`]'s `Display` writes it), checking each level.
+impl std::str::FromStr for MachineId {
+    type Err = TopicError;
+
+    fn from_str(s: &str) -> Result<Self, TopicError> {
+        let mut levels = s.split('/');
+        match (levels.next(), levels.next(), levels.next(), levels.next()) {
+            (Some(site), Some(line), Some(machine), None) => Self::new(site, line, machine),
+            _ => Err(TopicError::MachinePath { value: truncate(s) }),
+        }
+    }
+}
+
+/// One telemetry series: a machine's metric, written `site/line/machine/metric`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SeriesKey {
+    /// The machine.
+    pub machine: MachineId,
+    /// The metric's name (an identifier, like the levels of the machine).
+    pub metric: CompactString,
+}
+
+impl SeriesKey {
+    /// Builds a key after checking the metric's name.
+    pub fn new(machine: MachineId, metric: impl Into<CompactString>) -> Result<Self, TopicError> {
+        let metric = metric.into();
+        validate_id("metric", &metric)?;
+        Ok(Self { machine, metric })
+    }
+
+    /// Appends `site/line/machine/metric` to `out` (no allocation when `out` has room: the
+    /// store names a series per reading).
+    pub fn write_path(machine: &MachineId, metric: &str, out: &mut String) {
+        for level in [&*machine.site, &*machine.line, &*machine.machine] {
+            out.push_str(level);
+            out.push('/');
+        }
+        out.push_str(metric);
+    }
+}
+
+impl fmt::Display for SeriesKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.machine, self.metric)
+    }
+}
+
+/// Parses `site/line/machine/metric`, checking each level.
+impl std::str::FromStr for SeriesKey {
+    type Err = TopicError;
+
+    fn from_str(s: &str) -> Result<Self, TopicError> {
+        match s.rsplit_once('/') {
+            Some((machine, metric)) if machine.contains('/') => Self::new(machine.parse()?, metric),
+            _ => Err(TopicError::SeriesPath { value: truncate(s) }),
+        }
+    }
+}
+
 /// Keeps error messages bounded when a device sends something huge.
 fn truncate(s: &str) -> String {
     const MAX: usize = 200;
@@ -171,6 +242,45 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_paths_round_trip_and_bad_ones_say_why() {
+        let id: MachineId = "plant-1/line_a/press-03".parse().unwrap();
+        assert_eq!(id, MachineId::new("plant-1", "line_a", "press-03").unwrap());
+        assert_eq!(id.to_string().parse::<MachineId>().unwrap(), id);
+        for bad in ["press-03", "a/b", "a/b/c/d", ""] {
+            let e = bad.parse::<MachineId>().unwrap_err();
+            assert!(matches!(e, TopicError::MachinePath { .. }), "{bad}: {e}");
+        }
+        let e = "a/b c/d".parse::<MachineId>().unwrap_err();
+        assert!(matches!(e, TopicError::BadId { what: "line", .. }), "{e}");
+    }
+
+    #[test]
+    fn series_paths_round_trip_and_bad_ones_say_why() {
+        let k: SeriesKey = "plant-1/line_a/press-03/temp".parse().unwrap();
+        assert_eq!(
+            k.machine,
+            MachineId::new("plant-1", "line_a", "press-03").unwrap()
+        );
+        assert_eq!(k.metric, "temp");
+        assert_eq!(k.to_string(), "plant-1/line_a/press-03/temp");
+        let mut path = String::from("t/");
+        SeriesKey::write_path(&k.machine, &k.metric, &mut path);
+        assert_eq!(path, "t/plant-1/line_a/press-03/temp");
+        for bad in ["temp", "a/b/c", "a/b/c/d/e"] {
+            let e = bad.parse::<SeriesKey>().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TopicError::SeriesPath { .. } | TopicError::MachinePath { .. }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        let e = "a/b/c/t emp".parse::<SeriesKey>().unwrap_err();
+        assert!(matches!(e, TopicError::BadId { what: "metric", .. }), "{e}");
+    }
 
     #[test]
     fn round_trips_every_kind() {

@@ -18,11 +18,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use millrace_shared::EventKind;
 use millrace_shared::sync::{SeqRange, SyncItem, decode_item};
+use millrace_shared::{EventKind, MachineId};
 use rocksdb::{ColumnFamily, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 
+use super::series::IndexName;
 use super::{CF_META, CF_OUTBOX, CF_RECENT, Store, StoreError};
 
 const META_NEXT: &[u8] = b"outbox_next";
@@ -513,25 +514,19 @@ impl Store {
     }
 
     /// Reads the `recent` records written before this run, newest first, up to `limit` events
-    /// (as machine name, device seq, ts), and deletes older records.
-    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, u64, i64)>, StoreError> {
+    /// (as machine, device seq, ts), and deletes older records.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(MachineId, u64, i64)>, StoreError> {
         let mut out = vec![];
         let mut cut = None;
-        let names: std::collections::HashMap<u32, String> = self
+        let names: std::collections::HashMap<u32, MachineId> = self
             .index
             .read()
             .expect("index lock")
             .by_id
             .iter()
-            .map(|(id, n)| {
-                // `t/site/line/machine/metric` or `m/site/line/machine`.
-                let rest = &n[2..];
-                let m = if n.starts_with("t/") {
-                    rest.rsplit_once('/').map_or(rest, |(m, _)| m)
-                } else {
-                    rest
-                };
-                (*id, m.to_owned())
+            .filter_map(|(id, n)| {
+                let m = IndexName::parse(n)?.machine().parse().ok()?;
+                Some((*id, m))
             })
             .collect();
         for item in self.db.iterator_cf(self.cf(CF_RECENT), IteratorMode::End) {

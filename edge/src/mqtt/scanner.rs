@@ -9,32 +9,20 @@ use std::collections::HashMap;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::{FrameError, remaining_length};
+
 /// One PUBLISH taken from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
+pub(crate) struct Publish {
     /// The topic (resolved through a topic alias where one is used).
-    pub topic: Bytes,
+    pub(crate) topic: Bytes,
     /// The payload.
-    pub payload: Bytes,
-}
-
-/// Why a stream could not be framed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    /// The remaining-length field is longer than 4 bytes.
-    #[error("malformed remaining length")]
-    Length,
-    /// A PUBLISH is shorter than its own headers.
-    #[error("malformed PUBLISH")]
-    Publish,
-    /// A PUBLISH uses a topic alias that was never set.
-    #[error("unknown topic alias {0}")]
-    Alias(u16),
+    pub(crate) payload: Bytes,
 }
 
 /// Scans one connection's device-to-broker bytes.
 #[derive(Debug)]
-pub struct Scanner {
+pub(crate) struct Scanner {
     v5: bool,
     pending: BytesMut,
     aliases: HashMap<u16, Bytes>,
@@ -44,24 +32,9 @@ pub struct Scanner {
     connect_end: Option<u64>,
 }
 
-fn varint(b: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
-    let mut value = 0usize;
-    for (i, byte) in b.iter().take(4).enumerate() {
-        value |= usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok(Some((value, i + 1)));
-        }
-    }
-    if b.len() >= 4 {
-        Err(FrameError::Length)
-    } else {
-        Ok(None)
-    }
-}
-
 impl Scanner {
     /// A scanner for a connection of the given protocol version.
-    pub fn new(v5: bool) -> Self {
+    pub(crate) fn new(v5: bool) -> Self {
         Self {
             v5,
             pending: BytesMut::with_capacity(16 * 1024),
@@ -72,18 +45,18 @@ impl Scanner {
     }
 
     /// Where the connection's first packet (its CONNECT) ends in the stream, once it is complete.
-    pub fn connect_end(&self) -> Option<u64> {
+    pub(crate) fn connect_end(&self) -> Option<u64> {
         self.connect_end
     }
 
     /// Adds bytes read from the device and returns the PUBLISH packets they complete.
-    pub fn push(&mut self, data: &[u8], out: &mut Vec<Publish>) -> Result<(), FrameError> {
+    pub(crate) fn push(&mut self, data: &[u8], out: &mut Vec<Publish>) -> Result<(), FrameError> {
         self.pending.extend_from_slice(data);
         loop {
             let Some(&first) = self.pending.first() else {
                 return Ok(());
             };
-            let Some((len, len_bytes)) = varint(&self.pending[1..])? else {
+            let Some((len, len_bytes)) = remaining_length(&self.pending[1..])? else {
                 return Ok(());
             };
             let total = 1 + len_bytes + len;
@@ -120,7 +93,7 @@ impl Scanner {
             p.advance(2);
         }
         if self.v5 {
-            let (plen, n) = varint(&p)?.ok_or(FrameError::Publish)?;
+            let (plen, n) = remaining_length(&p)?.ok_or(FrameError::Publish)?;
             if p.len() < n + plen {
                 return Err(FrameError::Publish);
             }
@@ -176,7 +149,7 @@ fn topic_alias(mut p: &[u8]) -> Result<Option<u16>, FrameError> {
                 }
                 k + 2 + usize::from(u16::from_be_bytes([p[k], p[k + 1]]))
             }
-            0x0B => varint(p)?.ok_or(FrameError::Publish)?.1, // subscription identifier
+            0x0B => remaining_length(p)?.ok_or(FrameError::Publish)?.1, // subscription identifier
             _ => return Err(FrameError::Publish),
         };
         if p.len() < skip {
@@ -189,6 +162,7 @@ fn topic_alias(mut p: &[u8]) -> Result<Option<u16>, FrameError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::frame;
     use super::*;
 
     fn publish_v4(topic: &str, payload: &[u8], qos: u8) -> Vec<u8> {
@@ -200,24 +174,6 @@ mod tests {
         }
         body.extend_from_slice(payload);
         frame(0x30 | (qos << 1), &body)
-    }
-
-    fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![first];
-        let mut len = body.len();
-        loop {
-            let mut b = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                b |= 0x80;
-            }
-            out.push(b);
-            if len == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(body);
-        out
     }
 
     #[test]

@@ -1,71 +1,18 @@
-//! Factory reports: OEE (ISO 22400), production, downtime with MTBF/MTTR, per machine, line or
-//! site, per shift or day.
-//!
-//! Polars does the scanning, filtering and counting (parts per machine and shift are a lazy
-//! group-by over the dataset). Time per state needs each state change's successor, cut at shift
-//! boundaries: that walk runs in Rust over the (few) state rows Polars selected. Both feed the
-//! shared [`Tally`], so a report divides exactly as the simulator's ground truth does: roll-ups
-//! sum times and counts first, then divide.
+//! Tallies per machine and shift instance (parts from the rollup, time per state from the state
+//! changes), and the OEE and downtime reports built from them.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::Timelike;
 use millrace_shared::{Kpis, MachineState, ShiftCalendar, ShiftInstance, StopReason, Tally};
 use polars::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::dataset::{Dataset, Table, count_parts};
-use crate::reports::{Selection, scan};
-
-const DAY_MS: i64 = 86_400_000;
-
-/// Master data: ideal cycle times and the shift calendar.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Master {
-    /// Ideal cycle time per `site/line/machine`, ms.
-    pub ideal_cycle_ms: BTreeMap<String, u32>,
-    /// For machines not listed.
-    pub default_ideal_cycle_ms: u32,
-    /// The shift calendar (UTC).
-    pub calendar: ShiftCalendar,
-}
-
-impl Master {
-    fn ideal(&self, machine: &str) -> u64 {
-        u64::from(
-            self.ideal_cycle_ms
-                .get(machine)
-                .copied()
-                .unwrap_or(self.default_ideal_cycle_ms),
-        )
-    }
-}
-
-/// What a report row is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    /// One machine.
-    #[default]
-    Machine,
-    /// A line (sum of its machines).
-    Line,
-    /// A site (sum of its lines).
-    Site,
-}
-
-/// Period of a report row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Period {
-    /// One shift instance.
-    #[default]
-    Shift,
-    /// One day: the shifts that start on that (UTC) date.
-    Day,
-    /// The whole range.
-    Total,
-}
+use super::production::part_minutes;
+use super::{DAY_MS, Level, Master, Period, entity_of, ints, str_col};
+use crate::dataset::{Dataset, Table};
+use crate::query::{QueryError, Selection, scan};
+use crate::schema::{events, part_counts};
 
 /// One row of the OEE report: the additive tally and the KPIs derived from it.
 #[derive(Debug, Clone, Serialize)]
@@ -81,22 +28,6 @@ pub struct OeeRow {
     pub kpis: Kpis,
 }
 
-fn entity_of(level: Level, site: &str, line: &str, machine: &str) -> String {
-    match level {
-        Level::Machine => format!("{site}/{line}/{machine}"),
-        Level::Line => format!("{site}/{line}"),
-        Level::Site => site.to_owned(),
-    }
-}
-
-fn ints(df: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
-    let s = df
-        .column(name)?
-        .as_materialized_series()
-        .cast(&DataType::Int64)?;
-    Ok(s.i64()?.iter().map(|v| v.unwrap_or(0)).collect())
-}
-
 /// Ms since midnight of each shift's start and end.
 fn shift_bounds(cal: &ShiftCalendar) -> Vec<(i64, i64)> {
     cal.shifts
@@ -110,8 +41,6 @@ fn shift_bounds(cal: &ShiftCalendar) -> Vec<(i64, i64)> {
 
 type Key = (String, String, String, i64);
 
-const MINUTE_MS: i64 = 60_000;
-
 /// Whether every shift starts and ends on a whole minute (then parts per minute can be assigned
 /// to shifts exactly).
 fn minute_aligned(cal: &ShiftCalendar) -> bool {
@@ -121,60 +50,6 @@ fn minute_aligned(cal: &ShiftCalendar) -> bool {
             && s.start.nanosecond() == 0
             && s.end.nanosecond() == 0
     })
-}
-
-/// Good, scrap and rework parts per machine and minute over `sel`: columns `site`, `line`,
-/// `machine`, `minute` (Unix ms) and the three counts. With `rollup`, the whole minutes of the
-/// range come from the part-counts rollup and only the partial minutes at its ends from the raw
-/// part events. Without, everything comes from the raw events and `minute` is each part's own
-/// time (for shift calendars whose boundaries are not on whole minutes).
-pub fn part_minutes(
-    ds: &Dataset,
-    sel: &Selection,
-    rollup: bool,
-) -> PolarsResult<Option<LazyFrame>> {
-    let raw = |from_ms: i64, to_ms: i64| -> PolarsResult<Option<LazyFrame>> {
-        let s = Selection {
-            from_ms,
-            to_ms,
-            ..sel.clone()
-        };
-        Ok(scan(ds, Table::Events, &s)?.map(|lf| count_parts(lf, rollup)))
-    };
-    // The whole minutes of the range: [first, last).
-    let first = (sel.from_ms + MINUTE_MS - 1).div_euclid(MINUTE_MS) * MINUTE_MS;
-    let last = sel.to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-    let mut frames = vec![];
-    if rollup && first < last {
-        if sel.from_ms < first {
-            frames.extend(raw(sel.from_ms, first)?);
-        }
-        let whole = Selection {
-            from_ms: first,
-            to_ms: last,
-            ..sel.clone()
-        };
-        if let Some(lf) = scan(ds, Table::PartCounts, &whole)? {
-            frames.push(lf.select([
-                col("site"),
-                col("line"),
-                col("machine"),
-                col("minute").cast(DataType::Int64),
-                col("good").cast(DataType::Int64),
-                col("scrap").cast(DataType::Int64),
-                col("rework").cast(DataType::Int64),
-            ]));
-        }
-        if last < sel.to_ms {
-            frames.extend(raw(last, sel.to_ms)?);
-        }
-    } else {
-        frames.extend(raw(sel.from_ms, sel.to_ms)?);
-    }
-    if frames.is_empty() {
-        return Ok(None);
-    }
-    concat(frames, UnionArgs::default()).map(Some)
 }
 
 /// The start (Unix ms) of the shift instance of the calendar's shift definitions that `ts`
@@ -194,15 +69,6 @@ fn shift_start_of(bounds: &[(i64, i64)], ts: i64) -> Option<i64> {
     })
 }
 
-fn str_col<'a>(df: &'a DataFrame, name: &str) -> PolarsResult<Vec<Option<&'a str>>> {
-    Ok(df
-        .column(name)?
-        .as_materialized_series()
-        .str()?
-        .iter()
-        .collect())
-}
-
 /// Per machine and shift instance (start ms): tallies over `sel`.
 ///
 /// Polars scans (projection, predicate and partition pushdown, parallel decoding); the two folds
@@ -213,7 +79,7 @@ fn machine_shift_tallies(
     ds: &Dataset,
     master: &Master,
     sel: &Selection,
-) -> PolarsResult<(BTreeMap<Key, Tally>, Vec<ShiftInstance>)> {
+) -> Result<(BTreeMap<Key, Tally>, Vec<ShiftInstance>), QueryError> {
     let shifts = master.calendar.instances_between(sel.from_ms, sel.to_ms);
     let known: std::collections::HashSet<i64> = shifts.iter().map(|s| s.start_ms).collect();
     let bounds = shift_bounds(&master.calendar);
@@ -228,12 +94,16 @@ fn machine_shift_tallies(
     if let Some(lf) = part_minutes(ds, sel, minute_aligned(&master.calendar))? {
         let df = lf.collect()?;
         let c = |n: &str| df.column(n).map(Column::as_materialized_series);
-        let (site, line, machine) = (c("site")?.str()?, c("line")?.str()?, c("machine")?.str()?);
+        let (site, line, machine) = (
+            c(part_counts::SITE)?.str()?,
+            c(part_counts::LINE)?.str()?,
+            c(part_counts::MACHINE)?.str()?,
+        );
         let (minute, good, scrap, rework) = (
-            c("minute")?.i64()?,
-            c("good")?.i64()?,
-            c("scrap")?.i64()?,
-            c("rework")?.i64()?,
+            c(part_counts::MINUTE)?.i64()?,
+            c(part_counts::GOOD)?.i64()?,
+            c(part_counts::SCRAP)?.i64()?,
+            c(part_counts::REWORK)?.i64()?,
         );
         // Borrowed keys while folding; owned ones once per machine and shift at the end.
         let mut parts: HashMap<((&str, &str, &str), i64), Tally> = HashMap::new();
@@ -298,24 +168,24 @@ fn machine_shift_tallies(
     };
     if let Some(lf) = scan(ds, Table::Events, &wide)? {
         let df = lf
-            .filter(col("kind").eq(lit("state")))
+            .filter(col(events::KIND).eq(lit(events::KIND_STATE)))
             .select([
-                col("site"),
-                col("line"),
-                col("machine"),
-                col("ts").cast(DataType::Int64),
-                col("device_seq"),
-                col("state"),
-                col("reason"),
+                col(events::SITE),
+                col(events::LINE),
+                col(events::MACHINE),
+                col(events::TS).cast(DataType::Int64),
+                col(events::DEVICE_SEQ),
+                col(events::STATE),
+                col(events::REASON),
             ])
             .collect()?;
         let (site, line, machine) = (
-            str_col(&df, "site")?,
-            str_col(&df, "line")?,
-            str_col(&df, "machine")?,
+            str_col(&df, events::SITE)?,
+            str_col(&df, events::LINE)?,
+            str_col(&df, events::MACHINE)?,
         );
-        let (ts, dseq) = (ints(&df, "ts")?, ints(&df, "device_seq")?);
-        let (state, reason) = (str_col(&df, "state")?, str_col(&df, "reason")?);
+        let (ts, dseq) = (ints(&df, events::TS)?, ints(&df, events::DEVICE_SEQ)?);
+        let (state, reason) = (str_col(&df, events::STATE)?, str_col(&df, events::REASON)?);
         let state_of = |v: Option<&str>| {
             v.and_then(|s| MachineState::ALL.into_iter().find(|x| x.as_str() == s))
         };
@@ -389,7 +259,7 @@ pub fn oee(
     sel: &Selection,
     level: Level,
     period: Period,
-) -> PolarsResult<Vec<OeeRow>> {
+) -> Result<Vec<OeeRow>, QueryError> {
     let (tallies, shifts) = machine_shift_tallies(ds, master, sel)?;
     let by_start: HashMap<i64, &ShiftInstance> = shifts.iter().map(|s| (s.start_ms, s)).collect();
     let mut rows: BTreeMap<(String, i64, String), Tally> = BTreeMap::new();
@@ -429,7 +299,7 @@ pub fn downtime(
     master: &Master,
     sel: &Selection,
     level: Level,
-) -> PolarsResult<Vec<serde_json::Value>> {
+) -> Result<Vec<serde_json::Value>, QueryError> {
     let rows = oee(ds, master, sel, level, Period::Total)?;
     Ok(rows
         .into_iter()
@@ -463,82 +333,4 @@ pub fn downtime(
             })
         })
         .collect())
-}
-
-/// Parts per entity and time window (`every`: Polars duration such as `1h`, `1d`), with
-/// throughput per hour.
-pub fn production(
-    ds: &Dataset,
-    sel: &Selection,
-    level: Level,
-    every: &str,
-) -> PolarsResult<DataFrame> {
-    let every_ms = humantime::parse_duration(every)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(3_600_000)
-        .max(1);
-    // Windows of whole minutes come from the parts per minute.
-    let Some(lf) = part_minutes(ds, sel, every_ms % MINUTE_MS == 0)? else {
-        return Ok(DataFrame::empty());
-    };
-    let mut keys = vec![col("site")];
-    if level != Level::Site {
-        keys.push(col("line"));
-    }
-    if level == Level::Machine {
-        keys.push(col("machine"));
-    }
-    let window = ((col("minute") / lit(every_ms)) * lit(every_ms)).alias("window_start");
-    let mut by = keys.clone();
-    by.push(col("window_start"));
-    let mut sort_by: Vec<String> = keys
-        .iter()
-        .map(|k| match k {
-            Expr::Column(c) => c.to_string(),
-            _ => String::new(),
-        })
-        .collect();
-    sort_by.push("window_start".into());
-    lf.with_column(window)
-        .group_by(by)
-        .agg([col("good").sum(), col("scrap").sum(), col("rework").sum()])
-        .with_column((col("good") + col("scrap") + col("rework")).alias("total"))
-        .with_column(
-            (col("total").cast(DataType::Float64) / lit(every_ms as f64 / 3_600_000.0))
-                .alias("throughput_per_hour"),
-        )
-        .sort(sort_by, SortMultipleOptions::default())
-        .collect()
-}
-
-/// Telemetry aggregates per machine, metric and window: count, min, max, mean, p95.
-pub fn telemetry(ds: &Dataset, sel: &Selection, every_ms: i64) -> PolarsResult<DataFrame> {
-    let Some(lf) = scan(ds, Table::Telemetry, sel)? else {
-        return Ok(DataFrame::empty());
-    };
-    let window =
-        ((col("ts").cast(DataType::Int64) / lit(every_ms)) * lit(every_ms)).alias("window_start");
-    lf.with_column(window)
-        .group_by([
-            col("site"),
-            col("line"),
-            col("machine"),
-            col("metric"),
-            col("window_start"),
-        ])
-        .agg([
-            col("unit").first().alias("unit"),
-            len().alias("count"),
-            col("value").min().alias("min"),
-            col("value").max().alias("max"),
-            col("value").mean().alias("mean"),
-            col("value")
-                .quantile(lit(0.95), QuantileMethod::Linear)
-                .alias("p95"),
-        ])
-        .sort(
-            ["site", "line", "machine", "metric", "window_start"],
-            SortMultipleOptions::default(),
-        )
-        .collect()
 }

@@ -1,0 +1,484 @@
+//! Raw rows and the factory reports over HTTP: query parameters checked into a
+//! [`Selection`], the query run on a blocking thread, the result rendered as JSON or CSV.
+
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use millrace_shared::time::parse_time;
+use polars::prelude::*;
+use serde::Deserialize;
+
+use super::auth::Caller;
+use super::openapi::QueryFailed;
+use super::{ApiError, ApiState, blocking};
+use crate::dataset::Table;
+use crate::query::{Scope, Selection, scan};
+use crate::reports::{Level, Period};
+use crate::schema::{events, telemetry};
+
+/// Output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// JSON (default).
+    #[default]
+    Json,
+    /// CSV with a header row.
+    Csv,
+}
+
+/// Filters shared by data queries and reports.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct Filters {
+    /// Only this site.
+    pub site: Option<String>,
+    /// Only this line.
+    pub line: Option<String>,
+    /// Only this machine (`machine` or `site/line/machine`).
+    pub machine: Option<String>,
+    /// Only this metric (telemetry).
+    pub metric: Option<String>,
+    /// Only this kind (`state`, `part`, `operator`).
+    pub kind: Option<String>,
+    /// From (inclusive): Unix ms, RFC 3339 or `-2h`.
+    pub from: Option<String>,
+    /// To (exclusive).
+    pub to: Option<String>,
+    /// Most rows.
+    pub limit: Option<usize>,
+    /// `json` or `csv`.
+    #[serde(default)]
+    pub format: Format,
+    /// API key (for clients that cannot set headers).
+    #[allow(dead_code, reason = "read by the `Caller` extractor from the raw query string")]
+    pub api_key: Option<String>,
+    /// Reports: `machine`, `line` or `site`.
+    pub level: Option<String>,
+    /// OEE: `shift`, `day` or `total`.
+    pub period: Option<String>,
+    /// Production and telemetry windows: `1m`, `1h`, `1d` (production also `shift`).
+    pub window: Option<String>,
+}
+
+fn choice<T: serde::de::DeserializeOwned + Default>(
+    name: &str,
+    v: &Option<String>,
+    allowed: &str,
+) -> Result<T, ApiError> {
+    match v {
+        None => Ok(T::default()),
+        Some(s) => serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| {
+            ApiError::BadRequest(format!("`{name}` = `{s}`: expected one of {allowed}"))
+        }),
+    }
+}
+
+fn window_ms(v: &Option<String>, default: &str) -> Result<(String, i64), ApiError> {
+    let w = v.clone().unwrap_or_else(|| default.to_owned());
+    let ms = match w.as_str() {
+        "1m" => 60_000,
+        "1h" => 3_600_000,
+        "1d" => 86_400_000,
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "`window` = `{w}`: expected 1m, 1h or 1d"
+            )));
+        }
+    };
+    Ok((w, ms))
+}
+
+impl Filters {
+    /// The checked selection these filters ask for (at most `max_range_ms` long; by default the
+    /// 24 hours before `to`, and `to` now).
+    pub(crate) fn select(&self, max_range_ms: i64) -> Result<Selection, ApiError> {
+        let to_ms = match &self.to {
+            Some(t) => parse_time("to", t)?,
+            None => chrono::Utc::now().timestamp_millis() + 1,
+        };
+        let from_ms = match &self.from {
+            Some(f) => parse_time("from", f)?,
+            None => to_ms - 86_400_000,
+        };
+        let scope = Scope {
+            site: self.site.clone(),
+            line: self.line.clone(),
+            machine: self.machine.clone(),
+            metric: self.metric.clone(),
+            kind: self.kind.clone(),
+        };
+        Ok(Selection::new(from_ms, to_ms, max_range_ms, &scope)?)
+    }
+}
+
+/// A frame encoded for the response (done on a blocking thread: large frames take a while).
+#[derive(Debug)]
+pub(crate) struct Rendered {
+    csv: bool,
+    body: Vec<u8>,
+}
+
+impl IntoResponse for Rendered {
+    fn into_response(self) -> Response {
+        let ct = if self.csv {
+            "text/csv; charset=utf-8"
+        } else {
+            "application/json"
+        };
+        ([(header::CONTENT_TYPE, ct)], self.body).into_response()
+    }
+}
+
+/// Encodes a frame as `{"<key>": [rows as objects]}` or as CSV with a header row.
+pub(crate) fn render(mut df: DataFrame, format: Format, key: &str) -> Result<Rendered, ApiError> {
+    let mut body = vec![];
+    match format {
+        Format::Csv => {
+            CsvWriter::new(&mut body)
+                .include_header(true)
+                .finish(&mut df)?;
+        }
+        Format::Json => {
+            body.extend_from_slice(b"{");
+            write_json_str(&mut body, key);
+            body.extend_from_slice(b":");
+            write_json_rows(&mut body, &df)?;
+            body.extend_from_slice(b"}");
+        }
+    }
+    Ok(Rendered {
+        csv: format == Format::Csv,
+        body,
+    })
+}
+
+fn write_json_str(out: &mut Vec<u8>, v: &str) {
+    serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail");
+}
+
+/// One column, typed, for writing row by row.
+enum JsonColumn<'a> {
+    Str(Vec<Option<&'a str>>),
+    Bool(Vec<Option<bool>>),
+    Int(Vec<Option<i64>>),
+    UInt(Vec<Option<u64>>),
+    Float(Vec<Option<f64>>),
+    /// Anything else, as its display text.
+    Text(Vec<Option<String>>),
+}
+
+/// Writes a frame as a JSON array of objects (timestamps as Unix ms, NaN and infinities as
+/// null), column by column into typed vectors, then row by row.
+pub(crate) fn write_json_rows(out: &mut Vec<u8>, df: &DataFrame) -> PolarsResult<()> {
+    use std::io::Write as _;
+    let mut names = vec![];
+    let mut cols = vec![];
+    for c in df.columns() {
+        let s = c.as_materialized_series();
+        let mut name = vec![];
+        write_json_str(&mut name, s.name());
+        name.push(b':');
+        names.push(name);
+        cols.push(match s.dtype() {
+            DataType::String => JsonColumn::Str(s.str()?.iter().collect()),
+            DataType::Boolean => JsonColumn::Bool(s.bool()?.iter().collect()),
+            DataType::UInt64 => JsonColumn::UInt(s.u64()?.iter().collect()),
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32 => {
+                JsonColumn::Int(s.cast(&DataType::Int64)?.i64()?.iter().collect())
+            }
+            DataType::Datetime(_, _) | DataType::Duration(_) => {
+                JsonColumn::Int(s.to_physical_repr().i64()?.iter().collect())
+            }
+            DataType::Float32 | DataType::Float64 => JsonColumn::Float(
+                s.cast(&DataType::Float64)?
+                    .f64()?
+                    .iter()
+                    .map(|v| v.filter(|v| v.is_finite()))
+                    .collect(),
+            ),
+            _ => JsonColumn::Text(
+                (0..s.len())
+                    .map(|i| match s.get(i) {
+                        Ok(AnyValue::Null) | Err(_) => None,
+                        Ok(AnyValue::String(v)) => Some(v.to_owned()),
+                        Ok(v) => Some(v.to_string()),
+                    })
+                    .collect(),
+            ),
+        });
+    }
+    out.reserve(df.height() * 16 * cols.len().max(1));
+    out.push(b'[');
+    for i in 0..df.height() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        for (j, (name, c)) in names.iter().zip(&cols).enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(name);
+            let w = &mut *out;
+            let ok = match c {
+                JsonColumn::Str(v) => v[i].map(|v| write_json_str(w, v)),
+                JsonColumn::Text(v) => v[i].as_deref().map(|v| write_json_str(w, v)),
+                JsonColumn::Bool(v) => {
+                    v[i].map(|v| w.extend_from_slice(if v { b"true" } else { b"false" }))
+                }
+                JsonColumn::Int(v) => v[i].map(|v| {
+                    let _ = write!(w, "{v}");
+                }),
+                JsonColumn::UInt(v) => v[i].map(|v| {
+                    let _ = write!(w, "{v}");
+                }),
+                JsonColumn::Float(v) => v[i].map(|v| {
+                    serde_json::to_writer(&mut *w, &v).expect("finite floats are written");
+                }),
+            };
+            if ok.is_none() {
+                out.extend_from_slice(b"null");
+            }
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    Ok(())
+}
+
+fn max_range(s: &ApiState) -> i64 {
+    s.cfg.http.max_query_range.as_millis() as i64
+}
+
+async fn rows(
+    s: ApiState,
+    f: Filters,
+    table: Table,
+    cols: &'static [&'static str],
+    key: &'static str,
+) -> Result<Response, ApiError> {
+    let sel = f.select(max_range(&s))?;
+    let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
+    if limit == 0 || limit > s.cfg.http.max_rows {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be between 1 and {}",
+            s.cfg.http.max_rows
+        )));
+    }
+    let ds = s.dataset.clone();
+    let format = f.format;
+    blocking(move || {
+        let Some(lf) = scan(&ds, table, &sel)? else {
+            return render(DataFrame::empty(), format, key);
+        };
+        let exprs: Vec<Expr> = cols.iter().map(|c| col(*c)).collect();
+        let df = lf
+            .select(exprs)
+            .sort(
+                [events::TS],
+                SortMultipleOptions::default().with_maintain_order(true),
+            )
+            .limit(limit as IdxSize)
+            .collect()?;
+        render(df, format, key)
+    })
+    .await
+    .map(IntoResponse::into_response)
+}
+
+type Q = Result<Query<Filters>, axum::extract::rejection::QueryRejection>;
+
+fn query(q: Q) -> Result<Filters, ApiError> {
+    Ok(q.map(|Query(f)| f)?)
+}
+
+/// Raw telemetry points, oldest first (at most `limit`).
+#[utoipa::path(get, path = "/api/v1/telemetry", tag = "data", params(Filters),
+    responses((status = 200, description = "`{\"points\": [...]}` (`?format=csv`: CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn telemetry_rows(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    rows(
+        s,
+        query(q)?,
+        Table::Telemetry,
+        telemetry::API_COLUMNS,
+        "points",
+    )
+    .await
+}
+
+/// Raw state, part and operator events, oldest first (at most `limit`).
+#[utoipa::path(get, path = "/api/v1/events", tag = "data", params(Filters),
+    responses((status = 200, description = "`{\"events\": [...]}` (`?format=csv`: CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn event_rows(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    rows(s, query(q)?, Table::Events, events::API_COLUMNS, "events").await
+}
+
+/// Refuses a machine filter naming a machine the cloud has never heard of (404).
+fn known_machine(s: &ApiState, f: &Filters) -> Result<(), ApiError> {
+    let known = s.dataset.machines();
+    let master = s.master.read().expect("master lock");
+    Ok(crate::reports::check_machine(
+        f.machine.as_deref(),
+        &known,
+        &master,
+    )?)
+}
+
+/// A report's selection: a known machine (404 otherwise) and a checked range.
+fn report_selection(s: &ApiState, f: &Filters, metric: bool) -> Result<Selection, ApiError> {
+    known_machine(s, f)?;
+    let refuse = |name: &str| {
+        Err(ApiError::BadRequest(format!(
+            "`{name}` does not apply to this report"
+        )))
+    };
+    if f.kind.is_some() {
+        return refuse("kind");
+    }
+    if !metric && f.metric.is_some() {
+        return refuse("metric");
+    }
+    f.select(max_range(s))
+}
+
+/// OEE = availability × performance × quality (ISO 22400) per entity and period, with the
+/// counts and times they come from.
+#[utoipa::path(get, path = "/api/v1/reports/oee", tag = "reports", params(Filters),
+    responses((status = 200, description = "`{\"rows\": [...]}` (`?format=csv`: CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn oee_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let level: Level = choice("level", &f.level, "machine, line, site")?;
+    let period: Period = choice("period", &f.period, "shift, day, total")?;
+    let sel = report_selection(&s, &f, false)?;
+    let (ds, master) = (
+        s.dataset.clone(),
+        s.master.read().expect("master lock").clone(),
+    );
+    let format = f.format;
+    // Encoding runs on the blocking thread too: a month of shifts is megabytes of JSON.
+    blocking(move || {
+        let rows = crate::reports::oee(&ds, &master, &sel, level, period)?;
+        Ok(match format {
+            Format::Json => Rendered {
+                csv: false,
+                body: serde_json::to_vec(&serde_json::json!({ "rows": rows }))
+                    .expect("rows serialize"),
+            },
+            Format::Csv => {
+                let mut out = String::from(
+                    "entity,period,start_ms,good,scrap,rework,total,planned_production_ms,running_ms,availability,performance,quality,oee,mtbf_ms,mttr_ms\n",
+                );
+                let o = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+                for r in rows {
+                    let k = &r.kpis;
+                    out.push_str(&format!(
+                        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                        r.entity,
+                        r.period,
+                        r.start_ms,
+                        k.tally.good,
+                        k.tally.scrap,
+                        k.tally.rework,
+                        k.total,
+                        k.planned_production_ms,
+                        k.tally.times.running_ms,
+                        o(k.availability),
+                        o(k.performance),
+                        o(k.quality),
+                        o(k.oee),
+                        o(k.mtbf_ms),
+                        o(k.mttr_ms)
+                    ));
+                }
+                Rendered {
+                    csv: true,
+                    body: out.into_bytes(),
+                }
+            }
+        })
+    })
+    .await
+    .map(IntoResponse::into_response)
+}
+
+/// Unplanned stop time by reason (Pareto), MTBF and MTTR per entity.
+#[utoipa::path(get, path = "/api/v1/reports/downtime", tag = "reports", params(Filters),
+    responses((status = 200, description = "`{\"rows\": [...]}`", content_type = "application/json"), QueryFailed))]
+pub(super) async fn downtime_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let level: Level = choice("level", &f.level, "machine, line, site")?;
+    let sel = report_selection(&s, &f, false)?;
+    let (ds, master) = (
+        s.dataset.clone(),
+        s.master.read().expect("master lock").clone(),
+    );
+    let rows = blocking(move || Ok(crate::reports::downtime(&ds, &master, &sel, level)?)).await?;
+    Ok(axum::Json(serde_json::json!({ "rows": rows })).into_response())
+}
+
+/// Good, scrap, rework and throughput per entity and window.
+#[utoipa::path(get, path = "/api/v1/reports/production", tag = "reports", params(Filters),
+    responses((status = 200, description = "`{\"rows\": [...]}` (`?format=csv`: CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn production_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let level: Level = choice("level", &f.level, "machine, line, site")?;
+    let (w, _) = window_ms(&f.window, "1h")?;
+    let sel = report_selection(&s, &f, false)?;
+    let ds = s.dataset.clone();
+    let format = f.format;
+    blocking(move || {
+        render(
+            crate::reports::production(&ds, &sel, level, &w)?,
+            format,
+            "rows",
+        )
+    })
+    .await
+    .map(IntoResponse::into_response)
+}
+
+/// Count, min, max, mean and p95 per machine, metric and window.
+#[utoipa::path(get, path = "/api/v1/reports/telemetry", tag = "reports", params(Filters),
+    responses((status = 200, description = "`{\"rows\": [...]}` (`?format=csv`: CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn telemetry_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let (_, every) = window_ms(&f.window, "1h")?;
+    let sel = report_selection(&s, &f, true)?;
+    let ds = s.dataset.clone();
+    let format = f.format;
+    blocking(move || render(crate::reports::telemetry(&ds, &sel, every)?, format, "rows"))
+        .await
+        .map(IntoResponse::into_response)
+}

@@ -1,0 +1,320 @@
+//! The receiving end of sync: an edge's batch decoded, its items already held dropped, its rows
+//! laid out per table and partition, and written as one commit of the dataset.
+//!
+//! A batch is acknowledged only after [`receive`] returns, that is after its commit is durable
+//! ([`crate::dataset`]); items whose `(edge, outbox seq)` the dataset holds already are counted
+//! as duplicates and not written again, so a batch re-sent after a lost answer is stored once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use millrace_shared::sync::{RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
+use millrace_shared::{EventBody, PartOutcome};
+use polars::prelude::*;
+use serde::Serialize;
+
+use crate::dataset::{Dataset, DatasetError, Table};
+use crate::schema::{events, part_counts, telemetry};
+
+const MINUTE_MS: i64 = 60_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// Why a batch was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The body is not a readable batch (or too large once decompressed).
+    #[error("batch not readable: {0}")]
+    Unreadable(#[from] WireError),
+    /// The batch names another edge than the token it came with.
+    #[error("this token belongs to edge `{token}`, the batch says `{batch}`")]
+    WrongEdge {
+        /// The edge of the token.
+        token: String,
+        /// The edge the batch names.
+        batch: String,
+    },
+    /// The dataset could not store it.
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+}
+
+impl SyncError {
+    /// Whether sending the same batch again later may work.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Dataset(e) if e.is_retryable())
+    }
+}
+
+impl From<PolarsError> for SyncError {
+    fn from(e: PolarsError) -> Self {
+        Self::Dataset(e.into())
+    }
+}
+
+/// Decodes the body an edge sent (`edge`: the edge its token belongs to), and stores it durably
+/// and once. Blocks (decompression, Parquet, fsync): call it off the async runtime.
+pub fn receive(
+    ds: &Dataset,
+    edge: &str,
+    body: &[u8],
+    max_raw_bytes: usize,
+    received_ms: i64,
+) -> Result<SyncAck, SyncError> {
+    let batch = SyncBatch::decode(body, max_raw_bytes)?;
+    if batch.edge != edge {
+        return Err(SyncError::WrongEdge {
+            token: edge.to_owned(),
+            batch: batch.edge,
+        });
+    }
+    store(ds, edge, &batch.items, &batch.dropped, received_ms)
+}
+
+/// Stores the items of a decoded batch from `edge` (and the ranges it reported `dropped`)
+/// durably; items already held are skipped and counted. Blocks.
+pub fn store(
+    ds: &Dataset,
+    edge: &str,
+    items: &[SyncItem],
+    dropped: &[SeqRange],
+    received_ms: i64,
+) -> Result<SyncAck, SyncError> {
+    let mut commit = ds.begin_commit(edge);
+    let (fresh, duplicates) = commit.with_held(|held| {
+        let mut seen = HashSet::new();
+        let (mut fresh, mut dup) = (vec![], 0u64);
+        for it in items {
+            if held.is_some_and(|h| h.contains(it.seq)) || !seen.insert(it.seq) {
+                dup += 1;
+            } else {
+                fresh.push(it);
+            }
+        }
+        (fresh, dup)
+    });
+    let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
+    // By day (days since 1970), then machine and minute.
+    let mut counts: BTreeMap<i64, BTreeMap<CountKey<'_>, [u64; 3]>> = BTreeMap::new();
+    let mut points = 0u64;
+    for it in &fresh {
+        let e = &it.event;
+        let date = date_of(e.ts_ms);
+        match &e.body {
+            EventBody::Telemetry(t) => {
+                let rows = parts
+                    .entry((Table::Telemetry, date, e.machine.site.as_str()))
+                    .or_default();
+                for r in &t.readings {
+                    rows.common(edge, it);
+                    rows.metric.push(&r.name);
+                    rows.unit.push(&r.unit);
+                    rows.value.push(r.value);
+                    points += 1;
+                }
+            }
+            body => {
+                let rows = parts
+                    .entry((Table::Events, date, e.machine.site.as_str()))
+                    .or_default();
+                rows.common(edge, it);
+                rows.kind.push(body.kind().as_str());
+                let (mut st, mut rs, mut oc, mut ct, mut pi, mut ac, mut op) =
+                    (None, None, None, None, None, None, None);
+                match body {
+                    EventBody::State(s) => {
+                        st = Some(enum_name(&s.state));
+                        rs = s.reason.as_ref().map(enum_name);
+                    }
+                    EventBody::Part(p) => {
+                        let minute = e.ts_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+                        let c = counts
+                            .entry(minute.div_euclid(DAY_MS))
+                            .or_default()
+                            .entry((&e.machine.site, &e.machine.line, &e.machine.machine, minute))
+                            .or_default();
+                        c[match p.outcome {
+                            PartOutcome::Good => 0,
+                            PartOutcome::Scrap => 1,
+                            PartOutcome::Rework => 2,
+                        }] += 1;
+                        oc = Some(enum_name(&p.outcome));
+                        ct = Some(p.cycle_time_ms);
+                        pi = p.part_id.as_deref();
+                    }
+                    EventBody::Operator(o) => {
+                        ac = Some(enum_name(&o.action));
+                        op = Some(o.operator.as_str());
+                    }
+                    EventBody::Telemetry(_) => unreachable!("handled above"),
+                }
+                rows.state.push(st);
+                rows.reason.push(rs);
+                rows.outcome.push(oc);
+                rows.cycle_time_ms.push(ct);
+                rows.part_id.push(pi);
+                rows.action.push(ac);
+                rows.operator.push(op);
+            }
+        }
+    }
+    for ((table, date, site), rows) in parts {
+        let mut df = rows.frame(table, site, received_ms)?;
+        commit.write(table, date, site, &mut df)?;
+    }
+    for (day, by_key) in counts {
+        let date = date_of(day * DAY_MS);
+        let mut by_site: BTreeMap<&str, Vec<(&CountKey<'_>, &[u64; 3])>> = BTreeMap::new();
+        for (k, c) in &by_key {
+            by_site.entry(k.0).or_default().push((k, c));
+        }
+        for (site, rows) in by_site {
+            let mut df = part_counts_frame(site, &rows)?;
+            commit.write(Table::PartCounts, date.clone(), site, &mut df)?;
+        }
+    }
+    let mut seqs = RangeSet::default();
+    seqs.extend(fresh.iter().map(|it| it.seq));
+    let machines: BTreeSet<String> = fresh
+        .iter()
+        .map(|it| it.event.machine.to_string())
+        .collect();
+    commit.finish(&seqs, dropped, machines.into_iter().collect(), received_ms)?;
+    Ok(SyncAck {
+        stored: fresh.len() as u64,
+        duplicates,
+        points,
+    })
+}
+
+/// Site, line, machine, minute.
+type CountKey<'b> = (&'b str, &'b str, &'b str, i64);
+
+/// The part-counts rows of one site (counts in the order of [`part_counts::COUNTS`]).
+fn part_counts_frame(site: &str, rows: &[(&CountKey<'_>, &[u64; 3])]) -> PolarsResult<DataFrame> {
+    let n = rows.len();
+    let mut cols = vec![
+        Column::new(part_counts::SITE.into(), vec![site; n]),
+        Column::new(
+            part_counts::LINE.into(),
+            rows.iter().map(|r| r.0.1).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            part_counts::MACHINE.into(),
+            rows.iter().map(|r| r.0.2).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            part_counts::MINUTE.into(),
+            rows.iter().map(|r| r.0.3).collect::<Vec<_>>(),
+        ),
+    ];
+    for (i, name) in part_counts::COUNTS.into_iter().enumerate() {
+        cols.push(Column::new(
+            name.into(),
+            rows.iter().map(|r| r.1[i]).collect::<Vec<u64>>(),
+        ));
+    }
+    debug_assert_eq!(
+        cols.iter().map(|c| c.name().as_str()).collect::<Vec<_>>(),
+        part_counts::COLUMNS
+    );
+    DataFrame::new(n, cols)
+}
+
+fn date_of(ts_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ts_ms)
+        .map_or_else(|| "invalid".into(), |d| d.format("%Y-%m-%d").to_string())
+}
+
+/// Rows of one batch for one partition, borrowing the batch's strings (no copy per row).
+#[derive(Default)]
+struct Rows<'a> {
+    edge: &'a str,
+    oseq: Vec<u64>,
+    line: Vec<&'a str>,
+    machine: Vec<&'a str>,
+    ts: Vec<i64>,
+    dseq: Vec<u64>,
+    backfill: Vec<bool>,
+    // telemetry
+    metric: Vec<&'a str>,
+    unit: Vec<&'a str>,
+    value: Vec<f64>,
+    // events
+    kind: Vec<&'static str>,
+    state: Vec<Option<String>>,
+    reason: Vec<Option<String>>,
+    outcome: Vec<Option<String>>,
+    cycle_time_ms: Vec<Option<u32>>,
+    part_id: Vec<Option<&'a str>>,
+    action: Vec<Option<String>>,
+    operator: Vec<Option<&'a str>>,
+}
+
+fn enum_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+impl<'a> Rows<'a> {
+    fn common(&mut self, edge: &'a str, it: &'a SyncItem) {
+        self.edge = edge;
+        self.oseq.push(it.seq);
+        self.line.push(&it.event.machine.line);
+        self.machine.push(&it.event.machine.machine);
+        self.ts.push(it.event.ts_ms);
+        self.dseq.push(it.event.seq);
+        self.backfill.push(it.backfill);
+    }
+
+    fn len(&self) -> usize {
+        self.oseq.len()
+    }
+
+    fn frame(self, table: Table, site: &str, received_ms: i64) -> PolarsResult<DataFrame> {
+        let n = self.len();
+        let ts = Column::new(events::TS.into(), self.ts)
+            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
+        let received = Column::new(events::RECEIVED_AT.into(), vec![received_ms; n])
+            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
+        let mut cols = vec![
+            Column::new(events::SITE.into(), vec![site; n]),
+            Column::new(events::LINE.into(), self.line),
+            Column::new(events::MACHINE.into(), self.machine),
+            ts,
+            Column::new(events::DEVICE_SEQ.into(), self.dseq),
+        ];
+        match table {
+            Table::Telemetry => cols.extend([
+                Column::new(telemetry::METRIC.into(), self.metric),
+                Column::new(telemetry::UNIT.into(), self.unit),
+                Column::new(telemetry::VALUE.into(), self.value),
+            ]),
+            Table::PartCounts => unreachable!("part counts are not built from rows"),
+            Table::Events => cols.extend([
+                Column::new(events::KIND.into(), self.kind),
+                Column::new(events::STATE.into(), self.state),
+                Column::new(events::REASON.into(), self.reason),
+                Column::new(events::OUTCOME.into(), self.outcome),
+                Column::new(events::CYCLE_TIME_MS.into(), self.cycle_time_ms),
+                Column::new(events::PART_ID.into(), self.part_id),
+                Column::new(events::ACTION.into(), self.action),
+                Column::new(events::OPERATOR.into(), self.operator),
+            ]),
+        }
+        cols.extend([
+            Column::new(events::EDGE.into(), vec![self.edge; n]),
+            Column::new(events::OUTBOX_SEQ.into(), self.oseq),
+            Column::new(events::BACKFILL.into(), self.backfill),
+            received,
+        ]);
+        debug_assert_eq!(
+            cols.iter().map(|c| c.name().as_str()).collect::<Vec<_>>(),
+            match table {
+                Table::Telemetry => telemetry::COLUMNS,
+                _ => events::COLUMNS,
+            }
+        );
+        DataFrame::new(n, cols)
+    }
+}
