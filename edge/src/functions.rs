@@ -44,7 +44,6 @@ pub use topic::TopicFilter;
 pub use wasm::{Compiled, FunctionEngine, WasmEngine};
 pub use workers::FunctionStats;
 
-
 /// Topic prefix of alerts functions raise (`millrace/alerts/{function}`).
 pub const ALERT_TOPIC_PREFIX: &str = "millrace/alerts/";
 

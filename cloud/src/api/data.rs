@@ -52,7 +52,10 @@ pub struct Filters {
     #[serde(default)]
     pub format: Format,
     /// API key (for clients that cannot set headers).
-    #[allow(dead_code, reason = "read by the `Caller` extractor from the raw query string")]
+    #[allow(
+        dead_code,
+        reason = "read by the `Caller` extractor from the raw query string"
+    )]
     pub api_key: Option<String>,
     /// Reports: `machine`, `line` or `site`.
     pub level: Option<String>,

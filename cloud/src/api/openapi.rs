@@ -24,7 +24,10 @@ pub(super) struct ErrorBody {
 
 /// The answers of a data or report query that went wrong.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code, reason = "describes answers for the document; `ApiError` builds them")]
+#[allow(
+    dead_code,
+    reason = "describes answers for the document; `ApiError` builds them"
+)]
 pub(super) enum QueryFailed {
     /// A bad parameter.
     #[response(
@@ -45,7 +48,10 @@ pub(super) enum QueryFailed {
 
 /// The answer to a request without an accepted API key.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code, reason = "describes answers for the document; `ApiError` builds them")]
+#[allow(
+    dead_code,
+    reason = "describes answers for the document; `ApiError` builds them"
+)]
 pub(super) enum KeyRefused {
     /// No key, or one not accepted.
     #[response(status = 401, description = "No or an unknown API key")]

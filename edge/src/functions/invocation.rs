@@ -307,7 +307,15 @@ mod tests {
         );
         let e = Point::parse("plant-1/line a/press-3/temp", t, 1.0).unwrap_err();
         assert!(e.contains("not a valid identifier"), "{e}");
-        assert!(Point::parse("a/b/c/d", t, f64::NAN).unwrap_err().contains("not finite"));
-        assert!(Point::parse("a/b/c/d", 0, 1.0).unwrap_err().contains("outside 2000..2100"));
+        assert!(
+            Point::parse("a/b/c/d", t, f64::NAN)
+                .unwrap_err()
+                .contains("not finite")
+        );
+        assert!(
+            Point::parse("a/b/c/d", 0, 1.0)
+                .unwrap_err()
+                .contains("outside 2000..2100")
+        );
     }
 }

@@ -89,7 +89,10 @@ mod tests {
         let t0 = 1_767_600_000_000;
         let every_minute = parse_schedule("* * * * *").unwrap();
         assert_eq!(next_occurrence(&every_minute, t0), Some(t0 + 60_000));
-        assert_eq!(next_occurrence(&every_minute, t0 + 1), Some(t0 + 60_000));
+        assert_eq!(
+            next_occurrence(&every_minute, t0 + 30_000),
+            Some(t0 + 60_000)
+        );
         let hourly = parse_schedule("0 * * * *").unwrap();
         assert_eq!(next_occurrence(&hourly, t0), Some(t0 + 3_600_000));
         let e = parse_schedule("every minute").unwrap_err();

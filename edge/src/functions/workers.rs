@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use millrace_shared::{Event, EventBody, Reading, Telemetry};
 
-use super::log::{ActionCounts, InvocationRecord};
 use super::invocation::StoreKv;
+use super::log::{ActionCounts, InvocationRecord};
 use super::{
     ALERT_TOPIC_PREFIX, Compiled, Deployed, Effects, EventRef, FunctionError, FunctionSpec,
     Functions, Inner, Input, InvokeError, Job, Outcome, TriggerKind,
