@@ -116,6 +116,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err, reason = "figment's Jail returns its own error type")]
     fn defaults_then_file_then_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
