@@ -12,12 +12,13 @@
 //! - `ingest`: the writer thread that decodes, deduplicates and batches the events the device
 //!   listeners found into the store, with dead letters for what it refuses.
 //! - `maintenance`: sealing, retention and store gauges, on a timer.
+//! - [`config`]: configuration (defaults → TOML → `MILLRACE_EDGE_*` environment), validated
+//!   (it names the store's options).
 //! - [`store`]: the RocksDB store (series and compressed blocks, events, dead letters, outbox,
 //!   functions' state), written through one write batch per ingest batch.
 //! - `mqtt`: MQTT wire framing (remaining length, CONNECT level, CONNACK, PUBLISH scanner).
-//! - [`config`]: configuration (defaults → TOML → `MILLRACE_EDGE_*` environment), validated.
 //!
-//! [`Edge::start`] builds them in that order, bottom up, handing each what it needs; each
+//! [`Edge::start`] builds them from the bottom of this list up, handing each what it needs; each
 //! long-running task is tracked and stops on [`Edge::shutdown`]: stop taking devices, write
 //! what was received, flush RocksDB.
 #![warn(missing_docs)]
