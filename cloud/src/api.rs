@@ -56,6 +56,17 @@ pub struct ApiState {
     pub master: Arc<std::sync::RwLock<Master>>,
 }
 
+impl ApiState {
+    /// What a report runs on, to move onto a blocking thread: the dataset and a copy of the
+    /// master data (the lock is not held while the report runs).
+    pub(crate) fn dataset_and_master(&self) -> (Arc<Dataset>, Master) {
+        (
+            self.dataset.clone(),
+            self.master.read().expect("master lock").clone(),
+        )
+    }
+}
+
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiState").finish_non_exhaustive()

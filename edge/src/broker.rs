@@ -79,12 +79,7 @@ pub struct DeviceListeners {
 }
 
 impl DeviceListeners {
-    /// Devices connected now.
-    pub fn connections(&self) -> i64 {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    /// A reader of [`DeviceListeners::connections`] for other components.
+    /// A reader of the number of devices connected now, for other components.
     pub fn connection_count(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
         let c = self.connections.clone();
         Arc::new(move || c.load(Ordering::Relaxed))

@@ -116,7 +116,10 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err, reason = "figment's Jail returns its own error type")]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment's Jail returns its own error type"
+    )]
     fn defaults_then_file_then_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -373,10 +373,7 @@ pub(super) async fn oee_report(
     let level: Level = choice("level", &f.level, "machine, line, site")?;
     let period: Period = choice("period", &f.period, "shift, day, total")?;
     let sel = report_selection(&s, &f, false)?;
-    let (ds, master) = (
-        s.dataset.clone(),
-        s.master.read().expect("master lock").clone(),
-    );
+    let (ds, master) = s.dataset_and_master();
     let format = f.format;
     // Encoding runs on the blocking thread too: a month of shifts is megabytes of JSON.
     blocking(move || {
@@ -435,10 +432,7 @@ pub(super) async fn downtime_report(
     let f = query(q)?;
     let level: Level = choice("level", &f.level, "machine, line, site")?;
     let sel = report_selection(&s, &f, false)?;
-    let (ds, master) = (
-        s.dataset.clone(),
-        s.master.read().expect("master lock").clone(),
-    );
+    let (ds, master) = s.dataset_and_master();
     let rows = blocking(move || Ok(crate::reports::downtime(&ds, &master, &sel, level)?)).await?;
     Ok(axum::Json(serde_json::json!({ "rows": rows })).into_response())
 }

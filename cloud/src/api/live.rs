@@ -50,10 +50,7 @@ pub(super) async fn live(
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             rx.borrow_and_update();
         }
-        let (ds, master) = (
-            s.dataset.clone(),
-            s.master.read().expect("master lock").clone(),
-        );
+        let (ds, master) = s.dataset_and_master();
         let ev = match blocking(move || Ok(crate::reports::snapshot(&ds, &master)?)).await {
             Ok(v) => Event::default().event("snapshot").data(v.to_string()),
             Err(e) => Event::default().event("error").data(e.to_string()),

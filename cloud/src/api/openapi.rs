@@ -146,6 +146,7 @@ pub(super) fn routes(max_batch_bytes: usize) -> OpenApiRouter<ApiState> {
 pub(crate) fn document() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
     DOC.get_or_init(|| {
+        // The body limit is a layer of the router, not part of the document.
         routes(1)
             .split_for_parts()
             .1

@@ -160,12 +160,7 @@ fn machine_shift_tallies(
 
     // States: each change lasts until the next one of the same machine (the last until `to`
     // or now); the state at `from` is the last change in the day before it.
-    let wide = Selection {
-        from_ms: sel.from_ms - DAY_MS,
-        to_ms: sel.to_ms,
-        entity: sel.entity.clone(),
-        sites: sel.sites.clone(),
-    };
+    let wide = sel.with_range(sel.from_ms - DAY_MS, sel.to_ms);
     if let Some(lf) = scan(ds, Table::Events, &wide)? {
         let df = lf
             .filter(col(events::KIND).eq(lit(events::KIND_STATE)))

@@ -24,11 +24,7 @@ pub fn part_minutes(
     rollup: bool,
 ) -> Result<Option<LazyFrame>, QueryError> {
     let raw = |from_ms: i64, to_ms: i64| -> Result<Option<LazyFrame>, QueryError> {
-        let s = Selection {
-            from_ms,
-            to_ms,
-            ..sel.clone()
-        };
+        let s = sel.with_range(from_ms, to_ms);
         Ok(scan(ds, Table::Events, &s)?.map(|lf| count_parts(lf, rollup)))
     };
     // The whole minutes of the range: [first, last).
@@ -39,11 +35,7 @@ pub fn part_minutes(
         if sel.from_ms < first {
             frames.extend(raw(sel.from_ms, first)?);
         }
-        let whole = Selection {
-            from_ms: first,
-            to_ms: last,
-            ..sel.clone()
-        };
+        let whole = sel.with_range(first, last);
         if let Some(lf) = scan(ds, Table::PartCounts, &whole)? {
             frames.push(lf.select([
                 col(part_counts::SITE),
