@@ -520,6 +520,8 @@ async fn data_queries_check_keys_and_parameters() {
         ),
         ("machine=a/b", "site/line/machine"),
         ("machine=bad%20id", "not a valid id"),
+        ("machine=a/b%20c/d", "`line` = `b c` is not a valid id"),
+        ("machine=a/b/c/d", "site/line/machine"),
         ("kind=telemetry", "`kind`"),
         ("format=xml", "format"),
         ("limit=0", "`limit`"),
