@@ -134,6 +134,7 @@ pub(crate) fn app(state: ApiState) -> Router {
         .route("/functions/{name}/enable", post(fn_enable))
         .route("/functions/{name}/disable", post(fn_disable))
         .route("/functions/{name}/invoke", post(fn_invoke))
+        .route("/functions/{name}/kv", get(fn_kv))
         .route("/invocations", get(invocations))
         .route("/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
@@ -491,14 +492,17 @@ fn functions(s: &ApiState) -> Result<&Functions, ApiError> {
 }
 
 async fn fn_list(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(json!({ "functions": functions(&s)?.list() })))
+    let f = functions(&s)?.clone();
+    let list = blocking(move || Ok(f.list()?)).await?;
+    Ok(Json(json!({ "functions": list })))
 }
 
 async fn fn_get(
     State(s): State<ApiState>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(functions(&s)?.info(&name)?))
+    let f = functions(&s)?.clone();
+    Ok(Json(blocking(move || Ok(f.info(&name)?)).await?))
 }
 
 async fn fn_deploy(
@@ -567,6 +571,42 @@ async fn fn_invoke(
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let f = functions(&s)?;
     Ok(Json(f.invoke(&name, q.topic, body.to_vec()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvQuery {
+    prefix: Option<String>,
+    limit: Option<String>,
+}
+
+/// A function's key-value state: keys (UTF-8, lossy) and values (base64, and as text when
+/// they are UTF-8), 100 entries by default.
+async fn fn_kv(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    q: Result<Query<KvQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use base64::Engine as _;
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = log_limit(q.limit.as_deref())?;
+    let f = functions(&s)?.clone();
+    let prefix = q.prefix.unwrap_or_default();
+    let entries = blocking(move || Ok(f.kv(&name, prefix.as_bytes(), limit)?)).await?;
+    let entries: Vec<serde_json::Value> = entries
+        .into_iter()
+        .map(|(k, v)| {
+            let mut e = json!({
+                "key": String::from_utf8_lossy(&k),
+                "value_base64": base64::engine::general_purpose::STANDARD.encode(&v),
+            });
+            if let Ok(text) = std::str::from_utf8(&v) {
+                e["value"] = json!(text);
+            }
+            e
+        })
+        .collect();
+    Ok(Json(json!({ "entries": entries })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,20 +6,23 @@
 //! - this module: [`Functions`], the service's façade and shared state.
 //! - `registry`: deployment (names, versions, specs persisted in RocksDB, install).
 //! - `scheduler`: cron schedules and the thread that fires them.
-//! - `workers`: one bounded queue and `concurrency` worker threads per function, triggers,
-//!   invocation and effects, the breaker.
+//! - `reader`: topic triggers: a thread per function reading the trigger log from its durable
+//!   cursor, committing a batch's effects with the cursor's move.
+//! - `workers`: one bounded queue and `concurrency` worker threads per function for manual and
+//!   scheduled triggers, one invocation and its effects, the breaker.
 //! - `log`: the invocation log.
 //! - `invocation`: what an invocation is given and returns.
 //! - [`wasm`]: the runtime behind the [`FunctionEngine`] trait (wasmtime) and the host ABI.
 //! - `topic`: MQTT topic filters.
 //!
-//! Isolation: each function runs on its own worker threads with a fresh instance per
-//! invocation, a time limit (epoch interruption) and a memory cap. Ingest never waits for a
-//! function: it offers each stored event to the matching functions' queues and, when a queue
-//! is full, the trigger is dropped and counted (`millrace_edge_function_dropped_total`).
+//! Isolation: each function runs on its own threads with a fresh instance per invocation, a
+//! time limit (epoch interruption) and a memory cap. Ingest never waits for a function: the
+//! events it stores go to the trigger log in the same write batch, and each function reads the
+//! log at its own pace from a cursor kept in RocksDB (behind, never dropping).
 
 mod invocation;
 mod log;
+mod reader;
 mod registry;
 mod scheduler;
 mod topic;
@@ -39,6 +42,7 @@ pub use invocation::{
     SystemClock, TriggerKind,
 };
 pub use log::{ActionCounts, InvocationRecord, LogFilter};
+pub use reader::Lag;
 pub use registry::{DeployRequest, FunctionSpec, VersionInfo};
 pub use topic::TopicFilter;
 pub use wasm::{Compiled, FunctionEngine, WasmEngine};
@@ -86,6 +90,8 @@ struct Job {
 struct Deployed {
     spec: Mutex<FunctionSpec>,
     enabled: AtomicBool,
+    /// Replaced by a newer version or deleted: its reader stops.
+    retired: AtomicBool,
     filters: Vec<TopicFilter>,
     schedule: Option<croner::Cron>,
     next_fire: Mutex<Option<i64>>,
@@ -108,6 +114,9 @@ struct Inner {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Serialises deploy/update/delete (compilation happens before taking it).
     deploying: Mutex<()>,
+    /// Per function name: held by its trigger-log reader while it runs a batch, so that two
+    /// versions never read one cursor at once and a delete waits for the batch.
+    leases: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// The functions service.
@@ -147,6 +156,7 @@ impl Functions {
             next_id: AtomicU64::new(0),
             threads: Mutex::new(vec![]),
             deploying: Mutex::new(()),
+            leases: Mutex::new(HashMap::new()),
         });
         inner.next_id.store(
             (chrono::Utc::now().timestamp_micros() as u64) << 4,
@@ -206,13 +216,16 @@ impl Functions {
         Ok(this)
     }
 
-    /// Stops the scheduler and the workers and waits for them (an invocation running now
-    /// finishes, at most after its time limit; queued ones are abandoned), then writes the
-    /// rest of the invocation log. Blocking.
+    /// Stops the scheduler, the readers and the workers and waits for them (an invocation
+    /// running now finishes, at most after its time limit; readers commit what they ran;
+    /// queued manual and scheduled triggers are abandoned), then writes the rest of the
+    /// invocation log. Blocking.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::Relaxed);
         let _ = self.inner.wake.try_send(());
-        self.inner.registry.write().expect("registry").clear();
+        for d in self.inner.registry.write().expect("registry").drain() {
+            d.1.retired.store(true, Ordering::Relaxed);
+        }
         let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads"));
         for t in threads {
             let _ = t.join();
@@ -236,21 +249,41 @@ impl Functions {
             .map(|d| d.spec.lock().expect("spec lock").clone())
     }
 
-    /// Every deployed function with its counters and queue depth, by name.
-    pub fn list(&self) -> Vec<serde_json::Value> {
-        let reg = self.inner.registry.read().expect("registry");
-        let mut names: Vec<&String> = reg.keys().collect();
-        names.sort();
-        names.into_iter().map(|n| Self::describe(&reg[n])).collect()
+    /// Every deployed function with its counters, lag and queue depth, by name.
+    pub fn list(&self) -> Result<Vec<serde_json::Value>, FunctionError> {
+        let mut all: Vec<Arc<Deployed>> = self
+            .inner
+            .registry
+            .read()
+            .expect("registry")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|d| d.spec.lock().expect("spec lock").name.clone());
+        all.iter().map(|d| self.describe(d)).collect()
     }
 
-    /// One deployed function with its counters and queue depth.
+    /// One deployed function with its counters, lag and queue depth.
     pub fn info(&self, name: &str) -> Result<serde_json::Value, FunctionError> {
-        self.deployed(name).map(|d| Self::describe(&d))
+        self.describe(&*self.deployed(name)?)
     }
 
-    fn describe(d: &Deployed) -> serde_json::Value {
+    /// Up to `limit` entries of a function's key-value state whose keys start with `prefix`.
+    /// Blocking.
+    pub fn kv(
+        &self,
+        name: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FunctionError> {
+        self.deployed(name)?;
+        Ok(self.inner.store.kv_scan(name, prefix, limit)?)
+    }
+
+    fn describe(&self, d: &Deployed) -> Result<serde_json::Value, FunctionError> {
         let s = &d.stats;
+        let name = d.spec.lock().expect("spec lock").name.clone();
+        let lag = reader::lag(&self.inner.store, &name)?;
         let mut v =
             serde_json::to_value(&*d.spec.lock().expect("spec lock")).expect("specs serialize");
         v["stats"] = serde_json::json!({
@@ -258,11 +291,13 @@ impl Functions {
             "invocations": s.invocations.load(Ordering::Acquire),
             "failures": s.failures.load(Ordering::Relaxed),
             "dropped": s.dropped.load(Ordering::Relaxed),
+            "skipped": s.skipped.load(Ordering::Relaxed),
             "pauses": s.pauses.load(Ordering::Relaxed),
             "paused_until_ms": s.paused_until_ms(),
             "queued": d.queue.len(),
         });
+        v["lag"] = serde_json::json!(lag);
         v["next_run_ms"] = serde_json::json!(*d.next_fire.lock().expect("fire lock"));
-        v
+        Ok(v)
     }
 }

@@ -137,10 +137,6 @@ pub(crate) struct IngestChunk {
     pub(crate) read_at: Instant,
 }
 
-/// Called with each batch of events once it is stored (functions' triggers). The hook may take
-/// the events (leaving the vector empty) instead of copying them.
-pub(crate) type StoredHook = Box<dyn Fn(&mut Vec<Event>) + Send + Sync>;
-
 /// Where the device listeners send what they find.
 pub(crate) type IngestTx = flume::Sender<IngestChunk>;
 
@@ -246,11 +242,7 @@ pub(crate) struct Ingest {
 
 impl Ingest {
     /// Starts the ingest thread.
-    pub(crate) fn start(
-        store: Arc<Store>,
-        cfg: IngestConfig,
-        on_stored: Option<StoredHook>,
-    ) -> Result<Self, IngestError> {
+    pub(crate) fn start(store: Arc<Store>, cfg: IngestConfig) -> Result<Self, IngestError> {
         let (tx, rx) = flume::bounded(CHANNEL_CHUNKS);
         let recent_budget = store.recent_limit();
         let mut recent: HashMap<MachineId, HashSet<(u64, i64)>> = HashMap::new();
@@ -277,7 +269,6 @@ impl Ingest {
                         dead: vec![],
                         taken: vec![],
                         warned: WarnLimiter::default(),
-                        on_stored,
                     }
                     .run(rx, &stop);
                 }
@@ -345,7 +336,6 @@ struct Pipeline {
     /// Events stored just before this run started (emptied once as many were stored since).
     recent: HashMap<MachineId, HashSet<(u64, i64)>>,
     recent_budget: usize,
-    on_stored: Option<StoredHook>,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
     /// The batch's chunks: whom to tell once stored, when each was read, how many packets.
@@ -496,9 +486,6 @@ impl Pipeline {
                     for (d, at, n) in self.taken.drain(..) {
                         let _ = d.send(());
                         waited.record_many(stored_at.duration_since(at).as_secs_f64(), n);
-                    }
-                    if let Some(hook) = &self.on_stored {
-                        hook(&mut self.events);
                     }
                     break;
                 }

@@ -155,14 +155,8 @@ impl Edge {
             None
         };
         let ingest = if cfg.ingest.enabled {
-            let on_stored = functions.clone().map(|f| -> ingest::StoredHook {
-                Box::new(move |events: &mut Vec<millrace_shared::Event>| f.on_stored(events))
-            });
             let (store, icfg) = (store.clone(), cfg.ingest.clone());
-            Some(
-                tokio::task::spawn_blocking(move || Ingest::start(store, icfg, on_stored))
-                    .await??,
-            )
+            Some(tokio::task::spawn_blocking(move || Ingest::start(store, icfg)).await??)
         } else {
             tracing::warn!(
                 "ingest is disabled (ingest.enabled = false): nothing devices send is stored"

@@ -1,5 +1,5 @@
 //! Store upkeep, every `store.maintenance_interval`: full windows of raw points sealed into
-//! compressed blocks, retention applied, and the store's size and memory reported as gauges.
+//! compressed blocks, retention applied, the trigger log trimmed, and the store's size and memory reported as gauges.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,10 @@ fn pass(store: &Store) -> Result<u64, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
     let sealed = store.seal(now)?;
     store.enforce_retention(now)?;
+    let trimmed = store.trim_triggers(now)?;
+    if trimmed > 0 {
+        tracing::debug!(trimmed, "trimmed the trigger log");
+    }
     let memory = store.memory()?;
     for (kind, bytes) in [
         ("memtables", memory.memtables),

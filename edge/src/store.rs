@@ -14,6 +14,7 @@
 //! | `meta` | name | outbox counters, dropped ranges |
 //! | `recent` | write counter `u64` | (id, device seq, ts) of each event written, for dedup after a restart |
 //! | `functions`, `kv`, `invocations`, `alerts` | see [`functions`] | deployed functions, their state, log and alerts |
+//! | `triggers` | log seq `u64` | each stored device event, in store order, while a function reads them ([`triggers`]) |
 //!
 //! Telemetry lands in `head` in the same write batch as everything else; a maintenance pass
 //! seals each full time window of a series into one Gorilla-style block and deletes the raw
@@ -31,6 +32,8 @@
 //! - `dead_letters`: what ingest refused.
 //! - [`outbox`]: the outbox for sync and the dedup memory across restarts (`recent`).
 //! - `functions`: deployed functions, their key-value state, invocation log and alerts.
+//! - [`triggers`]: the trigger log functions read from their durable cursors, and the one
+//!   batch that applies a function's effects with its cursor move.
 //! - `write`: the write path: one write batch that each of the above adds its part to.
 //! - `retention`: deleting what is older than each kind's retention.
 
@@ -41,11 +44,13 @@ mod functions;
 pub mod outbox;
 mod retention;
 mod series;
+pub mod triggers;
 mod write;
 
 pub use dead_letters::DeadLetter;
 pub use functions::KvWrite;
 pub use series::{Bucket, SeriesInfo};
+pub use triggers::{FunctionCommit, TriggerRecord};
 pub use write::WriteStats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -73,7 +78,8 @@ const CF_FUNCTIONS: &str = "functions";
 const CF_KV: &str = "kv";
 const CF_INVOCATIONS: &str = "invocations";
 const CF_ALERTS: &str = "alerts";
-const CFS: [&str; 12] = [
+const CF_TRIGGERS: &str = "triggers";
+const CFS: [&str; 13] = [
     CF_SERIES,
     CF_HEAD,
     CF_BLOCKS,
@@ -86,6 +92,7 @@ const CFS: [&str; 12] = [
     CF_KV,
     CF_INVOCATIONS,
     CF_ALERTS,
+    CF_TRIGGERS,
 ];
 
 /// Errors of the store.
@@ -223,6 +230,7 @@ pub struct Store {
     recent_log: outbox::RecentLog,
     /// Next counter for invocation and alert keys.
     log_counter: AtomicU64,
+    triggers: triggers::TriggerLog,
 }
 
 impl std::fmt::Debug for Store {
@@ -301,8 +309,10 @@ impl Store {
             recent_counter: AtomicU64::new(0),
             recent_log: Default::default(),
             log_counter: AtomicU64::new(0),
+            triggers: Default::default(),
         };
         store.load()?;
+        store.load_triggers()?;
         store
             .log_counter
             .store(store.load_log_counter()?, Ordering::Relaxed);

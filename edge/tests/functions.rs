@@ -2,6 +2,7 @@
 //! subscribers over MQTT, RocksDB in a temp dir, the CLI as a process, AssemblyScript built
 //! from source with node.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -345,7 +346,7 @@ fn schedules_fire_on_a_clock_the_test_controls() {
     assert_eq!(f.fire_due(h10 + 5 * hour + 60_000), 1);
     assert!(wait_until(Duration::from_secs(30), || log(&store).len() == 2));
     assert_eq!(log(&store)[0]["event_ts_ms"], h10 + 2 * hour);
-    assert_eq!(f.list()[0]["next_run_ms"], h10 + 6 * hour);
+    assert_eq!(f.list().unwrap()[0]["next_run_ms"], h10 + 6 * hour);
     // Disabled functions are not run by their schedule.
     f.set_enabled("hourly-summary", false).unwrap();
     assert_eq!(f.fire_due(h10 + 7 * hour), 0);
@@ -429,11 +430,7 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
     let edge = Edge::start(config(dir.path())).await.unwrap();
     let tel = "factory/+/+/+/telemetry";
     for (name, module, extra) in [
-        (
-            "runaway",
-            LOOP,
-            serde_json::json!({ "timeout_ms": 50, "queue": 2 }),
-        ),
+        ("runaway", LOOP, serde_json::json!({ "timeout_ms": 50 })),
         ("trap", TRAP, serde_json::json!({ "timeout_ms": SLACK })),
         (
             "hungry",
@@ -483,35 +480,30 @@ async fn runaway_trapping_and_memory_hungry_functions_are_contained() {
             "{name}: {recs:?}"
         );
     }
-    // The runaway's queue (2) overflowed: its triggers were dropped and counted; each one
-    // either ran (and was stopped) or was dropped.
+    // The runaway timed out three times in a row and was paused: its triggers wait in the log
+    // (lag), none is dropped.
     let runaway = || async {
-        let list = get(&format!("{}/api/v1/functions", http(&edge))).await.1;
-        list["functions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["name"] == "runaway")
-            .unwrap()["stats"]
-            .clone()
+        get(&format!("{}/api/v1/functions/runaway", http(&edge)))
+            .await
+            .1
     };
-    let mut s = runaway().await;
+    let mut f = runaway().await;
     for _ in 0..1500 {
-        if s["invocations"].as_u64().unwrap() + s["dropped"].as_u64().unwrap() == n {
+        if f["stats"]["pauses"].as_u64().unwrap() >= 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        s = runaway().await;
+        f = runaway().await;
     }
-    assert_eq!(
-        s["invocations"].as_u64().unwrap() + s["dropped"].as_u64().unwrap(),
-        n,
-        "{s}"
+    let s = &f["stats"];
+    assert!(s["pauses"].as_u64().unwrap() >= 1, "{f}");
+    assert!(s["invocations"].as_u64().unwrap() >= 3, "{f}");
+    assert_eq!(s["failures"], s["invocations"], "{f}");
+    assert_eq!(s["dropped"], 0, "{f}");
+    assert!(
+        f["lag"]["events"].as_u64().unwrap() + s["invocations"].as_u64().unwrap() >= n,
+        "what it has not run yet waits in the log: {f}"
     );
-    assert!(s["dropped"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(s["failures"], s["invocations"], "{s}");
-    // At least three ran (one running, two queued) and timed out in a row: it was paused.
-    assert!(s["pauses"].as_u64().unwrap() >= 1, "{s}");
     // A manual invocation reports the failure in its record.
     let (status, rec) = invoke(&edge, "trap", None, b"{}").await;
     assert_eq!(status, 200);
@@ -699,6 +691,211 @@ async fn an_assemblyscript_function_builds_from_source_and_runs() {
 
 /// This crate's directory, read when the test runs (cargo sets it): a test binary that cargo
 /// reuses from a build in another checkout must not look for files there.
+/// Slow (spins for up to a millisecond per event) and checks its own input: counts events in
+/// `n`, keeps each device's last seq in `last/{device}` and counts in `gaps` every event whose
+/// seq is not the device's previous one plus one (a repeat, a loss or a reordering).
+const SLOW_ORDERED: &str = r#"(module
+  (import "millrace" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
+  (import "millrace" "event_number" (func $number (param i32 i32) (result f64)))
+  (import "millrace" "now_ms" (func $now (result i64)))
+  (import "millrace" "kv_get" (func $kv_get (param i32 i32 i32 i32) (result i32)))
+  (import "millrace" "kv_set" (func $kv_set (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "seq")
+  (data (i32.const 8) "n")
+  (data (i32.const 12) "gaps")
+  (data (i32.const 64) "last/")
+  (func $incr (param $k i32) (param $len i32)
+    (i64.store (i32.const 32) (i64.const 0))
+    (drop (call $kv_get (local.get $k) (local.get $len) (i32.const 32) (i32.const 8)))
+    (i64.store (i32.const 32) (i64.add (i64.load (i32.const 32)) (i64.const 1)))
+    (drop (call $kv_set (local.get $k) (local.get $len) (i32.const 32) (i32.const 8))))
+  (func (export "handle") (result i32)
+    (local $key i32) (local $seq i64) (local $until i64)
+    (local.set $until (i64.add (call $now) (i64.const 1)))
+    (loop $spin (br_if $spin (i64.lt_s (call $now) (local.get $until))))
+    (local.set $key (i32.add (i32.const 5)
+      (call $input_read (i32.const 2) (i32.const 69) (i32.const 128))))
+    (local.set $seq (i64.trunc_f64_u (call $number (i32.const 0) (i32.const 3))))
+    (i64.store (i32.const 32) (i64.const 0))
+    (drop (call $kv_get (i32.const 64) (local.get $key) (i32.const 32) (i32.const 8)))
+    (if (i64.ne (local.get $seq) (i64.add (i64.load (i32.const 32)) (i64.const 1)))
+      (then (call $incr (i32.const 12) (i32.const 4))))
+    (i64.store (i32.const 32) (local.get $seq))
+    (drop (call $kv_set (i32.const 64) (local.get $key) (i32.const 32) (i32.const 8)))
+    (call $incr (i32.const 8) (i32.const 1))
+    (i32.const 0)))"#;
+
+/// A function's key-value state as key -> little-endian i64.
+async fn kv_counters(edge: &Edge, name: &str) -> BTreeMap<String, i64> {
+    use base64::Engine as _;
+    let (status, v) = get(&format!(
+        "{}/api/v1/functions/{name}/kv?limit=1000",
+        http(edge)
+    ))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(e["value_base64"].as_str().unwrap())
+                .unwrap();
+            (
+                e["key"].as_str().unwrap().to_owned(),
+                i64::from_le_bytes(bytes.try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn temp_of(machine: &str, seq: u64) -> Event {
+    Event {
+        machine: MachineId::new("plant-1", "line-1", machine).unwrap(),
+        ..temp(seq, 20.0 + seq as f64 / 100.0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_function_sees_every_event_once_in_order_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let (status, spec) = deploy(
+        &edge,
+        "slow",
+        serde_json::json!({ "module_wat": SLOW_ORDERED, "topics": ["factory/+/+/+/telemetry"], "timeout_ms": SLACK }),
+    )
+    .await;
+    assert_eq!(status, 201, "{spec}");
+    // Three devices at once, far faster than the function: it falls behind.
+    let (per_device, devices) = (700u64, ["press-01", "press-02", "press-03"]);
+    let mut tasks = vec![];
+    for d in devices {
+        let (client, task) = device(&edge, d, Some((USER, PASS))).await.unwrap();
+        tasks.push(task);
+        for seq in 1..=per_device {
+            publish(&client, &temp_of(d, seq)).await;
+        }
+    }
+    let total = per_device * devices.len() as u64;
+    wait_stored(&edge, total, 0).await;
+    let info = get(&format!("{}/api/v1/functions/slow", http(&edge)))
+        .await
+        .1;
+    assert!(
+        info["lag"]["events"].as_u64().is_some(),
+        "lag is reported: {info}"
+    );
+    // It catches up: every event exactly once (a repeat or a loss would count a gap), in order
+    // per device.
+    let mut kv = kv_counters(&edge, "slow").await;
+    for _ in 0..3000 {
+        if kv.get("n") == Some(&(total as i64)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        kv = kv_counters(&edge, "slow").await;
+    }
+    assert_eq!(kv.get("n"), Some(&(total as i64)), "{kv:?}");
+    assert_eq!(kv.get("gaps"), None, "{kv:?}");
+    for d in devices {
+        assert_eq!(
+            kv[&format!("last/plant-1/line-1/{d}")],
+            per_device as i64,
+            "{kv:?}"
+        );
+    }
+    let info = get(&format!("{}/api/v1/functions/slow", http(&edge)))
+        .await
+        .1;
+    assert_eq!(info["stats"]["dropped"], 0, "{info}");
+    assert_eq!(info["stats"]["skipped"], 0, "{info}");
+    assert_eq!(info["lag"]["events"], 0, "{info}");
+    // A restart goes on from the cursor: nothing is run twice.
+    edge.shutdown().await;
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let info = get(&format!("{}/api/v1/functions/slow", http(&edge)))
+        .await
+        .1;
+    assert_eq!(info["lag"]["events"], 0, "{info}");
+    assert_eq!(
+        kv_counters(&edge, "slow").await.get("n"),
+        Some(&(total as i64))
+    );
+    edge.shutdown().await;
+}
+
+#[test]
+fn a_function_left_behind_past_the_logs_retention_skips_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = Duration::from_secs(86_400);
+    let store = Arc::new(
+        Store::open(
+            dir.path(),
+            StoreOptions {
+                sync_writes: false,
+                telemetry_retention: day,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let f = Functions::start(
+        store.clone(),
+        Arc::new(WasmEngine::new().unwrap()),
+        Arc::new(|_: &str, _: Vec<u8>| true),
+        FunctionsConfig::default(),
+        Arc::new(millrace_edge::functions::SystemClock),
+    )
+    .unwrap();
+    let deploy = |name: &str| {
+        f.deploy(
+            name,
+            DeployRequest {
+                module_wat: Some(SLOW_ORDERED.into()),
+                topics: vec!["factory/#".into()],
+                timeout_ms: Some(SLACK),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    deploy("behind");
+    deploy("current");
+    f.set_enabled("behind", false).unwrap();
+    let events: Vec<Event> = (1..=50).map(|s| temp_of("press-01", s)).collect();
+    store.write(&events, &[]).unwrap();
+    let n = |name: &str| {
+        f.kv(name, b"n", 1)
+            .unwrap()
+            .first()
+            .map(|(_, v)| i64::from_le_bytes(v.as_slice().try_into().unwrap()))
+    };
+    assert!(wait_until(Duration::from_secs(60), || n("current") == Some(50)));
+    // The records are older than the retention a day from now: trimmed although `behind` has
+    // not read them.
+    let now = chrono::Utc::now().timestamp_millis();
+    assert_eq!(
+        store
+            .trim_triggers(now + 2 * day.as_millis() as i64)
+            .unwrap(),
+        50
+    );
+    store.write(&[temp_of("press-01", 51)], &[]).unwrap();
+    f.set_enabled("behind", true).unwrap();
+    assert!(wait_until(Duration::from_secs(60), || n("behind") == Some(1)));
+    let info = f.info("behind").unwrap();
+    assert_eq!(info["stats"]["skipped"], 50, "{info}");
+    assert_eq!(info["stats"]["invocations"], 1, "{info}");
+    assert_eq!(info["lag"]["events"], 0, "{info}");
+    // Once every cursor is past them, records are trimmed whatever their age.
+    assert!(wait_until(Duration::from_secs(60), || n("current") == Some(51)));
+    assert_eq!(store.trim_triggers(now).unwrap(), 1);
+    f.shutdown();
+}
+
 fn manifest_dir() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from)

@@ -48,6 +48,9 @@ pub struct Input {
     pub event: Option<EventRef>,
     /// The raw payload (manual and scheduled invocations); made from `event` otherwise.
     pub payload: Option<Arc<Vec<u8>>>,
+    /// The trigger log's seq of the event (topic triggers): the same when a trigger is run
+    /// again after a crash, so it identifies what the function publishes.
+    pub log_seq: Option<u64>,
 }
 
 impl Input {
@@ -68,6 +71,17 @@ impl Input {
             ts_ms: e.ts_ms,
             event: Some(e),
             payload: None,
+            log_seq: None,
+        }
+    }
+
+    /// The trigger's stable id: `log-{seq}` for topic triggers, `schedule-{ms}` for schedules,
+    /// empty for manual calls.
+    pub fn trigger_id(&self) -> String {
+        match (self.trigger, self.log_seq) {
+            (_, Some(seq)) => format!("log-{seq}"),
+            (TriggerKind::Schedule, None) => format!("schedule-{}", self.ts_ms),
+            _ => String::new(),
         }
     }
 }

@@ -130,8 +130,16 @@ impl Functions {
         let (tx, rx) = flume::bounded::<Job>(spec.queue as usize);
         let stats = Arc::new(FunctionStats::new(&spec.name));
         self.spawn_workers(&spec, &compiled, &rx, &stats)?;
+        // A function with topic filters reads the trigger log from its cursor (kept across
+        // versions: a new version goes on where the previous one stopped).
+        if filters.is_empty() {
+            self.inner.store.close_function_cursor(&spec.name)?;
+        } else {
+            self.inner.store.open_function_cursor(&spec.name)?;
+        }
         let d = Arc::new(Deployed {
             enabled: AtomicBool::new(spec.enabled),
+            retired: AtomicBool::new(false),
             spec: Mutex::new(spec.clone()),
             filters,
             schedule,
@@ -139,13 +147,21 @@ impl Functions {
             queue: tx,
             stats,
         });
+        if !d.filters.is_empty() {
+            self.spawn_reader(&d, &compiled)?;
+        }
         // Replacing drops the old version's queue sender: its workers finish what is queued
-        // and exit.
-        self.inner
+        // and exit; its reader stops after the invocation it is running, commits, and hands
+        // the cursor over (the lease).
+        let old = self
+            .inner
             .registry
             .write()
             .expect("registry")
             .insert(spec.name.clone(), d);
+        if let Some(old) = old {
+            old.retired.store(true, Ordering::Relaxed);
+        }
         let _ = self.inner.wake.try_send(());
         Ok(())
     }
@@ -283,7 +299,11 @@ impl Functions {
     /// Deletes a function, its modules and its key-value state.
     pub fn delete(&self, name: &str) -> Result<(), FunctionError> {
         let _g = self.inner.deploying.lock().expect("deploy lock");
-        self.deployed(name)?;
+        let d = self.deployed(name)?;
+        d.retired.store(true, Ordering::Relaxed);
+        // Wait for its reader's batch: nothing it commits may outlive the delete.
+        let lease = self.inner.leases.lock().expect("leases").get(name).cloned();
+        let _lease = lease.as_ref().map(|l| l.lock().expect("lease"));
         self.inner.store.delete_function(name)?;
         self.inner.registry.write().expect("registry").remove(name);
         tracing::info!(function = %name, "function deleted");

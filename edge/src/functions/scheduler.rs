@@ -46,6 +46,7 @@ impl Functions {
                 payload: Some(Arc::new(
                     serde_json::to_vec(&serde_json::json!({ "scheduled_ms": due })).expect("json"),
                 )),
+                log_seq: None,
             };
             if Self::offer(
                 d,

@@ -419,6 +419,7 @@ fn text(mem: &[u8], ptr: i32, len: i32, what: &str) -> wasmtime::Result<String> 
 /// One part of the input, as `input_len` and `input_read` number them.
 enum InputPart<'a> {
     Text(&'a str),
+    Owned(String),
     Payload(Arc<Vec<u8>>),
 }
 
@@ -426,18 +427,20 @@ impl InputPart<'_> {
     fn bytes(&self) -> &[u8] {
         match self {
             Self::Text(t) => t.as_bytes(),
+            Self::Owned(t) => t.as_bytes(),
             Self::Payload(p) => p,
         }
     }
 }
 
-/// Part 0 the topic, 1 the payload, 2 the device, 3 the trigger kind.
+/// Part 0 the topic, 1 the payload, 2 the device, 3 the trigger kind, 4 the trigger's id.
 fn input_part(st: &mut HostState, part: i32) -> Option<InputPart<'_>> {
     Some(match part {
         0 => InputPart::Text(&st.input.topic),
         1 => InputPart::Payload(st.payload()),
         2 => InputPart::Text(&st.input.device),
         3 => InputPart::Text(st.input.trigger.as_str()),
+        4 => InputPart::Owned(st.input.trigger_id()),
         _ => return None,
     })
 }

@@ -1,5 +1,5 @@
-//! Workers: each deployed version's bounded queue and worker threads, the triggers offered to
-//! them (stored events, schedules, manual calls), one invocation and the effects it asks for,
+//! Workers: each deployed version's bounded queue and worker threads for manual and scheduled
+//! triggers, one invocation and the effects it asks for (shared with the trigger-log reader),
 //! and the breaker that pauses a function that times out again and again.
 
 use std::collections::HashMap;
@@ -13,9 +13,9 @@ use super::invocation::StoreKv;
 use super::log::{ActionCounts, InvocationRecord};
 use super::{
     ALERT_TOPIC_PREFIX, Compiled, Deployed, Effects, EventRef, FunctionError, FunctionSpec,
-    Functions, Inner, Input, InvokeError, Job, Outcome, TriggerKind,
+    Functions, Inner, Input, InvokeError, Job, KvRead, Outcome, Point, Publisher, TriggerKind,
 };
-use crate::store::StoreError;
+use crate::store::{FunctionCommit, StoreError};
 
 /// Counters and the pause state of one deployed version, shared by its workers, the ingest
 /// thread and the API.
@@ -25,8 +25,11 @@ pub struct FunctionStats {
     pub invocations: AtomicU64,
     /// Of which failed.
     pub failures: AtomicU64,
-    /// Triggers dropped because the queue was full or the function was paused.
+    /// Manual and scheduled triggers dropped because the queue was full or the function was
+    /// paused (topic triggers wait in the log instead).
     pub dropped: AtomicU64,
+    /// Trigger-log records skipped because the function fell behind past the log's retention.
+    pub skipped: AtomicU64,
     /// Times the function was paused for timing out again and again.
     pub pauses: AtomicU64,
     dropped_metric: metrics::Counter,
@@ -39,6 +42,7 @@ impl FunctionStats {
             invocations: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
             dropped_metric: metrics::counter!("millrace_edge_function_dropped_total", "function" => function.to_owned()),
             breaker: Mutex::new(Breaker::new()),
@@ -52,7 +56,7 @@ impl FunctionStats {
     }
 
     /// Whether the breaker has paused the function.
-    fn paused(&self, now: Instant) -> bool {
+    pub(super) fn paused(&self, now: Instant) -> bool {
         self.breaker.lock().expect("breaker").paused(now)
     }
 
@@ -179,59 +183,6 @@ impl Functions {
         }
     }
 
-    /// Offers stored device events to the functions whose topic filters match. Never blocks:
-    /// a full queue drops the trigger (counted).
-    /// The batch is taken (left empty) when a function subscribes, and shared by its jobs.
-    pub fn on_stored(&self, events: &mut Vec<Event>) {
-        let reg = self.inner.registry.read().expect("registry");
-        let subscribed: Vec<&Arc<Deployed>> = reg
-            .values()
-            .filter(|d| !d.filters.is_empty() && d.enabled.load(Ordering::Relaxed))
-            .collect();
-        if subscribed.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        // A function paused by its breaker drops its triggers here, before any work is spent
-        // on them (asked once per batch).
-        let paused: Vec<bool> = subscribed.iter().map(|d| d.stats.paused(now)).collect();
-        let batch = Arc::new(std::mem::take(events));
-        for (index, e) in batch.iter().enumerate() {
-            let m = &e.machine;
-            let levels = [
-                millrace_shared::topic::TOPIC_ROOT,
-                m.site.as_str(),
-                m.line.as_str(),
-                m.machine.as_str(),
-                e.kind().as_str(),
-            ];
-            let mut topic: Option<String> = None;
-            for (d, paused) in subscribed.iter().zip(&paused) {
-                if d.filters.iter().any(|f| f.matches_levels(&levels)) {
-                    // A full queue drops the trigger before any work is spent on it.
-                    if *paused || d.queue.is_full() {
-                        d.stats.drop_trigger();
-                        continue;
-                    }
-                    let ev = EventRef {
-                        batch: batch.clone(),
-                        index,
-                    };
-                    let topic = topic.get_or_insert_with(|| e.topic()).clone();
-                    let input = Input::from_event(ev, topic);
-                    Self::offer(
-                        d,
-                        Job {
-                            input,
-                            enqueued: now,
-                            reply: None,
-                        },
-                    );
-                }
-            }
-        }
-    }
-
     /// Invokes a function by hand and waits for the result. With a topic and a payload that
     /// decodes as a device event, the function sees it as that event.
     pub async fn invoke(
@@ -258,6 +209,7 @@ impl Functions {
             topic,
             event,
             payload: Some(Arc::new(payload)),
+            log_seq: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Job {
@@ -274,6 +226,7 @@ impl Functions {
 }
 
 impl Inner {
+    /// Runs a queued job (manual or scheduled) and applies its effects at once.
     pub(super) fn run(
         &self,
         spec: &FunctionSpec,
@@ -282,21 +235,53 @@ impl Inner {
         m: &mut WorkerMetrics,
         job: Job,
     ) -> Outcome {
-        let queued = job.enqueued.elapsed();
-        let started_ms = chrono::Utc::now().timestamp_millis();
         let kv = Arc::new(StoreKv {
             store: self.store.clone(),
             function: spec.name.clone(),
         });
+        let input = &job.input;
+        let record = self.execute(
+            spec,
+            compiled,
+            stats,
+            m,
+            input,
+            job.enqueued.elapsed(),
+            kv,
+            |effects| self.apply(spec, input, effects),
+        );
+        let outcome = record.outcome;
+        if let Some(reply) = job.reply {
+            let _ = reply.send(record);
+        }
+        outcome
+    }
+
+    /// Runs one invocation and accounts for it (breaker, counters, metrics, the invocation
+    /// log); `apply` makes a successful invocation's effects take effect (its failure fails
+    /// the invocation).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn execute(
+        &self,
+        spec: &FunctionSpec,
+        compiled: &dyn Compiled,
+        stats: &FunctionStats,
+        m: &mut WorkerMetrics,
+        input: &Input,
+        queued: Duration,
+        kv: Arc<dyn KvRead>,
+        apply: impl FnOnce(&Effects) -> Result<ActionCounts, InvokeError>,
+    ) -> InvocationRecord {
+        let started_ms = chrono::Utc::now().timestamp_millis();
         let t0 = Instant::now();
         let (result, effects) = compiled.invoke(
-            &job.input,
+            input,
             kv,
             Duration::from_millis(spec.timeout_ms),
             u64::from(spec.memory_mib) << 20,
         );
         let mut actions = ActionCounts::default();
-        let result = result.and_then(|()| self.apply(spec, &job.input, &effects, &mut actions));
+        let result = result.and_then(|()| apply(&effects).map(|a| actions = a));
         let duration = t0.elapsed();
         let (outcome, error) = match &result {
             Ok(()) => (Outcome::Ok, None),
@@ -305,24 +290,24 @@ impl Inner {
         // The breaker and the failure count first: whoever sees this invocation counted sees
         // the failure and the pause it started.
         if let Some(pause) = stats.record(outcome) {
-            tracing::warn!(function = %spec.name, pause_s = pause.as_secs(), "function timed out {} times in a row: its triggers are dropped for a while", Breaker::TRIPS);
+            tracing::warn!(function = %spec.name, pause_s = pause.as_secs(), "function timed out {} times in a row: its triggers wait for a while", Breaker::TRIPS);
         }
         if let Some(e) = &error {
             stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(function = %spec.name, version = spec.version, trigger = job.input.trigger.as_str(), outcome = outcome.as_str(), error = %e, "function invocation failed");
+            tracing::warn!(function = %spec.name, version = spec.version, trigger = input.trigger.as_str(), outcome = outcome.as_str(), error = %e, "function invocation failed");
         }
         stats.invocations.fetch_add(1, Ordering::Release);
-        m.invocation(&spec.name, job.input.trigger, outcome)
+        m.invocation(&spec.name, input.trigger, outcome)
             .increment(1);
         m.duration.record(duration.as_secs_f64());
         let record = InvocationRecord {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             function: spec.name.clone(),
             version: spec.version,
-            trigger: job.input.trigger,
-            topic: job.input.topic.clone(),
-            device: job.input.device.clone(),
-            event_ts_ms: job.input.ts_ms,
+            trigger: input.trigger,
+            topic: input.topic.clone(),
+            device: input.device.clone(),
+            event_ts_ms: input.ts_ms,
             started_ms,
             queued_us: queued.as_micros() as u64,
             duration_us: duration.as_micros() as u64,
@@ -337,96 +322,121 @@ impl Inner {
         {
             metrics::counter!("millrace_edge_function_log_dropped_total").increment(1);
         }
-        if let Some(reply) = job.reply {
-            let _ = reply.send(record);
-        }
-        outcome
+        record
     }
 
-    /// Applies a successful invocation's actions: state and alerts in one write, then points,
-    /// then MQTT messages.
+    /// Applies a successful queued invocation's actions: state and alerts in one write, then
+    /// points, then MQTT messages.
     fn apply(
         &self,
         spec: &FunctionSpec,
         input: &Input,
         effects: &Effects,
-        actions: &mut ActionCounts,
-    ) -> Result<(), InvokeError> {
+    ) -> Result<ActionCounts, InvokeError> {
         let failed =
             |e: StoreError| InvokeError::Failed(format!("could not apply its actions: {e}"));
         let now = chrono::Utc::now().timestamp_millis();
         let alerts: Vec<(i64, Vec<u8>)> = effects
             .alerts
             .iter()
-            .map(|(severity, message)| {
-                let a = serde_json::json!({
-                    "ts_ms": now,
-                    "function": spec.name,
-                    "version": spec.version,
-                    "severity": severity,
-                    "message": message,
-                    "device": input.device,
-                    "topic": input.topic,
-                    "event_ts_ms": input.ts_ms,
-                });
-                (now, serde_json::to_vec(&a).expect("json"))
+            .enumerate()
+            .map(|(i, (severity, message))| {
+                let id = format!(
+                    "{}:{}:{}:{i}",
+                    spec.name,
+                    input.trigger.as_str(),
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                );
+                (now, alert_json(spec, input, severity, message, now, &id))
             })
             .collect();
+        let commit = FunctionCommit {
+            kv: effects.kv.clone(),
+            alerts,
+            points: point_events(&effects.points),
+        };
         self.store
-            .apply_function_state(&spec.name, &effects.kv, &alerts)
+            .commit_function(&spec.name, &commit, None)
             .map_err(failed)?;
-        if !effects.points.is_empty() {
-            let events: Vec<Event> = effects
-                .points
-                .iter()
-                .map(|p| Event {
-                    machine: p.machine.clone(),
-                    ts_ms: p.ts_ms,
-                    seq: 0,
-                    body: EventBody::Telemetry(Telemetry {
-                        readings: vec![Reading {
-                            name: p.metric.as_str().into(),
-                            value: p.value,
-                            unit: Default::default(),
-                        }],
-                    }),
-                })
-                .collect();
-            self.store
-                .write_synced(&events, &[], false)
-                .map_err(failed)?;
-        }
         let topic = format!("{ALERT_TOPIC_PREFIX}{}", spec.name);
         let mut published = 0;
-        for (_, a) in &alerts {
+        for (_, a) in &commit.alerts {
             published += usize::from((self.publish)(&topic, a.clone()));
         }
-        for (t, p) in &effects.publishes {
-            if (self.publish)(t, p.clone()) {
-                published += 1;
-            } else {
-                metrics::counter!("millrace_edge_function_publish_failed_total", "function" => spec.name.clone()).increment(1);
-            }
-        }
-        *actions = ActionCounts {
+        published += publish_all(&self.publish, &spec.name, effects);
+        Ok(ActionCounts {
             published,
             points: effects.points.len(),
-            alerts: alerts.len(),
+            alerts: commit.alerts.len(),
             kv_writes: effects.kv.len(),
-        };
-        Ok(())
+        })
     }
+}
+
+/// An alert as stored and published (JSON); `id` is stable across a re-run of the same trigger.
+pub(super) fn alert_json(
+    spec: &FunctionSpec,
+    input: &Input,
+    severity: &str,
+    message: &str,
+    now_ms: i64,
+    id: &str,
+) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id,
+        "ts_ms": now_ms,
+        "function": spec.name,
+        "version": spec.version,
+        "severity": severity,
+        "message": message,
+        "device": input.device,
+        "topic": input.topic,
+        "event_ts_ms": input.ts_ms,
+    }))
+    .expect("json")
+}
+
+/// Publishes an invocation's MQTT messages; returns how many the broker took.
+pub(super) fn publish_all(publish: &Publisher, function: &str, effects: &Effects) -> usize {
+    let mut published = 0;
+    for (t, p) in &effects.publishes {
+        if publish(t, p.clone()) {
+            published += 1;
+        } else {
+            metrics::counter!("millrace_edge_function_publish_failed_total", "function" => function.to_owned()).increment(1);
+        }
+    }
+    published
+}
+
+/// Derived points as telemetry events.
+pub(super) fn point_events(points: &[Point]) -> Vec<Event> {
+    points
+        .iter()
+        .map(|p| Event {
+            machine: p.machine.clone(),
+            ts_ms: p.ts_ms,
+            seq: 0,
+            body: EventBody::Telemetry(Telemetry {
+                readings: vec![Reading {
+                    name: p.metric.as_str().into(),
+                    value: p.value,
+                    unit: Default::default(),
+                }],
+            }),
+        })
+        .collect()
 }
 
 /// A worker's metric handles (looked up once, not per invocation).
 pub(super) struct WorkerMetrics {
-    duration: metrics::Histogram,
+    pub(super) duration: metrics::Histogram,
     queue_depth: metrics::Gauge,
     invocations: HashMap<(TriggerKind, Outcome), metrics::Counter>,
 }
 
 impl WorkerMetrics {
-    fn new(function: &str) -> Self {
+    pub(super) fn new(function: &str) -> Self {
         Self {
             duration: metrics::histogram!("millrace_edge_function_duration_seconds", "function" => function.to_owned()),
             queue_depth: metrics::gauge!("millrace_edge_function_queue_depth", "function" => function.to_owned()),

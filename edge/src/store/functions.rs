@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `functions` | `s/{name}` | the function's spec (JSON, owned by [`crate::functions`]) |
 //! | `functions` | `m/{name}\0` · version `u32` | the module's bytes |
+//! | `functions` | `c/{name}` | its cursor in the trigger log ([`super::triggers`]) |
 //! | `kv` | `{name}\0{key}` | a value a function stored |
 //! | `invocations` | newest start ts · counter `u64` | a batch of invocation records (JSON lines, zstd) |
 //! | `alerts` | ts · counter `u64` | alert (JSON) |
@@ -97,8 +98,9 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a function: its spec, modules and key-value state.
+    /// Deletes a function: its spec, modules, key-value state and trigger cursor.
     pub fn delete_function(&self, name: &str) -> Result<(), StoreError> {
+        self.close_function_cursor(name)?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_FUNCTIONS), spec_key(name));
         let m = module_prefix(name);
@@ -112,6 +114,33 @@ impl Store {
     /// A value from a function's key-value state.
     pub fn kv_get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_KV), kv_key(name, key))?)
+    }
+
+    /// Up to `limit` entries of a function's key-value state whose keys start with `prefix`,
+    /// in key order.
+    pub fn kv_scan(
+        &self,
+        name: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let start = kv_key(name, prefix);
+        let end = prefix_end(&kv_key(name, b""));
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(start.clone()..end);
+        let skip = name.len() + 1;
+        let mut out = vec![];
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_KV), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            if !k[skip..].starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k[skip..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Applies what one invocation changed: key-value writes and alerts, atomically. Written to
@@ -128,6 +157,19 @@ impl Store {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
+        self.put_function_state(&mut batch, name, kv, alerts);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Adds key-value writes and alerts to a write batch.
+    pub(super) fn put_function_state(
+        &self,
+        batch: &mut WriteBatch,
+        name: &str,
+        kv: &[KvWrite],
+        alerts: &[(i64, Vec<u8>)],
+    ) {
         for (k, v) in kv {
             match v {
                 Some(v) => batch.put_cf(self.cf(CF_KV), kv_key(name, k), v),
@@ -139,8 +181,6 @@ impl Store {
             k.extend_from_slice(&self.log_counter().to_be_bytes());
             batch.put_cf(self.cf(CF_ALERTS), k, a);
         }
-        self.db.write(batch)?;
-        Ok(())
     }
 
     fn log_counter(&self) -> u64 {

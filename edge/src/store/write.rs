@@ -1,6 +1,7 @@
 //! The write path: one RocksDB write batch per call, to which each family adds its part:
 //! series ids and raw points ([`super::series`]), events ([`super::events`]), the outbox
-//! records and the dedup memory ([`super::outbox`]), dead letters ([`super::dead_letters`]).
+//! records and the dedup memory ([`super::outbox`]), dead letters ([`super::dead_letters`]),
+//! the trigger log ([`super::triggers`]).
 
 use std::sync::atomic::Ordering;
 
@@ -37,6 +38,19 @@ impl Store {
         events: &[Event],
         dead: &[DeadLetter],
         sync: bool,
+    ) -> Result<WriteStats, StoreError> {
+        self.write_with(events, dead, sync, true, |_, _| {})
+    }
+
+    /// The write path: events (into the trigger log too when `log_triggers` and a function
+    /// reads it), dead letters and whatever `extra` adds, in one atomic batch.
+    pub(super) fn write_with(
+        &self,
+        events: &[Event],
+        dead: &[DeadLetter],
+        sync: bool,
+        log_triggers: bool,
+        extra: impl FnOnce(&Store, &mut WriteBatch),
     ) -> Result<WriteStats, StoreError> {
         let guard = self.write_lock.lock().expect("write lock");
         let mut batch = WriteBatch::default();
@@ -82,6 +96,9 @@ impl Store {
             self.put_dead_letter(&mut batch, d);
             stats.dead_letters += 1;
         }
+        let triggers_next = (log_triggers && !events.is_empty() && self.triggers.active())
+            .then(|| self.put_triggers(&mut batch, events, now_ms));
+        extra(self, &mut batch);
         // Unique and increasing under the write lock: every batch advances the sequence.
         head.finish(self, &mut batch, self.db.latest_sequence_number() + 1);
         stats.bytes = batch.size_in_bytes() as u64;
@@ -90,6 +107,9 @@ impl Store {
         self.db.write_opt(batch, &wo)?;
         if let (Some(ob), Some(state)) = (outbox, self.outbox.as_ref()) {
             state.commit(ob);
+        }
+        if let Some(next) = triggers_next {
+            self.triggers.commit(next);
         }
         self.index_new(new);
         head.mark_unsealed(self);

@@ -1,0 +1,386 @@
+//! The trigger log: every device event the edge stores, in store order, for the functions that
+//! read it from their own durable cursors.
+//!
+//! | CF | key | value |
+//! |---|---|---|
+//! | `triggers` | log seq `u64` | the event as a sync item (seq, stored ms, event) |
+//! | `meta` | `triggers_next` | the next log seq (so a trimmed, empty log does not reuse seqs) |
+//! | `functions` | `c/{name}` | a function's cursor: the next log seq it has not applied |
+//!
+//! A record is written **in the same write batch** as the event it carries, so a function
+//! sees exactly what devices were acknowledged for. The log is written only while at least one
+//! function has a cursor (it costs nothing otherwise). A function's effects and its cursor move
+//! are written in one batch ([`Store::commit_function`]): a crash before it leaves both undone,
+//! after it both done. Records are deleted once every cursor is past them, and in any case after
+//! the telemetry retention (a cursor left behind then skips to the oldest record, counted).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use millrace_shared::Event;
+use millrace_shared::sync::{SyncItem, decode_item};
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+
+use super::functions::KvWrite;
+use super::{CF_FUNCTIONS, CF_META, CF_TRIGGERS, Store, StoreError};
+
+const META_NEXT: &[u8] = b"triggers_next";
+
+fn cursor_key(name: &str) -> Vec<u8> {
+    format!("c/{name}").into_bytes()
+}
+
+/// The log's counters, kept in memory and rebuilt at open.
+#[derive(Debug, Default)]
+pub(crate) struct TriggerLog {
+    /// Functions with a cursor: the log is written while there is one.
+    readers: AtomicUsize,
+    /// The next log seq (under the store's write lock).
+    next: AtomicU64,
+    /// The next seq readers may read up to, with a condvar woken by each write.
+    durable: Mutex<u64>,
+    written: Condvar,
+}
+
+impl TriggerLog {
+    /// Whether writes add records.
+    pub(crate) fn active(&self) -> bool {
+        self.readers.load(Ordering::Relaxed) > 0
+    }
+
+    pub(crate) fn begin(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// A batch holding records up to `next` is durable: wake the readers.
+    pub(crate) fn commit(&self, next: u64) {
+        if next == self.next.swap(next, Ordering::Relaxed) {
+            return;
+        }
+        *self.durable.lock().expect("trigger log") = next;
+        self.written.notify_all();
+    }
+}
+
+/// One record of the log.
+#[derive(Debug, Clone)]
+pub struct TriggerRecord {
+    /// Its log seq.
+    pub seq: u64,
+    /// When the edge stored the event, Unix ms.
+    pub stored_ms: i64,
+    /// The event.
+    pub event: Event,
+}
+
+/// What one batch of invocations of a function changes, written atomically with its cursor.
+#[derive(Debug, Default)]
+pub struct FunctionCommit {
+    /// Key-value writes, in order (a later write of a key wins).
+    pub kv: Vec<KvWrite>,
+    /// Alerts: (raised at ms, JSON).
+    pub alerts: Vec<(i64, Vec<u8>)>,
+    /// Derived points (and other events) to store; they do not enter the trigger log.
+    pub points: Vec<Event>,
+}
+
+impl FunctionCommit {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty() && self.alerts.is_empty() && self.points.is_empty()
+    }
+}
+
+impl Store {
+    pub(super) fn load_triggers(&self) -> Result<(), StoreError> {
+        let next = match self.db.get_cf(self.cf(CF_META), META_NEXT)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_META,
+                    reason: "triggers_next is not 8 bytes".into(),
+                })?)
+            }
+            None => 0,
+        };
+        let readers = self.function_cursors()?.len();
+        let log = &self.triggers;
+        log.next.store(next, Ordering::Relaxed);
+        *log.durable.lock().expect("trigger log") = next;
+        log.readers.store(readers, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Adds the trigger-log part of a write batch; returns the next seq after it.
+    pub(super) fn put_triggers(
+        &self,
+        batch: &mut WriteBatch,
+        events: &[Event],
+        now_ms: i64,
+    ) -> u64 {
+        let mut next = self.triggers.begin();
+        let cf = self.cf(CF_TRIGGERS);
+        let mut item = Vec::with_capacity(128);
+        for e in events {
+            item.clear();
+            millrace_shared::sync::encode_item(&mut item, next, now_ms, e);
+            batch.put_cf(cf, next.to_be_bytes(), &item);
+            next += 1;
+        }
+        batch.put_cf(self.cf(CF_META), META_NEXT, next.to_be_bytes());
+        next
+    }
+
+    /// The next log seq: records below it are written.
+    pub fn trigger_next(&self) -> u64 {
+        *self.triggers.durable.lock().expect("trigger log")
+    }
+
+    /// Waits until the log holds a record at `seq` or later, at most `timeout`; returns whether
+    /// it does.
+    pub fn wait_triggers(&self, seq: u64, timeout: Duration) -> bool {
+        let durable = self.triggers.durable.lock().expect("trigger log");
+        let (durable, _) = self
+            .triggers
+            .written
+            .wait_timeout_while(durable, timeout, |next| *next <= seq)
+            .expect("trigger log");
+        *durable > seq
+    }
+
+    /// Up to `max` records from seq `from` on, in order. The first may be past `from` when
+    /// records were trimmed.
+    pub fn trigger_records(&self, from: u64, max: usize) -> Result<Vec<TriggerRecord>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
+        let mut out = Vec::with_capacity(max.min(4096));
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_TRIGGERS), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let seq =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_TRIGGERS,
+                    reason: "key is not 8 bytes".into(),
+                })?);
+            let SyncItem {
+                stored_ms, event, ..
+            } = decode_item(&v).map_err(|e| StoreError::Corrupt {
+                cf: CF_TRIGGERS,
+                reason: format!("record {seq}: {e}"),
+            })?;
+            out.push(TriggerRecord {
+                seq,
+                stored_ms,
+                event,
+            });
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the record at `seq` was stored (`None` when it is not in the log).
+    pub fn trigger_stored_ms(&self, seq: u64) -> Result<Option<i64>, StoreError> {
+        Ok(self.trigger_records(seq, 1)?.first().map(|r| r.stored_ms))
+    }
+
+    /// A function's cursor: the next log seq it has not applied.
+    pub fn function_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_FUNCTIONS), cursor_key(name))?;
+        v.map(|v| {
+            v.as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    cf: CF_FUNCTIONS,
+                    reason: format!("cursor of {name} is not 8 bytes"),
+                })
+        })
+        .transpose()
+    }
+
+    /// Every function's cursor, by name.
+    pub fn function_cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(b"c/".to_vec()..b"c0".to_vec());
+        let mut out = vec![];
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_FUNCTIONS), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let seq = <[u8; 8]>::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
+                cf: CF_FUNCTIONS,
+                reason: "a cursor is not 8 bytes".into(),
+            })?;
+            out.push((
+                String::from_utf8_lossy(&k[2..]).into_owned(),
+                u64::from_be_bytes(seq),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Gives a function a cursor at the log's end (it sees events stored from now on) unless it
+    /// has one; returns the cursor. From then on the log is written.
+    pub fn open_function_cursor(&self, name: &str) -> Result<u64, StoreError> {
+        // Under the write lock: no batch can be between taking its seqs and committing them.
+        let _guard = self.write_lock.lock().expect("write lock");
+        if let Some(c) = self.function_cursor(name)? {
+            return Ok(c);
+        }
+        let next = self.triggers.begin();
+        self.db
+            .put_cf(self.cf(CF_FUNCTIONS), cursor_key(name), next.to_be_bytes())?;
+        self.triggers.readers.fetch_add(1, Ordering::Relaxed);
+        Ok(next)
+    }
+
+    /// Removes a function's cursor (it no longer reads the log).
+    pub fn close_function_cursor(&self, name: &str) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().expect("write lock");
+        if self.function_cursor(name)?.is_some() {
+            self.db.delete_cf(self.cf(CF_FUNCTIONS), cursor_key(name))?;
+            self.triggers.readers.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Applies what a function's invocations changed and, with `cursor`, moves its cursor
+    /// there, all in one atomic batch. Not fsync'd: a crash of the process loses nothing; a
+    /// power cut may lose the batch, and then it is redone as a whole (cursor and effects go
+    /// together, so nothing is doubled either way).
+    pub fn commit_function(
+        &self,
+        name: &str,
+        commit: &FunctionCommit,
+        cursor: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let extra = |store: &Store, batch: &mut WriteBatch| {
+            store.put_function_state(batch, name, &commit.kv, &commit.alerts);
+            if let Some(c) = cursor {
+                batch.put_cf(store.cf(CF_FUNCTIONS), cursor_key(name), c.to_be_bytes());
+            }
+        };
+        if commit.points.is_empty() {
+            let mut batch = WriteBatch::default();
+            extra(self, &mut batch);
+            if !batch.is_empty() {
+                self.db.write(batch)?;
+            }
+            Ok(())
+        } else {
+            self.write_with(&commit.points, &[], false, false, extra)
+                .map(|_| ())
+        }
+    }
+
+    /// Deletes the records every cursor has passed, and those older than the telemetry
+    /// retention. Returns the records deleted.
+    pub fn trim_triggers(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let retention = self.opts.telemetry_retention;
+        let cutoff_ms = (!retention.is_zero()).then(|| now_ms - retention.as_millis() as i64);
+        let cursors = self.function_cursors()?;
+        let mut keep_from = cursors
+            .iter()
+            .map(|(_, c)| *c)
+            .min()
+            .unwrap_or_else(|| self.trigger_next());
+        let first = match self.trigger_records(0, 1)?.first() {
+            Some(r) => r.seq,
+            None => return Ok(0),
+        };
+        if let Some(cut) = cutoff_ms {
+            // Records are stored in time order: the first one at or after the cutoff, by a
+            // binary search over seqs (the log has no gaps past its first record).
+            let mut lo = first;
+            let mut hi = self.trigger_next().max(first);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                match self.trigger_records(mid, 1)?.first() {
+                    Some(r) if r.stored_ms < cut => lo = r.seq + 1,
+                    _ => hi = mid,
+                }
+            }
+            keep_from = keep_from.max(lo);
+        }
+        if keep_from <= first {
+            return Ok(0);
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_TRIGGERS),
+            first.to_be_bytes(),
+            keep_from.to_be_bytes(),
+        );
+        self.db.write(batch)?;
+        Ok(keep_from - first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use millrace_shared::{EventBody, MachineId, Reading, Telemetry};
+
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn temp(seq: u64) -> Event {
+        Event {
+            machine: MachineId::new("s", "l", "m").unwrap(),
+            ts_ms: 1_767_600_000_000 + seq as i64,
+            seq,
+            body: EventBody::Telemetry(Telemetry {
+                readings: vec![Reading {
+                    name: "t".into(),
+                    value: seq as f64,
+                    unit: Default::default(),
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn the_log_is_written_while_a_cursor_exists_and_a_commit_moves_state_and_cursor_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || StoreOptions {
+            sync_writes: false,
+            ..Default::default()
+        };
+        let store = Store::open(dir.path(), opts()).unwrap();
+        store.write(&[temp(1)], &[]).unwrap();
+        assert_eq!(store.trigger_next(), 0, "no reader: no log");
+        assert_eq!(store.open_function_cursor("f").unwrap(), 0);
+        store.write(&[temp(2), temp(3)], &[]).unwrap();
+        let records = store.trigger_records(0, 10).unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.event.seq).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+        assert!(store.wait_triggers(1, Duration::ZERO));
+        assert!(!store.wait_triggers(2, Duration::ZERO));
+        // Effects and cursor in one batch; derived points are stored, not logged.
+        let commit = FunctionCommit {
+            kv: vec![(b"k".to_vec(), Some(b"v".to_vec()))],
+            alerts: vec![],
+            points: vec![temp(9)],
+        };
+        store.commit_function("f", &commit, Some(2)).unwrap();
+        assert_eq!(store.function_cursor("f").unwrap(), Some(2));
+        assert_eq!(store.kv_get("f", b"k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(store.trigger_next(), 2);
+        // Reopened: the seq goes on, the cursor and its reader are back.
+        drop(store);
+        let store = Store::open(dir.path(), opts()).unwrap();
+        assert_eq!(store.trim_triggers(0).unwrap(), 2, "the cursor passed both");
+        store.write(&[temp(4)], &[]).unwrap();
+        assert_eq!(store.trigger_records(0, 10).unwrap()[0].seq, 2);
+        store.delete_function("f").unwrap();
+        store.write(&[temp(5)], &[]).unwrap();
+        assert_eq!(store.trigger_next(), 3, "no reader left: no log");
+    }
+}
