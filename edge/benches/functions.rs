@@ -44,6 +44,8 @@ fn input() -> Input {
         ts_ms: e.ts_ms,
         event: Some(EventRef::new(e)),
         payload: None,
+        log_seq: Some(1),
+        fired_ms: None,
     }
 }
 

@@ -180,7 +180,7 @@ impl Functions {
                 .engine
                 .compile(&module, u64::from(spec.memory_mib) << 20)
             {
-                Ok(compiled) => this.install(spec, compiled)?,
+                Ok(compiled) => this.install(spec, compiled, true)?,
                 Err(e) => {
                     tracing::error!(function = %name, error = %e, "stored module no longer compiles; skipped")
                 }
@@ -275,7 +275,7 @@ impl Functions {
         name: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FunctionError> {
+    ) -> Result<Vec<crate::store::KvEntry>, FunctionError> {
         self.deployed(name)?;
         Ok(self.inner.store.kv_scan(name, prefix, limit)?)
     }
@@ -289,6 +289,7 @@ impl Functions {
         v["stats"] = serde_json::json!({
             // Acquire, and read first: the failures and pauses it counts are visible.
             "invocations": s.invocations.load(Ordering::Acquire),
+            "events": s.events.load(Ordering::Relaxed),
             "failures": s.failures.load(Ordering::Relaxed),
             "dropped": s.dropped.load(Ordering::Relaxed),
             "skipped": s.skipped.load(Ordering::Relaxed),

@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use millrace_edge::Edge;
 use millrace_edge::config::EdgeConfig;
 
+mod fn_cli;
+use fn_cli::Shown;
+
 /// The Millrace edge node.
 ///
 /// Runs in the factory: an MQTT broker for devices (3.1.1 and 5 on one port), an ingest
@@ -65,6 +68,9 @@ enum Command {
         /// API key, if the edge requires one.
         #[arg(long, env = "MILLRACE_EDGE_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Print the API's JSON answer instead of a table (for scripts).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         action: FnCommand,
     },
@@ -90,12 +96,18 @@ enum FnCommand {
         /// Memory cap, MiB.
         #[arg(long)]
         memory_mib: Option<u32>,
-        /// Invocations running at once.
+        /// Scheduled and manual invocations running at once (topic triggers run one at a
+        /// time, in order).
         #[arg(long)]
         concurrency: Option<u32>,
-        /// Queue bound (triggers beyond it are dropped and counted).
+        /// Scheduled and manual triggers waiting at most (topic triggers wait in the edge's
+        /// trigger log instead, never dropped).
         #[arg(long)]
         queue: Option<u32>,
+        /// Most events per invocation of a module exporting `handle_batch` (it gets what is
+        /// waiting, up to this).
+        #[arg(long)]
+        batch_max: Option<u32>,
         /// Deploy it disabled.
         #[arg(long)]
         disabled: bool,
@@ -103,7 +115,7 @@ enum FnCommand {
         #[arg(long)]
         description: Option<String>,
     },
-    /// List deployed functions with their counters.
+    /// List deployed functions: triggers, invocations, failures, lag behind the trigger log.
     List,
     /// Show one function.
     Show {
@@ -154,13 +166,40 @@ enum FnCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Show a function's key-value state.
+    Kv {
+        /// Function name.
+        name: String,
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// At most this many keys.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
-/// Calls the edge's function API and prints the JSON answer.
-async fn fn_command(url: &str, api_key: Option<&str>, action: FnCommand) -> anyhow::Result<()> {
+/// Calls the edge's function API and prints the answer: for people, or its JSON with `json`.
+async fn fn_command(
+    url: &str,
+    api_key: Option<&str>,
+    json_out: bool,
+    action: FnCommand,
+) -> anyhow::Result<()> {
     use base64::Engine as _;
     let http = reqwest::Client::new();
     let base = format!("{}/api/v1", url.trim_end_matches('/'));
+    let (shown, name) = match &action {
+        FnCommand::Deploy { name, .. } => (Shown::Deployed, Some(name.clone())),
+        FnCommand::List => (Shown::List, None),
+        FnCommand::Show { name } => (Shown::Show, Some(name.clone())),
+        FnCommand::Enable { name } => (Shown::Changed("enabled"), Some(name.clone())),
+        FnCommand::Disable { name } => (Shown::Changed("disabled"), Some(name.clone())),
+        FnCommand::Delete { name } => (Shown::Changed("deleted"), Some(name.clone())),
+        FnCommand::Invoke { name, .. } => (Shown::Invoked, Some(name.clone())),
+        FnCommand::Logs { .. } => (Shown::Logs, None),
+        FnCommand::Kv { name, .. } => (Shown::Kv, Some(name.clone())),
+    };
     let req = match action {
         FnCommand::Deploy {
             name,
@@ -171,6 +210,7 @@ async fn fn_command(url: &str, api_key: Option<&str>, action: FnCommand) -> anyh
             memory_mib,
             concurrency,
             queue,
+            batch_max,
             disabled,
             description,
         } => {
@@ -184,6 +224,7 @@ async fn fn_command(url: &str, api_key: Option<&str>, action: FnCommand) -> anyh
                 memory_mib,
                 concurrency,
                 queue,
+                batch_max,
                 enabled: Some(!disabled),
                 description,
                 ..Default::default()
@@ -225,6 +266,15 @@ async fn fn_command(url: &str, api_key: Option<&str>, action: FnCommand) -> anyh
             q.extend(trigger.map(|t| ("trigger", t)));
             http.get(format!("{base}/invocations")).query(&q)
         }
+        FnCommand::Kv {
+            name,
+            prefix,
+            limit,
+        } => {
+            let mut q = vec![("limit", limit.to_string())];
+            q.extend(prefix.map(|p| ("prefix", p)));
+            http.get(format!("{base}/functions/{name}/kv")).query(&q)
+        }
     };
     let req = match api_key {
         Some(k) => req.bearer_auth(k),
@@ -245,9 +295,13 @@ async fn fn_command(url: &str, api_key: Option<&str>, action: FnCommand) -> anyh
         bail!("{status}: {msg}");
     }
     match json {
-        Some(j) => println!("{}", serde_json::to_string_pretty(&j)?),
-        None if text.is_empty() => eprintln!("done ({status})"),
-        None => println!("{text}"),
+        Some(j) if json_out => println!("{}", serde_json::to_string_pretty(&j)?),
+        Some(j) => println!("{}", fn_cli::render(shown, name.as_deref(), &j)),
+        None if json_out => {}
+        None => println!(
+            "{}",
+            fn_cli::render(shown, name.as_deref(), &serde_json::Value::Null)
+        ),
     }
     Ok(())
 }
@@ -352,8 +406,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Fn {
             url,
             api_key,
+            json,
             action,
-        } => fn_command(&url, api_key.as_deref(), action).await?,
+        } => fn_command(&url, api_key.as_deref(), json, action).await?,
         Command::Run => {
             let cfg = EdgeConfig::load(cli.config.as_deref())?;
             let edge = Edge::start(cfg).await?;

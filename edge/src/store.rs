@@ -48,7 +48,7 @@ pub mod triggers;
 mod write;
 
 pub use dead_letters::DeadLetter;
-pub use functions::KvWrite;
+pub use functions::{KvEntry, KvWrite};
 pub use series::{Bucket, SeriesInfo};
 pub use triggers::{FunctionCommit, TriggerRecord};
 pub use write::WriteStats;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use millrace_edge::config::FunctionsConfig;
-use millrace_edge::functions::{DeployRequest, Functions, ManualClock, WasmEngine};
+use millrace_edge::functions::{Clock, DeployRequest, Functions, ManualClock, WasmEngine};
 use millrace_edge::store::{Store, StoreOptions};
 use millrace_shared::{PartOutcome, PartProduced};
 use millrace_tests::{Recorder, run_ok, wait_until};
@@ -154,7 +154,15 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
     assert_eq!(a["severity"], "critical");
     assert_eq!(a["device"], "plant-1/line-1/press-01");
     assert_eq!(a["event_ts_ms"], T0 + 1000);
-    let stored = get(&format!("{}/api/v1/alerts", http(&edge))).await.1;
+    // Published before its batch commits (at least once), stored with the commit.
+    let mut stored = Value::Null;
+    for _ in 0..1500 {
+        stored = get(&format!("{}/api/v1/alerts", http(&edge))).await.1;
+        if !stored["alerts"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(stored["alerts"].as_array().unwrap().len(), 1, "{stored}");
 
     // Derived points are queryable like device points.
@@ -173,9 +181,23 @@ async fn topic_triggers_run_functions_whose_alerts_points_and_state_take_effect(
         serde_json::json!([[T0 + 3000, 0.0], [T0 + 4000, 0.5]]),
         "{pts}"
     );
-    // Each event ran each matching function once: 2 + 2 + 2, all successful, with triggers.
-    let log = invocations(&edge, "trigger=topic&limit=100").await;
-    assert_eq!(log.len(), 6, "{log:?}");
+    // Each event ran each matching function once: 2 + 2 + 2, all successful, with triggers
+    // (the threshold example takes batches: its two events may come in one invocation).
+    let mut log = vec![];
+    for _ in 0..1500 {
+        log = invocations(&edge, "trigger=topic&limit=100").await;
+        if log
+            .iter()
+            .map(|r| r["events"].as_u64().unwrap())
+            .sum::<u64>()
+            >= 6
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events: u64 = log.iter().map(|r| r["events"].as_u64().unwrap()).sum();
+    assert_eq!(events, 6, "{log:?}");
     assert!(log.iter().all(|r| {
         r["outcome"] == "ok"
             && r["topic"]
@@ -234,6 +256,7 @@ async fn manual_invocations_from_rest_and_the_cli() {
         &http(&edge),
         "invoke",
         "hourly-summary",
+        "--json",
     ]));
     let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rec["outcome"], "ok", "{rec}");
@@ -250,14 +273,49 @@ async fn manual_invocations_from_rest_and_the_cli() {
         String::from_utf8_lossy(&summaries.messages()[0].payload).as_ref()
     );
 
-    // The CLI lists functions and reports errors clearly.
-    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
-        .args(["fn", "--url", &http(&edge), "list"])
-        .output()
-        .unwrap();
+    // The CLI lists functions as a table for people, as JSON for scripts, and reports
+    // errors clearly.
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_millrace-edge")).args([
+        "fn",
+        "--url",
+        &http(&edge),
+        "list",
+    ]));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "NAME",
+        "INVOCATIONS",
+        "LAG (EVENTS)",
+        "hourly-summary",
+        "factory/+/+/+/part",
+        "cron 0 * * * *",
+    ] {
+        assert!(table.contains(needle), "{needle} in\n{table}");
+    }
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_millrace-edge")).args([
+        "fn",
+        "--url",
+        &http(&edge),
+        "list",
+        "--json",
+    ]));
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list["functions"][0]["name"], "hourly-summary");
     assert_eq!(list["functions"][0]["stats"]["invocations"], 2);
+    assert_eq!(list["functions"][0]["lag"]["events"], 0);
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_millrace-edge")).args([
+        "fn",
+        "--url",
+        &http(&edge),
+        "logs",
+        "--function",
+        "hourly-summary",
+    ]));
+    let logs = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        logs.contains("STARTED (UTC)") && logs.matches("hourly-summary").count() == 2,
+        "{logs}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
         .args(["fn", "--url", &http(&edge), "invoke", "nope"])
         .output()
@@ -350,6 +408,79 @@ fn schedules_fire_on_a_clock_the_test_controls() {
     // Disabled functions are not run by their schedule.
     f.set_enabled("hourly-summary", false).unwrap();
     assert_eq!(f.fire_due(h10 + 7 * hour), 0);
+    f.shutdown();
+}
+
+#[test]
+fn a_schedule_missed_while_the_edge_was_off_runs_once_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let hour = 3_600_000;
+    let h10 = T0 - T0 % hour + 10 * hour;
+    let start = |clock: &Arc<ManualClock>| {
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                StoreOptions {
+                    sync_writes: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let f = Functions::start(
+            store.clone(),
+            Arc::new(WasmEngine::new().unwrap()),
+            Arc::new(|_: &str, _: Vec<u8>| true),
+            FunctionsConfig::default(),
+            clock.clone(),
+        )
+        .unwrap();
+        (store, f)
+    };
+    let runs = |store: &Store| -> Vec<i64> {
+        store
+            .invocations(i64::MIN, 100, |_| true)
+            .unwrap()
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<Value>(r).unwrap()["event_ts_ms"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let clock = Arc::new(ManualClock::new(h10 + 30 * 60_000)); // 10:30
+    let (store, f) = start(&clock);
+    f.deploy(
+        "hourly-summary",
+        DeployRequest {
+            module_wat: Some(wat("hourly_summary.wat")),
+            schedule: Some("0 * * * *".into()),
+            timeout_ms: Some(SLACK),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    clock.set(h10 + hour);
+    assert_eq!(f.fire_due(h10 + hour), 1, "11:00");
+    assert!(wait_until(Duration::from_secs(30), || runs(&store).len() == 1));
+    f.shutdown();
+    drop((f, store));
+    // Off from 11:00 to 14:30: the runs of 12:00, 13:00 and 14:00 were missed. At start, one
+    // run catches up (as 12:00), then the schedule goes on at 15:00.
+    clock.set(h10 + 4 * hour + 30 * 60_000);
+    let (store, f) = start(&clock);
+    assert_eq!(f.fire_due(clock.now_ms()), 1);
+    assert!(wait_until(Duration::from_secs(30), || runs(&store).len() == 2));
+    assert_eq!(runs(&store), [h10 + 2 * hour, h10 + hour]);
+    assert_eq!(f.list().unwrap()[0]["next_run_ms"], h10 + 5 * hour);
+    assert_eq!(f.fire_due(clock.now_ms()), 0);
+    // A restart with nothing missed runs nothing.
+    f.shutdown();
+    drop((f, store));
+    let (store, f) = start(&clock);
+    assert_eq!(f.fire_due(clock.now_ms()), 0);
+    assert_eq!(runs(&store).len(), 2);
     f.shutdown();
 }
 
@@ -535,6 +666,16 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
             "bad-sig",
             serde_json::json!({ "module_wat": r#"(module (func (export "handle") (param i32)))"# }),
             "expected () -> (i32)",
+        ),
+        (
+            "bad-batch-sig",
+            serde_json::json!({ "module_wat": r#"(module (func (export "handle_batch") (result i32) (i32.const 0)))"# }),
+            "exports `handle_batch` with signature () -> (i32), expected (i32) -> (i32)",
+        ),
+        (
+            "bad-batch-max",
+            serde_json::json!({ "module_wat": r#"(module (func (export "handle") (result i32) (i32.const 0)))"#, "batch_max": 0 }),
+            "batch_max 0: between 1 and 100000",
         ),
         (
             "bad-import",
@@ -823,6 +964,87 @@ async fn a_slow_function_sees_every_event_once_in_order_per_device() {
     assert_eq!(
         kv_counters(&edge, "slow").await.get("n"),
         Some(&(total as i64))
+    );
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_function_gets_what_is_waiting_in_few_invocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    // Deployed disabled: the events wait in the trigger log until it is enabled.
+    let (status, spec) = deploy(
+        &edge,
+        "threshold",
+        serde_json::json!({ "module_wat": wat("threshold_alert.wat"), "topics": ["factory/+/+/+/telemetry"],
+            "timeout_ms": SLACK, "batch_max": 50, "enabled": false }),
+    )
+    .await;
+    assert_eq!(status, 201, "{spec}");
+    let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    let n = 120;
+    for seq in 1..=n {
+        // Every tenth reading is above the threshold.
+        let t = if seq % 10 == 0 { 80.0 } else { 50.0 };
+        publish(&client, &temp(seq, t)).await;
+    }
+    wait_stored(&edge, n, 0).await;
+    let url = format!("{}/api/v1/functions/threshold", http(&edge));
+    assert_eq!(get(&url).await.1["lag"]["events"], n, "all wait");
+    let (status, _) = send(reqwest::Client::new().post(format!("{url}/enable"))).await;
+    assert_eq!(status, 200);
+    let mut info = get(&url).await.1;
+    for _ in 0..1500 {
+        if info["stats"]["events"] == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = get(&url).await.1;
+    }
+    assert_eq!(info["stats"]["events"], n, "{info}");
+    assert_eq!(info["lag"]["events"], 0, "{info}");
+    // The invocation log is written by its own thread: wait for all of it.
+    let mut sizes: Vec<u64> = vec![];
+    for _ in 0..1500 {
+        let recs = invocations(&edge, "function=threshold").await;
+        sizes = recs.iter().map(|r| r["events"].as_u64().unwrap()).collect();
+        if sizes.iter().sum::<u64>() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sizes.iter().sum::<u64>(), n, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|s| *s <= 50),
+        "at most batch_max: {sizes:?}"
+    );
+    assert!(sizes.len() < n as usize, "events were batched: {sizes:?}");
+    assert_eq!(info["stats"]["invocations"], sizes.len(), "{info}");
+    // One alert per reading above the threshold, each with its own stable id.
+    let alerts = get(&format!("{}/api/v1/alerts", http(&edge))).await.1;
+    let alerts = alerts["alerts"].as_array().unwrap().clone();
+    assert_eq!(alerts.len(), 12, "{alerts:?}");
+    let ids: std::collections::BTreeSet<&str> =
+        alerts.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 12, "{ids:?}");
+    assert!(
+        ids.iter()
+            .all(|i| i.starts_with("threshold:") && i.ends_with(":0")),
+        "{ids:?}"
+    );
+    assert!(
+        alerts
+            .iter()
+            .all(|a| a["device"] == "plant-1/line-1/press-01")
+    );
+    let mut stamps: Vec<i64> = alerts
+        .iter()
+        .map(|a| a["event_ts_ms"].as_i64().unwrap())
+        .collect();
+    stamps.sort();
+    assert_eq!(
+        stamps,
+        (1..=12).map(|k| T0 + 10_000 * k).collect::<Vec<_>>()
     );
     edge.shutdown().await;
 }

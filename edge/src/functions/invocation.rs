@@ -51,6 +51,9 @@ pub struct Input {
     /// The trigger log's seq of the event (topic triggers): the same when a trigger is run
     /// again after a crash, so it identifies what the function publishes.
     pub log_seq: Option<u64>,
+    /// Scheduled runs: when it was fired; it stands for every due time up to then (a restart
+    /// catches up only on times after it).
+    pub fired_ms: Option<i64>,
 }
 
 impl Input {
@@ -72,6 +75,7 @@ impl Input {
             event: Some(e),
             payload: None,
             log_seq: None,
+            fired_ms: None,
         }
     }
 
@@ -167,8 +171,8 @@ pub struct Effects {
     pub publishes: Vec<(String, Vec<u8>)>,
     /// Time-series points.
     pub points: Vec<Point>,
-    /// Alerts (severity, message).
-    pub alerts: Vec<(&'static str, String)>,
+    /// Alerts (severity, message, index of the event in the batch it was raised for).
+    pub alerts: Vec<(&'static str, String, usize)>,
     /// Key-value writes.
     pub kv: Vec<KvWrite>,
     /// Log lines.

@@ -60,6 +60,9 @@ pub struct InvocationRecord {
     pub logs_dropped: u32,
     /// What it did (zero when it failed: actions of failed invocations are discarded).
     pub actions: ActionCounts,
+    /// Events it handled: more than one for `handle_batch` (the fields above describe the
+    /// first).
+    pub events: usize,
 }
 
 fn is_zero(n: &u32) -> bool {

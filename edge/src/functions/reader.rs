@@ -24,6 +24,7 @@ use super::{
     ALERT_TOPIC_PREFIX, Compiled, Deployed, EventRef, FunctionError, Functions, Inner, Input,
     KvRead,
 };
+
 use crate::store::{FunctionCommit, KvWrite, Store, StoreError};
 
 /// Records read per batch at most; a batch is also committed after [`BATCH_TIME`].
@@ -225,8 +226,15 @@ impl Reader {
         // Past any skipped records at least (moved even if nothing runs before a stop).
         let mut next = seqs[0];
         let started = Instant::now();
-        let alert_topic = format!("{ALERT_TOPIC_PREFIX}{}", self.name);
         let now_ms = chrono::Utc::now().timestamp_millis();
+        let batch_max = if self.compiled.takes_batches() {
+            spec.batch_max.max(1) as usize
+        } else {
+            1
+        };
+        let mut pending: Vec<Input> = Vec::new();
+        let mut queued_ms = 0;
+        let mut records = vec![];
         for (index, e) in events.iter().enumerate() {
             if self.done() || started.elapsed() >= BATCH_TIME || self.d.stats.paused(Instant::now())
             {
@@ -253,46 +261,84 @@ impl Reader {
                 e.topic(),
             );
             input.log_seq = Some(seq);
-            let queued = Duration::from_millis((now_ms - stored[index]).max(0) as u64);
-            let publish = &self.inner.publish;
-            let (kv_ref, commit_ref) = (&kv, &mut commit);
-            self.inner.execute(
-                &spec,
-                self.compiled.as_ref(),
-                &self.d.stats,
-                &mut self.m,
-                &input,
-                queued,
-                kv.clone(),
-                |effects| {
-                    let now = chrono::Utc::now().timestamp_millis();
-                    let mut published = 0;
-                    for (i, (severity, message)) in effects.alerts.iter().enumerate() {
-                        let id = format!("{}:{seq}:{i}", spec.name);
-                        let alert =
-                            super::workers::alert_json(&spec, &input, severity, message, now, &id);
-                        // At least once: published before the commit.
-                        published += usize::from(publish(&alert_topic, alert.clone()));
-                        commit_ref.alerts.push((now, alert));
-                    }
-                    published += super::workers::publish_all(publish, &spec.name, effects);
-                    kv_ref.write(&effects.kv);
-                    commit_ref.kv.extend(effects.kv.iter().cloned());
-                    commit_ref.points.extend(point_events(&effects.points));
-                    Ok(ActionCounts {
-                        published,
-                        points: effects.points.len(),
-                        alerts: effects.alerts.len(),
-                        kv_writes: effects.kv.len(),
-                    })
-                },
-            );
+            if pending.is_empty() {
+                // Time in the log of the invocation's first event.
+                queued_ms = (now_ms - stored[index]).max(0) as u64;
+            }
+            pending.push(input);
+            if pending.len() >= batch_max {
+                records.push(self.invoke(
+                    &spec,
+                    &kv,
+                    &mut commit,
+                    std::mem::take(&mut pending),
+                    queued_ms,
+                ));
+            }
+        }
+        if !pending.is_empty() {
+            records.push(self.invoke(&spec, &kv, &mut commit, pending, queued_ms));
         }
         if next == cursor {
             return Ok(Step::Worked);
         }
         store.commit_function(&self.name, &commit, Some(next))?;
+        // Logged once their effects are written: a record seen means its effects are there.
+        for r in &records {
+            self.inner.log(r);
+        }
         self.report_lag();
         Ok(Step::Worked)
+    }
+
+    /// Runs one invocation over `inputs` (one event, or a batch for `handle_batch`); a
+    /// successful one's effects join the batch's commit, and its publishes go out now.
+    fn invoke(
+        &mut self,
+        spec: &super::FunctionSpec,
+        kv: &Arc<BatchKv>,
+        commit: &mut FunctionCommit,
+        inputs: Vec<Input>,
+        queued_ms: u64,
+    ) -> super::InvocationRecord {
+        let publish = self.inner.publish.clone();
+        let alert_topic = format!("{ALERT_TOPIC_PREFIX}{}", self.name);
+        self.inner.execute(
+            spec,
+            self.compiled.as_ref(),
+            &self.d.stats,
+            &mut self.m,
+            Arc::new(inputs),
+            Duration::from_millis(queued_ms),
+            kv.clone(),
+            |effects, inputs| {
+                let now = chrono::Utc::now().timestamp_millis();
+                let mut published = 0;
+                // An alert's id: the event's log seq and its ordinal among the alerts raised
+                // for that event, the same when the batch runs again after a crash.
+                let mut ordinal: HashMap<usize, usize> = HashMap::new();
+                for (severity, message, event) in &effects.alerts {
+                    let input = &inputs[(*event).min(inputs.len() - 1)];
+                    let n = ordinal.entry(*event).or_default();
+                    let id = format!("{}:{}:{n}", spec.name, input.log_seq.unwrap_or_default());
+                    *n += 1;
+                    let alert =
+                        super::workers::alert_json(spec, input, severity, message, now, &id);
+                    // At least once: published before the commit.
+                    published += usize::from(publish(&alert_topic, alert.clone()));
+                    commit.alerts.push((now, alert));
+                }
+                published += super::workers::publish_all(&publish, &spec.name, effects);
+                kv.write(&effects.kv);
+                commit.kv.extend(effects.kv.iter().cloned());
+                commit.points.extend(point_events(&effects.points));
+                Ok(ActionCounts {
+                    published,
+                    points: effects.points.len(),
+                    alerts: effects.alerts.len(),
+                    kv_writes: effects.kv.len(),
+                })
+            },
+        )
     }
 }

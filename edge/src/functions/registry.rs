@@ -33,6 +33,8 @@ pub struct DeployRequest {
     pub concurrency: Option<u32>,
     /// Queue bound.
     pub queue: Option<u32>,
+    /// Most events per `handle_batch` invocation.
+    pub batch_max: Option<u32>,
     /// Deploy enabled (default) or disabled.
     pub enabled: Option<bool>,
     /// Free text.
@@ -76,6 +78,9 @@ pub struct FunctionSpec {
     pub concurrency: u32,
     /// Queue bound.
     pub queue: u32,
+    /// Most events per `handle_batch` invocation (the runtime gives what is waiting, up to it).
+    #[serde(default = "default_batch_max")]
+    pub batch_max: u32,
     /// Module size, bytes.
     pub module_bytes: u64,
     /// SHA-256 of the module, hex.
@@ -87,6 +92,10 @@ pub struct FunctionSpec {
     /// Versions, newest last (at most `functions.keep_versions` modules are kept).
     #[serde(default)]
     pub history: Vec<VersionInfo>,
+}
+
+const fn default_batch_max() -> u32 {
+    1000
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -113,10 +122,13 @@ fn validate_name(name: &str) -> Result<(), FunctionError> {
 }
 
 impl Functions {
+    /// Installs a compiled version: its workers, reader and schedule. `at_start`: loaded when
+    /// the edge starts (a schedule missed while it was off then runs once).
     pub(super) fn install(
         &self,
         spec: FunctionSpec,
         compiled: Arc<dyn Compiled>,
+        at_start: bool,
     ) -> Result<(), FunctionError> {
         let filters = spec
             .topics
@@ -124,9 +136,22 @@ impl Functions {
             .map(|t| TopicFilter::parse(t).map_err(FunctionError::Invalid))
             .collect::<Result<Vec<_>, _>>()?;
         let schedule = spec.schedule.as_deref().map(parse_schedule).transpose()?;
-        let next = schedule
-            .as_ref()
-            .and_then(|c| next_occurrence(c, self.inner.clock.now_ms()));
+        let now = self.inner.clock.now_ms();
+        // Catch-up (like systemd's `Persistent=`): when a run came due while the edge was off
+        // (after the last run that ended), it runs once now, as that first missed time.
+        let missed = match &schedule {
+            Some(c) if at_start => self
+                .inner
+                .store
+                .schedule_mark(&spec.name)?
+                .and_then(|last| next_occurrence(c, last))
+                .filter(|due| *due <= now),
+            _ => None,
+        };
+        if let Some(due) = missed {
+            tracing::info!(function = %spec.name, due_ms = due, "a scheduled run was missed while the edge was off: it runs once now");
+        }
+        let next = missed.or_else(|| schedule.as_ref().and_then(|c| next_occurrence(c, now)));
         let (tx, rx) = flume::bounded::<Job>(spec.queue as usize);
         let stats = Arc::new(FunctionStats::new(&spec.name));
         self.spawn_workers(&spec, &compiled, &rx, &stats)?;
@@ -227,6 +252,12 @@ impl Functions {
                 "queue {queue}: between 1 and 1000000"
             )));
         }
+        let batch_max = req.batch_max.unwrap_or(default_batch_max());
+        if !(1..=100_000).contains(&batch_max) {
+            return Err(FunctionError::Invalid(format!(
+                "batch_max {batch_max}: between 1 and 100000"
+            )));
+        }
         let compiled = self
             .inner
             .engine
@@ -258,6 +289,7 @@ impl Functions {
             memory_mib,
             concurrency,
             queue,
+            batch_max,
             module_bytes: module.len() as u64,
             sha256,
             created_ms: previous.as_ref().map_or(now, |p| p.created_ms),
@@ -270,7 +302,7 @@ impl Functions {
             Some((version, &module)),
             cfg.keep_versions,
         )?;
-        self.install(spec.clone(), compiled)?;
+        self.install(spec.clone(), compiled, false)?;
         tracing::info!(function = %name, version, sha256 = %spec.sha256, topics = ?spec.topics, schedule = ?spec.schedule, "function deployed");
         Ok((spec, previous.is_none()))
     }

@@ -47,6 +47,7 @@ impl Functions {
                     serde_json::to_vec(&serde_json::json!({ "scheduled_ms": due })).expect("json"),
                 )),
                 log_seq: None,
+                fired_ms: Some(now_ms),
             };
             if Self::offer(
                 d,

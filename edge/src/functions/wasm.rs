@@ -1,7 +1,9 @@
 //! The WebAssembly runtime (wasmtime, core modules) and the host ABI functions see.
 //!
 //! The ABI (documented for users in `docs/functions.md`): a module exports `memory` and
-//! `handle: () -> i32` (0 = success) and imports what it needs from the module `millrace`.
+//! `handle: () -> i32` (0 = success) and/or `handle_batch: (count: i32) -> i32` (several
+//! events in one invocation; `select_event(i)` makes event `i` the one the input functions
+//! read), and imports what it needs from the module `millrace`.
 //! Each invocation gets a fresh instance (from an [`InstancePre`]): nothing survives between
 //! invocations but what the function writes to its key-value store. Actions (publish, points,
 //! alerts, key-value writes) are buffered and take effect only if the invocation succeeds.
@@ -49,7 +51,25 @@ pub trait Compiled: Send + Sync + std::fmt::Debug {
         kv: Arc<dyn KvRead>,
         timeout: Duration,
         memory_cap: u64,
+    ) -> (Result<(), InvokeError>, Effects) {
+        self.invoke_batch(Arc::new(vec![input.clone()]), kv, timeout, memory_cap)
+    }
+
+    /// Runs one invocation over `inputs` with a fresh instance: `handle_batch(len)` when the
+    /// module exports it (and `handle` for a single event when it exports that too), else
+    /// `handle`, and then `inputs` holds one event.
+    fn invoke_batch(
+        &self,
+        inputs: Arc<Vec<Input>>,
+        kv: Arc<dyn KvRead>,
+        timeout: Duration,
+        memory_cap: u64,
     ) -> (Result<(), InvokeError>, Effects);
+
+    /// Whether the module exports `handle_batch`.
+    fn takes_batches(&self) -> bool {
+        false
+    }
 }
 
 /// wasmtime with epoch interruption; a ticker thread advances the epoch every [`TICK`].
@@ -127,6 +147,7 @@ fn host_signature(name: &str) -> Option<(&'static [ValType], &'static [ValType])
         "kv_get" => (&[I32, I32, I32, I32], &[I32]),
         "kv_set" => (&[I32, I32, I32, I32], &[I32]),
         "kv_delete" => (&[I32, I32], &[I32]),
+        "select_event" => (&[I32], &[I32]),
         _ => return None,
     })
 }
@@ -188,23 +209,36 @@ impl FunctionEngine for WasmEngine {
                 ));
             }
         }
-        // Exports: `handle: () -> i32`, and `memory` if it uses pointers.
-        let handle = module.get_export("handle").ok_or(
-            "exports no function `handle` (the entry point: `(func (export \"handle\") (result i32))`)",
-        )?;
-        let ExternType::Func(h) = handle else {
-            return Err("exports `handle`, but it is not a function".into());
+        // Exports: `handle: () -> i32` and/or `handle_batch: (i32) -> i32`, and `memory` if it
+        // uses pointers.
+        let entry = |name: &str, params: &[ValType]| -> Result<bool, String> {
+            let Some(export) = module.get_export(name) else {
+                return Ok(false);
+            };
+            let ExternType::Func(h) = export else {
+                return Err(format!("exports `{name}`, but it is not a function"));
+            };
+            if !same_types(h.params(), params) || !same_types(h.results(), &[ValType::I32]) {
+                return Err(format!(
+                    "exports `{name}` with signature {} -> {}, expected {} -> (i32)",
+                    types(h.params()),
+                    types(h.results()),
+                    types(params.iter().cloned()),
+                ));
+            }
+            Ok(true)
         };
-        if h.params().len() != 0 || !same_types(h.results(), &[ValType::I32]) {
-            return Err(format!(
-                "exports `handle` with signature {} -> {}, expected () -> (i32)",
-                types(h.params()),
-                types(h.results())
-            ));
+        let single = entry("handle", &[])?;
+        let batch = entry("handle_batch", &[ValType::I32])?;
+        if !single && !batch {
+            return Err(
+                "exports no function `handle` (the entry point: `(func (export \"handle\") (result i32))`) nor `handle_batch` (`(func (export \"handle_batch\") (param i32) (result i32))`)"
+                    .into(),
+            );
         }
         let needs_memory = module
             .imports()
-            .any(|i| !matches!(i.name(), "event_ts" | "now_ms"));
+            .any(|i| !matches!(i.name(), "event_ts" | "now_ms" | "select_event"));
         match module.get_export("memory") {
             Some(ExternType::Memory(m)) => {
                 let initial = m.minimum().saturating_mul(m.page_size());
@@ -232,6 +266,8 @@ impl FunctionEngine for WasmEngine {
         Ok(Arc::new(WasmFunction {
             engine: self.engine.clone(),
             pre,
+            single,
+            batch,
         }))
     }
 }
@@ -240,6 +276,10 @@ impl FunctionEngine for WasmEngine {
 struct WasmFunction {
     engine: Engine,
     pre: InstancePre<HostState>,
+    /// Exports `handle`.
+    single: bool,
+    /// Exports `handle_batch`.
+    batch: bool,
 }
 
 impl std::fmt::Debug for WasmFunction {
@@ -249,15 +289,21 @@ impl std::fmt::Debug for WasmFunction {
 }
 
 impl Compiled for WasmFunction {
-    fn invoke(
+    fn takes_batches(&self) -> bool {
+        self.batch
+    }
+
+    fn invoke_batch(
         &self,
-        input: &Input,
+        inputs: Arc<Vec<Input>>,
         kv: Arc<dyn KvRead>,
         timeout: Duration,
         memory_cap: u64,
     ) -> (Result<(), InvokeError>, Effects) {
+        let count = inputs.len();
         let state = HostState {
-            input: input.clone(),
+            inputs,
+            current: 0,
             payload: None,
             effects: Effects::default(),
             kv_overlay: BTreeMap::new(),
@@ -288,8 +334,13 @@ impl Compiled for WasmFunction {
         });
         let result = (|| {
             let instance = self.pre.instantiate(&mut store)?;
-            let handle = instance.get_typed_func::<(), i32>(&mut store, "handle")?;
-            handle.call(&mut store, ())
+            if self.batch && (count > 1 || !self.single) {
+                let handle = instance.get_typed_func::<i32, i32>(&mut store, "handle_batch")?;
+                handle.call(&mut store, count as i32)
+            } else {
+                let handle = instance.get_typed_func::<(), i32>(&mut store, "handle")?;
+                handle.call(&mut store, ())
+            }
         })();
         let exceeded = store.data().memory_exceeded;
         let effects = std::mem::take(&mut store.data_mut().effects);
@@ -299,6 +350,9 @@ impl Compiled for WasmFunction {
             Ok(0) => {
                 effects.kv = overlay.into_iter().collect();
                 Ok(())
+            }
+            Ok(code) if self.batch && (count > 1 || !self.single) => {
+                Err(InvokeError::Failed(format!("handle_batch returned {code}")))
             }
             Ok(code) => Err(InvokeError::Failed(format!("handle returned {code}"))),
             Err(_) if exceeded => Err(InvokeError::Memory(format!(
@@ -320,7 +374,10 @@ impl Compiled for WasmFunction {
 
 /// What one instance sees of the host.
 struct HostState {
-    input: Input,
+    /// The invocation's events (one, except for `handle_batch`).
+    inputs: Arc<Vec<Input>>,
+    /// The one the input functions read (`select_event`).
+    current: usize,
     /// The payload bytes, made on first use.
     payload: Option<Arc<Vec<u8>>>,
     effects: Effects,
@@ -356,9 +413,13 @@ impl ResourceLimiter for HostState {
 }
 
 impl HostState {
+    fn input(&self) -> &Input {
+        &self.inputs[self.current]
+    }
+
     fn payload(&mut self) -> Arc<Vec<u8>> {
         if self.payload.is_none() {
-            self.payload = Some(self.input.payload_bytes());
+            self.payload = Some(self.input().payload_bytes());
         }
         self.payload.clone().expect("set above")
     }
@@ -436,11 +497,11 @@ impl InputPart<'_> {
 /// Part 0 the topic, 1 the payload, 2 the device, 3 the trigger kind, 4 the trigger's id.
 fn input_part(st: &mut HostState, part: i32) -> Option<InputPart<'_>> {
     Some(match part {
-        0 => InputPart::Text(&st.input.topic),
+        0 => InputPart::Text(&st.input().topic),
         1 => InputPart::Payload(st.payload()),
-        2 => InputPart::Text(&st.input.device),
-        3 => InputPart::Text(st.input.trigger.as_str()),
-        4 => InputPart::Owned(st.input.trigger_id()),
+        2 => InputPart::Text(&st.input().device),
+        3 => InputPart::Text(st.input().trigger.as_str()),
+        4 => InputPart::Owned(st.input().trigger_id()),
         _ => return None,
     })
 }
@@ -555,7 +616,20 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             copy_out(mem, ptr, cap, part.as_ref().map(InputPart::bytes))
         },
     )?;
-    l.func_wrap("millrace", "event_ts", |c: Cx<'_>| Ok(c.data().input.ts_ms))?;
+    l.func_wrap("millrace", "event_ts", |c: Cx<'_>| {
+        Ok(c.data().input().ts_ms)
+    })?;
+    l.func_wrap("millrace", "select_event", |mut c: Cx<'_>, index: i32| {
+        let st = c.data_mut();
+        if index < 0 || index as usize >= st.inputs.len() {
+            return Ok(-1);
+        }
+        if st.current != index as usize {
+            st.current = index as usize;
+            st.payload = None;
+        }
+        Ok(0)
+    })?;
     l.func_wrap("millrace", "now_ms", |_c: Cx<'_>| {
         Ok(chrono::Utc::now().timestamp_millis())
     })?;
@@ -565,7 +639,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         |mut c: Cx<'_>, ptr: i32, len: i32| {
             let (mem, st) = memory(&mut c)?;
             let key = text(mem, ptr, len, "the field name")?;
-            Ok(event_number(&st.input, &key).unwrap_or(f64::NAN))
+            Ok(event_number(st.input(), &key).unwrap_or(f64::NAN))
         },
     )?;
     l.func_wrap(
@@ -574,7 +648,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         |mut c: Cx<'_>, ptr: i32, len: i32, out: i32, cap: i32| {
             let (mem, st) = memory(&mut c)?;
             let key = text(mem, ptr, len, "the field name")?;
-            let value = event_string(&st.input, &key);
+            let value = event_string(st.input(), &key);
             copy_out(mem, out, cap, value.as_ref().map(|v| v.as_bytes()))
         },
     )?;
@@ -618,6 +692,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             let (mem, st) = memory(&mut c)?;
             let message = text(mem, ptr, len, "the alert message")?;
             st.action()?;
+            let event = st.current;
             st.effects.alerts.push((
                 match severity {
                     0 => "info",
@@ -625,6 +700,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
                     _ => "critical",
                 },
                 message,
+                event,
             ));
             Ok(0)
         },

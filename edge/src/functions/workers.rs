@@ -23,6 +23,8 @@ use crate::store::{FunctionCommit, StoreError};
 pub struct FunctionStats {
     /// Invocations that ran.
     pub invocations: AtomicU64,
+    /// Events they handled (more than invocations with `handle_batch`).
+    pub events: AtomicU64,
     /// Of which failed.
     pub failures: AtomicU64,
     /// Manual and scheduled triggers dropped because the queue was full or the function was
@@ -40,6 +42,7 @@ impl FunctionStats {
     pub(super) fn new(function: &str) -> Self {
         Self {
             invocations: AtomicU64::new(0),
+            events: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
@@ -210,6 +213,7 @@ impl Functions {
             event,
             payload: Some(Arc::new(payload)),
             log_seq: None,
+            fired_ms: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Job {
@@ -239,27 +243,42 @@ impl Inner {
             store: self.store.clone(),
             function: spec.name.clone(),
         });
-        let input = &job.input;
+        let queued = job.enqueued.elapsed();
+        let inputs = Arc::new(vec![job.input]);
         let record = self.execute(
             spec,
             compiled,
             stats,
             m,
-            input,
-            job.enqueued.elapsed(),
+            inputs.clone(),
+            queued,
             kv,
-            |effects| self.apply(spec, input, effects),
+            |effects, inputs| self.apply(spec, &inputs[0], effects),
         );
+        let input = &inputs[0];
+        self.log(&record);
         let outcome = record.outcome;
+        // A scheduled run that failed is done too (a successful one wrote its mark with its
+        // effects): a restart does not run it again.
+        if let (Some(fired), false) = (input.fired_ms, outcome == Outcome::Ok) {
+            let done = FunctionCommit {
+                schedule_done: Some(fired),
+                ..Default::default()
+            };
+            if let Err(e) = self.store.commit_function(&spec.name, &done, None) {
+                tracing::error!(function = %spec.name, error = %e, "could not record a scheduled run");
+            }
+        }
         if let Some(reply) = job.reply {
             let _ = reply.send(record);
         }
         outcome
     }
 
-    /// Runs one invocation and accounts for it (breaker, counters, metrics, the invocation
-    /// log); `apply` makes a successful invocation's effects take effect (its failure fails
-    /// the invocation).
+    /// Runs one invocation over `inputs` (one event, or a batch for `handle_batch`) and
+    /// accounts for it (breaker, counters, metrics); `apply` makes a successful invocation's
+    /// effects take effect (its failure fails the invocation). The caller logs the record
+    /// ([`Inner::log`]) once the effects are written.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn execute(
         &self,
@@ -267,21 +286,22 @@ impl Inner {
         compiled: &dyn Compiled,
         stats: &FunctionStats,
         m: &mut WorkerMetrics,
-        input: &Input,
+        inputs: Arc<Vec<Input>>,
         queued: Duration,
         kv: Arc<dyn KvRead>,
-        apply: impl FnOnce(&Effects) -> Result<ActionCounts, InvokeError>,
+        apply: impl FnOnce(&Effects, &[Input]) -> Result<ActionCounts, InvokeError>,
     ) -> InvocationRecord {
         let started_ms = chrono::Utc::now().timestamp_millis();
         let t0 = Instant::now();
-        let (result, effects) = compiled.invoke(
-            input,
+        let (result, effects) = compiled.invoke_batch(
+            inputs.clone(),
             kv,
             Duration::from_millis(spec.timeout_ms),
             u64::from(spec.memory_mib) << 20,
         );
         let mut actions = ActionCounts::default();
-        let result = result.and_then(|()| apply(&effects).map(|a| actions = a));
+        let result = result.and_then(|()| apply(&effects, &inputs).map(|a| actions = a));
+        let input = &inputs[0];
         let duration = t0.elapsed();
         let (outcome, error) = match &result {
             Ok(()) => (Outcome::Ok, None),
@@ -296,11 +316,14 @@ impl Inner {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(function = %spec.name, version = spec.version, trigger = input.trigger.as_str(), outcome = outcome.as_str(), error = %e, "function invocation failed");
         }
+        stats
+            .events
+            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
         stats.invocations.fetch_add(1, Ordering::Release);
         m.invocation(&spec.name, input.trigger, outcome)
             .increment(1);
         m.duration.record(duration.as_secs_f64());
-        let record = InvocationRecord {
+        InvocationRecord {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             function: spec.name.clone(),
             version: spec.version,
@@ -316,13 +339,18 @@ impl Inner {
             logs: effects.logs,
             logs_dropped: effects.logs_dropped,
             actions,
-        };
-        if (outcome != Outcome::Ok || self.cfg.log_successes)
+            events: inputs.len(),
+        }
+    }
+
+    /// Sends a record to the invocation log (failures always, successes unless
+    /// `functions.log_successes` is off). Call once its effects are written.
+    pub(super) fn log(&self, record: &InvocationRecord) {
+        if (record.outcome != Outcome::Ok || self.cfg.log_successes)
             && self.log_tx.try_send(record.clone()).is_err()
         {
             metrics::counter!("millrace_edge_function_log_dropped_total").increment(1);
         }
-        record
     }
 
     /// Applies a successful queued invocation's actions: state and alerts in one write, then
@@ -340,7 +368,7 @@ impl Inner {
             .alerts
             .iter()
             .enumerate()
-            .map(|(i, (severity, message))| {
+            .map(|(i, (severity, message, _))| {
                 let id = format!(
                     "{}:{}:{}:{i}",
                     spec.name,
@@ -354,6 +382,7 @@ impl Inner {
             kv: effects.kv.clone(),
             alerts,
             points: point_events(&effects.points),
+            schedule_done: input.fired_ms,
         };
         self.store
             .commit_function(&spec.name, &commit, None)

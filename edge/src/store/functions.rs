@@ -6,6 +6,7 @@
 //! | `functions` | `s/{name}` | the function's spec (JSON, owned by [`crate::functions`]) |
 //! | `functions` | `m/{name}\0` · version `u32` | the module's bytes |
 //! | `functions` | `c/{name}` | its cursor in the trigger log ([`super::triggers`]) |
+//! | `functions` | `r/{name}` | when its last scheduled run that ended was fired (ms `i64`) |
 //! | `kv` | `{name}\0{key}` | a value a function stored |
 //! | `invocations` | newest start ts · counter `u64` | a batch of invocation records (JSON lines, zstd) |
 //! | `alerts` | ts · counter `u64` | alert (JSON) |
@@ -18,6 +19,10 @@ use super::{CF_ALERTS, CF_FUNCTIONS, CF_INVOCATIONS, CF_KV, Store, StoreError, t
 
 fn spec_key(name: &str) -> Vec<u8> {
     format!("s/{name}").into_bytes()
+}
+
+fn schedule_key(name: &str) -> Vec<u8> {
+    format!("r/{name}").into_bytes()
 }
 
 fn module_prefix(name: &str) -> Vec<u8> {
@@ -42,6 +47,9 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// One change to a function's key-value state (`None` deletes).
 pub type KvWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// One entry of a function's key-value state.
+pub type KvEntry = (Vec<u8>, Vec<u8>);
 
 impl Store {
     fn write_opts(&self) -> WriteOptions {
@@ -103,12 +111,33 @@ impl Store {
         self.close_function_cursor(name)?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_FUNCTIONS), spec_key(name));
+        batch.delete_cf(self.cf(CF_FUNCTIONS), schedule_key(name));
         let m = module_prefix(name);
         batch.delete_range_cf(self.cf(CF_FUNCTIONS), m.clone(), prefix_end(&m));
         let kv = kv_key(name, b"");
         batch.delete_range_cf(self.cf(CF_KV), kv.clone(), prefix_end(&kv));
         self.db.write_opt(batch, &self.write_opts())?;
         Ok(())
+    }
+
+    /// When the function's last scheduled run that ended was fired (it covered every due
+    /// time up to then).
+    pub fn schedule_mark(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_FUNCTIONS), schedule_key(name))?;
+        Ok(v.and_then(|v| {
+            <[u8; 8]>::try_from(v.as_slice())
+                .ok()
+                .map(i64::from_be_bytes)
+        }))
+    }
+
+    /// Adds "the scheduled run fired at `due_ms` ended" to a batch.
+    pub(super) fn put_schedule_mark(&self, batch: &mut WriteBatch, name: &str, due_ms: i64) {
+        batch.put_cf(
+            self.cf(CF_FUNCTIONS),
+            schedule_key(name),
+            due_ms.to_be_bytes(),
+        );
     }
 
     /// A value from a function's key-value state.
@@ -123,7 +152,7 @@ impl Store {
         name: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KvEntry>, StoreError> {
         let start = kv_key(name, prefix);
         let end = prefix_end(&kv_key(name, b""));
         let mut ro = ReadOptions::default();

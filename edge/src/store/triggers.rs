@@ -83,12 +83,17 @@ pub struct FunctionCommit {
     pub alerts: Vec<(i64, Vec<u8>)>,
     /// Derived points (and other events) to store; they do not enter the trigger log.
     pub points: Vec<Event>,
+    /// A scheduled run ended: when it was fired, Unix ms (so a restart knows what it missed).
+    pub schedule_done: Option<i64>,
 }
 
 impl FunctionCommit {
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.kv.is_empty() && self.alerts.is_empty() && self.points.is_empty()
+        self.kv.is_empty()
+            && self.alerts.is_empty()
+            && self.points.is_empty()
+            && self.schedule_done.is_none()
     }
 }
 
@@ -261,6 +266,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let extra = |store: &Store, batch: &mut WriteBatch| {
             store.put_function_state(batch, name, &commit.kv, &commit.alerts);
+            if let Some(due) = commit.schedule_done {
+                store.put_schedule_mark(batch, name, due);
+            }
             if let Some(c) = cursor {
                 batch.put_cf(store.cf(CF_FUNCTIONS), cursor_key(name), c.to_be_bytes());
             }
@@ -368,6 +376,7 @@ mod tests {
             kv: vec![(b"k".to_vec(), Some(b"v".to_vec()))],
             alerts: vec![],
             points: vec![temp(9)],
+            schedule_done: None,
         };
         store.commit_function("f", &commit, Some(2)).unwrap();
         assert_eq!(store.function_cursor("f").unwrap(), Some(2));
