@@ -1031,14 +1031,14 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         cloud.get(&format!("/api/v1/reports/oee?from={from}&to={to}&{q}"))["rows"].clone()
     };
 
-    // The function ran once per telemetry event, and raised an alert for exactly the
-    // temperature readings above 72 degC that the cloud holds (the simulator's machines heat
-    // up before they break down).
+    // The function ran once per telemetry event (in batches: it exports `handle_batch`), and
+    // raised an alert for exactly the temperature readings above 72 degC that the cloud holds
+    // (the simulator's machines heat up before they break down).
     let telemetry_events = truth["events"]["telemetry"].as_u64().unwrap();
     assert!(
         wait_until(Duration::from_secs(300), || {
-            let f = &edge.get("/api/v1/functions")["functions"][0]["stats"];
-            f["invocations"].as_u64() == Some(telemetry_events)
+            let f = &edge.get("/api/v1/functions")["functions"][0];
+            f["stats"]["events"].as_u64() == Some(telemetry_events) && f["lag"]["events"] == 0
         }),
         "{}",
         edge.get("/api/v1/functions")
