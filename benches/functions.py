@@ -94,7 +94,7 @@ def main():
             s = functions(e)["threshold-alert"]["stats"]
             stored = e.stored()
             e.stop()
-            rd[f"{variant}_ran_share"] = s["invocations"] / max(1, stored)
+            rd[f"{variant}_ran_share"] = s["events"] / max(1, stored)
             rd[f"{variant}_lag_events_at_load_end"] = lag_at_end["events"]
             rd[f"{variant}_lag_seconds_at_load_end"] = lag_at_end["seconds"]
             rd[f"{variant}_s_to_lag_below_2s"] = below_2s

@@ -32,6 +32,7 @@
 //! - `dead_letters`: what ingest refused.
 //! - [`outbox`]: the outbox for sync and the dedup memory across restarts (`recent`).
 //! - `functions`: deployed functions, their key-value state, invocation log and alerts.
+//! - `history`: stored history as device events again (what a function replay reads).
 //! - [`triggers`]: the trigger log functions read from their durable cursors, and the one
 //!   batch that applies a function's effects with its cursor move.
 //! - `write`: the write path: one write batch that each of the above adds its part to.
@@ -41,6 +42,7 @@ pub mod block;
 mod dead_letters;
 mod events;
 mod functions;
+mod history;
 pub mod outbox;
 mod retention;
 mod series;
@@ -51,7 +53,7 @@ pub use dead_letters::DeadLetter;
 pub use functions::{KvEntry, KvWrite};
 pub use series::{Bucket, SeriesInfo};
 pub use triggers::{FunctionCommit, TriggerRecord};
-pub use write::WriteStats;
+pub use write::{Origin, WriteStats};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

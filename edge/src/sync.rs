@@ -362,7 +362,7 @@ impl SyncClient {
         let mut items = plan.read.items;
         let mut points = 0u64;
         for it in &mut items {
-            it.backfill = now - it.stored_ms > live_window;
+            it.backfill = it.backfill || now - it.stored_ms > live_window;
             if let EventBody::Telemetry(t) = &it.event.body {
                 points += t.readings.len() as u64;
             }

@@ -168,9 +168,15 @@ impl SyncBatch {
 /// every string is new, so every value is a delta from 0. A metric repeated within the event
 /// is written twice instead of referenced; [`decode_item`] reads both forms.
 pub fn encode_item(out: &mut Vec<u8>, seq: u64, stored_ms: i64, e: &Event) {
+    encode_item_marked(out, seq, stored_ms, false, e)
+}
+
+/// [`encode_item`] with the backfill mark set as given (an event that is history, not live
+/// data, whenever it is sent: what a function replayed over history derived).
+pub fn encode_item_marked(out: &mut Vec<u8>, seq: u64, stored_ms: i64, backfill: bool, e: &Event) {
     put_var(out, zigzag(seq as i64));
     put_var(out, zigzag(stored_ms));
-    out.push(kind_byte(&e.body));
+    out.push(kind_byte(&e.body) | if backfill { FLAG_BACKFILL } else { 0 });
     // String 0: the machine, as site/line/machine.
     let m = &e.machine;
     put_var(out, 0);

@@ -383,6 +383,7 @@ impl Inner {
             alerts,
             points: point_events(&effects.points),
             schedule_done: input.fired_ms,
+            ..Default::default()
         };
         self.store
             .commit_function(&spec.name, &commit, None)

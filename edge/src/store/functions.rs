@@ -6,6 +6,7 @@
 //! | `functions` | `s/{name}` | the function's spec (JSON, owned by [`crate::functions`]) |
 //! | `functions` | `m/{name}\0` · version `u32` | the module's bytes |
 //! | `functions` | `c/{name}` | its cursor in the trigger log ([`super::triggers`]) |
+//! | `functions` | `p/{name}` | its last replay's progress (JSON, owned by the functions module) |
 //! | `functions` | `r/{name}` | when its last scheduled run that ended was fired (ms `i64`) |
 //! | `kv` | `{name}\0{key}` | a value a function stored |
 //! | `invocations` | newest start ts · counter `u64` | a batch of invocation records (JSON lines, zstd) |
@@ -23,6 +24,10 @@ fn spec_key(name: &str) -> Vec<u8> {
 
 fn schedule_key(name: &str) -> Vec<u8> {
     format!("r/{name}").into_bytes()
+}
+
+fn replay_key(name: &str) -> Vec<u8> {
+    format!("p/{name}").into_bytes()
 }
 
 fn module_prefix(name: &str) -> Vec<u8> {
@@ -112,6 +117,7 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_FUNCTIONS), spec_key(name));
         batch.delete_cf(self.cf(CF_FUNCTIONS), schedule_key(name));
+        batch.delete_cf(self.cf(CF_FUNCTIONS), replay_key(name));
         let m = module_prefix(name);
         batch.delete_range_cf(self.cf(CF_FUNCTIONS), m.clone(), prefix_end(&m));
         let kv = kv_key(name, b"");
@@ -138,6 +144,26 @@ impl Store {
             schedule_key(name),
             due_ms.to_be_bytes(),
         );
+    }
+
+    /// Every function's last replay progress, by name.
+    pub fn replays(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(b"p/".to_vec()..b"p0".to_vec());
+        let mut out = vec![];
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_FUNCTIONS), ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Adds a replay's progress to a batch.
+    pub(super) fn put_replay(&self, batch: &mut WriteBatch, name: &str, progress: &[u8]) {
+        batch.put_cf(self.cf(CF_FUNCTIONS), replay_key(name), progress);
     }
 
     /// A value from a function's key-value state.

@@ -3,12 +3,14 @@
 //!
 //! | CF | key | value |
 //! |---|---|---|
-//! | `triggers` | log seq `u64` | the event as a sync item (seq, stored ms, event) |
+//! | `triggers` | first log seq `u64` | the events of one write batch, each a sync item (seq, stored ms, event) with its length first |
 //! | `meta` | `triggers_next` | the next log seq (so a trimmed, empty log does not reuse seqs) |
 //! | `functions` | `c/{name}` | a function's cursor: the next log seq it has not applied |
 //!
-//! A record is written **in the same write batch** as the event it carries, so a function
-//! sees exactly what devices were acknowledged for. The log is written only while at least one
+//! Each event has a log seq; the events of one store write are one RocksDB value keyed by the
+//! first seq (one key per batch, not per event: the log adds a few percent to ingest, not a
+//! key per reading). A record is written **in the same write batch** as the events it carries,
+//! so a function sees exactly what devices were acknowledged for. The log is written only while at least one
 //! function has a cursor (it costs nothing otherwise). A function's effects and its cursor move
 //! are written in one batch ([`Store::commit_function`]): a crash before it leaves both undone,
 //! after it both done. Records are deleted once every cursor is past them, and in any case after
@@ -85,6 +87,10 @@ pub struct FunctionCommit {
     pub points: Vec<Event>,
     /// A scheduled run ended: when it was fired, Unix ms (so a restart knows what it missed).
     pub schedule_done: Option<i64>,
+    /// The points come from a replay over history: marked as backfill for the cloud.
+    pub backfill: bool,
+    /// A replay's progress to keep with its effects (JSON, owned by the functions module).
+    pub replay: Option<Vec<u8>>,
 }
 
 impl FunctionCommit {
@@ -94,6 +100,44 @@ impl FunctionCommit {
             && self.alerts.is_empty()
             && self.points.is_empty()
             && self.schedule_done.is_none()
+            && self.replay.is_none()
+    }
+}
+
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn get_len(b: &[u8], at: &mut usize) -> Option<usize> {
+    let mut n = 0usize;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        n |= usize::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn batch_key(k: &[u8]) -> Result<u64, StoreError> {
+    k.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            cf: CF_TRIGGERS,
+            reason: "key is not 8 bytes".into(),
+        })
+}
+
+fn corrupt(seq: u64, reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        cf: CF_TRIGGERS,
+        reason: format!("record {seq}: {reason}"),
     }
 }
 
@@ -117,21 +161,18 @@ impl Store {
     }
 
     /// Adds the trigger-log part of a write batch; returns the next seq after it.
-    pub(super) fn put_triggers(
-        &self,
-        batch: &mut WriteBatch,
-        events: &[Event],
-        now_ms: i64,
-    ) -> u64 {
-        let mut next = self.triggers.begin();
-        let cf = self.cf(CF_TRIGGERS);
+    pub(super) fn put_triggers(&self, batch: &mut WriteBatch, events: &[Event], now_ms: i64) -> u64 {
+        let first = self.triggers.begin();
+        let mut value = Vec::with_capacity(events.len() * 64);
         let mut item = Vec::with_capacity(128);
-        for e in events {
+        for (i, e) in events.iter().enumerate() {
             item.clear();
-            millrace_shared::sync::encode_item(&mut item, next, now_ms, e);
-            batch.put_cf(cf, next.to_be_bytes(), &item);
-            next += 1;
+            millrace_shared::sync::encode_item(&mut item, first + i as u64, now_ms, e);
+            put_len(&mut value, item.len());
+            value.extend_from_slice(&item);
         }
+        let next = first + events.len() as u64;
+        batch.put_cf(self.cf(CF_TRIGGERS), first.to_be_bytes(), &value);
         batch.put_cf(self.cf(CF_META), META_NEXT, next.to_be_bytes());
         next
     }
@@ -153,33 +194,58 @@ impl Store {
         *durable > seq
     }
 
-    /// Up to `max` records from seq `from` on, in order. The first may be past `from` when
-    /// records were trimmed.
+    /// The first seq of the stored batch holding `seq`, or of the first one after it.
+    fn batch_start(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        let key = seq.to_be_bytes();
+        let cf = self.cf(CF_TRIGGERS);
+        let before = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&key, rocksdb::Direction::Reverse))
+            .next();
+        let after = || {
+            self.db
+                .iterator_cf(cf, IteratorMode::From(&key, rocksdb::Direction::Forward))
+                .next()
+        };
+        match before.or_else(after) {
+            Some(item) => Ok(Some(batch_key(&item?.0)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// About `max` events from seq `from` on, in order (whole stored batches: may be more).
+    /// The first may be past `from` when records were trimmed.
     pub fn trigger_records(&self, from: u64, max: usize) -> Result<Vec<TriggerRecord>, StoreError> {
+        let Some(start) = self.batch_start(from)? else {
+            return Ok(vec![]);
+        };
         let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
+        ro.set_iterate_lower_bound(start.to_be_bytes().to_vec());
         let mut out = Vec::with_capacity(max.min(4096));
         for item in self
             .db
             .iterator_cf_opt(self.cf(CF_TRIGGERS), ro, IteratorMode::Start)
         {
             let (k, v) = item?;
-            let seq =
-                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    cf: CF_TRIGGERS,
-                    reason: "key is not 8 bytes".into(),
-                })?);
-            let SyncItem {
-                stored_ms, event, ..
-            } = decode_item(&v).map_err(|e| StoreError::Corrupt {
-                cf: CF_TRIGGERS,
-                reason: format!("record {seq}: {e}"),
-            })?;
-            out.push(TriggerRecord {
-                seq,
-                stored_ms,
-                event,
-            });
+            let first = batch_key(&k)?;
+            let mut at = 0;
+            let mut seq = first;
+            while at < v.len() {
+                let len = get_len(&v, &mut at).ok_or_else(|| corrupt(first, "bad length"))?;
+                let bytes = v.get(at..at + len).ok_or_else(|| corrupt(first, "short"))?;
+                at += len;
+                if seq >= from {
+                    let SyncItem {
+                        stored_ms, event, ..
+                    } = decode_item(bytes).map_err(|e| corrupt(seq, &e.to_string()))?;
+                    out.push(TriggerRecord {
+                        seq,
+                        stored_ms,
+                        event,
+                    });
+                }
+                seq += 1;
+            }
             if out.len() >= max {
                 break;
             }
@@ -269,6 +335,9 @@ impl Store {
             if let Some(due) = commit.schedule_done {
                 store.put_schedule_mark(batch, name, due);
             }
+            if let Some(r) = &commit.replay {
+                store.put_replay(batch, name, r);
+            }
             if let Some(c) = cursor {
                 batch.put_cf(store.cf(CF_FUNCTIONS), cursor_key(name), c.to_be_bytes());
             }
@@ -281,7 +350,12 @@ impl Store {
             }
             Ok(())
         } else {
-            self.write_with(&commit.points, &[], false, false, extra)
+            let origin = if commit.backfill {
+                super::write::Origin::Backfill
+            } else {
+                super::write::Origin::Derived
+            };
+            self.write_with(&commit.points, &[], false, origin, extra)
                 .map(|_| ())
         }
     }
@@ -315,17 +389,26 @@ impl Store {
             }
             keep_from = keep_from.max(lo);
         }
-        if keep_from <= first {
+        // Whole stored batches only: the one holding `keep_from` stays.
+        let keep_key = if keep_from >= self.trigger_next() {
+            keep_from
+        } else {
+            match self.batch_start(keep_from)? {
+                Some(k) => k.min(keep_from),
+                None => return Ok(0),
+            }
+        };
+        if keep_key <= first {
             return Ok(0);
         }
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf(CF_TRIGGERS),
-            first.to_be_bytes(),
-            keep_from.to_be_bytes(),
+            0u64.to_be_bytes(),
+            keep_key.to_be_bytes(),
         );
         self.db.write(batch)?;
-        Ok(keep_from - first)
+        Ok(keep_key - first)
     }
 }
 
@@ -376,7 +459,7 @@ mod tests {
             kv: vec![(b"k".to_vec(), Some(b"v".to_vec()))],
             alerts: vec![],
             points: vec![temp(9)],
-            schedule_done: None,
+            ..Default::default()
         };
         store.commit_function("f", &commit, Some(2)).unwrap();
         assert_eq!(store.function_cursor("f").unwrap(), Some(2));

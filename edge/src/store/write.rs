@@ -12,6 +12,18 @@ use super::dead_letters::DeadLetter;
 use super::series::{HeadBatch, machine_name};
 use super::{CF_META, CF_OUTBOX, CF_RECENT, Store, StoreError, outbox};
 
+/// Where written events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Devices (and manual writes): they enter the trigger log.
+    Device,
+    /// Derived by a function from live events: not logged (no loops).
+    Derived,
+    /// Derived by a function replaying history: not logged, and marked as backfill for the
+    /// cloud.
+    Backfill,
+}
+
 /// Counts of one write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteStats {
@@ -39,19 +51,21 @@ impl Store {
         dead: &[DeadLetter],
         sync: bool,
     ) -> Result<WriteStats, StoreError> {
-        self.write_with(events, dead, sync, true, |_, _| {})
+        self.write_with(events, dead, sync, Origin::Device, |_, _| {})
     }
 
-    /// The write path: events (into the trigger log too when `log_triggers` and a function
-    /// reads it), dead letters and whatever `extra` adds, in one atomic batch.
+    /// The write path: events (into the trigger log too when they come from devices and a
+    /// function reads it), dead letters and whatever `extra` adds, in one atomic batch.
     pub(super) fn write_with(
         &self,
         events: &[Event],
         dead: &[DeadLetter],
         sync: bool,
-        log_triggers: bool,
+        origin: Origin,
         extra: impl FnOnce(&Store, &mut WriteBatch),
     ) -> Result<WriteStats, StoreError> {
+        let log_triggers = origin == Origin::Device;
+        let backfill = origin == Origin::Backfill;
         let guard = self.write_lock.lock().expect("write lock");
         let mut batch = WriteBatch::default();
         let mut new = vec![];
@@ -79,7 +93,7 @@ impl Store {
             if let Some(ob) = outbox.as_mut() {
                 item.clear();
                 let seq = ob.next_seq();
-                millrace_shared::sync::encode_item(&mut item, seq, now_ms, e);
+                millrace_shared::sync::encode_item_marked(&mut item, seq, now_ms, backfill, e);
                 ob.put(&mut batch, self.cf(CF_OUTBOX), e.kind(), seq, &item);
             }
             stats.events += 1;
