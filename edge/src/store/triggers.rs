@@ -253,9 +253,22 @@ impl Store {
         Ok(out)
     }
 
-    /// When the record at `seq` was stored (`None` when it is not in the log).
+    /// When the record at `seq` (or the first after it) was stored. Reads only the header of
+    /// the first item of its stored batch (one write: one time), not the events.
     pub fn trigger_stored_ms(&self, seq: u64) -> Result<Option<i64>, StoreError> {
-        Ok(self.trigger_records(seq, 1)?.first().map(|r| r.stored_ms))
+        let Some(start) = self.batch_start(seq)? else {
+            return Ok(None);
+        };
+        let Some(v) = self.db.get_cf(self.cf(CF_TRIGGERS), start.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let mut at = 0;
+        // The item's length, then its header: zigzag varints seq and stored ms.
+        let header = get_len(&v, &mut at)
+            .and_then(|_| get_len(&v, &mut at))
+            .and_then(|_| get_len(&v, &mut at));
+        let zigzag = |n: usize| ((n >> 1) as i64) ^ -((n & 1) as i64);
+        Ok(header.map(zigzag))
     }
 
     /// A function's cursor: the next log seq it has not applied.
@@ -453,6 +466,9 @@ mod tests {
         );
         assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
         assert!(store.wait_triggers(1, Duration::ZERO));
+        let stored = store.trigger_stored_ms(1).unwrap().unwrap();
+        assert_eq!(Some(stored), records.first().map(|r| r.stored_ms));
+        assert!((chrono::Utc::now().timestamp_millis() - stored).abs() < 60_000);
         assert!(!store.wait_triggers(2, Duration::ZERO));
         // Effects and cursor in one batch; derived points are stored, not logged.
         let commit = FunctionCommit {
