@@ -46,6 +46,7 @@ fn input() -> Input {
         payload: None,
         log_seq: Some(1),
         fired_ms: None,
+        replay_at: None,
     }
 }
 

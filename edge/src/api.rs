@@ -88,7 +88,9 @@ impl From<FunctionError> for ApiError {
         match e {
             FunctionError::Invalid(_) => Self::BadRequest(e.to_string()),
             FunctionError::NotFound(_) => Self::NotFound(format!("{e}: see /api/v1/functions")),
-            FunctionError::Disabled(_) => Self::Conflict(e.to_string()),
+            FunctionError::Disabled(_) | FunctionError::Conflict(_) => {
+                Self::Conflict(e.to_string())
+            }
             FunctionError::Busy(_) => Self::Unavailable(e.to_string()),
             FunctionError::Store(_) | FunctionError::Runtime(_) => Self::Internal(e.to_string()),
         }
@@ -135,6 +137,10 @@ pub(crate) fn app(state: ApiState) -> Router {
         .route("/functions/{name}/disable", post(fn_disable))
         .route("/functions/{name}/invoke", post(fn_invoke))
         .route("/functions/{name}/kv", get(fn_kv))
+        .route(
+            "/functions/{name}/replay",
+            post(fn_replay).delete(fn_cancel_replay),
+        )
         .route("/invocations", get(invocations))
         .route("/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
@@ -575,6 +581,42 @@ async fn fn_invoke(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReplayQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// Starts a replay of the function over stored history `[from, to)` (`to` defaults to now);
+/// answers 202 with its status.
+async fn fn_replay(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    q: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StatusCode, Json<crate::functions::ReplayStatus>), ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let from = q.from.as_deref().ok_or_else(|| {
+        ApiError::BadRequest(
+            "give `from` (Unix ms, RFC 3339 or a duration before now such as -7d)".into(),
+        )
+    })?;
+    let from = parse_time("from", from)?;
+    let to = q.to.as_deref().map(|t| parse_time("to", t)).transpose()?;
+    let f = functions(&s)?.clone();
+    let status = blocking(move || Ok(f.replay(&name, from, to)?)).await?;
+    Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+/// Cancels the function's running replay; answers with its status.
+async fn fn_cancel_replay(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<crate::functions::ReplayStatus>, ApiError> {
+    let f = functions(&s)?.clone();
+    Ok(Json(blocking(move || Ok(f.cancel_replay(&name)?)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KvQuery {
     prefix: Option<String>,
     limit: Option<String>,
@@ -656,17 +698,17 @@ async fn invocations(
             })
         })
         .transpose()?;
-    let trigger = match q.trigger.as_deref() {
-        None => None,
-        Some("topic") => Some(TriggerKind::Topic),
-        Some("schedule") => Some(TriggerKind::Schedule),
-        Some("manual") => Some(TriggerKind::Manual),
-        Some(t) => {
-            return Err(ApiError::BadRequest(format!(
-                "`trigger` = `{t}` is not one of topic, schedule, manual"
-            )));
-        }
-    };
+    let trigger = q
+        .trigger
+        .as_deref()
+        .map(|t| {
+            TriggerKind::parse(t).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "`trigger` = `{t}` is not one of topic, schedule, manual, replay"
+                ))
+            })
+        })
+        .transpose()?;
     let (from, to) = log_range(q.from.as_deref(), q.to.as_deref())?;
     let limit = log_limit(q.limit.as_deref())?;
     let filter = LogFilter {

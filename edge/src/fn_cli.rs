@@ -1,6 +1,9 @@
 //! What `millrace-edge fn …` prints: tables and short lines for people; the API's JSON with
 //! `--json`.
 
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::Value;
 
@@ -115,6 +118,20 @@ fn lag(f: &Value) -> String {
     }
 }
 
+fn replay_cell(f: &Value) -> String {
+    let r = &f["replay"];
+    let (Some(state), Some(done)) = (r["state"].as_str(), r["events_done"].as_u64()) else {
+        return "—".into();
+    };
+    match (state, r["events_total"].as_u64()) {
+        ("counting", _) => "counting…".into(),
+        ("running", Some(t)) if t > 0 => {
+            format!("{}% ({}/{})", done * 100 / t, count(done), count(t))
+        }
+        (s, _) => format!("{s} ({})", count(done)),
+    }
+}
+
 fn list(functions: &[Value]) -> String {
     if functions.is_empty() {
         return "no functions deployed (millrace-edge fn deploy NAME MODULE --topic FILTER)".into();
@@ -128,6 +145,7 @@ fn list(functions: &[Value]) -> String {
         "FAILURES",
         "LAG (EVENTS)",
         "SKIPPED",
+        "REPLAY",
     ]);
     for f in functions {
         let s = &f["stats"];
@@ -147,6 +165,7 @@ fn list(functions: &[Value]) -> String {
             count(s["failures"].as_u64().unwrap_or(0)),
             lag(f),
             count(s["skipped"].as_u64().unwrap_or(0)),
+            replay_cell(f),
         ]);
     }
     right(&mut t, &[1, 4, 5, 6, 7]);
@@ -174,6 +193,7 @@ fn show(f: &Value) -> String {
         ("invocations", count(s["invocations"].as_u64().unwrap_or(0))),
         ("failures", count(s["failures"].as_u64().unwrap_or(0))),
         ("lag (events)", lag(f)),
+        ("replay", replay_cell(f)),
         (
             "skipped (past retention)",
             count(s["skipped"].as_u64().unwrap_or(0)),
@@ -289,6 +309,114 @@ fn kv(entries: &[Value]) -> String {
         ]);
     }
     t.to_string()
+}
+
+/// What `fn replay` was asked.
+pub(crate) struct ReplayArgs {
+    pub(crate) from: Option<String>,
+    pub(crate) to: Option<String>,
+    pub(crate) cancel: bool,
+    pub(crate) detach: bool,
+    pub(crate) json: bool,
+}
+
+async fn call(req: reqwest::RequestBuilder, api_key: Option<&str>) -> anyhow::Result<Value> {
+    let req = match api_key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    };
+    let resp = req
+        .send()
+        .await
+        .context("cannot reach the edge (is it running? --url)")?;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{status}: {}", v["error"].as_str().unwrap_or("no details"));
+    }
+    Ok(v)
+}
+
+/// `fn replay`: starts (or cancels) a replay and follows it with a progress bar until it ends;
+/// Ctrl-C cancels it.
+pub(crate) async fn replay(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: Option<&str>,
+    name: &str,
+    a: ReplayArgs,
+) -> anyhow::Result<()> {
+    let url = format!("{base}/functions/{name}/replay");
+    if a.cancel {
+        let v = call(http.delete(&url), api_key).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{name}: replay cancelled after {} events",
+                count(v["events_done"].as_u64().unwrap_or(0))
+            );
+        }
+        return Ok(());
+    }
+    let mut q = vec![("from", a.from.unwrap_or_default())];
+    q.extend(a.to.map(|t| ("to", t)));
+    let started = call(http.post(&url).query(&q), api_key).await?;
+    if a.detach {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+        } else {
+            println!("{name}: replay started (follow it with `millrace-edge fn list`)");
+        }
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {human_pos}/{human_len} events ({per_sec}, {eta} left)",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{name}: counting"));
+    let info_url = format!("{base}/functions/{name}");
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let status = loop {
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                let v = call(http.delete(&url), api_key).await?;
+                bar.abandon_with_message(format!("{name}: cancelled"));
+                break v;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let r = call(http.get(&info_url), api_key).await?["replay"].clone();
+        if let Some(t) = r["events_total"].as_u64() {
+            bar.set_length(t);
+            bar.set_message(format!("{name}: replaying"));
+        }
+        bar.set_position(r["events_done"].as_u64().unwrap_or(0));
+        if !matches!(r["state"].as_str(), Some("counting" | "running")) {
+            bar.finish_with_message(format!("{name}: {}", r["state"].as_str().unwrap_or("?")));
+            break r;
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else if let Some(e) = status["error"].as_str() {
+        bail!("the replay failed: {e}");
+    } else {
+        println!(
+            "{name}: replay {} — {} of {} events",
+            status["state"].as_str().unwrap_or("?"),
+            count(status["events_done"].as_u64().unwrap_or(0)),
+            count(status["events_total"].as_u64().unwrap_or(0)),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

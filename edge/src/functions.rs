@@ -5,6 +5,7 @@
 //! # Layout
 //! - this module: [`Functions`], the service's façade and shared state.
 //! - `registry`: deployment (names, versions, specs persisted in RocksDB, install).
+//! - `replay`: a function run over stored history, resumable, exactly once.
 //! - `scheduler`: cron schedules and the thread that fires them.
 //! - `reader`: topic triggers: a thread per function reading the trigger log from its durable
 //!   cursor, committing a batch's effects with the cursor's move.
@@ -24,6 +25,7 @@ mod invocation;
 mod log;
 mod reader;
 mod registry;
+mod replay;
 mod scheduler;
 mod topic;
 pub mod wasm;
@@ -44,6 +46,7 @@ pub use invocation::{
 pub use log::{ActionCounts, InvocationRecord, LogFilter};
 pub use reader::Lag;
 pub use registry::{DeployRequest, FunctionSpec, VersionInfo};
+pub use replay::{ReplayState, ReplayStatus};
 pub use topic::TopicFilter;
 pub use wasm::{Compiled, FunctionEngine, WasmEngine};
 pub use workers::FunctionStats;
@@ -63,6 +66,10 @@ pub enum FunctionError {
     /// The function is disabled.
     #[error("function `{0}` is disabled")]
     Disabled(String),
+    /// The request conflicts with what the function is doing (a replay running, or none to
+    /// cancel).
+    #[error("{0}")]
+    Conflict(String),
     /// The function's queue is full; retry later.
     #[error("function `{0}` is busy: its queue is full")]
     Busy(String),
@@ -92,6 +99,7 @@ struct Deployed {
     enabled: AtomicBool,
     /// Replaced by a newer version or deleted: its reader stops.
     retired: AtomicBool,
+    compiled: Arc<dyn Compiled>,
     filters: Vec<TopicFilter>,
     schedule: Option<croner::Cron>,
     next_fire: Mutex<Option<i64>>,
@@ -117,6 +125,8 @@ struct Inner {
     /// Per function name: held by its trigger-log reader while it runs a batch, so that two
     /// versions never read one cursor at once and a delete waits for the batch.
     leases: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Each function's current or last replay.
+    replays: Mutex<HashMap<String, Arc<replay::ReplayJob>>>,
 }
 
 /// The functions service.
@@ -157,6 +167,7 @@ impl Functions {
             threads: Mutex::new(vec![]),
             deploying: Mutex::new(()),
             leases: Mutex::new(HashMap::new()),
+            replays: Mutex::new(HashMap::new()),
         });
         inner.next_id.store(
             (chrono::Utc::now().timestamp_micros() as u64) << 4,
@@ -186,6 +197,7 @@ impl Functions {
                 }
             }
         }
+        this.resume_replays()?;
         let log = std::thread::Builder::new()
             .name("millrace-fn-log".into())
             .spawn({
@@ -298,6 +310,7 @@ impl Functions {
             "queued": d.queue.len(),
         });
         v["lag"] = serde_json::json!(lag);
+        v["replay"] = serde_json::json!(self.replay_status(&name));
         v["next_run_ms"] = serde_json::json!(*d.next_fire.lock().expect("fire lock"));
         Ok(v)
     }

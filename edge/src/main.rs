@@ -108,6 +108,10 @@ enum FnCommand {
         /// waiting, up to this).
         #[arg(long)]
         batch_max: Option<u32>,
+        /// Run it over stored history from this time (Unix ms, RFC 3339 or -7d) before it goes
+        /// live (`fn list` shows the replay's progress).
+        #[arg(long = "from", allow_hyphen_values = true)]
+        replay_from: Option<String>,
         /// Deploy it disabled.
         #[arg(long)]
         disabled: bool,
@@ -166,6 +170,24 @@ enum FnCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Run a function over stored history (its live triggers wait meanwhile), with a progress
+    /// bar; Ctrl-C cancels it.
+    Replay {
+        /// Function name.
+        name: String,
+        /// Start: Unix ms, RFC 3339 (2026-12-01T00:00:00Z) or a duration before now (-7d).
+        #[arg(long, required_unless_present = "cancel", allow_hyphen_values = true)]
+        from: Option<String>,
+        /// End (exclusive), as `--from`; default now.
+        #[arg(long, allow_hyphen_values = true)]
+        to: Option<String>,
+        /// Cancel the running replay instead.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        cancel: bool,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Show a function's key-value state.
     Kv {
         /// Function name.
@@ -189,6 +211,29 @@ async fn fn_command(
     use base64::Engine as _;
     let http = reqwest::Client::new();
     let base = format!("{}/api/v1", url.trim_end_matches('/'));
+    if let FnCommand::Replay {
+        name,
+        from,
+        to,
+        cancel,
+        detach,
+    } = action
+    {
+        return fn_cli::replay(
+            &http,
+            &base,
+            api_key,
+            &name,
+            fn_cli::ReplayArgs {
+                from,
+                to,
+                cancel,
+                detach,
+                json: json_out,
+            },
+        )
+        .await;
+    }
     let (shown, name) = match &action {
         FnCommand::Deploy { name, .. } => (Shown::Deployed, Some(name.clone())),
         FnCommand::List => (Shown::List, None),
@@ -199,6 +244,7 @@ async fn fn_command(
         FnCommand::Invoke { name, .. } => (Shown::Invoked, Some(name.clone())),
         FnCommand::Logs { .. } => (Shown::Logs, None),
         FnCommand::Kv { name, .. } => (Shown::Kv, Some(name.clone())),
+        FnCommand::Replay { .. } => unreachable!("handled above"),
     };
     let req = match action {
         FnCommand::Deploy {
@@ -211,6 +257,7 @@ async fn fn_command(
             concurrency,
             queue,
             batch_max,
+            replay_from,
             disabled,
             description,
         } => {
@@ -225,6 +272,7 @@ async fn fn_command(
                 concurrency,
                 queue,
                 batch_max,
+                replay_from,
                 enabled: Some(!disabled),
                 description,
                 ..Default::default()
@@ -266,6 +314,7 @@ async fn fn_command(
             q.extend(trigger.map(|t| ("trigger", t)));
             http.get(format!("{base}/invocations")).query(&q)
         }
+        FnCommand::Replay { .. } => unreachable!("handled above"),
         FnCommand::Kv {
             name,
             prefix,

@@ -1049,6 +1049,231 @@ async fn a_batch_function_gets_what_is_waiting_in_few_invocations() {
     edge.shutdown().await;
 }
 
+/// Spins for up to a millisecond per event and counts them in `n`.
+const SLOW_COUNTER: &str = r#"(module
+  (import "millrace" "now_ms" (func $now (result i64)))
+  (import "millrace" "kv_get" (func $kv_get (param i32 i32 i32 i32) (result i32)))
+  (import "millrace" "kv_set" (func $kv_set (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "n")
+  (func (export "handle") (result i32)
+    (local $until i64)
+    (local.set $until (i64.add (call $now) (i64.const 1)))
+    (loop $spin (br_if $spin (i64.lt_s (call $now) (local.get $until))))
+    (i64.store (i32.const 8) (i64.const 0))
+    (drop (call $kv_get (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 8)))
+    (i64.store (i32.const 8) (i64.add (i64.load (i32.const 8)) (i64.const 1)))
+    (drop (call $kv_set (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 8)))
+    (i32.const 0)))"#;
+
+/// A function's replay status, once it ended (`state` no longer counting or running).
+async fn replay_end(edge: &Edge, name: &str) -> Value {
+    let url = format!("{}/api/v1/functions/{name}", http(edge));
+    for _ in 0..3000 {
+        let r = get(&url).await.1["replay"].clone();
+        if matches!(r["state"].as_str(), Some("done" | "cancelled" | "failed")) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("replay of {name} did not end: {}", get(&url).await.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_over_stored_history_builds_the_state_the_live_run_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let body = serde_json::json!({ "module_wat": wat("scrap_rate.wat"), "topics": ["factory/+/+/+/part"], "timeout_ms": SLACK });
+    assert_eq!(deploy(&edge, "live", body.clone()).await.0, 201);
+    // Two machines make parts (every third one scrapped) while telemetry flows too.
+    let mut tasks = vec![];
+    let mut n = 0;
+    for m in ["press-01", "press-02"] {
+        let (client, task) = device(&edge, m, Some((USER, PASS))).await.unwrap();
+        tasks.push(task);
+        for seq in 1..=60u64 {
+            let outcome = if seq % 3 == 0 {
+                PartOutcome::Scrap
+            } else {
+                PartOutcome::Good
+            };
+            let p = Event {
+                machine: MachineId::new("plant-1", "line-1", m).unwrap(),
+                ..part(seq * 2, outcome)
+            };
+            publish(&client, &p).await;
+            publish(&client, &temp_of(m, seq * 2 + 1)).await;
+            n += 2;
+        }
+    }
+    wait_stored(&edge, n, 0).await;
+    let live_url = format!("{}/api/v1/functions/live", http(&edge));
+    let mut info = get(&live_url).await.1;
+    for _ in 0..1500 {
+        if info["stats"]["events"] == 120 && info["lag"]["events"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = get(&live_url).await.1;
+    }
+    assert_eq!(info["stats"]["events"], 120, "{info}");
+    let live = kv_counters(&edge, "live").await;
+    assert_eq!(live["plant-1/line-1/press-01/scrap"], 20, "{live:?}");
+    // The same module deployed later with a replay from before the first event: the same
+    // state from history, then it goes live.
+    let mut replayed = body.clone();
+    replayed["replay_from"] = serde_json::json!((T0 - 1000).to_string());
+    let (status, spec) = deploy(&edge, "replayed", replayed).await;
+    assert_eq!(status, 201, "{spec}");
+    let r = replay_end(&edge, "replayed").await;
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(
+        (r["events_done"].as_u64(), r["events_total"].as_u64()),
+        (Some(120), Some(120)),
+        "{r}"
+    );
+    assert_eq!(kv_counters(&edge, "replayed").await, live);
+    let recs = wait_invocations(&edge, "function=replayed&trigger=replay&limit=1000", 120).await;
+    assert_eq!(
+        recs.len(),
+        120,
+        "one invocation per part (the module takes no batches)"
+    );
+    // Live from then on: a new part reaches both.
+    let (client, task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    tasks.push(task);
+    publish(&client, &part(1000, PartOutcome::Scrap)).await;
+    let mut both = (live.clone(), live.clone());
+    for _ in 0..1500 {
+        both = (
+            kv_counters(&edge, "live").await,
+            kv_counters(&edge, "replayed").await,
+        );
+        if both.0["plant-1/line-1/press-01/scrap"] == 21
+            && both.1["plant-1/line-1/press-01/scrap"] == 21
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(both.0, both.1);
+    assert_eq!(both.1["plant-1/line-1/press-01/scrap"], 21);
+    // The CLI replays with a progress bar (hidden with --json) and reports the outcome.
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_millrace-edge")).args([
+        "fn",
+        "--url",
+        &http(&edge),
+        "replay",
+        "live",
+        "--from",
+        &(T0 - 1000).to_string(),
+        "--to",
+        &(T0 + 1_000_000).to_string(),
+        "--json",
+    ]));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["events_done"].as_u64()),
+        (Some("done"), Some(120)),
+        "{r}"
+    );
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_can_be_cancelled_and_bad_replays_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let base = format!("{}/api/v1/functions", http(&edge));
+    let body = serde_json::json!({ "module_wat": SLOW_COUNTER, "topics": ["factory/+/+/+/telemetry"], "timeout_ms": SLACK, "enabled": false });
+    assert_eq!(deploy(&edge, "slow", body).await.0, 201);
+    let (client, _task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    for seq in 1..=3000 {
+        publish(&client, &temp(seq, 20.0)).await;
+    }
+    wait_stored(&edge, 3000, 0).await;
+    let http_client = reqwest::Client::new();
+    let replay = |q: &str| http_client.post(format!("{base}/slow/replay?{q}"));
+    // Bad requests change nothing.
+    let now = chrono::Utc::now().timestamp_millis();
+    for (q, status, needle) in [
+        (format!("from={}&to={}", T0 + 10, T0), 400, "must be before"),
+        (
+            format!("from={}&to={}", now + 3_600_000, now + 7_200_000),
+            400,
+            "in the future",
+        ),
+        (
+            format!("from={T0}&to={}", now + 3_600_000),
+            400,
+            "in the future",
+        ),
+        ("to=-1h".to_owned(), 400, "give `from`"),
+        ("from=yesterday".to_owned(), 400, "from"),
+        ("from=-1h&speed=2".to_owned(), 400, "speed"),
+    ] {
+        let (s, v) = send(replay(&q)).await;
+        assert_eq!(s, status, "{q}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{q}: {v}");
+    }
+    let (s, v) = send(http_client.post(format!("{base}/nope/replay?from=-1h"))).await;
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(get(&format!("{base}/slow")).await.1["replay"], Value::Null);
+    let (s, v) = send(http_client.delete(format!("{base}/slow/replay"))).await;
+    assert_eq!(s, 409, "nothing to cancel: {v}");
+    // A long replay (a millisecond per event), cancelled: it stops, keeping what it did.
+    let (s, v) = send(replay(&format!("from={}&to={}", T0, T0 + 10_000_000))).await;
+    assert_eq!(s, 202, "{v}");
+    let (s, v) = send(replay(&format!("from={}&to={}", T0, T0 + 10_000_000))).await;
+    assert_eq!(s, 409, "one at a time: {v}");
+    let (s, v) = send(http_client.delete(format!("{base}/slow/replay"))).await;
+    assert_eq!(s, 200, "{v}");
+    let r = replay_end(&edge, "slow").await;
+    assert_eq!(r["state"], "cancelled", "{r}");
+    let done = r["events_done"].as_u64().unwrap();
+    assert!(done < 3000, "{r}");
+    let n = kv_counters(&edge, "slow")
+        .await
+        .get("n")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(n as u64, done, "the state holds exactly what it did");
+    // A function without topic filters has nothing to replay.
+    let (s, _) = deploy(
+        &edge,
+        "manual-only",
+        serde_json::json!({ "module_wat": SLOW_COUNTER }),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, v) = send(http_client.post(format!("{base}/manual-only/replay?from=-1h"))).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("no topic filters"),
+        "{v}"
+    );
+    // The CLI says what is wrong.
+    let out = Command::new(env!("CARGO_BIN_EXE_millrace-edge"))
+        .args([
+            "fn",
+            "--url",
+            &http(&edge),
+            "replay",
+            "nope",
+            "--from",
+            "-1h",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("404") && err.contains("no function named `nope`"),
+        "{err}"
+    );
+    edge.shutdown().await;
+}
+
 #[test]
 fn a_function_left_behind_past_the_logs_retention_skips_counted() {
     let dir = tempfile::tempdir().unwrap();

@@ -20,6 +20,8 @@ pub enum TriggerKind {
     Schedule,
     /// The CLI or the REST API.
     Manual,
+    /// A stored event, replayed over history.
+    Replay,
 }
 
 impl TriggerKind {
@@ -29,7 +31,15 @@ impl TriggerKind {
             Self::Topic => "topic",
             Self::Schedule => "schedule",
             Self::Manual => "manual",
+            Self::Replay => "replay",
         }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Topic, Self::Schedule, Self::Manual, Self::Replay]
+            .into_iter()
+            .find(|t| t.as_str() == s)
     }
 }
 
@@ -54,6 +64,8 @@ pub struct Input {
     /// Scheduled runs: when it was fired; it stands for every due time up to then (a restart
     /// catches up only on times after it).
     pub fired_ms: Option<i64>,
+    /// Replays: the store window and the event's index in it (stable across a resume).
+    pub replay_at: Option<(i64, u64)>,
 }
 
 impl Input {
@@ -76,15 +88,17 @@ impl Input {
             payload: None,
             log_seq: None,
             fired_ms: None,
+            replay_at: None,
         }
     }
 
-    /// The trigger's stable id: `log-{seq}` for topic triggers, `schedule-{ms}` for schedules,
-    /// empty for manual calls.
+    /// The trigger's stable id: `log-{seq}` for topic triggers, `replay-{window}-{index}` for
+    /// replays, `schedule-{ms}` for schedules, empty for manual calls.
     pub fn trigger_id(&self) -> String {
-        match (self.trigger, self.log_seq) {
-            (_, Some(seq)) => format!("log-{seq}"),
-            (TriggerKind::Schedule, None) => format!("schedule-{}", self.ts_ms),
+        match (self.trigger, self.log_seq, self.replay_at) {
+            (_, Some(seq), _) => format!("log-{seq}"),
+            (_, None, Some((w, i))) => format!("replay-{w}-{i}"),
+            (TriggerKind::Schedule, None, None) => format!("schedule-{}", self.ts_ms),
             _ => String::new(),
         }
     }

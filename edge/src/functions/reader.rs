@@ -63,7 +63,7 @@ pub(super) fn lag(store: &Store, name: &str) -> Result<Option<Lag>, StoreError> 
 }
 
 /// Key-value reads of a batch: what earlier invocations of the batch wrote, then the store.
-struct BatchKv {
+pub(super) struct BatchKv {
     store: StoreKv,
     written: Mutex<HashMap<Vec<u8>, Option<Vec<u8>>>>,
 }
@@ -78,6 +78,16 @@ impl KvRead for BatchKv {
 }
 
 impl BatchKv {
+    pub(super) fn new(store: Arc<Store>, function: &str) -> Self {
+        Self {
+            store: StoreKv {
+                store,
+                function: function.to_owned(),
+            },
+            written: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn write(&self, writes: &[KvWrite]) {
         let mut w = self.written.lock().expect("batch kv");
         for (k, v) in writes {
@@ -155,7 +165,11 @@ impl Reader {
     fn run(&mut self, lease: &Mutex<()>) {
         let mut failures = 0u32;
         while !self.done() {
-            if !self.d.enabled.load(Ordering::Relaxed) || self.d.stats.paused(Instant::now()) {
+            // Disabled, paused by the breaker, or replaying history: live triggers wait.
+            if !self.d.enabled.load(Ordering::Relaxed)
+                || self.d.stats.paused(Instant::now())
+                || super::replay::replaying(&self.inner.replays, &self.name)
+            {
                 self.report_lag();
                 std::thread::sleep(IDLE_WAIT / 2);
                 continue;
@@ -212,13 +226,7 @@ impl Reader {
             tracing::warn!(function = %self.name, skipped, from_seq = cursor, to_seq = first.seq, "function fell behind past the trigger log's retention: it skips to the oldest stored event");
         }
         let spec = self.d.spec.lock().expect("spec").clone();
-        let kv = Arc::new(BatchKv {
-            store: StoreKv {
-                store: store.clone(),
-                function: self.name.clone(),
-            },
-            written: Mutex::new(HashMap::new()),
-        });
+        let kv = Arc::new(BatchKv::new(store.clone(), &self.name));
         let (seqs, stored): (Vec<u64>, Vec<i64>) =
             records.iter().map(|r| (r.seq, r.stored_ms)).unzip();
         let events: Arc<Vec<Event>> = Arc::new(records.into_iter().map(|r| r.event).collect());
@@ -291,8 +299,6 @@ impl Reader {
         Ok(Step::Worked)
     }
 
-    /// Runs one invocation over `inputs` (one event, or a batch for `handle_batch`); a
-    /// successful one's effects join the batch's commit, and its publishes go out now.
     fn invoke(
         &mut self,
         spec: &super::FunctionSpec,
@@ -301,44 +307,77 @@ impl Reader {
         inputs: Vec<Input>,
         queued_ms: u64,
     ) -> super::InvocationRecord {
-        let publish = self.inner.publish.clone();
-        let alert_topic = format!("{ALERT_TOPIC_PREFIX}{}", self.name);
-        self.inner.execute(
+        invoke_into(
+            &self.inner,
             spec,
             self.compiled.as_ref(),
             &self.d.stats,
             &mut self.m,
-            Arc::new(inputs),
-            Duration::from_millis(queued_ms),
-            kv.clone(),
-            |effects, inputs| {
-                let now = chrono::Utc::now().timestamp_millis();
-                let mut published = 0;
-                // An alert's id: the event's log seq and its ordinal among the alerts raised
-                // for that event, the same when the batch runs again after a crash.
-                let mut ordinal: HashMap<usize, usize> = HashMap::new();
-                for (severity, message, event) in &effects.alerts {
-                    let input = &inputs[(*event).min(inputs.len() - 1)];
-                    let n = ordinal.entry(*event).or_default();
-                    let id = format!("{}:{}:{n}", spec.name, input.log_seq.unwrap_or_default());
-                    *n += 1;
-                    let alert =
-                        super::workers::alert_json(spec, input, severity, message, now, &id);
-                    // At least once: published before the commit.
-                    published += usize::from(publish(&alert_topic, alert.clone()));
-                    commit.alerts.push((now, alert));
-                }
-                published += super::workers::publish_all(&publish, &spec.name, effects);
-                kv.write(&effects.kv);
-                commit.kv.extend(effects.kv.iter().cloned());
-                commit.points.extend(point_events(&effects.points));
-                Ok(ActionCounts {
-                    published,
-                    points: effects.points.len(),
-                    alerts: effects.alerts.len(),
-                    kv_writes: effects.kv.len(),
-                })
-            },
+            kv,
+            commit,
+            inputs,
+            queued_ms,
+            true,
         )
     }
+}
+
+/// Runs one invocation over `inputs` (one event, or a batch for `handle_batch`); a successful
+/// one's effects join `commit` (and `kv`, for the invocations after it), and with `publish`
+/// its MQTT messages go out now (before the commit: at least once). Returns its record, to
+/// log once the commit is written.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn invoke_into(
+    inner: &Inner,
+    spec: &super::FunctionSpec,
+    compiled: &dyn Compiled,
+    stats: &super::FunctionStats,
+    m: &mut WorkerMetrics,
+    kv: &Arc<BatchKv>,
+    commit: &mut FunctionCommit,
+    inputs: Vec<Input>,
+    queued_ms: u64,
+    publish: bool,
+) -> super::InvocationRecord {
+    let publisher = inner.publish.clone();
+    let alert_topic = format!("{ALERT_TOPIC_PREFIX}{}", spec.name);
+    inner.execute(
+        spec,
+        compiled,
+        stats,
+        m,
+        Arc::new(inputs),
+        Duration::from_millis(queued_ms),
+        kv.clone(),
+        |effects, inputs| {
+            let now = chrono::Utc::now().timestamp_millis();
+            let mut published = 0;
+            // An alert's id: its trigger's id and its ordinal among the alerts raised for that
+            // event, the same when the batch runs again after a crash.
+            let mut ordinal: HashMap<usize, usize> = HashMap::new();
+            for (severity, message, event) in &effects.alerts {
+                let input = &inputs[(*event).min(inputs.len() - 1)];
+                let n = ordinal.entry(*event).or_default();
+                let id = format!("{}:{}:{n}", spec.name, input.trigger_id());
+                *n += 1;
+                let alert = super::workers::alert_json(spec, input, severity, message, now, &id);
+                if publish {
+                    published += usize::from(publisher(&alert_topic, alert.clone()));
+                }
+                commit.alerts.push((now, alert));
+            }
+            if publish {
+                published += super::workers::publish_all(&publisher, &spec.name, effects);
+            }
+            kv.write(&effects.kv);
+            commit.kv.extend(effects.kv.iter().cloned());
+            commit.points.extend(point_events(&effects.points));
+            Ok(ActionCounts {
+                published,
+                points: effects.points.len(),
+                alerts: effects.alerts.len(),
+                kv_writes: effects.kv.len(),
+            })
+        },
+    )
 }

@@ -48,6 +48,7 @@ impl Functions {
                 )),
                 log_seq: None,
                 fired_ms: Some(now_ms),
+                replay_at: None,
             };
             if Self::offer(
                 d,

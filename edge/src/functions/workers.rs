@@ -214,6 +214,7 @@ impl Functions {
             payload: Some(Arc::new(payload)),
             log_seq: None,
             fired_ms: None,
+            replay_at: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Job {
@@ -415,6 +416,7 @@ pub(super) fn alert_json(
     serde_json::to_vec(&serde_json::json!({
         "id": id,
         "ts_ms": now_ms,
+        "trigger": input.trigger.as_str(),
         "function": spec.name,
         "version": spec.version,
         "severity": severity,

@@ -64,8 +64,18 @@ impl Store {
             out.extend(events.into_iter().filter(|e| want(&e.machine, e.kind())));
         }
         out.sort_by(|a, b| {
-            (a.ts_ms, &a.machine.site, &a.machine.line, &a.machine.machine)
-                .cmp(&(b.ts_ms, &b.machine.site, &b.machine.line, &b.machine.machine))
+            (
+                a.ts_ms,
+                &a.machine.site,
+                &a.machine.line,
+                &a.machine.machine,
+            )
+                .cmp(&(
+                    b.ts_ms,
+                    &b.machine.site,
+                    &b.machine.line,
+                    &b.machine.machine,
+                ))
                 .then_with(|| kind_order(a.kind()).cmp(&kind_order(b.kind())))
                 .then_with(|| a.seq.cmp(&b.seq))
         });

@@ -161,7 +161,12 @@ impl Store {
     }
 
     /// Adds the trigger-log part of a write batch; returns the next seq after it.
-    pub(super) fn put_triggers(&self, batch: &mut WriteBatch, events: &[Event], now_ms: i64) -> u64 {
+    pub(super) fn put_triggers(
+        &self,
+        batch: &mut WriteBatch,
+        events: &[Event],
+        now_ms: i64,
+    ) -> u64 {
         let first = self.triggers.begin();
         let mut value = Vec::with_capacity(events.len() * 64);
         let mut item = Vec::with_capacity(128);
