@@ -264,7 +264,7 @@ impl Store {
             o.set_max_write_buffer_number(3);
             match name {
                 // Already compressed: RocksDB's compression would only cost CPU.
-                CF_BLOCKS => o.set_compression_type(DBCompressionType::None),
+                CF_BLOCKS | CF_TRIGGERS => o.set_compression_type(DBCompressionType::None),
                 // Raw points live here for about one block window before they are sealed:
                 // cheap LZ4 only, Zstd would spend CPU on data that is deleted soon.
                 CF_HEAD => o.set_compression_type(DBCompressionType::Lz4),
