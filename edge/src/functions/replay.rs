@@ -294,7 +294,7 @@ impl Functions {
                 if stopped() {
                     return Ok(ReplayState::Cancelled);
                 }
-                total += store.history(w, end, |m, k| wanted(&d, m, k))?.len() as u64;
+                total += store.history_len(w, end, |m, k| wanted(&d, m, k))?;
             }
             status.events_total = Some(total);
             status.state = ReplayState::Running;

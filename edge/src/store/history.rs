@@ -1,6 +1,6 @@
 //! History as device events: what a replay feeds a function, rebuilt from what the store keeps.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use millrace_shared::{Event, EventBody, EventKind, MachineId, Reading, SeriesKey, Telemetry};
 
@@ -80,6 +80,51 @@ impl Store {
                 .then_with(|| a.seq.cmp(&b.seq))
         });
         Ok(out)
+    }
+}
+
+impl Store {
+    /// How many events [`Store::history`] gives for the same arguments, without building
+    /// them (a replay's total). Blocking.
+    pub fn history_len(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        want: impl Fn(&MachineId, EventKind) -> bool,
+    ) -> Result<u64, StoreError> {
+        let mut series: HashMap<MachineId, Vec<String>> = HashMap::new();
+        for s in self.series() {
+            if let Ok(key) = s.name.parse::<SeriesKey>() {
+                series.entry(key.machine).or_default().push(s.name);
+            }
+        }
+        let mut total = 0u64;
+        for (machine, names) in &series {
+            if !want(machine, EventKind::Telemetry) {
+                continue;
+            }
+            // One event per instant with a reading of any of the machine's series.
+            let mut instants: HashSet<i64> = HashSet::new();
+            for name in names {
+                let points = self.points(name, from_ms, to_ms)?.unwrap_or_default();
+                instants.extend(points.into_iter().map(|(ts, _)| ts));
+            }
+            total += instants.len() as u64;
+        }
+        let kinds = [EventKind::State, EventKind::Part, EventKind::Operator];
+        for name in self.machines() {
+            let Ok(machine) = name.parse::<MachineId>() else {
+                continue;
+            };
+            if !kinds.iter().any(|k| want(&machine, *k)) {
+                continue;
+            }
+            let events = self
+                .events(&machine, from_ms, to_ms, None, usize::MAX)?
+                .unwrap_or_default();
+            total += events.iter().filter(|e| want(&e.machine, e.kind())).count() as u64;
+        }
+        Ok(total)
     }
 }
 
