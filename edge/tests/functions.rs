@@ -1274,6 +1274,54 @@ async fn replays_can_be_cancelled_and_bad_replays_are_refused() {
     edge.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_by_a_restart_resumes_and_counts_each_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let body = serde_json::json!({ "module_wat": SLOW_COUNTER, "topics": ["factory/+/+/+/telemetry"], "timeout_ms": SLACK, "enabled": false });
+    assert_eq!(deploy(&edge, "slow", body).await.0, 201);
+    let (client, task) = device(&edge, "press-01", Some((USER, PASS))).await.unwrap();
+    let n = 1500;
+    for seq in 1..=n {
+        publish(&client, &temp(seq, 20.0)).await;
+    }
+    wait_stored(&edge, n, 0).await;
+    task.abort();
+    let url = format!("{}/api/v1/functions/slow", http(&edge));
+    let (s, v) =
+        send(reqwest::Client::new().post(format!("{url}/replay?from={T0}&to={}", T0 + 10_000_000)))
+            .await;
+    assert_eq!(s, 202, "{v}");
+    // Stopped once it has done part of it (a millisecond per event).
+    let mut r = get(&url).await.1["replay"].clone();
+    for _ in 0..3000 {
+        if r["events_done"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        r = get(&url).await.1["replay"].clone();
+    }
+    assert!(
+        r["events_done"].as_u64().unwrap() < n,
+        "stopped in the middle: {r}"
+    );
+    edge.shutdown().await;
+    let edge = Edge::start(config(dir.path())).await.unwrap();
+    let r = replay_end(&edge, "slow").await;
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(
+        (r["events_done"].as_u64(), r["events_total"].as_u64()),
+        (Some(n), Some(n)),
+        "{r}"
+    );
+    assert_eq!(
+        kv_counters(&edge, "slow").await.get("n"),
+        Some(&(n as i64)),
+        "each event counted once"
+    );
+    edge.shutdown().await;
+}
+
 #[test]
 fn a_function_left_behind_past_the_logs_retention_skips_counted() {
     let dir = tempfile::tempdir().unwrap();
