@@ -31,6 +31,11 @@ use crate::store::{FunctionCommit, KvWrite, Store, StoreError};
 pub(super) const BATCH_RECORDS: usize = 4096;
 /// A batch of invocations is committed at the latest after this long.
 const BATCH_TIME: Duration = Duration::from_millis(200);
+/// A reader that found fewer records than this (it keeps up) waits [`LINGER`] before it reads
+/// again: a few ingest batches in one wake-up and one commit, not one each. It adds at most
+/// that to the time from storing an event to running the function.
+const LINGER_BELOW: usize = 512;
+const LINGER: Duration = Duration::from_millis(5);
 /// How long an idle reader waits for new records before it looks at its flags again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -126,6 +131,7 @@ impl Functions {
                     d,
                     compiled,
                     name,
+                    lag_reported: Instant::now() - Duration::from_secs(1),
                 };
                 reader.run(&lease);
             })
@@ -146,11 +152,12 @@ struct Reader {
     lag_events: metrics::Gauge,
     lag_seconds: metrics::Gauge,
     skipped: metrics::Counter,
+    lag_reported: Instant,
 }
 
 enum Step {
-    /// Read and ran a batch.
-    Worked,
+    /// Read and ran a batch of this many log records.
+    Worked(usize),
     /// Nothing to read (or not allowed to now): wait.
     Idle(u64),
     /// Retired, stopped, or the cursor is gone.
@@ -180,7 +187,14 @@ impl Reader {
                 self.step()
             };
             match step {
-                Ok(Step::Worked) => failures = 0,
+                Ok(Step::Worked(read)) => {
+                    failures = 0;
+                    // Keeping up: let a few ingest batches gather rather than waking (and
+                    // committing) for each one; a function behind reads on at once.
+                    if read < LINGER_BELOW {
+                        std::thread::sleep(LINGER);
+                    }
+                }
                 Ok(Step::Idle(cursor)) => {
                     failures = 0;
                     self.report_lag();
@@ -199,7 +213,12 @@ impl Reader {
         }
     }
 
-    fn report_lag(&self) {
+    /// Sets the lag gauges (at most twice a second: it reads the store).
+    fn report_lag(&mut self) {
+        if self.lag_reported.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.lag_reported = Instant::now();
         if let Ok(Some(l)) = lag(&self.inner.store, &self.name) {
             self.lag_events.set(l.events as f64);
             self.lag_seconds.set(l.seconds);
@@ -288,7 +307,7 @@ impl Reader {
             records.push(self.invoke(&spec, &kv, &mut commit, pending, queued_ms));
         }
         if next == cursor {
-            return Ok(Step::Worked);
+            return Ok(Step::Worked(seqs.len()));
         }
         store.commit_function(&self.name, &commit, Some(next))?;
         // Logged once their effects are written: a record seen means its effects are there.
@@ -296,7 +315,7 @@ impl Reader {
             self.inner.log(r);
         }
         self.report_lag();
-        Ok(Step::Worked)
+        Ok(Step::Worked(seqs.len()))
     }
 
     fn invoke(
