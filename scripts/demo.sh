@@ -39,13 +39,14 @@ export MILLRACE_EDGE_SYNC__TOKEN=mrt_62ac38b1c0eeb355e005b6dba651d8435b8de884db9
 pids+=($!)
 wait_for http://127.0.0.1:8081/health data/edge.log edge
 
-# The example functions, deployed through the edge's API with the CLI (a new version each run),
-# with queues that hold the first run's day of history (sent at once) so that no trigger is dropped.
+# The example functions, deployed through the edge's API with the CLI (a new version each run,
+# going on from the previous one's place in the trigger log: nothing is dropped, even while the
+# first run's day of history arrives at once).
 fn_deploy() { "$BIN/millrace-edge" fn --url http://127.0.0.1:8081 deploy "$@" >/dev/null; }
-fn_deploy threshold-alert edge/functions/threshold_alert.wat --topic 'factory/+/+/+/telemetry' --queue 200000
-fn_deploy unit-conversion edge/functions/unit_conversion.wat --topic 'factory/+/+/+/telemetry' --queue 200000
-fn_deploy scrap-rate edge/functions/scrap_rate.wat --topic 'factory/+/+/+/part' --queue 50000
-fn_deploy hourly-summary edge/functions/hourly_summary.wat --topic 'factory/+/+/+/part' --queue 50000 --schedule '0 * * * *'
+fn_deploy threshold-alert edge/functions/threshold_alert.wat --topic 'factory/+/+/+/telemetry'
+fn_deploy unit-conversion edge/functions/unit_conversion.wat --topic 'factory/+/+/+/telemetry'
+fn_deploy scrap-rate edge/functions/scrap_rate.wat --topic 'factory/+/+/+/part'
+fn_deploy hourly-summary edge/functions/hourly_summary.wat --topic 'factory/+/+/+/part' --schedule '0 * * * *'
 
 # The demo device credential (demo/edge.toml holds only its Argon2 hash).
 export MILLRACE_MQTT_USERNAME=demo-device MILLRACE_MQTT_PASSWORD=millrace-demo

@@ -346,8 +346,9 @@ pub struct FunctionsConfig {
     pub keep_versions: u32,
     /// Record successful invocations in the log too (failures are always recorded).
     pub log_successes: bool,
-    /// Nice value of function worker threads (0..=19): above 0, ingest gets the CPU first when
-    /// both want it.
+    /// Nice value of function threads (trigger-log readers, replays, workers; 0..=19): above
+    /// 0, ingest gets the CPU first when both want it. 19 by default: a function that falls
+    /// behind loses nothing (its triggers wait in the log), so ingest comes first.
     pub nice: u8,
 }
 
@@ -363,7 +364,7 @@ impl Default for FunctionsConfig {
             max_memory_mib: 256,
             keep_versions: 5,
             log_successes: true,
-            nice: 10,
+            nice: 19,
         }
     }
 }
