@@ -152,6 +152,9 @@ impl Edge {
             )
         } else {
             tracing::info!("functions are disabled (functions.enabled = false)");
+            // Nobody reads the trigger log: do not write it (deployed functions go on from
+            // their cursors when functions are enabled again, without what came meanwhile).
+            store.stop_trigger_log();
             None
         };
         let ingest = if cfg.ingest.enabled {

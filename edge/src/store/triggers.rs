@@ -38,6 +38,8 @@ fn cursor_key(name: &str) -> Vec<u8> {
 pub(crate) struct TriggerLog {
     /// Functions with a cursor: the log is written while there is one.
     readers: AtomicUsize,
+    /// Cleared when the functions service is off: nobody reads the log.
+    stopped: std::sync::atomic::AtomicBool,
     /// The next log seq (under the store's write lock).
     next: AtomicU64,
     /// The next seq readers may read up to, with a condvar woken by each write.
@@ -48,7 +50,7 @@ pub(crate) struct TriggerLog {
 impl TriggerLog {
     /// Whether writes add records.
     pub(crate) fn active(&self) -> bool {
-        self.readers.load(Ordering::Relaxed) > 0
+        self.readers.load(Ordering::Relaxed) > 0 && !self.stopped.load(Ordering::Relaxed)
     }
 
     pub(crate) fn begin(&self) -> u64 {
@@ -188,6 +190,11 @@ impl Store {
         batch.put_cf(self.cf(CF_TRIGGERS), first.to_be_bytes(), &packed);
         batch.put_cf(self.cf(CF_META), META_NEXT, next.to_be_bytes());
         next
+    }
+
+    /// Stops writing the trigger log (the functions service is off: nobody reads it).
+    pub fn stop_trigger_log(&self) {
+        self.triggers.stopped.store(true, Ordering::Relaxed);
     }
 
     /// The next log seq: records below it are written.
@@ -502,8 +509,14 @@ mod tests {
         assert_eq!(store.trim_triggers(0).unwrap(), 2, "the cursor passed both");
         store.write(&[temp(4)], &[]).unwrap();
         assert_eq!(store.trigger_records(0, 10).unwrap()[0].seq, 2);
-        store.delete_function("f").unwrap();
+        // The functions service off: nobody reads, nothing is logged.
+        store.stop_trigger_log();
         store.write(&[temp(5)], &[]).unwrap();
+        assert_eq!(store.trigger_next(), 3, "log stopped");
+        drop(store);
+        let store = Store::open(dir.path(), opts()).unwrap();
+        store.delete_function("f").unwrap();
+        store.write(&[temp(6)], &[]).unwrap();
         assert_eq!(store.trigger_next(), 3, "no reader left: no log");
     }
 }
