@@ -141,6 +141,7 @@ fn list(functions: &[Value]) -> String {
         "VERSION",
         "STATE",
         "TRIGGERS",
+        "EVENTS",
         "INVOCATIONS",
         "FAILURES",
         "LAG (EVENTS)",
@@ -161,6 +162,7 @@ fn list(functions: &[Value]) -> String {
             f["version"].to_string(),
             state,
             triggers(f),
+            count(s["events"].as_u64().unwrap_or(0)),
             count(s["invocations"].as_u64().unwrap_or(0)),
             count(s["failures"].as_u64().unwrap_or(0)),
             lag(f),
@@ -168,7 +170,7 @@ fn list(functions: &[Value]) -> String {
             replay_cell(f),
         ]);
     }
-    right(&mut t, &[1, 4, 5, 6, 7]);
+    right(&mut t, &[1, 4, 5, 6, 7, 8]);
     t.to_string()
 }
 
@@ -190,6 +192,7 @@ fn show(f: &Value) -> String {
             "concurrency / queue",
             format!("{} / {}", f["concurrency"], f["queue"]),
         ),
+        ("events handled", count(s["events"].as_u64().unwrap_or(0))),
         ("invocations", count(s["invocations"].as_u64().unwrap_or(0))),
         ("failures", count(s["failures"].as_u64().unwrap_or(0))),
         ("lag (events)", lag(f)),
@@ -431,7 +434,7 @@ mod tests {
         let v = serde_json::json!({ "functions": [{
             "name": "threshold-alert", "version": 2, "enabled": true,
             "topics": ["factory/+/+/+/telemetry"], "schedule": null,
-            "stats": { "invocations": 1500000, "failures": 3, "skipped": 0, "paused_until_ms": null },
+            "stats": { "events": 1500000, "invocations": 1500, "failures": 3, "skipped": 0, "paused_until_ms": null },
             "lag": { "events": 12000, "seconds": 1.5 },
         }]});
         let out = render(Shown::List, None, &v);

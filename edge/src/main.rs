@@ -119,7 +119,8 @@ enum FnCommand {
         #[arg(long)]
         description: Option<String>,
     },
-    /// List deployed functions: triggers, invocations, failures, lag behind the trigger log.
+    /// List deployed functions: triggers, events handled, invocations, failures, lag behind
+    /// the trigger log, replay progress.
     List,
     /// Show one function.
     Show {
