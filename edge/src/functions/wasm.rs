@@ -472,6 +472,12 @@ fn range(mem: &[u8], ptr: i32, len: i32) -> wasmtime::Result<std::ops::Range<usi
     Ok(p..p + l)
 }
 
+/// A string in the guest's memory, borrowed (no copy: field names are read once per call).
+fn text_ref<'m>(mem: &'m [u8], ptr: i32, len: i32, what: &str) -> wasmtime::Result<&'m str> {
+    let r = range(mem, ptr, len)?;
+    std::str::from_utf8(&mem[r]).map_err(|_| wasmtime::format_err!("{what} is not UTF-8"))
+}
+
 fn text(mem: &[u8], ptr: i32, len: i32, what: &str) -> wasmtime::Result<String> {
     let r = range(mem, ptr, len)?;
     String::from_utf8(mem[r].to_vec()).map_err(|_| wasmtime::format_err!("{what} is not UTF-8"))
@@ -638,8 +644,8 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         "event_number",
         |mut c: Cx<'_>, ptr: i32, len: i32| {
             let (mem, st) = memory(&mut c)?;
-            let key = text(mem, ptr, len, "the field name")?;
-            Ok(event_number(st.input(), &key).unwrap_or(f64::NAN))
+            let key = text_ref(mem, ptr, len, "the field name")?;
+            Ok(event_number(st.input(), key).unwrap_or(f64::NAN))
         },
     )?;
     l.func_wrap(
@@ -647,8 +653,8 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         "event_string",
         |mut c: Cx<'_>, ptr: i32, len: i32, out: i32, cap: i32| {
             let (mem, st) = memory(&mut c)?;
-            let key = text(mem, ptr, len, "the field name")?;
-            let value = event_string(st.input(), &key);
+            let key = text_ref(mem, ptr, len, "the field name")?;
+            let value = event_string(st.input(), key);
             copy_out(mem, out, cap, value.as_ref().map(|v| v.as_bytes()))
         },
     )?;
