@@ -39,8 +39,8 @@ fn input() -> Input {
     };
     Input {
         trigger: TriggerKind::Topic,
-        topic: e.topic(),
-        device: e.machine.to_string(),
+        topic: e.topic().into(),
+        device: e.machine.to_string().into(),
         ts_ms: e.ts_ms,
         event: Some(EventRef::new(e)),
         payload: None,

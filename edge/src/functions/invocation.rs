@@ -48,10 +48,11 @@ impl TriggerKind {
 pub struct Input {
     /// What triggered it.
     pub trigger: TriggerKind,
-    /// The MQTT topic (empty for schedules).
-    pub topic: String,
+    /// The MQTT topic (empty for schedules). Shared: the events of one machine and kind in a
+    /// batch hold the same string.
+    pub topic: Arc<str>,
     /// The device's machine, `site/line/machine` (empty when not from a device).
-    pub device: String,
+    pub device: Arc<str>,
     /// The event's timestamp, or the scheduled time, Unix ms.
     pub ts_ms: i64,
     /// The decoded event, when the trigger is one.
@@ -78,11 +79,11 @@ impl Input {
         }
     }
 
-    pub(super) fn from_event(e: EventRef, topic: String) -> Self {
+    pub(super) fn from_event(e: EventRef, (topic, device): (Arc<str>, Arc<str>)) -> Self {
         Self {
             trigger: TriggerKind::Topic,
             topic,
-            device: e.machine.to_string(),
+            device,
             ts_ms: e.ts_ms,
             event: Some(e),
             payload: None,
@@ -101,6 +102,23 @@ impl Input {
             (TriggerKind::Schedule, None, None) => format!("schedule-{}", self.ts_ms),
             _ => String::new(),
         }
+    }
+}
+
+/// The topic and device strings of events, made once per machine and kind (a batch of
+/// thousands of events from a few machines allocates a few strings, not two per event).
+#[derive(Debug, Default)]
+pub(super) struct Names(
+    std::collections::HashMap<(MachineId, millrace_shared::EventKind), (Arc<str>, Arc<str>)>,
+);
+
+impl Names {
+    pub(super) fn of(&mut self, e: &Event) -> (Arc<str>, Arc<str>) {
+        let key = (e.machine.clone(), e.kind());
+        self.0
+            .entry(key)
+            .or_insert_with(|| (e.topic().into(), e.machine.to_string().into()))
+            .clone()
     }
 }
 

@@ -262,6 +262,7 @@ impl Reader {
         let mut pending: Vec<Input> = Vec::new();
         let mut queued_ms = 0;
         let mut records = vec![];
+        let mut names = super::invocation::Names::default();
         for (index, e) in events.iter().enumerate() {
             if self.done() || started.elapsed() >= BATCH_TIME || self.d.stats.paused(Instant::now())
             {
@@ -285,7 +286,7 @@ impl Reader {
                     batch: events.clone(),
                     index,
                 },
-                e.topic(),
+                names.of(e),
             );
             input.log_seq = Some(seq);
             if pending.is_empty() {

@@ -333,6 +333,7 @@ impl Functions {
                     ..Default::default()
                 };
                 let mut records = vec![];
+                let mut names = super::invocation::Names::default();
                 let started = Instant::now();
                 let chunk_end = (at + CHUNK_EVENTS).min(events.len());
                 while at < chunk_end && !stopped() && started.elapsed() < CHUNK_TIME {
@@ -345,7 +346,7 @@ impl Functions {
                                     batch: events.clone(),
                                     index,
                                 },
-                                e.topic(),
+                                names.of(e),
                             );
                             input.trigger = TriggerKind::Replay;
                             input.replay_at = Some((w, index as u64));

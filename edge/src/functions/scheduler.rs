@@ -39,8 +39,8 @@ impl Functions {
             *next = next_occurrence(cron, now_ms);
             let input = Input {
                 trigger: TriggerKind::Schedule,
-                topic: String::new(),
-                device: String::new(),
+                topic: "".into(),
+                device: "".into(),
                 ts_ms: due,
                 event: None,
                 payload: Some(Arc::new(

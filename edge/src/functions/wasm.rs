@@ -503,9 +503,9 @@ impl InputPart<'_> {
 /// Part 0 the topic, 1 the payload, 2 the device, 3 the trigger kind, 4 the trigger's id.
 fn input_part(st: &mut HostState, part: i32) -> Option<InputPart<'_>> {
     Some(match part {
-        0 => InputPart::Text(&st.input().topic),
+        0 => InputPart::Text(st.input().topic.as_ref()),
         1 => InputPart::Payload(st.payload()),
-        2 => InputPart::Text(&st.input().device),
+        2 => InputPart::Text(st.input().device.as_ref()),
         3 => InputPart::Text(st.input().trigger.as_str()),
         4 => InputPart::Owned(st.input().trigger_id()),
         _ => return None,

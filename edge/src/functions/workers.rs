@@ -204,12 +204,11 @@ impl Functions {
             trigger: TriggerKind::Manual,
             device: event
                 .as_ref()
-                .map(|e| e.machine.to_string())
-                .unwrap_or_default(),
+                .map_or_else(|| "".into(), |e| e.machine.to_string().into()),
             ts_ms: event
                 .as_ref()
                 .map_or_else(|| self.inner.clock.now_ms(), |e| e.ts_ms),
-            topic,
+            topic: topic.into(),
             event,
             payload: Some(Arc::new(payload)),
             log_seq: None,
@@ -329,8 +328,8 @@ impl Inner {
             function: spec.name.clone(),
             version: spec.version,
             trigger: input.trigger,
-            topic: input.topic.clone(),
-            device: input.device.clone(),
+            topic: input.topic.to_string(),
+            device: input.device.to_string(),
             event_ts_ms: input.ts_ms,
             started_ms,
             queued_us: queued.as_micros() as u64,
