@@ -334,9 +334,10 @@ pub struct FunctionsConfig {
     pub default_timeout: Duration,
     /// Default memory cap of one invocation, MiB.
     pub default_memory_mib: u32,
-    /// Default invocations of one function running at once.
+    /// Default scheduled and manual invocations of one function running at once.
     pub default_concurrency: u32,
-    /// Default queue bound per function: triggers beyond it are dropped and counted.
+    /// Default queue bound per function for scheduled and manual triggers (beyond it a manual
+    /// call is refused and a scheduled run dropped, counted; topic triggers wait in the log).
     pub default_queue: u32,
     /// Largest module accepted, bytes.
     pub max_module_bytes: usize,
