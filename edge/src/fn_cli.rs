@@ -323,7 +323,13 @@ pub(crate) struct ReplayArgs {
     pub(crate) json: bool,
 }
 
-async fn call(req: reqwest::RequestBuilder, api_key: Option<&str>) -> anyhow::Result<Value> {
+/// Sends a request to the edge's API (with the API key, if any); its JSON answer (`None` for
+/// an empty one), or an error saying what the edge answered.
+pub(crate) async fn call(
+    req: reqwest::RequestBuilder,
+    api_key: Option<&str>,
+    url: &str,
+) -> anyhow::Result<Option<Value>> {
     let req = match api_key {
         Some(k) => req.bearer_auth(k),
         None => req,
@@ -331,13 +337,18 @@ async fn call(req: reqwest::RequestBuilder, api_key: Option<&str>) -> anyhow::Re
     let resp = req
         .send()
         .await
-        .context("cannot reach the edge (is it running? --url)")?;
+        .with_context(|| format!("cannot reach the edge at {url} (is it running? --url)"))?;
     let status = resp.status();
-    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    let text = resp.text().await.unwrap_or_default();
+    let json: Option<Value> = serde_json::from_str(&text).ok();
     if !status.is_success() {
-        bail!("{status}: {}", v["error"].as_str().unwrap_or("no details"));
+        let msg = json
+            .as_ref()
+            .and_then(|j| j["error"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        bail!("{status}: {msg}");
     }
-    Ok(v)
+    Ok(json)
 }
 
 /// `fn replay`: starts (or cancels) a replay and follows it with a progress bar until it ends;
@@ -345,13 +356,16 @@ async fn call(req: reqwest::RequestBuilder, api_key: Option<&str>) -> anyhow::Re
 pub(crate) async fn replay(
     http: &reqwest::Client,
     base: &str,
-    api_key: Option<&str>,
+    (edge, api_key): (&str, Option<&str>),
     name: &str,
     a: ReplayArgs,
 ) -> anyhow::Result<()> {
+    let call = |req| async move {
+        Ok::<_, anyhow::Error>(call(req, api_key, edge).await?.unwrap_or(Value::Null))
+    };
     let url = format!("{base}/functions/{name}/replay");
     if a.cancel {
-        let v = call(http.delete(&url), api_key).await?;
+        let v = call(http.delete(&url)).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
@@ -364,7 +378,7 @@ pub(crate) async fn replay(
     }
     let mut q = vec![("from", a.from.unwrap_or_default())];
     q.extend(a.to.map(|t| ("to", t)));
-    let started = call(http.post(&url).query(&q), api_key).await?;
+    let started = call(http.post(&url).query(&q)).await?;
     if a.detach {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&started)?);
@@ -390,13 +404,13 @@ pub(crate) async fn replay(
     let status = loop {
         tokio::select! {
             _ = &mut ctrl_c => {
-                let v = call(http.delete(&url), api_key).await?;
+                let v = call(http.delete(&url)).await?;
                 bar.abandon_with_message(format!("{name}: cancelled"));
                 break v;
             }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        let r = call(http.get(&info_url), api_key).await?["replay"].clone();
+        let r = call(http.get(&info_url)).await?["replay"].clone();
         if let Some(t) = r["events_total"].as_u64() {
             bar.set_length(t);
             bar.set_message(format!("{name}: replaying"));

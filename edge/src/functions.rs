@@ -107,6 +107,24 @@ struct Deployed {
     stats: Arc<FunctionStats>,
 }
 
+impl Deployed {
+    /// Whether a device event of `machine` and `kind` matches the function's topic filters.
+    fn matches(
+        &self,
+        machine: &millrace_shared::MachineId,
+        kind: millrace_shared::EventKind,
+    ) -> bool {
+        let levels = [
+            millrace_shared::topic::TOPIC_ROOT,
+            machine.site.as_str(),
+            machine.line.as_str(),
+            machine.machine.as_str(),
+            kind.as_str(),
+        ];
+        self.filters.iter().any(|f| f.matches_levels(&levels))
+    }
+}
+
 struct Inner {
     engine: Arc<dyn FunctionEngine>,
     store: Arc<Store>,
@@ -242,6 +260,24 @@ impl Functions {
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    /// The lease of a function's name (held while a batch of its triggers or replay runs).
+    fn lease(&self, name: &str) -> Arc<Mutex<()>> {
+        self.inner
+            .leases
+            .lock()
+            .expect("leases")
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Keeps a started thread, to join on shutdown (forgetting those that ended).
+    fn own_thread(&self, thread: std::thread::JoinHandle<()>) {
+        let mut threads = self.inner.threads.lock().expect("threads");
+        threads.retain(|t| !t.is_finished());
+        threads.push(thread);
     }
 
     fn deployed(&self, name: &str) -> Result<Arc<Deployed>, FunctionError> {

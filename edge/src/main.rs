@@ -223,7 +223,7 @@ async fn fn_command(
         return fn_cli::replay(
             &http,
             &base,
-            api_key,
+            (url, api_key),
             &name,
             fn_cli::ReplayArgs {
                 from,
@@ -326,25 +326,7 @@ async fn fn_command(
             http.get(format!("{base}/functions/{name}/kv")).query(&q)
         }
     };
-    let req = match api_key {
-        Some(k) => req.bearer_auth(k),
-        None => req,
-    };
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the edge at {url} (is it running? --url)"))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
-    if !status.is_success() {
-        let msg = json
-            .as_ref()
-            .and_then(|j| j["error"].as_str().map(str::to_owned))
-            .unwrap_or(text);
-        bail!("{status}: {msg}");
-    }
-    match json {
+    match fn_cli::call(req, api_key, url).await? {
         Some(j) if json_out => println!("{}", serde_json::to_string_pretty(&j)?),
         Some(j) => println!("{}", fn_cli::render(shown, name.as_deref(), &j)),
         None if json_out => {}

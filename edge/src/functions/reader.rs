@@ -109,14 +109,7 @@ impl Functions {
         compiled: &Arc<dyn Compiled>,
     ) -> Result<(), FunctionError> {
         let name = d.spec.lock().expect("spec").name.clone();
-        let lease = self
-            .inner
-            .leases
-            .lock()
-            .expect("leases")
-            .entry(name.clone())
-            .or_default()
-            .clone();
+        let lease = self.lease(&name);
         let (inner, d, compiled) = (self.inner.clone(), d.clone(), compiled.clone());
         let thread = std::thread::Builder::new()
             .name(format!("fn-{name}-log"))
@@ -136,9 +129,7 @@ impl Functions {
                 reader.run(&lease);
             })
             .map_err(|e| FunctionError::Runtime(e.to_string()))?;
-        let mut threads = self.inner.threads.lock().expect("threads");
-        threads.retain(|t| !t.is_finished());
-        threads.push(thread);
+        self.own_thread(thread);
         Ok(())
     }
 }
@@ -270,15 +261,7 @@ impl Reader {
             }
             let seq = seqs[index];
             next = seq + 1;
-            let m = &e.machine;
-            let levels = [
-                millrace_shared::topic::TOPIC_ROOT,
-                m.site.as_str(),
-                m.line.as_str(),
-                m.machine.as_str(),
-                e.kind().as_str(),
-            ];
-            if !self.d.filters.iter().any(|f| f.matches_levels(&levels)) {
+            if !self.d.matches(&e.machine, e.kind()) {
                 continue;
             }
             let mut input = Input::from_event(

@@ -364,8 +364,8 @@ impl Functions {
             job.cancel();
         }
         // Wait for its reader's (and replay's) batch: nothing it commits may outlive the delete.
-        let lease = self.inner.leases.lock().expect("leases").get(name).cloned();
-        let _lease = lease.as_ref().map(|l| l.lock().expect("lease"));
+        let lease = self.lease(name);
+        let _lease = lease.lock().expect("lease");
         self.inner.store.delete_function(name)?;
         self.inner.registry.write().expect("registry").remove(name);
         tracing::info!(function = %name, "function deleted");

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use millrace_shared::{Event, EventKind, MachineId};
+use millrace_shared::Event;
 use serde::{Deserialize, Serialize};
 
 use super::reader::BatchKv;
 use super::workers::WorkerMetrics;
-use super::{Deployed, EventRef, FunctionError, Functions, Input, TriggerKind};
+use super::{EventRef, FunctionError, Functions, Input, TriggerKind};
 use crate::store::FunctionCommit;
 
 /// Store window read at once.
@@ -91,17 +91,6 @@ impl ReplayJob {
     }
 }
 
-fn wanted(d: &Deployed, machine: &MachineId, kind: EventKind) -> bool {
-    let levels = [
-        millrace_shared::topic::TOPIC_ROOT,
-        machine.site.as_str(),
-        machine.line.as_str(),
-        machine.machine.as_str(),
-        kind.as_str(),
-    ];
-    d.filters.iter().any(|f| f.matches_levels(&levels))
-}
-
 impl Functions {
     /// Starts replaying a function over stored history `[from_ms, to_ms)` (`to_ms` defaults to
     /// now). Refuses a range that is empty, reversed or in the future, a function without
@@ -171,14 +160,7 @@ impl Functions {
     /// Cancels a running replay (it stops after the invocation it runs, keeping what it did).
     pub fn cancel_replay(&self, name: &str) -> Result<ReplayStatus, FunctionError> {
         self.deployed(name)?;
-        let job = self
-            .inner
-            .replays
-            .lock()
-            .expect("replays")
-            .get(name)
-            .cloned();
-        match job {
+        match self.replay_job(name) {
             Some(j) if j.status().state.active() => {
                 j.cancel.store(true, Ordering::Relaxed);
                 Ok(j.status())
@@ -191,14 +173,16 @@ impl Functions {
 
     /// The function's current or last replay.
     pub fn replay_status(&self, name: &str) -> Option<ReplayStatus> {
-        let job = self
-            .inner
+        self.replay_job(name).map(|j| j.status())
+    }
+
+    fn replay_job(&self, name: &str) -> Option<Arc<ReplayJob>> {
+        self.inner
             .replays
             .lock()
             .expect("replays")
             .get(name)
-            .cloned();
-        job.map(|j| j.status())
+            .cloned()
     }
 
     /// Resumes the replays a stop interrupted, and remembers the last one of each function.
@@ -263,9 +247,7 @@ impl Functions {
                 *job.status.lock().expect("replay status") = s;
             })
             .map_err(|e| FunctionError::Runtime(e.to_string()))?;
-        let mut threads = self.inner.threads.lock().expect("threads");
-        threads.retain(|t| !t.is_finished());
-        threads.push(thread);
+        self.own_thread(thread);
         Ok(())
     }
 
@@ -294,25 +276,18 @@ impl Functions {
                 if stopped() {
                     return Ok(ReplayState::Cancelled);
                 }
-                total += store.history_len(w, end, |m, k| wanted(&d, m, k))?;
+                total += store.history_len(w, end, |m, k| d.matches(m, k))?;
             }
             status.events_total = Some(total);
             status.state = ReplayState::Running;
             *job.status.lock().expect("replay status") = status.clone();
         }
-        let lease = self
-            .inner
-            .leases
-            .lock()
-            .expect("leases")
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
+        let lease = self.lease(name);
         let mut m = WorkerMetrics::new(name);
         let windows: Vec<(i64, i64)> = Self::windows(status.window_ms, status.to_ms).collect();
         for (w, end) in windows {
             let d = self.deployed(name)?;
-            let events: Arc<Vec<Event>> = Arc::new(store.history(w, end, |m, k| wanted(&d, m, k))?);
+            let events: Arc<Vec<Event>> = Arc::new(store.history(w, end, |m, k| d.matches(m, k))?);
             let mut at = status.window_done as usize;
             loop {
                 if stopped() {

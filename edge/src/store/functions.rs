@@ -65,8 +65,13 @@ impl Store {
 
     /// Every stored function spec, by name.
     pub fn function_specs(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.per_function(b's')
+    }
+
+    /// Every `{tag}/{name}` record of the `functions` family, by name.
+    pub(super) fn per_function(&self, tag: u8) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut ro = ReadOptions::default();
-        ro.set_iterate_range(b"s/".to_vec()..b"s0".to_vec());
+        ro.set_iterate_range(vec![tag, b'/']..vec![tag, b'0']);
         let mut out = vec![];
         for item in self
             .db
@@ -148,17 +153,7 @@ impl Store {
 
     /// Every function's last replay progress, by name.
     pub fn replays(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_range(b"p/".to_vec()..b"p0".to_vec());
-        let mut out = vec![];
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_FUNCTIONS), ro, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            out.push((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()));
-        }
-        Ok(out)
+        self.per_function(b'p')
     }
 
     /// Adds a replay's progress to a batch.

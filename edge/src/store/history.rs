@@ -18,24 +18,14 @@ impl Store {
         to_ms: i64,
         want: impl Fn(&MachineId, EventKind) -> bool,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut series: HashMap<MachineId, Vec<(String, String)>> = HashMap::new();
-        for s in self.series() {
-            if let Ok(key) = s.name.parse::<SeriesKey>() {
-                series
-                    .entry(key.machine)
-                    .or_default()
-                    .push((key.metric.to_string(), s.unit));
-            }
-        }
         let mut out = vec![];
-        for (machine, metrics) in &series {
+        for (machine, metrics) in &self.series_by_machine() {
             if !want(machine, EventKind::Telemetry) {
                 continue;
             }
             let mut at: BTreeMap<i64, Vec<Reading>> = BTreeMap::new();
-            for (metric, unit) in metrics {
-                let name = format!("{machine}/{metric}");
-                for (ts, value) in self.points(&name, from_ms, to_ms)?.unwrap_or_default() {
+            for (name, metric, unit) in metrics {
+                for (ts, value) in self.points(name, from_ms, to_ms)?.unwrap_or_default() {
                     at.entry(ts).or_default().push(Reading {
                         name: metric.as_str().into(),
                         value,
@@ -50,19 +40,7 @@ impl Store {
                 body: EventBody::Telemetry(Telemetry { readings }),
             }));
         }
-        let kinds = [EventKind::State, EventKind::Part, EventKind::Operator];
-        for name in self.machines() {
-            let Ok(machine) = name.parse::<MachineId>() else {
-                continue;
-            };
-            if !kinds.iter().any(|k| want(&machine, *k)) {
-                continue;
-            }
-            let events = self
-                .events(&machine, from_ms, to_ms, None, usize::MAX)?
-                .unwrap_or_default();
-            out.extend(events.into_iter().filter(|e| want(&e.machine, e.kind())));
-        }
+        out.extend(self.stored_events(from_ms, to_ms, &want)?);
         out.sort_by(|a, b| {
             (
                 a.ts_ms,
@@ -92,26 +70,47 @@ impl Store {
         to_ms: i64,
         want: impl Fn(&MachineId, EventKind) -> bool,
     ) -> Result<u64, StoreError> {
-        let mut series: HashMap<MachineId, Vec<String>> = HashMap::new();
-        for s in self.series() {
-            if let Ok(key) = s.name.parse::<SeriesKey>() {
-                series.entry(key.machine).or_default().push(s.name);
-            }
-        }
         let mut total = 0u64;
-        for (machine, names) in &series {
+        for (machine, metrics) in &self.series_by_machine() {
             if !want(machine, EventKind::Telemetry) {
                 continue;
             }
             // One event per instant with a reading of any of the machine's series.
             let mut instants: HashSet<i64> = HashSet::new();
-            for name in names {
+            for (name, _, _) in metrics {
                 let points = self.points(name, from_ms, to_ms)?.unwrap_or_default();
                 instants.extend(points.into_iter().map(|(ts, _)| ts));
             }
             total += instants.len() as u64;
         }
+        total += self.stored_events(from_ms, to_ms, &want)?.len() as u64;
+        Ok(total)
+    }
+
+    /// Each machine's telemetry series: (name, metric, unit).
+    fn series_by_machine(&self) -> HashMap<MachineId, Vec<(String, String, String)>> {
+        let mut series: HashMap<MachineId, Vec<(String, String, String)>> = HashMap::new();
+        for s in self.series() {
+            if let Ok(key) = s.name.parse::<SeriesKey>() {
+                let metric = key.metric.to_string();
+                series
+                    .entry(key.machine)
+                    .or_default()
+                    .push((s.name, metric, s.unit));
+            }
+        }
+        series
+    }
+
+    /// The state, part and operator events of `[from_ms, to_ms)` that `want` accepts.
+    fn stored_events(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        want: &impl Fn(&MachineId, EventKind) -> bool,
+    ) -> Result<Vec<Event>, StoreError> {
         let kinds = [EventKind::State, EventKind::Part, EventKind::Operator];
+        let mut out = vec![];
         for name in self.machines() {
             let Ok(machine) = name.parse::<MachineId>() else {
                 continue;
@@ -122,9 +121,9 @@ impl Store {
             let events = self
                 .events(&machine, from_ms, to_ms, None, usize::MAX)?
                 .unwrap_or_default();
-            total += events.iter().filter(|e| want(&e.machine, e.kind())).count() as u64;
+            out.extend(events.into_iter().filter(|e| want(&e.machine, e.kind())));
         }
-        Ok(total)
+        Ok(out)
     }
 }
 

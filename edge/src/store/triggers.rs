@@ -310,24 +310,16 @@ impl Store {
 
     /// Every function's cursor, by name.
     pub fn function_cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_range(b"c/".to_vec()..b"c0".to_vec());
-        let mut out = vec![];
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_FUNCTIONS), ro, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let seq = <[u8; 8]>::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
-                cf: CF_FUNCTIONS,
-                reason: "a cursor is not 8 bytes".into(),
-            })?;
-            out.push((
-                String::from_utf8_lossy(&k[2..]).into_owned(),
-                u64::from_be_bytes(seq),
-            ));
-        }
-        Ok(out)
+        self.per_function(b'c')?
+            .into_iter()
+            .map(|(name, v)| {
+                let seq = <[u8; 8]>::try_from(v.as_slice()).map_err(|_| StoreError::Corrupt {
+                    cf: CF_FUNCTIONS,
+                    reason: format!("cursor of {name} is not 8 bytes"),
+                })?;
+                Ok((name, u64::from_be_bytes(seq)))
+            })
+            .collect()
     }
 
     /// Gives a function a cursor at the log's end (it sees events stored from now on) unless it
