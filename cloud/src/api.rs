@@ -54,7 +54,16 @@ pub struct ApiState {
     pub commits: Arc<tokio::sync::watch::Sender<u64>>,
     /// Master data (config, then edits through the API, persisted in the data directory).
     pub master: Arc<std::sync::RwLock<Master>>,
+    /// What each edge last reported of its functions (with each sync batch).
+    pub functions: FunctionReports,
 }
+
+/// Per edge: when its last function figures arrived (Unix ms) and the figures.
+pub type FunctionReports = Arc<
+    std::sync::Mutex<
+        std::collections::BTreeMap<String, (i64, Vec<millrace_shared::FunctionReport>)>,
+    >,
+>;
 
 impl ApiState {
     /// What a report runs on, to move onto a blocking thread: the dataset and a copy of the

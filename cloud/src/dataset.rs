@@ -100,11 +100,18 @@ pub enum Table {
     Events,
     /// Good, scrap and rework parts per machine and minute (a rollup of the part events).
     PartCounts,
+    /// One row per alert an edge function raised.
+    Alerts,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 3] = [Table::Telemetry, Table::Events, Table::PartCounts];
+    pub const ALL: [Table; 4] = [
+        Table::Telemetry,
+        Table::Events,
+        Table::PartCounts,
+        Table::Alerts,
+    ];
 
     /// Directory name.
     pub const fn as_str(self) -> &'static str {
@@ -112,6 +119,7 @@ impl Table {
             Self::Telemetry => "telemetry",
             Self::Events => "events",
             Self::PartCounts => "part_counts",
+            Self::Alerts => "alerts",
         }
     }
 }

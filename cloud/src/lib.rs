@@ -135,6 +135,7 @@ impl Cloud {
             started,
             commits: Arc::new(commits),
             master: Arc::new(std::sync::RwLock::new(reports::Master::load(&cfg))),
+            functions: Default::default(),
         };
         tasks.spawn({
             let stop = stop.clone();

@@ -6,7 +6,7 @@ use millrace_shared::{MachineId, TopicError};
 use polars::prelude::*;
 
 use crate::dataset::{Dataset, DatasetError, Table};
-use crate::schema::{events, part_counts, telemetry};
+use crate::schema::{alerts, events, part_counts, telemetry};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -47,6 +47,10 @@ pub struct Scope {
     pub metric: Option<String>,
     /// Only this event kind (`state`, `part`, `operator`).
     pub kind: Option<String>,
+    /// Alerts: only this function's.
+    pub function: Option<String>,
+    /// Alerts: only this severity.
+    pub severity: Option<String>,
 }
 
 /// A checked time range and row filter.
@@ -142,6 +146,22 @@ impl Selection {
                 )));
             }
             p = and(p, col(events::KIND).eq(lit(k.clone())));
+        }
+        if let Some(f) = &scope.function {
+            if millrace_shared::topic::validate_id("function", f).is_err() {
+                return Err(QueryError::Invalid(format!(
+                    "`function` = `{f}` is not a valid function name (1 to 64 of A-Z a-z 0-9 _ -)"
+                )));
+            }
+            p = and(p, col(alerts::FUNCTION).eq(lit(f.clone())));
+        }
+        if let Some(v) = &scope.severity {
+            if !millrace_shared::alert::SEVERITIES.contains(&v.as_str()) {
+                return Err(QueryError::Invalid(format!(
+                    "`severity` = `{v}`: expected info, warning or critical"
+                )));
+            }
+            p = and(p, col(alerts::SEVERITY).eq(lit(v.clone())));
         }
         Ok(Selection {
             from_ms,

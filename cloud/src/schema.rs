@@ -129,3 +129,51 @@ pub(crate) mod part_counts {
     /// Every column, in file order.
     pub(crate) const COLUMNS: &[&str] = &[SITE, LINE, MACHINE, MINUTE, GOOD, SCRAP, REWORK];
 }
+
+/// `alerts`: one row per alert an edge function raised (site, line and machine are null when
+/// the trigger did not come from a machine: scheduled and manual runs).
+pub(crate) mod alerts {
+    pub(crate) use super::{BACKFILL, EDGE, LINE, MACHINE, OUTBOX_SEQ, RECEIVED_AT, SITE, TS};
+    /// The alert's stable id (`{function}:{trigger id}:{n}`).
+    pub(crate) const ID: &str = "id";
+    /// The function that raised it.
+    pub(crate) const FUNCTION: &str = "function";
+    /// The function's version.
+    pub(crate) const VERSION: &str = "version";
+    /// `info`, `warning` or `critical`.
+    pub(crate) const SEVERITY: &str = "severity";
+    /// The function's message.
+    pub(crate) const MESSAGE: &str = "message";
+    /// What triggered the invocation: `topic`, `schedule`, `manual` or `replay`.
+    pub(crate) const TRIGGER: &str = "trigger";
+    /// The triggering event's MQTT topic (null when not from a device).
+    pub(crate) const TOPIC: &str = "topic";
+    /// The triggering event's time (or the scheduled time).
+    pub(crate) const EVENT_TS: &str = "event_ts";
+    /// The partition directory of alerts without a site.
+    pub(crate) const NO_SITE: &str = "__HIVE_DEFAULT_PARTITION__";
+    /// Every column, in file order.
+    pub(crate) const COLUMNS: &[&str] = &[
+        SITE,
+        LINE,
+        MACHINE,
+        TS,
+        ID,
+        FUNCTION,
+        VERSION,
+        SEVERITY,
+        MESSAGE,
+        TRIGGER,
+        TOPIC,
+        EVENT_TS,
+        EDGE,
+        OUTBOX_SEQ,
+        BACKFILL,
+        RECEIVED_AT,
+    ];
+    /// The columns the API returns: all but when the cloud received the row.
+    pub(crate) const API_COLUMNS: &[&str] = match COLUMNS.split_last() {
+        Some((_, served)) => served,
+        None => &[],
+    };
+}

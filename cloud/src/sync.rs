@@ -7,13 +7,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use millrace_shared::sync::{RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
+use millrace_shared::sync::{
+    AlertItem, RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError,
+};
 use millrace_shared::{EventBody, PartOutcome};
 use polars::prelude::*;
 use serde::Serialize;
 
 use crate::dataset::{Dataset, DatasetError, Table};
-use crate::schema::{events, part_counts, telemetry};
+use crate::schema::{alerts, events, part_counts, telemetry};
 
 const MINUTE_MS: i64 = 60_000;
 const DAY_MS: i64 = 86_400_000;
@@ -51,14 +53,15 @@ impl From<PolarsError> for SyncError {
 }
 
 /// Decodes the body an edge sent (`edge`: the edge its token belongs to), and stores it durably
-/// and once. Blocks (decompression, Parquet, fsync): call it off the async runtime.
+/// and once. Returns the acknowledgement and the function figures the batch reported. Blocks
+/// (decompression, Parquet, fsync): call it off the async runtime.
 pub fn receive(
     ds: &Dataset,
     edge: &str,
     body: &[u8],
     max_raw_bytes: usize,
     received_ms: i64,
-) -> Result<SyncAck, SyncError> {
+) -> Result<(SyncAck, Vec<millrace_shared::FunctionReport>), SyncError> {
     let batch = SyncBatch::decode(body, max_raw_bytes)?;
     if batch.edge != edge {
         return Err(SyncError::WrongEdge {
@@ -66,30 +69,44 @@ pub fn receive(
             batch: batch.edge,
         });
     }
-    store(ds, edge, &batch.items, &batch.dropped, received_ms)
+    let ack = if batch.items.is_empty() && batch.alerts.is_empty() && batch.dropped.is_empty() {
+        // Only the functions' figures: nothing to commit.
+        SyncAck {
+            stored: 0,
+            duplicates: 0,
+            points: 0,
+        }
+    } else {
+        store(
+            ds,
+            edge,
+            &batch.items,
+            &batch.alerts,
+            &batch.dropped,
+            received_ms,
+        )?
+    };
+    Ok((ack, batch.functions))
 }
 
-/// Stores the items of a decoded batch from `edge` (and the ranges it reported `dropped`)
-/// durably; items already held are skipped and counted. Blocks.
+/// Stores the items and alerts of a decoded batch from `edge` (and the ranges it reported
+/// `dropped`) durably; those already held are skipped and counted. Blocks.
 pub fn store(
     ds: &Dataset,
     edge: &str,
     items: &[SyncItem],
+    alert_items: &[AlertItem],
     dropped: &[SeqRange],
     received_ms: i64,
 ) -> Result<SyncAck, SyncError> {
     let mut commit = ds.begin_commit(edge);
-    let (fresh, duplicates) = commit.with_held(|held| {
+    let (fresh, fresh_alerts, duplicates) = commit.with_held(|held| {
         let mut seen = HashSet::new();
-        let (mut fresh, mut dup) = (vec![], 0u64);
-        for it in items {
-            if held.is_some_and(|h| h.contains(it.seq)) || !seen.insert(it.seq) {
-                dup += 1;
-            } else {
-                fresh.push(it);
-            }
-        }
-        (fresh, dup)
+        let mut new = |seq: u64| !held.is_some_and(|h| h.contains(seq)) && seen.insert(seq);
+        let fresh: Vec<&SyncItem> = items.iter().filter(|it| new(it.seq)).collect();
+        let fresh_alerts: Vec<&AlertItem> = alert_items.iter().filter(|a| new(a.seq)).collect();
+        let dup = (items.len() - fresh.len() + alert_items.len() - fresh_alerts.len()) as u64;
+        (fresh, fresh_alerts, dup)
     });
     let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
     // By day (days since 1970), then machine and minute.
@@ -171,18 +188,100 @@ pub fn store(
             commit.write(Table::PartCounts, date.clone(), site, &mut df)?;
         }
     }
-    let mut seqs = RangeSet::default();
-    seqs.extend(fresh.iter().map(|it| it.seq));
-    let machines: BTreeSet<String> = fresh
+    let mut by_partition: BTreeMap<(String, String), Vec<&AlertItem>> = BTreeMap::new();
+    let mut machines: BTreeSet<String> = fresh
         .iter()
         .map(|it| it.event.machine.to_string())
         .collect();
+    for a in &fresh_alerts {
+        let site = match a.alert.machine() {
+            Some(m) => {
+                machines.insert(m.to_string());
+                m.site.to_string()
+            }
+            None => alerts::NO_SITE.to_owned(),
+        };
+        by_partition
+            .entry((date_of(a.alert.ts_ms), site))
+            .or_default()
+            .push(a);
+    }
+    for ((date, site), rows) in by_partition {
+        let mut df = alerts_frame(edge, &rows, received_ms)?;
+        commit.write(Table::Alerts, date, &site, &mut df)?;
+    }
+    let mut seqs = RangeSet::default();
+    seqs.extend(fresh.iter().map(|it| it.seq));
+    seqs.extend(fresh_alerts.iter().map(|a| a.seq));
     commit.finish(&seqs, dropped, machines.into_iter().collect(), received_ms)?;
+    if !fresh_alerts.is_empty() {
+        metrics::counter!("millrace_cloud_alerts_total", "edge" => edge.to_owned())
+            .increment(fresh_alerts.len() as u64);
+    }
     Ok(SyncAck {
-        stored: fresh.len() as u64,
+        stored: (fresh.len() + fresh_alerts.len()) as u64,
         duplicates,
         points,
     })
+}
+
+/// The rows of one alerts partition.
+fn alerts_frame(edge: &str, rows: &[&AlertItem], received_ms: i64) -> PolarsResult<DataFrame> {
+    let n = rows.len();
+    let machines: Vec<Option<millrace_shared::MachineId>> =
+        rows.iter().map(|a| a.alert.machine()).collect();
+    let part = |f: fn(&millrace_shared::MachineId) -> &str| -> Vec<Option<&str>> {
+        machines.iter().map(|m| m.as_ref().map(f)).collect()
+    };
+    let time = |name: &str, v: Vec<i64>| {
+        Column::new(name.into(), v).cast(&DataType::Datetime(TimeUnit::Milliseconds, None))
+    };
+    let text = |name: &str, f: fn(&millrace_shared::Alert) -> &str| {
+        Column::new(
+            name.into(),
+            rows.iter().map(|a| f(&a.alert)).collect::<Vec<_>>(),
+        )
+    };
+    let cols = vec![
+        Column::new(alerts::SITE.into(), part(|m| &m.site)),
+        Column::new(alerts::LINE.into(), part(|m| &m.line)),
+        Column::new(alerts::MACHINE.into(), part(|m| &m.machine)),
+        time(alerts::TS, rows.iter().map(|a| a.alert.ts_ms).collect())?,
+        text(alerts::ID, |a| &a.id),
+        text(alerts::FUNCTION, |a| &a.function),
+        Column::new(
+            alerts::VERSION.into(),
+            rows.iter().map(|a| a.alert.version).collect::<Vec<u32>>(),
+        ),
+        text(alerts::SEVERITY, |a| &a.severity),
+        text(alerts::MESSAGE, |a| &a.message),
+        text(alerts::TRIGGER, |a| &a.trigger),
+        Column::new(
+            alerts::TOPIC.into(),
+            rows.iter()
+                .map(|a| Some(a.alert.topic.as_str()).filter(|t| !t.is_empty()))
+                .collect::<Vec<_>>(),
+        ),
+        time(
+            alerts::EVENT_TS,
+            rows.iter().map(|a| a.alert.event_ts_ms).collect(),
+        )?,
+        Column::new(alerts::EDGE.into(), vec![edge; n]),
+        Column::new(
+            alerts::OUTBOX_SEQ.into(),
+            rows.iter().map(|a| a.seq).collect::<Vec<u64>>(),
+        ),
+        Column::new(
+            alerts::BACKFILL.into(),
+            rows.iter().map(|a| a.backfill).collect::<Vec<bool>>(),
+        ),
+        time(alerts::RECEIVED_AT, vec![received_ms; n])?,
+    ];
+    debug_assert_eq!(
+        cols.iter().map(|c| c.name().as_str()).collect::<Vec<_>>(),
+        alerts::COLUMNS
+    );
+    DataFrame::new(n, cols)
 }
 
 /// Site, line, machine, minute.
@@ -290,7 +389,9 @@ impl<'a> Rows<'a> {
                 Column::new(telemetry::UNIT.into(), self.unit),
                 Column::new(telemetry::VALUE.into(), self.value),
             ]),
-            Table::PartCounts => unreachable!("part counts are not built from rows"),
+            Table::PartCounts | Table::Alerts => {
+                unreachable!("part counts and alerts are not built from rows")
+            }
             Table::Events => cols.extend([
                 Column::new(events::KIND.into(), self.kind),
                 Column::new(events::STATE.into(), self.state),

@@ -10,10 +10,10 @@ use http_body_util::BodyExt;
 use millrace_cloud::api::{ApiState, app};
 use millrace_cloud::config::{CloudConfig, EdgeAuth, token_digest};
 use millrace_cloud::dataset::{Dataset, Table};
-use millrace_shared::sync::{CONTENT_TYPE, SYNC_PATH, SyncBatch, SyncItem};
+use millrace_shared::sync::{AlertItem, CONTENT_TYPE, SYNC_PATH, SyncBatch, SyncItem};
 use millrace_shared::{
-    Event, EventBody, MachineId, MachineState, PartOutcome, PartProduced, Reading, StateChange,
-    Telemetry,
+    Alert, Event, EventBody, FunctionReport, MachineId, MachineState, PartOutcome, PartProduced,
+    Reading, StateChange, Telemetry,
 };
 use serde_json::Value;
 use tower::ServiceExt;
@@ -79,21 +79,21 @@ fn a_batch_sent_twice_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
     let batch = items(1, 3000);
-    let ack = millrace_cloud::sync::store(&ds, "e1", &batch, &[], 1).unwrap();
+    let ack = millrace_cloud::sync::store(&ds, "e1", &batch, &[], &[], 1).unwrap();
     assert_eq!((ack.stored, ack.duplicates), (3000, 0));
     let telemetry = rows(&ds, Table::Telemetry);
     assert_eq!(telemetry, 2 * 2400);
     // The same batch again (a lost acknowledgement), and one overlapping it (rebuilt
     // differently after an edge restart): only the new items are stored.
-    let again = millrace_cloud::sync::store(&ds, "e1", &batch, &[], 2).unwrap();
+    let again = millrace_cloud::sync::store(&ds, "e1", &batch, &[], &[], 2).unwrap();
     assert_eq!((again.stored, again.duplicates), (0, 3000));
-    let overlap = millrace_cloud::sync::store(&ds, "e1", &items(2001, 2000), &[], 3).unwrap();
+    let overlap = millrace_cloud::sync::store(&ds, "e1", &items(2001, 2000), &[], &[], 3).unwrap();
     assert_eq!((overlap.stored, overlap.duplicates), (1000, 1000));
     assert_eq!(rows(&ds, Table::Telemetry), 2 * 3200);
     assert_eq!(rows(&ds, Table::Events), 800);
     // Another edge's seqs are its own.
     assert_eq!(
-        millrace_cloud::sync::store(&ds, "e2", &items(1, 10), &[], 4)
+        millrace_cloud::sync::store(&ds, "e2", &items(1, 10), &[], &[], 4)
             .unwrap()
             .stored,
         10
@@ -112,7 +112,7 @@ fn a_batch_sent_twice_is_stored_once() {
         "e1's and e2's"
     );
     assert_eq!(
-        millrace_cloud::sync::store(&ds, "e1", &batch, &[], 5)
+        millrace_cloud::sync::store(&ds, "e1", &batch, &[], &[], 5)
             .unwrap()
             .stored,
         0
@@ -123,7 +123,7 @@ fn a_batch_sent_twice_is_stored_once() {
 fn an_interrupted_commit_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(1, 100), &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 100), &[], &[], 1).unwrap();
     drop(ds);
     // A crash after writing a file but before the manifest line was complete.
     let orphan = dir
@@ -142,7 +142,7 @@ fn an_interrupted_commit_leaves_nothing_behind() {
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 100)]);
     // The torn line was cut off: the batch is simply taken again.
     assert_eq!(
-        millrace_cloud::sync::store(&ds, "e1", &items(101, 50), &[], 2)
+        millrace_cloud::sync::store(&ds, "e1", &items(101, 50), &[], &[], 2)
             .unwrap()
             .stored,
         50
@@ -156,8 +156,8 @@ fn an_interrupted_commit_leaves_nothing_behind() {
 fn a_damaged_manifest_line_in_the_middle_is_an_error_not_a_silent_loss() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], 1).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(11, 10), &[], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(11, 10), &[], &[], 2).unwrap();
     drop(ds);
     let manifest = dir.path().join("manifest.log");
     let text = std::fs::read_to_string(&manifest).unwrap();
@@ -172,7 +172,8 @@ fn compaction_keeps_every_row_and_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
     for i in 0..6 {
-        millrace_cloud::sync::store(&ds, "e1", &items(1 + i * 100, 100), &[], i as i64).unwrap();
+        millrace_cloud::sync::store(&ds, "e1", &items(1 + i * 100, 100), &[], &[], i as i64)
+            .unwrap();
     }
     let (before_t, before_e) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
     let listed = ds.files(Table::Telemetry, None, None);
@@ -264,10 +265,10 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
     // Batches that end mid-minute, so several commits count the same minute.
     let all = part_items(1, 30_000);
     for chunk in all.chunks(4_321) {
-        millrace_cloud::sync::store(&ds, "e1", chunk, &[], 1).unwrap();
+        millrace_cloud::sync::store(&ds, "e1", chunk, &[], &[], 1).unwrap();
     }
     // A batch sent again counts nothing twice.
-    millrace_cloud::sync::store(&ds, "e1", &all[..5_000], &[], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &all[..5_000], &[], &[], 2).unwrap();
     assert!(rows(&ds, Table::PartCounts) > 0);
     let t0 = 1_767_657_000_000i64;
     let ranges = [
@@ -319,8 +320,8 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
 fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &part_items(1, 5_000), &[], 1).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(5_001, 2_000), &[], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &part_items(1, 5_000), &[], &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(5_001, 2_000), &[], &[], 2).unwrap();
     let t0 = 1_767_600_000_000i64;
     let want = minutes(&ds, t0, t0 + 3 * 86_400_000, false);
     drop(ds);
@@ -357,8 +358,8 @@ fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
 fn dropped_ranges_are_not_gaps() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], 1).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(31, 10), &[(11, 20)], 2).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(31, 10), &[], &[(11, 20)], 2).unwrap();
     let l = &ds.edges()["e1"];
     assert_eq!(l.gaps(), vec![(21, 30)]);
     assert_eq!(l.dropped.len(), 10);
@@ -385,6 +386,7 @@ fn state(dir: &std::path::Path, keys: bool) -> ApiState {
         started: Instant::now(),
         commits: Arc::new(tokio::sync::watch::channel(0).0),
         master: Default::default(),
+        functions: Default::default(),
     }
 }
 
@@ -417,7 +419,7 @@ fn batch(edge: &str, first: u64, n: u64) -> Vec<u8> {
     SyncBatch {
         edge: edge.into(),
         items: items(first, n),
-        dropped: vec![],
+        ..SyncBatch::default()
     }
     .encode()
 }
@@ -731,4 +733,201 @@ async fn a_real_server_takes_a_batch_over_http() {
         "{metrics}"
     );
     cloud.shutdown().await;
+}
+
+/// An alert of function `function` about machine `m` (none: a scheduled run), raised at `ts_ms`.
+fn alert(seq: u64, function: &str, severity: &str, m: Option<u32>, ts_ms: i64) -> AlertItem {
+    let device = m.map(|i| machine(i).to_string()).unwrap_or_default();
+    AlertItem {
+        seq,
+        stored_ms: ts_ms,
+        backfill: false,
+        alert: Alert {
+            id: format!("{function}:{seq}:0"),
+            ts_ms,
+            trigger: if m.is_some() { "topic" } else { "schedule" }.into(),
+            function: function.into(),
+            version: 1,
+            severity: severity.into(),
+            message: format!("alert {seq}"),
+            topic: m
+                .map(|_| format!("factory/{device}/telemetry"))
+                .unwrap_or_default(),
+            device,
+            event_ts_ms: ts_ms - 5,
+        },
+    }
+}
+
+#[tokio::test]
+async fn alerts_are_stored_once_and_queried_by_machine_function_severity_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), true);
+    let t0 = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let alerts: Vec<AlertItem> = (0..40u64)
+        .map(|i| {
+            let (f, sev) = if i % 4 == 0 {
+                ("hourly", "info")
+            } else {
+                ("hot", ["warning", "critical"][(i % 2) as usize])
+            };
+            let m = (f == "hot").then_some((i % 4) as u32);
+            // Outbox seqs interleave with the events' (one counter per edge).
+            alert(1000 + 2 * i, f, sev, m, t0 + i as i64 * 60_000)
+        })
+        .collect();
+    let body = SyncBatch {
+        edge: "e1".into(),
+        items: items(1, 20),
+        alerts: alerts.clone(),
+        ..SyncBatch::default()
+    }
+    .encode();
+    let (st, v) = call(&s, post(Some(TOKEN), body.clone())).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["stored"].as_u64(), v["duplicates"].as_u64()),
+        (Some(60), Some(0))
+    );
+    // Sent again (a lost answer): nothing new.
+    let (st, v) = call(&s, post(Some(TOKEN), body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["stored"].as_u64(), v["duplicates"].as_u64()),
+        (Some(0), Some(60))
+    );
+    assert_eq!(rows(&s.dataset, Table::Alerts), 40);
+
+    let query = |q: &str| {
+        let s = s.clone();
+        let q = q.to_owned();
+        async move { call(&s, get(&format!("/api/v1/alerts?{q}"), Some(READ_KEY))).await }
+    };
+    let (st, v) = query("").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let all = v["alerts"].as_array().unwrap();
+    assert_eq!(all.len(), 40);
+    // Newest first, each once.
+    let ts: Vec<i64> = all.iter().map(|a| a["ts"].as_i64().unwrap()).collect();
+    assert!(ts.windows(2).all(|w| w[0] >= w[1]), "{ts:?}");
+    let ids: std::collections::BTreeSet<&str> =
+        all.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 40);
+    let newest = &all[0];
+    assert_eq!(newest["id"], "hot:1078:0");
+    assert_eq!(newest["severity"], "critical");
+    assert_eq!(newest["machine"], "m3");
+    assert_eq!(newest["site"], "site-1");
+    assert_eq!(newest["topic"], "factory/site-1/line-a/m3/telemetry");
+    assert_eq!(newest["edge"], "e1");
+    assert_eq!(newest["outbox_seq"], 1078);
+    assert_eq!(newest["event_ts"].as_i64(), Some(t0 + 39 * 60_000 - 5));
+    // Scheduled runs' alerts have no machine.
+    let hourly = all.iter().find(|a| a["function"] == "hourly").unwrap();
+    assert!(
+        hourly["machine"].is_null() && hourly["site"].is_null(),
+        "{hourly}"
+    );
+
+    let count = |v: &Value| v["alerts"].as_array().map_or(0, Vec::len);
+    for (q, want) in [
+        ("function=hot", 30),
+        ("function=hourly", 10),
+        ("function=nobody", 0),
+        ("severity=critical", 20),
+        ("function=hot&severity=warning", 10),
+        ("machine=site-1/line-a/m1", 10),
+        ("site=site-1", 20),
+        ("site=site-0&line=line-a&machine=m2", 10),
+        ("limit=7", 7),
+    ] {
+        let (st, v) = query(q).await;
+        assert_eq!(st, StatusCode::OK, "{q}: {v}");
+        assert_eq!(count(&v), want, "{q}");
+    }
+    let from = t0 + 10 * 60_000;
+    let (_, v) = query(&format!("from={from}&to={}", from + 5 * 60_000)).await;
+    assert_eq!(count(&v), 5);
+    let (st, v) = query("format=csv&function=hourly").await;
+    assert_eq!(st, StatusCode::OK);
+    let csv = v.as_str().unwrap();
+    assert!(
+        csv.starts_with("site,line,machine,ts,id,function,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 11);
+
+    // Bad parameters: a clear 400 each.
+    for (q, needle) in [
+        ("severity=fatal", "`severity`"),
+        ("function=no%20spaces", "`function`"),
+        ("kind=part", "`kind` does not apply to alerts"),
+        ("metric=power", "`metric` does not apply to alerts"),
+        (
+            "from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+            "before",
+        ),
+        ("limit=0", "`limit`"),
+        ("bogus=1", "bogus"),
+    ] {
+        let (st, v) = query(q).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{q}: {v}");
+    }
+    let (st, v) = call(&s, get("/api/v1/events?function=hot", Some(READ_KEY))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not apply to events")
+    );
+    let (st, _) = call(&s, get("/api/v1/alerts", None)).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn function_figures_from_edges_show_in_edges_and_metrics_without_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), true);
+    call(&s, post(Some(TOKEN), batch("e1", 1, 10))).await;
+    let manifest = || std::fs::read_to_string(dir.path().join("manifest.log")).unwrap();
+    let before = manifest();
+    // A batch with only the figures (an idle edge).
+    let report = FunctionReport {
+        name: "hot".into(),
+        version: 2,
+        invocations: 1234,
+        failures: 3,
+        skipped: 0,
+        lag_events: 17,
+        lag_ms: 2500,
+    };
+    let body = SyncBatch {
+        edge: "e1".into(),
+        functions: vec![report.clone()],
+        ..SyncBatch::default()
+    }
+    .encode();
+    let (st, v) = call(&s, post(Some(TOKEN), body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["stored"], 0);
+    assert_eq!(manifest(), before, "nothing to commit");
+    let (st, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
+    assert_eq!(st, StatusCode::OK);
+    let f = &v["edges"][0]["functions"][0];
+    assert_eq!(
+        serde_json::from_value::<FunctionReport>(f.clone()).unwrap(),
+        report,
+        "{v}"
+    );
+    let text = s.metrics.render();
+    for line in [
+        "millrace_cloud_edge_function_invocations{edge=\"e1\",function=\"hot\"} 1234",
+        "millrace_cloud_edge_function_failures{edge=\"e1\",function=\"hot\"} 3",
+        "millrace_cloud_edge_function_lag_events{edge=\"e1\",function=\"hot\"} 17",
+        "millrace_cloud_edge_function_lag_seconds{edge=\"e1\",function=\"hot\"} 2.5",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
 }

@@ -311,6 +311,41 @@ impl Functions {
         all.iter().map(|d| self.describe(d)).collect()
     }
 
+    /// Every deployed function's figures as the sync client reports them to the cloud.
+    /// Blocking (reads cursors).
+    pub fn reports(&self) -> Vec<millrace_shared::FunctionReport> {
+        let all: Vec<Arc<Deployed>> = self
+            .inner
+            .registry
+            .read()
+            .expect("registry")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<_> = all
+            .iter()
+            .map(|d| {
+                let (name, version) = {
+                    let spec = d.spec.lock().expect("spec lock");
+                    (spec.name.clone(), spec.version)
+                };
+                let lag = reader::lag(&self.inner.store, &name).ok().flatten();
+                let s = &d.stats;
+                millrace_shared::FunctionReport {
+                    invocations: s.invocations.load(Ordering::Acquire),
+                    failures: s.failures.load(Ordering::Relaxed),
+                    skipped: s.skipped.load(Ordering::Relaxed),
+                    lag_events: lag.as_ref().map_or(0, |l| l.events),
+                    lag_ms: lag.map_or(0, |l| (l.seconds * 1000.0) as u64),
+                    name,
+                    version,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// One deployed function with its counters, lag and queue depth.
     pub fn info(&self, name: &str) -> Result<serde_json::Value, FunctionError> {
         self.describe(&*self.deployed(name)?)

@@ -186,11 +186,15 @@ impl Edge {
             .enabled
             .then(|| Arc::new(sync::SyncStats::default()));
         if let Some(stats) = &sync_stats {
+            let reports: Option<sync::Reports> = functions
+                .clone()
+                .map(|f| Arc::new(move || f.reports()) as sync::Reports);
             let client = sync::SyncClient::new(
                 store.clone(),
                 cfg.sync.clone(),
                 cfg.edge_id.clone(),
                 stats.clone(),
+                reports,
             )
             .map_err(EdgeError::Sync)?;
             tasks.spawn(client.run(stop.clone()));

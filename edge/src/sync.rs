@@ -2,7 +2,8 @@
 //!
 //! One batch at a time, each from one outbox lane and contiguous in it:
 //! 1. state, part and operator events first (few, and what a plant manager needs first);
-//! 2. then telemetry. When telemetry has a backlog (its oldest record is older than
+//! 2. then the alerts functions raised;
+//! 3. then telemetry. When telemetry has a backlog (its oldest record is older than
 //!    `live_window`, e.g. after an outage), records stored after the backlog was noticed are
 //!    sent first ("live"), and the backlog drains behind them. Items sent more than
 //!    `live_window` after they were stored carry the backfill mark.
@@ -11,13 +12,17 @@
 //! does only once the batch is durable; the cloud recognises a re-sent batch by (edge, outbox
 //! seq) and does not store it twice. Failures are retried with exponential backoff and full
 //! jitter; nothing is ever skipped. An optional bandwidth cap spaces batches out.
+//!
+//! Every batch also carries the functions' figures (invocations, failures, lag) as they are
+//! when it is sent; while the outbox is empty, a batch with only those goes out when they
+//! changed (at most every [`REPORT_EVERY`]) and at least every [`REPORT_HEARTBEAT`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use millrace_shared::EventBody;
 use millrace_shared::sync::{CONTENT_TYPE, SYNC_PATH, SyncAck, SyncBatch};
+use millrace_shared::{EventBody, FunctionReport};
 use rand::Rng;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +30,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SyncConfig;
 use crate::store::outbox::{Lane, OutboxRead};
 use crate::store::{Store, StoreError};
+
+/// The functions' figures now (blocking), sent with each batch.
+pub(crate) type Reports = Arc<dyn Fn() -> Vec<FunctionReport> + Send + Sync>;
+
+/// While idle, changed function figures are sent at most this often.
+pub(crate) const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// While idle, function figures are sent at least this often (a restarted cloud learns them).
+pub(crate) const REPORT_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// Why a send failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +146,6 @@ impl SyncStats {
 }
 
 /// The sync client.
-#[derive(Debug)]
 pub(crate) struct SyncClient {
     store: Arc<Store>,
     cfg: SyncConfig,
@@ -143,6 +155,10 @@ pub(crate) struct SyncClient {
     stats: Arc<SyncStats>,
     /// Telemetry from this seq on is live; older is backlog (`None`: no backlog).
     live_from: Option<u64>,
+    /// The functions' figures, when functions run.
+    reports: Option<Reports>,
+    /// The figures the cloud last acknowledged, and when.
+    reported: Mutex<(Vec<FunctionReport>, Option<Instant>)>,
 }
 
 struct Planned {
@@ -158,6 +174,7 @@ impl SyncClient {
         cfg: SyncConfig,
         edge_id: String,
         stats: Arc<SyncStats>,
+        reports: Option<Reports>,
     ) -> Result<Self, SyncError> {
         let http = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
@@ -172,6 +189,23 @@ impl SyncClient {
             url,
             stats,
             live_from: None,
+            reports,
+            reported: Mutex::new((vec![], None)),
+        })
+    }
+
+    /// A batch of only the functions' figures, when they are due (changed and not sent for
+    /// [`REPORT_EVERY`], or not sent for [`REPORT_HEARTBEAT`]).
+    async fn report_due(&self) -> Option<Planned> {
+        let reports = self.reports.clone()?;
+        let now = tokio::task::spawn_blocking(move || reports()).await.ok()?;
+        let (last, at) = &*self.reported.lock().expect("reported lock");
+        let since = at.map_or(Duration::MAX, |t| t.elapsed());
+        let due = (since >= REPORT_EVERY && *last != now) || since >= REPORT_HEARTBEAT;
+        (due && !now.is_empty()).then(|| Planned {
+            lane: Lane::Events,
+            read: OutboxRead::default(),
+            dropped: vec![],
         })
     }
 
@@ -204,23 +238,27 @@ impl SyncClient {
                     }
                 },
             };
-            let Some(plan) = plan else {
-                // Nothing to send: wait for new records, then linger to fill a batch.
-                tokio::select! {
-                    _ = notify.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.cancelled() => break,
-                }
-                tokio::select! { _ = tokio::time::sleep(self.cfg.linger) => {}, _ = stop.cancelled() => break }
-                continue;
+            let plan = match plan {
+                Some(p) => p,
+                None => match self.report_due().await {
+                    Some(p) => p,
+                    None => {
+                        // Nothing to send: wait for new records, then linger to fill a batch.
+                        tokio::select! {
+                            _ = notify.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            _ = stop.cancelled() => break,
+                        }
+                        tokio::select! { _ = tokio::time::sleep(self.cfg.linger) => {}, _ = stop.cancelled() => break }
+                        continue;
+                    }
+                },
             };
             let started = Instant::now();
             let in_flight = plan
                 .read
-                .items
-                .first()
-                .zip(plan.read.items.last())
-                .map(|(a, b)| (plan.lane, a.seq, b.seq, !plan.dropped.is_empty()));
+                .span()
+                .map(|(a, b, _)| (plan.lane, a, b, !plan.dropped.is_empty()));
             let (sent, next) = tokio::join!(self.send(plan), async {
                 // Prefetch only a full pipeline: a small batch means the outbox is caught up.
                 match in_flight {
@@ -296,17 +334,18 @@ impl SyncClient {
                 } else {
                     store.outbox_dropped_unreported()
                 };
-                let events =
-                    store.outbox_read(Lane::Events, 0, max_items, max_bytes, skip(Lane::Events))?;
-                if !events.items.is_empty() {
-                    return Ok((
-                        Some(Planned {
-                            lane: Lane::Events,
-                            read: events,
-                            dropped,
-                        }),
-                        live_from,
-                    ));
+                for lane in [Lane::Events, Lane::Alerts] {
+                    let read = store.outbox_read(lane, 0, max_items, max_bytes, skip(lane))?;
+                    if !read.is_empty() {
+                        return Ok((
+                            Some(Planned {
+                                lane,
+                                read,
+                                dropped,
+                            }),
+                            live_from,
+                        ));
+                    }
                 }
                 let mut live_from = live_from;
                 if live_from.is_none()
@@ -321,13 +360,13 @@ impl SyncClient {
                 if let Some(l) = live_from {
                     read = store.outbox_read(Lane::Telemetry, l, max_items, max_bytes, t)?;
                 }
-                if read.items.is_empty() {
+                if read.is_empty() {
                     read = store.outbox_read(Lane::Telemetry, 0, max_items, max_bytes, t)?;
-                    if read.items.is_empty() && t.is_none() {
+                    if read.is_empty() && t.is_none() {
                         live_from = None;
                     }
                 }
-                let plan = (!read.items.is_empty() || !dropped.is_empty()).then_some(Planned {
+                let plan = (!read.is_empty() || !dropped.is_empty()).then_some(Planned {
                     lane: Lane::Telemetry,
                     read,
                     dropped,
@@ -350,16 +389,11 @@ impl SyncClient {
     async fn send(&self, plan: Planned) -> Result<u64, SyncError> {
         let now = chrono::Utc::now().timestamp_millis();
         let live_window = self.cfg.live_window.as_millis() as i64;
-        let span = plan
-            .read
-            .items
-            .first()
-            .zip(plan.read.items.last())
-            .map(|(a, b)| (a.seq, b.seq));
-        let n_items = plan.read.items.len() as u64;
+        let span = plan.read.span().map(|(a, b, _)| (a, b));
+        let n_items = plan.read.len() as u64;
         let (read_items, read_bytes) = (n_items, plan.read.bytes);
         let (lane, n_dropped) = (plan.lane, plan.dropped.len());
-        let mut items = plan.read.items;
+        let (mut items, mut alerts) = (plan.read.items, plan.read.alerts);
         let mut points = 0u64;
         for it in &mut items {
             it.backfill = it.backfill || now - it.stored_ms > live_window;
@@ -367,13 +401,23 @@ impl SyncClient {
                 points += t.readings.len() as u64;
             }
         }
-        let batch = SyncBatch {
+        for a in &mut alerts {
+            a.backfill = a.backfill || now - a.stored_ms > live_window;
+        }
+        let mut batch = SyncBatch {
             edge: self.edge_id.clone(),
             items,
+            alerts,
             dropped: plan.dropped,
+            functions: vec![],
         };
         let generation = plan.read.generation;
-        let body = tokio::task::spawn_blocking(move || batch.encode()).await?;
+        let reports = self.reports.clone();
+        let (body, functions) = tokio::task::spawn_blocking(move || {
+            batch.functions = reports.map(|r| r()).unwrap_or_default();
+            (batch.encode(), batch.functions)
+        })
+        .await?;
         let sent = body.len() as u64;
         let resp = self
             .http
@@ -398,19 +442,24 @@ impl SyncClient {
             });
         }
         let ack: SyncAck = resp.json().await?;
-        let store = self.store.clone();
-        let (first, last) = span.unwrap_or((1, 0));
-        tokio::task::spawn_blocking(move || {
-            store.outbox_ack(
-                lane,
-                first,
-                last,
-                n_dropped,
-                (read_items, read_bytes),
-                generation,
-            )
-        })
-        .await??;
+        if span.is_some() || n_dropped > 0 {
+            let store = self.store.clone();
+            let (first, last) = span.unwrap_or((1, 0));
+            tokio::task::spawn_blocking(move || {
+                store.outbox_ack(
+                    lane,
+                    first,
+                    last,
+                    n_dropped,
+                    (read_items, read_bytes),
+                    generation,
+                )
+            })
+            .await??;
+        }
+        if !functions.is_empty() {
+            *self.reported.lock().expect("reported lock") = (functions, Some(Instant::now()));
+        }
         let s = &self.stats;
         s.batches.fetch_add(1, Ordering::Relaxed);
         s.items.fetch_add(n_items, Ordering::Relaxed);
@@ -435,12 +484,12 @@ pub(crate) async fn report_outbox(store: Arc<Store>, stop: CancellationToken) {
         tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
         let store = store.clone();
         if let Ok(Ok(Some(o))) = tokio::task::spawn_blocking(move || store.outbox_status()).await {
-            for (lane, items, bytes) in [
-                ("events", o.items.events, o.bytes.events),
-                ("telemetry", o.items.telemetry, o.bytes.telemetry),
-            ] {
-                metrics::gauge!("millrace_edge_outbox_items", "lane" => lane).set(items as f64);
-                metrics::gauge!("millrace_edge_outbox_bytes", "lane" => lane).set(bytes as f64);
+            for lane in Lane::ALL {
+                let (items, bytes) = (o.items.of(lane), o.bytes.of(lane));
+                metrics::gauge!("millrace_edge_outbox_items", "lane" => lane.as_str())
+                    .set(items as f64);
+                metrics::gauge!("millrace_edge_outbox_bytes", "lane" => lane.as_str())
+                    .set(bytes as f64);
             }
             let lag = o
                 .oldest_stored_ms

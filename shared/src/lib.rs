@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`topic`]: the MQTT topic scheme `factory/{site}/{line}/{machine}/{kind}` and machine identity.
+//! - [`alert`]: alerts raised by edge functions, and per-function figures an edge reports.
 //! - [`event`]: the events (state changes, parts, telemetry, operator actions), their JSON
 //!   payloads with a schema version, and strict decoding with errors that name field, value and
 //!   expectation.
@@ -21,6 +22,7 @@
 //! This crate depends on no other Millrace crate (see `docs/architecture.md`).
 #![warn(missing_docs)]
 
+pub mod alert;
 pub mod event;
 pub mod kpi;
 pub mod master;
@@ -30,6 +32,7 @@ pub mod sync;
 pub mod time;
 pub mod topic;
 
+pub use alert::{Alert, FunctionReport};
 /// The string type of identities and metric names: up to 24 bytes are kept inline, so decoding
 /// an event allocates nothing for them.
 pub use compact_str::CompactString;
@@ -41,5 +44,5 @@ pub use kpi::{Kpis, StateTimes, Tally};
 pub use master::{
     BreakDef, CalendarError, CalendarSlot, MachineSpec, ShiftCalendar, ShiftDef, ShiftInstance,
 };
-pub use sync::{RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
+pub use sync::{AlertItem, RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
 pub use topic::{MachineId, SeriesKey, TopicError};

@@ -5,8 +5,14 @@
 //! drop under its disk quota, so the cloud can tell "not yet received" from "dropped at the
 //! edge". The cloud is idempotent on `(edge, outbox seq)`.
 //!
-//! # Wire format (version 1)
-//! `MRS1` magic, then a zstd frame holding: edge id, dropped ranges, item count, then the items.
+//! Alerts raised by the edge's functions ([`AlertItem`]) take outbox seqs from the same counter
+//! and are acknowledged the same way; each batch also reports the edge's functions' figures
+//! ([`FunctionReport`], newest wins, not acknowledged).
+//!
+//! # Wire format (version 2)
+//! `MRS2` magic, then a zstd frame holding: edge id, dropped ranges, item count, the items, then
+//! alert count and alerts (seq, stored ms, flags, JSON), then function count and reports.
+//! Version 1 (`MRS1`, the same without alerts and reports) is still read.
 //! Items are encoded row by row against running state, which is what makes them small:
 //! - strings (machine ids, metric names and units, part ids) go into a dictionary the first
 //!   time they appear and are referred to by index afterwards;
@@ -21,12 +27,15 @@
 
 use std::collections::HashMap;
 
+use crate::alert::{Alert, FunctionReport};
 use crate::event::{Event, EventBody, Reading, Telemetry};
 use crate::topic::MachineId;
 use compact_str::CompactString;
 
 /// Magic bytes and version of the wire format.
-pub const WIRE_MAGIC: &[u8; 4] = b"MRS1";
+pub const WIRE_MAGIC: &[u8; 4] = b"MRS2";
+/// Magic bytes of version 1 (no alerts, no function reports), still read.
+pub const WIRE_MAGIC_V1: &[u8; 4] = b"MRS1";
 /// The HTTP content type of an encoded batch.
 pub const CONTENT_TYPE: &str = "application/x-millrace-batch";
 /// Path of the cloud's sync endpoint.
@@ -36,7 +45,7 @@ pub const SYNC_PATH: &str = "/api/v1/sync/batches";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// Not a Millrace batch, or an unknown version.
-    #[error("not a Millrace sync batch (magic {0:?}, expected \"MRS1\")")]
+    #[error("not a Millrace sync batch (magic {0:?}, expected \"MRS2\" or \"MRS1\")")]
     BadMagic(Vec<u8>),
     /// The zstd frame is damaged.
     #[error("damaged compression: {0}")]
@@ -72,6 +81,19 @@ pub struct SyncItem {
     pub event: Event,
 }
 
+/// An alert in the outbox, with its outbox sequence number (from the events' counter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertItem {
+    /// Outbox sequence number, unique per edge.
+    pub seq: u64,
+    /// When the edge stored it, Unix ms.
+    pub stored_ms: i64,
+    /// Raised while a function replayed history: backfill, not live.
+    pub backfill: bool,
+    /// The alert.
+    pub alert: Alert,
+}
+
 /// An inclusive range of outbox sequence numbers.
 pub type SeqRange = (u64, u64);
 
@@ -82,8 +104,12 @@ pub struct SyncBatch {
     pub edge: String,
     /// Items, in any order.
     pub items: Vec<SyncItem>,
+    /// Alerts, in any order.
+    pub alerts: Vec<AlertItem>,
     /// Outbox ranges the edge dropped under its disk quota and will never send.
     pub dropped: Vec<SeqRange>,
+    /// The edge's functions' figures now (empty when it runs none).
+    pub functions: Vec<FunctionReport>,
 }
 
 /// The cloud's answer to a batch it stored durably.
@@ -112,6 +138,24 @@ impl SyncBatch {
         for item in &self.items {
             enc.encode(&mut raw, item);
         }
+        put_var(&mut raw, self.alerts.len() as u64);
+        for a in &self.alerts {
+            put_alert(&mut raw, a);
+        }
+        put_var(&mut raw, self.functions.len() as u64);
+        for f in &self.functions {
+            put_str(&mut raw, &f.name);
+            for v in [
+                u64::from(f.version),
+                f.invocations,
+                f.failures,
+                f.skipped,
+                f.lag_events,
+                f.lag_ms,
+            ] {
+                put_var(&mut raw, v);
+            }
+        }
         let mut out = WIRE_MAGIC.to_vec();
         out.extend(zstd::bulk::compress(&raw, 3).expect("zstd compresses into a Vec"));
         out
@@ -119,9 +163,11 @@ impl SyncBatch {
 
     /// Decodes a batch, refusing anything that would expand beyond `max_raw_bytes`.
     pub fn decode(bytes: &[u8], max_raw_bytes: usize) -> Result<Self, WireError> {
-        if bytes.len() < 4 || &bytes[..4] != WIRE_MAGIC {
-            return Err(WireError::BadMagic(bytes[..bytes.len().min(4)].to_vec()));
-        }
+        let v2 = match bytes.get(..4) {
+            Some(m) if m == WIRE_MAGIC => true,
+            Some(m) if m == WIRE_MAGIC_V1 => false,
+            _ => return Err(WireError::BadMagic(bytes[..bytes.len().min(4)].to_vec())),
+        };
         let size = zstd::zstd_safe::get_frame_content_size(&bytes[4..])
             .map_err(|e| WireError::Compression(format!("{e:?}")))?
             .ok_or_else(|| WireError::Compression("frame without content size".into()))?;
@@ -150,13 +196,38 @@ impl SyncBatch {
         for _ in 0..n {
             items.push(dec.decode(&mut r)?);
         }
+        let (mut alerts, mut functions) = (vec![], vec![]);
+        if v2 {
+            let n = r.count("alert count")?;
+            alerts.reserve(n);
+            for _ in 0..n {
+                alerts.push(get_alert(&mut r)?);
+            }
+            let n = r.count("function count")?;
+            for _ in 0..n {
+                let name = r.string("function name")?;
+                let version = u32::try_from(r.var("function version")?)
+                    .map_err(|_| r.invalid("function version", "above u32"))?;
+                functions.push(FunctionReport {
+                    name,
+                    version,
+                    invocations: r.var("invocations")?,
+                    failures: r.var("failures")?,
+                    skipped: r.var("skipped")?,
+                    lag_events: r.var("lag events")?,
+                    lag_ms: r.var("lag ms")?,
+                });
+            }
+        }
         if r.at != raw.len() {
             return Err(r.invalid("batch", "trailing bytes"));
         }
         Ok(Self {
             edge,
             items,
+            alerts,
             dropped,
+            functions,
         })
     }
 }
@@ -195,6 +266,59 @@ pub fn encode_item_marked(out: &mut Vec<u8>, seq: u64, stored_ms: i64, backfill:
         }
         body => put_body(out, body),
     }
+}
+
+/// Encodes an alert as the edge's outbox record, appending to `out`: seq, stored ms, flags
+/// (kind 4, backfill), then the alert's JSON (as [`crate::Alert`] serializes).
+pub fn encode_alert_record(
+    out: &mut Vec<u8>,
+    seq: u64,
+    stored_ms: i64,
+    backfill: bool,
+    json: &[u8],
+) {
+    put_var(out, zigzag(seq as i64));
+    put_var(out, zigzag(stored_ms));
+    out.push(KIND_ALERT | if backfill { FLAG_BACKFILL } else { 0 });
+    put_var(out, json.len() as u64);
+    out.extend_from_slice(json);
+}
+
+/// Decodes an outbox record written by [`encode_alert_record`].
+pub fn decode_alert_record(bytes: &[u8]) -> Result<AlertItem, WireError> {
+    let mut r = Reader { buf: bytes, at: 0 };
+    let a = get_alert(&mut r)?;
+    if r.at != bytes.len() {
+        return Err(r.invalid("alert", "trailing bytes"));
+    }
+    Ok(a)
+}
+
+fn put_alert(out: &mut Vec<u8>, a: &AlertItem) {
+    let json = serde_json::to_vec(&a.alert).expect("alerts serialize");
+    encode_alert_record(out, a.seq, a.stored_ms, a.backfill, &json);
+}
+
+fn get_alert(r: &mut Reader<'_>) -> Result<AlertItem, WireError> {
+    let seq = unzigzag(r.var("alert seq")?) as u64;
+    let stored_ms = unzigzag(r.var("alert stored ms")?);
+    let flags = r.byte("alert kind")?;
+    if flags & 0x0f != KIND_ALERT {
+        return Err(r.invalid(
+            "alert kind",
+            &format!("kind {} is not an alert", flags & 0x0f),
+        ));
+    }
+    let n = r.count("alert")?;
+    let json = r.take(n, "alert")?;
+    let alert: Alert =
+        serde_json::from_slice(json).map_err(|e| r.invalid("alert", &e.to_string()))?;
+    Ok(AlertItem {
+        seq,
+        stored_ms,
+        backfill: flags & FLAG_BACKFILL != 0,
+        alert,
+    })
 }
 
 /// What [`put_str`] writes for `parts` joined by `sep`, without building the joined string.
@@ -257,6 +381,7 @@ const KIND_STATE: u8 = 0;
 const KIND_PART: u8 = 1;
 const KIND_TELEMETRY: u8 = 2;
 const KIND_OPERATOR: u8 = 3;
+const KIND_ALERT: u8 = 4;
 const FLAG_BACKFILL: u8 = 0x10;
 /// Scale byte meaning "raw f64 bits follow".
 const RAW_F64: u8 = 0xff;
@@ -681,14 +806,66 @@ mod tests {
 
     #[test]
     fn batch_round_trips_exactly() {
+        let alert = |seq: u64, device: &str| AlertItem {
+            seq,
+            stored_ms: 1_700_000_000_123,
+            backfill: seq.is_multiple_of(2),
+            alert: Alert {
+                id: format!("hot:{seq}:0"),
+                ts_ms: 1_700_000_000_100,
+                trigger: "topic".into(),
+                function: "hot".into(),
+                version: 3,
+                severity: "critical".into(),
+                message: "temperature 93.1 degC above 90 \"limit\"".into(),
+                device: device.into(),
+                topic: if device.is_empty() {
+                    String::new()
+                } else {
+                    format!("factory/{device}/telemetry")
+                },
+                event_ts_ms: 1_700_000_000_000,
+            },
+        };
         let batch = SyncBatch {
             edge: "edge-1".into(),
             items: sample(),
+            alerts: vec![alert(2, "s1/l1/m1"), alert(77, "")],
             dropped: vec![(1, 5), (9, 9)],
+            functions: vec![FunctionReport {
+                name: "hot".into(),
+                version: 3,
+                invocations: 1 << 40,
+                failures: 2,
+                skipped: 0,
+                lag_events: 12,
+                lag_ms: 850,
+            }],
         };
         let bytes = batch.encode();
         let back = SyncBatch::decode(&bytes, 1 << 20).unwrap();
         assert_eq!(back, batch);
+        // An alert's outbox record is what a batch carries for it.
+        for a in &batch.alerts {
+            let mut rec = vec![];
+            let json = serde_json::to_vec(&a.alert).unwrap();
+            encode_alert_record(&mut rec, a.seq, a.stored_ms, a.backfill, &json);
+            assert_eq!(&decode_alert_record(&rec).unwrap(), a);
+            assert!(
+                decode_item(&rec).is_err(),
+                "an alert record is not an event"
+            );
+        }
+        // Version 1 (an older edge): the same bytes without the alert and function sections.
+        let v1 = SyncBatch {
+            alerts: vec![],
+            functions: vec![],
+            ..batch.clone()
+        };
+        let raw = zstd::bulk::decompress(&v1.encode()[4..], 1 << 20).unwrap();
+        let mut old = WIRE_MAGIC_V1.to_vec();
+        old.extend(zstd::bulk::compress(&raw[..raw.len() - 2], 3).unwrap());
+        assert_eq!(SyncBatch::decode(&old, 1 << 20).unwrap(), v1);
         // Values that are not short decimals survive bit for bit.
         for mut item in sample() {
             item.backfill = false;
@@ -767,7 +944,7 @@ mod tests {
         let bytes = SyncBatch {
             edge: "e".into(),
             items: sample(),
-            dropped: vec![],
+            ..SyncBatch::default()
         }
         .encode();
         assert!(matches!(

@@ -362,7 +362,7 @@ fn machine_id(m: &Value) -> String {
 /// Whether the edge's outbox is empty (everything acknowledged by the cloud).
 fn outbox_drained(edge: &EdgeProcess) -> bool {
     let o = &edge.get("/api/v1/sync")["outbox"]["items"];
-    o["events"] == 0 && o["telemetry"] == 0
+    o["events"] == 0 && o["telemetry"] == 0 && o["alerts"] == 0
 }
 
 /// `millrace-cloud` as a process on a fixed loopback port (so that it can be restarted there).
@@ -760,6 +760,200 @@ fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_
         truth["total_events"].as_u64().unwrap()
     );
     assert!(points > 0);
+    edge.stop();
+    cloud.stop();
+}
+
+/// Raises a critical alert for every scrapped part.
+const SCRAP_ALERT: &str = r#"(module
+  (import "millrace" "event_string" (func $string (param i32 i32 i32 i32) (result i32)))
+  (import "millrace" "alert" (func $alert (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "outcome")
+  (data (i32.const 16) "scrap")
+  (data (i32.const 32) "part scrapped")
+  (func (export "handle") (result i32)
+    (local $n i32)
+    (local.set $n (call $string (i32.const 0) (i32.const 7) (i32.const 128) (i32.const 16)))
+    (if (i32.and (i32.eq (local.get $n) (i32.const 5))
+          (i32.and (i32.eq (i32.load (i32.const 128)) (i32.load (i32.const 16)))
+                   (i32.eq (i32.load8_u (i32.const 132)) (i32.load8_u (i32.const 20)))))
+      (then (drop (call $alert (i32.const 2) (i32.const 32) (i32.const 13)))))
+    (i32.const 0)))"#;
+
+/// (machine, event ts) of every row, sorted: what alerts are about, or which scrap parts.
+fn by_machine_and_ts(rows: &[&Value], ts: &str) -> Vec<(String, i64)> {
+    let mut v: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!(
+                    "{}/{}/{}",
+                    r["site"].as_str().unwrap(),
+                    r["line"].as_str().unwrap(),
+                    r["machine"].as_str().unwrap()
+                ),
+                r[ts].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn alerts_reach_the_cloud_once_each_across_kill_9_of_edge_and_cloud_and_replays_come_as_backfill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, digest) = edge_token("e2e");
+    let cloud_config = cloud_config(dir.path(), millrace_tests::free_port(), "e2e", &digest);
+    let mut cloud = CloudProcess::start(&cloud_config);
+    let config = edge_config(dir.path(), millrace_tests::free_port());
+    with_sync(&config, &cloud.http, "");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", "e2e"),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+    ];
+    let mut edge = EdgeProcess::start_with_env(&config, &env);
+    let wat = dir.path().join("scrap_alert.wat");
+    std::fs::write(&wat, SCRAP_ALERT).unwrap();
+    run_ok(
+        Command::new(bin("millrace-edge"))
+            .args(["fn", "--url", &edge.http, "deploy", "scrap-alert"])
+            .arg(&wat)
+            .args(["--topic", "factory/+/+/+/part"]),
+    );
+    let truth_path = dir.path().join("truth.json");
+    let mut sim = sim_run(&edge)
+        .args([
+            "--qos",
+            "1",
+            "--seed",
+            "5",
+            "--start",
+            "2026-03-02T00:00:00Z",
+        ])
+        // Paced (an hour per second) so that the kills below happen while devices still send.
+        .args([
+            "--duration",
+            "1day",
+            "--telemetry-interval",
+            "30s",
+            "--speed",
+            "3600",
+            "--quiet",
+        ])
+        .args(["--truth", truth_path.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    let alerts = |c: &CloudProcess| {
+        c.get("/api/v1/alerts?function=scrap-alert&limit=1000000")["alerts"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let timeout = Duration::from_secs(120);
+
+    // kill -9 of the edge once alerts flow, then of the cloud.
+    assert!(wait_until(timeout, || !alerts(&cloud).is_empty()));
+    edge.child.kill().unwrap();
+    edge.child.wait().unwrap();
+    drop(edge);
+    let edge = EdgeProcess::start_with_env(&config, &env);
+    let held = alerts(&cloud).len();
+    assert!(wait_until(timeout, || alerts(&cloud).len() > held));
+    cloud.child.kill().unwrap();
+    cloud.child.wait().unwrap();
+    drop(cloud);
+    cloud = CloudProcess::start(&cloud_config);
+
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "simulator finished: {status}");
+    let settled = |edge: &EdgeProcess| {
+        edge.get("/api/v1/functions/scrap-alert")["lag"]["events"] == 0 && outbox_drained(edge)
+    };
+    assert!(
+        wait_until(Duration::from_secs(300), || settled(&edge)),
+        "{} {}",
+        edge.get("/api/v1/functions/scrap-alert"),
+        edge.get("/api/v1/sync")
+    );
+
+    // One alert per scrapped part, per machine and event time: none lost, none doubled.
+    let truth = read_json(&truth_path);
+    let (from, to) = (
+        truth["start_ms"].as_i64().unwrap(),
+        truth["end_ms"].as_i64().unwrap() + 1,
+    );
+    let parts = cloud.get(&format!(
+        "/api/v1/events?kind=part&from={from}&to={to}&limit=1000000"
+    ));
+    let parts = parts["events"].as_array().unwrap();
+    let scrap: Vec<&Value> = parts.iter().filter(|p| p["outcome"] == "scrap").collect();
+    assert!(scrap.len() >= 10, "{} scrapped parts", scrap.len());
+    let live = alerts(&cloud);
+    let live: Vec<&Value> = live.iter().collect();
+    assert_eq!(
+        by_machine_and_ts(&live, "event_ts"),
+        by_machine_and_ts(&scrap, "ts"),
+        "alerts in the cloud are the scrapped parts"
+    );
+    let ids: std::collections::BTreeSet<&str> =
+        live.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), live.len(), "ids are unique");
+    assert!(live.iter().all(|a| a["severity"] == "critical"
+        && a["message"] == "part scrapped"
+        && a["trigger"] == "topic"
+        && a["backfill"] == false
+        && a["edge"] == "e2e"));
+    // The edge's ledger: every outbox seq once, events and alerts alike.
+    let s = edge.get("/api/v1/sync");
+    let last_seq = s["outbox"]["next_seq"].as_u64().unwrap() - 1;
+    let ledger = &cloud.get("/api/v1/edges?ranges=true")["edges"][0];
+    assert_eq!(
+        ledger["received"],
+        serde_json::json!([[1, last_seq]]),
+        "{ledger}"
+    );
+
+    // A replay over the day raises them again, as backfill.
+    run_ok(
+        Command::new(bin("millrace-edge"))
+            .args(["fn", "--url", &edge.http, "replay", "scrap-alert"])
+            .args(["--from", &from.to_string(), "--to", &to.to_string()]),
+    );
+    assert!(wait_until(timeout, || outbox_drained(&edge)));
+    let all = alerts(&cloud);
+    let replayed: Vec<&Value> = all.iter().filter(|a| a["trigger"] == "replay").collect();
+    assert!(replayed.iter().all(|a| a["backfill"] == true));
+    assert_eq!(
+        by_machine_and_ts(&replayed, "event_ts"),
+        by_machine_and_ts(&scrap, "ts")
+    );
+    assert_eq!(all.len(), 2 * scrap.len());
+
+    // The function's figures reach the cloud's edge view and metrics.
+    assert!(
+        wait_until(timeout, || {
+            let f = &cloud.get("/api/v1/edges")["edges"][0]["functions"][0];
+            f["name"] == "scrap-alert"
+                && f["lag_events"] == 0
+                && f["invocations"].as_u64() > Some(0)
+        }),
+        "{}",
+        cloud.get("/api/v1/edges")
+    );
+    let metrics = Command::new("curl")
+        .args(["-fsS", &format!("{}/metrics", cloud.http)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8(metrics.stdout).unwrap();
+    assert!(
+        metrics.contains(
+            "millrace_cloud_edge_function_invocations{edge=\"e2e\",function=\"scrap-alert\"}"
+        ),
+        "{metrics}"
+    );
     edge.stop();
     cloud.stop();
 }

@@ -14,7 +14,7 @@ use super::{ApiError, ApiState, blocking};
 use crate::dataset::Table;
 use crate::query::{Scope, Selection, scan};
 use crate::reports::{Level, Period};
-use crate::schema::{events, telemetry};
+use crate::schema::{alerts, events, telemetry};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -42,6 +42,10 @@ pub struct Filters {
     pub metric: Option<String>,
     /// Only this kind (`state`, `part`, `operator`).
     pub kind: Option<String>,
+    /// Alerts: only those of this function.
+    pub function: Option<String>,
+    /// Alerts: only this severity (`info`, `warning`, `critical`).
+    pub severity: Option<String>,
     /// From (inclusive): Unix ms, RFC 3339 or `-2h`.
     pub from: Option<String>,
     /// To (exclusive).
@@ -111,6 +115,8 @@ impl Filters {
             machine: self.machine.clone(),
             metric: self.metric.clone(),
             kind: self.kind.clone(),
+            function: self.function.clone(),
+            severity: self.severity.clone(),
         };
         Ok(Selection::new(from_ms, to_ms, max_range_ms, &scope)?)
     }
@@ -268,6 +274,24 @@ async fn rows(
     cols: &'static [&'static str],
     key: &'static str,
 ) -> Result<Response, ApiError> {
+    // Each parameter applies to some tables only: refuse it elsewhere rather than ignore it.
+    let applies: &[(&str, bool, &[Table])] = &[
+        ("metric", f.metric.is_some(), &[Table::Telemetry]),
+        ("kind", f.kind.is_some(), &[Table::Events]),
+        ("function", f.function.is_some(), &[Table::Alerts]),
+        ("severity", f.severity.is_some(), &[Table::Alerts]),
+        ("level", f.level.is_some(), &[]),
+        ("period", f.period.is_some(), &[]),
+        ("window", f.window.is_some(), &[]),
+    ];
+    if let Some((name, _, _)) = applies
+        .iter()
+        .find(|(_, given, tables)| *given && !tables.contains(&table))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` does not apply to {key}"
+        )));
+    }
     let sel = f.select(max_range(&s))?;
     let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
     if limit == 0 || limit > s.cfg.http.max_rows {
@@ -283,11 +307,14 @@ async fn rows(
             return render(DataFrame::empty(), format, key);
         };
         let exprs: Vec<Expr> = cols.iter().map(|c| col(*c)).collect();
+        // Alerts: the newest first (what someone on call asks for); rows: oldest first.
         let df = lf
             .select(exprs)
             .sort(
                 [events::TS],
-                SortMultipleOptions::default().with_maintain_order(true),
+                SortMultipleOptions::default()
+                    .with_maintain_order(true)
+                    .with_order_descending(table == Table::Alerts),
             )
             .limit(limit as IdxSize)
             .collect()?;
@@ -330,6 +357,18 @@ pub(super) async fn event_rows(
     q: Q,
 ) -> Result<Response, ApiError> {
     rows(s, query(q)?, Table::Events, events::API_COLUMNS, "events").await
+}
+
+/// Alerts the edges' functions raised, newest first (at most `limit`): filter by site, line,
+/// machine, function, severity and time.
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "data", params(Filters),
+    responses((status = 200, description = "`{\"alerts\": [...]}` (`?format=csv`: CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn alert_rows(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    rows(s, query(q)?, Table::Alerts, alerts::API_COLUMNS, "alerts").await
 }
 
 /// Refuses a machine filter naming a machine the cloud has never heard of (404).

@@ -128,6 +128,7 @@ pub(super) fn routes(max_batch_bytes: usize) -> OpenApiRouter<ApiState> {
         .routes(routes!(sync::edges))
         .routes(routes!(data::telemetry_rows))
         .routes(routes!(data::event_rows))
+        .routes(routes!(data::alert_rows))
         .routes(routes!(data::oee_report))
         .routes(routes!(data::production_report))
         .routes(routes!(data::downtime_report))

@@ -70,8 +70,8 @@ pub(super) async fn sync_batch(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let ack = match received {
-        Ok(ack) => ack,
+    let (ack, functions) = match received {
+        Ok(r) => r,
         Err(e @ SyncError::Unreadable(_)) => return Err(refuse("bad_batch", e.into())),
         Err(e @ SyncError::WrongEdge { .. }) => return Err(refuse("wrong_edge", e.into())),
         Err(e @ SyncError::Dataset(_)) => return Err(e.into()),
@@ -90,8 +90,44 @@ pub(super) async fn sync_batch(
     if ack.duplicates > 0 {
         tracing::info!(edge = %edge, duplicates = ack.duplicates, stored = ack.stored, "batch partly or wholly held already (re-sent); duplicates not stored");
     }
-    s.commits.send_modify(|v| *v += 1);
+    if !functions.is_empty() {
+        record_functions(&s, &edge, functions);
+    }
+    if ack.stored > 0 {
+        s.commits.send_modify(|v| *v += 1);
+    }
     Ok(Json(ack))
+}
+
+/// Keeps an edge's function figures for `/api/v1/edges` and sets them as gauges (they are the
+/// edge's counts since it started: they go back to 0 when it restarts).
+fn record_functions(s: &ApiState, edge: &str, functions: Vec<millrace_shared::FunctionReport>) {
+    for f in &functions {
+        let labels = [("edge", edge.to_owned()), ("function", f.name.clone())];
+        for (name, v) in [
+            (
+                "millrace_cloud_edge_function_invocations",
+                f.invocations as f64,
+            ),
+            ("millrace_cloud_edge_function_failures", f.failures as f64),
+            ("millrace_cloud_edge_function_skipped", f.skipped as f64),
+            (
+                "millrace_cloud_edge_function_lag_events",
+                f.lag_events as f64,
+            ),
+            (
+                "millrace_cloud_edge_function_lag_seconds",
+                f.lag_ms as f64 / 1000.0,
+            ),
+        ] {
+            metrics::gauge!(name, &labels).set(v);
+        }
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    s.functions
+        .lock()
+        .expect("functions lock")
+        .insert(edge.to_owned(), (now, functions));
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -102,7 +138,8 @@ pub(super) struct EdgesQuery {
     ranges: bool,
 }
 
-/// Per edge: the items the cloud holds, the ranges the edge dropped under its quota, and gaps.
+/// Per edge: the items the cloud holds, the ranges the edge dropped under its quota, gaps, and
+/// its functions' figures (invocations, failures, lag) as of its last batch.
 #[utoipa::path(get, path = "/api/v1/edges", tag = "sync", params(EdgesQuery), responses(
     (status = 200, description = "`{\"edges\": [...]}`", content_type = "application/json"),
     (status = 400, description = "A bad parameter", body = ErrorBody), KeyRefused))]
@@ -112,6 +149,7 @@ pub(super) async fn edges(
     q: Result<Query<EdgesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q?;
+    let functions = s.functions.lock().expect("functions lock").clone();
     let out: Vec<serde_json::Value> = s
         .dataset
         .edges()
@@ -134,6 +172,10 @@ pub(super) async fn edges(
             });
             if q.ranges {
                 v["received"] = json!(r);
+            }
+            if let Some((at, f)) = functions.get(&id) {
+                v["functions"] = json!(f);
+                v["functions_reported_ms"] = json!(at);
             }
             v
         })

@@ -88,7 +88,7 @@ impl Dataset {
         for ((table, date, site), old) in groups {
             let paths: Vec<PathBuf> = old.iter().map(|f| self.dir.join(&f.path)).collect();
             let mut df = match table {
-                Table::Telemetry => {
+                Table::Telemetry | Table::Alerts => {
                     read_files(&paths)?.sort([telemetry::TS], SortMultipleOptions::default())?
                 }
                 Table::Events => read_files(&paths)?.sort(

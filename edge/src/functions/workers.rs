@@ -403,7 +403,8 @@ impl Inner {
     }
 }
 
-/// An alert as stored and published (JSON); `id` is stable across a re-run of the same trigger.
+/// An alert as stored, published and synced ([`millrace_shared::Alert`] as JSON); `id` is
+/// stable across a re-run of the same trigger.
 pub(super) fn alert_json(
     spec: &FunctionSpec,
     input: &Input,
@@ -412,19 +413,19 @@ pub(super) fn alert_json(
     now_ms: i64,
     id: &str,
 ) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "id": id,
-        "ts_ms": now_ms,
-        "trigger": input.trigger.as_str(),
-        "function": spec.name,
-        "version": spec.version,
-        "severity": severity,
-        "message": message,
-        "device": input.device,
-        "topic": input.topic,
-        "event_ts_ms": input.ts_ms,
-    }))
-    .expect("json")
+    serde_json::to_vec(&millrace_shared::Alert {
+        id: id.to_owned(),
+        ts_ms: now_ms,
+        trigger: input.trigger.as_str().to_owned(),
+        function: spec.name.clone(),
+        version: spec.version,
+        severity: severity.to_owned(),
+        message: message.to_owned(),
+        device: input.device.to_string(),
+        topic: input.topic.to_string(),
+        event_ts_ms: input.ts_ms,
+    })
+    .expect("alerts serialize")
 }
 
 /// Publishes an invocation's MQTT messages; returns how many the broker took.

@@ -10,13 +10,13 @@
 //! | `functions` | `r/{name}` | when its last scheduled run that ended was fired (ms `i64`) |
 //! | `kv` | `{name}\0{key}` | a value a function stored |
 //! | `invocations` | newest start ts · counter `u64` | a batch of invocation records (JSON lines, zstd) |
-//! | `alerts` | ts · counter `u64` | alert (JSON) |
+//! | `alerts` | ts · counter `u64` | alert (JSON, [`millrace_shared::Alert`]); also queued in the outbox |
 //!
 //! The values are opaque bytes here; the functions module owns their schemas.
 
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
-use super::{CF_ALERTS, CF_FUNCTIONS, CF_INVOCATIONS, CF_KV, Store, StoreError, ts_key};
+use super::{CF_ALERTS, CF_FUNCTIONS, CF_INVOCATIONS, CF_KV, CF_OUTBOX, Store, StoreError, ts_key};
 
 fn spec_key(name: &str) -> Vec<u8> {
     format!("s/{name}").into_bytes()
@@ -193,32 +193,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies what one invocation changed: key-value writes and alerts, atomically. Written to
-    /// the WAL without fsync (like the invocation log): a crash of the process loses nothing, a
-    /// power cut may lose the last moments of function state. An fsync per invocation would
-    /// cap a function at a few hundred invocations per second.
-    pub fn apply_function_state(
-        &self,
-        name: &str,
-        kv: &[KvWrite],
-        alerts: &[(i64, Vec<u8>)],
-    ) -> Result<(), StoreError> {
-        if kv.is_empty() && alerts.is_empty() {
-            return Ok(());
-        }
-        let mut batch = WriteBatch::default();
-        self.put_function_state(&mut batch, name, kv, alerts);
-        self.db.write(batch)?;
-        Ok(())
-    }
-
-    /// Adds key-value writes and alerts to a write batch.
+    /// Adds key-value writes and alerts to a write batch. Each alert is also queued in the
+    /// outbox (when there is one) for the cloud, marked as backfill if `backfill`.
     pub(super) fn put_function_state(
         &self,
         batch: &mut WriteBatch,
         name: &str,
         kv: &[KvWrite],
         alerts: &[(i64, Vec<u8>)],
+        backfill: bool,
+        mut outbox: Option<&mut super::outbox::PendingRecords>,
     ) {
         for (k, v) in kv {
             match v {
@@ -226,10 +210,18 @@ impl Store {
                 None => batch.delete_cf(self.cf(CF_KV), kv_key(name, k)),
             }
         }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut record = vec![];
         for (ts, a) in alerts {
             let mut k = ts_key(*ts).to_vec();
             k.extend_from_slice(&self.log_counter().to_be_bytes());
             batch.put_cf(self.cf(CF_ALERTS), k, a);
+            if let Some(ob) = outbox.as_deref_mut() {
+                let seq = ob.next_seq();
+                record.clear();
+                millrace_shared::sync::encode_alert_record(&mut record, seq, now_ms, backfill, a);
+                ob.put_alert(batch, self.cf(CF_OUTBOX), seq, &record);
+            }
         }
     }
 

@@ -4,13 +4,15 @@
 //! never reused, persisted in `meta`) and an outbox record, **in the same RocksDB write batch**
 //! as the data itself: an event is either stored and queued for the cloud, or neither.
 //!
-//! Records live in two lanes so the sync client can send state, part and operator events before
-//! telemetry: key = lane byte · seq. An acknowledged range is deleted with one range delete; what
+//! Records live in three lanes so the sync client can send state, part and operator events, then
+//! the alerts functions raised, before telemetry: key = lane byte · seq. Alerts take their seqs
+//! from the same counter (see [`Store::commit_function`](super::Store::commit_function)). An acknowledged range is deleted with one range delete; what
 //! is left is exactly what still has to be sent, so resuming after a restart needs no separate
 //! cursor.
 //!
 //! Disk quota: when the records exceed `quota` bytes (key + value sizes), the oldest telemetry is
-//! dropped first, down to 90 % of the quota; events only when no telemetry is left. Every
+//! dropped first, down to 90 % of the quota; then alerts, and events only when nothing else is
+//! left. Every
 //! dropped range is counted, logged, persisted and reported to the cloud with the next batch, so
 //! the cloud knows those sequence numbers will never arrive.
 
@@ -18,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use millrace_shared::sync::{SeqRange, SyncItem, decode_item};
+use millrace_shared::sync::{AlertItem, SeqRange, SyncItem, decode_alert_record, decode_item};
 use millrace_shared::{EventKind, MachineId};
 use rocksdb::{ColumnFamily, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
@@ -35,13 +37,15 @@ const META_DROPPED: &[u8] = b"outbox_dropped";
 pub enum Lane {
     /// State, part and operator events: sent first, dropped last.
     Events = 0,
-    /// Telemetry: sent after events, dropped first.
+    /// Telemetry: sent after events and alerts, dropped first.
     Telemetry = 1,
+    /// Alerts raised by functions: sent after events, dropped after telemetry.
+    Alerts = 2,
 }
 
 impl Lane {
-    /// Both lanes, in sending order.
-    pub const ALL: [Lane; 2] = [Lane::Events, Lane::Telemetry];
+    /// Every lane, in sending order (and dropped in the reverse order).
+    pub const ALL: [Lane; 3] = [Lane::Events, Lane::Alerts, Lane::Telemetry];
 
     fn of(kind: EventKind) -> Self {
         if kind == EventKind::Telemetry {
@@ -56,6 +60,7 @@ impl Lane {
         match self {
             Self::Events => "events",
             Self::Telemetry => "telemetry",
+            Self::Alerts => "alerts",
         }
     }
 }
@@ -74,8 +79,23 @@ fn key_seq(k: &[u8]) -> u64 {
 /// What was dropped under the quota: totals, and ranges not yet reported to the cloud.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Dropped {
-    items: [u64; 2],
+    /// Per lane (by its number; stores written before the alerts lane hold two).
+    items: Vec<u64>,
     unreported: Vec<SeqRange>,
+}
+
+impl Dropped {
+    fn add(&mut self, lane: Lane, n: u64) {
+        let i = lane as usize;
+        if self.items.len() <= i {
+            self.items.resize(i + 1, 0);
+        }
+        self.items[i] += n;
+    }
+
+    fn of(&self, lane: Lane) -> u64 {
+        self.items.get(lane as usize).copied().unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +108,7 @@ struct LaneCounters {
 #[derive(Debug)]
 pub(crate) struct OutboxState {
     next: AtomicU64,
-    lanes: [LaneCounters; 2],
+    lanes: [LaneCounters; 3],
     quota: u64,
     dropped: Mutex<Dropped>,
     /// Bumped by every quota drop.
@@ -101,7 +121,7 @@ pub(crate) struct OutboxState {
 #[derive(Debug)]
 pub(crate) struct PendingRecords {
     next: u64,
-    added: [(u64, u64); 2],
+    added: [(u64, u64); 3],
 }
 
 impl PendingRecords {
@@ -119,7 +139,28 @@ impl PendingRecords {
         seq: u64,
         record: &[u8],
     ) {
-        let lane = Lane::of(kind);
+        self.put_in(batch, cf, Lane::of(kind), seq, record);
+    }
+
+    /// Queues an alert's record ([`millrace_shared::sync::encode_alert_record`]) under `seq`.
+    pub(crate) fn put_alert(
+        &mut self,
+        batch: &mut WriteBatch,
+        cf: &ColumnFamily,
+        seq: u64,
+        record: &[u8],
+    ) {
+        self.put_in(batch, cf, Lane::Alerts, seq, record);
+    }
+
+    fn put_in(
+        &mut self,
+        batch: &mut WriteBatch,
+        cf: &ColumnFamily,
+        lane: Lane,
+        seq: u64,
+        record: &[u8],
+    ) {
         batch.put_cf(cf, key(lane, seq), record);
         let a = &mut self.added[lane as usize];
         a.0 += 1;
@@ -136,7 +177,7 @@ impl OutboxState {
     pub(crate) fn begin(&self) -> PendingRecords {
         PendingRecords {
             next: self.next.load(Ordering::Relaxed),
-            added: [(0, 0); 2],
+            added: [(0, 0); 3],
         }
     }
 
@@ -191,31 +232,66 @@ pub struct LaneFigures {
     pub events: u64,
     /// Telemetry.
     pub telemetry: u64,
+    /// Alerts raised by functions.
+    pub alerts: u64,
 }
 
 impl LaneFigures {
-    fn from(a: [u64; 2]) -> Self {
+    fn from(f: impl Fn(Lane) -> u64) -> Self {
         Self {
-            events: a[0],
-            telemetry: a[1],
+            events: f(Lane::Events),
+            telemetry: f(Lane::Telemetry),
+            alerts: f(Lane::Alerts),
         }
     }
 
-    /// Both lanes.
+    /// The figure of `lane`.
+    pub fn of(&self, lane: Lane) -> u64 {
+        match lane {
+            Lane::Events => self.events,
+            Lane::Telemetry => self.telemetry,
+            Lane::Alerts => self.alerts,
+        }
+    }
+
+    /// Every lane.
     pub fn total(&self) -> u64 {
-        self.events + self.telemetry
+        self.events + self.telemetry + self.alerts
     }
 }
 
 /// Outbox records read for sending.
 #[derive(Debug, Default)]
 pub struct OutboxRead {
-    /// Decoded items, in seq order.
+    /// Decoded items (events and telemetry lanes), in seq order.
     pub items: Vec<SyncItem>,
+    /// Decoded alerts (alerts lane), in seq order.
+    pub alerts: Vec<AlertItem>,
     /// Bytes of their records.
     pub bytes: u64,
     /// The quota-drop generation when they were read (see [`Store::outbox_ack`]).
     pub generation: u64,
+}
+
+impl OutboxRead {
+    /// Records read.
+    pub fn len(&self) -> usize {
+        self.items.len() + self.alerts.len()
+    }
+
+    /// Whether nothing was read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first and last seq read, with when the first was stored.
+    pub fn span(&self) -> Option<(u64, u64, i64)> {
+        let first = self.items.first().map(|i| (i.seq, i.stored_ms));
+        let first = first.or_else(|| self.alerts.first().map(|a| (a.seq, a.stored_ms)))?;
+        let last = self.items.last().map(|i| i.seq);
+        let last = last.or_else(|| self.alerts.last().map(|a| a.seq))?;
+        Some((first.0, last, first.1))
+    }
 }
 
 impl Store {
@@ -237,10 +313,10 @@ impl Store {
             })?,
             None => Dropped::default(),
         };
-        let lanes = [LaneCounters::default(), LaneCounters::default()];
+        let lanes: [LaneCounters; 3] = Default::default();
         for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::Start) {
             let (k, v) = item?;
-            if k.len() != 9 || k[0] > 1 {
+            if k.len() != 9 || k[0] > Lane::Alerts as u8 {
                 return Err(StoreError::Corrupt {
                     cf: CF_OUTBOX,
                     reason: "bad key".into(),
@@ -314,14 +390,21 @@ impl Store {
             .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
         {
             let (k, v) = item?;
-            let it = decode_item(&v).map_err(|e| StoreError::Corrupt {
+            let corrupt = |e: millrace_shared::WireError| StoreError::Corrupt {
                 cf: CF_OUTBOX,
                 reason: e.to_string(),
-            })?;
-            debug_assert_eq!(it.seq, key_seq(&k));
+            };
+            if lane == Lane::Alerts {
+                let a = decode_alert_record(&v).map_err(corrupt)?;
+                debug_assert_eq!(a.seq, key_seq(&k));
+                out.alerts.push(a);
+            } else {
+                let it = decode_item(&v).map_err(corrupt)?;
+                debug_assert_eq!(it.seq, key_seq(&k));
+                out.items.push(it);
+            }
             out.bytes += (k.len() + v.len()) as u64;
-            out.items.push(it);
-            if out.items.len() >= max_items || out.bytes >= max_bytes {
+            if out.len() >= max_items || out.bytes >= max_bytes {
                 break;
             }
         }
@@ -332,9 +415,8 @@ impl Store {
     pub fn outbox_oldest(&self, lane: Lane) -> Result<Option<(u64, i64)>, StoreError> {
         Ok(self
             .outbox_read(lane, 0, 1, u64::MAX, None)?
-            .items
-            .first()
-            .map(|i| (i.seq, i.stored_ms)))
+            .span()
+            .map(|(seq, _, stored)| (seq, stored)))
     }
 
     /// The cloud holds `[first, last]` of `lane`: delete those records. Also forgets the first
@@ -422,23 +504,21 @@ impl Store {
             }
         }
         let load = |f: fn(&LaneCounters) -> &AtomicU64| {
-            LaneFigures::from([
-                f(&state.lanes[0]).load(Ordering::Relaxed),
-                f(&state.lanes[1]).load(Ordering::Relaxed),
-            ])
+            LaneFigures::from(|lane| f(&state.lanes[lane as usize]).load(Ordering::Relaxed))
         };
+        let dropped = state.dropped.lock().expect("dropped lock").clone();
         Ok(Some(OutboxStatus {
             items: load(|l| &l.items),
             bytes: load(|l| &l.bytes),
             quota_bytes: state.quota,
             next_seq: state.next.load(Ordering::Relaxed),
             oldest_stored_ms: oldest,
-            dropped: LaneFigures::from(state.dropped.lock().expect("dropped lock").items),
+            dropped: LaneFigures::from(|lane| dropped.of(lane)),
         }))
     }
 
-    /// Drops the oldest records while the outbox is over its quota: telemetry first, down to
-    /// 90 % of the quota. Returns the records dropped.
+    /// Drops the oldest records while the outbox is over its quota: telemetry first, then
+    /// alerts, then events, down to 90 % of the quota. Returns the records dropped.
     pub fn enforce_outbox_quota(&self) -> Result<u64, StoreError> {
         let Some(state) = self.outbox.as_ref() else {
             return Ok(0);
@@ -475,8 +555,8 @@ impl Store {
             batch.delete_range_cf(self.cf(CF_OUTBOX), key(lane, a), key(lane, b + 1));
             let mut dropped = state.dropped.lock().expect("dropped lock");
             let mut d = dropped.clone();
-            d.items[lane as usize] += items;
-            // Seqs of the two lanes interleave: report the lane's dropped seqs as one range
+            d.add(lane, items);
+            // Seqs of the lanes interleave: report the lane's dropped seqs as one range
             // per drop; the other lane's seqs inside it were stored and are not in this range
             // for the cloud (it only marks seqs it never received).
             d.unreported.push((a, b));

@@ -89,7 +89,7 @@ pub struct FunctionCommit {
     pub points: Vec<Event>,
     /// A scheduled run ended: when it was fired, Unix ms (so a restart knows what it missed).
     pub schedule_done: Option<i64>,
-    /// The points come from a replay over history: marked as backfill for the cloud.
+    /// The points and alerts come from a replay over history: marked as backfill for the cloud.
     pub backfill: bool,
     /// A replay's progress to keep with its effects (JSON, owned by the functions module).
     pub replay: Option<Vec<u8>>,
@@ -357,8 +357,17 @@ impl Store {
         commit: &FunctionCommit,
         cursor: Option<u64>,
     ) -> Result<(), StoreError> {
-        let extra = |store: &Store, batch: &mut WriteBatch| {
-            store.put_function_state(batch, name, &commit.kv, &commit.alerts);
+        let extra = |store: &Store,
+                     batch: &mut WriteBatch,
+                     outbox: Option<&mut super::outbox::PendingRecords>| {
+            store.put_function_state(
+                batch,
+                name,
+                &commit.kv,
+                &commit.alerts,
+                commit.backfill,
+                outbox,
+            );
             if let Some(due) = commit.schedule_done {
                 store.put_schedule_mark(batch, name, due);
             }
@@ -369,9 +378,10 @@ impl Store {
                 batch.put_cf(store.cf(CF_FUNCTIONS), cursor_key(name), c.to_be_bytes());
             }
         };
-        if commit.points.is_empty() {
+        if commit.points.is_empty() && (commit.alerts.is_empty() || self.outbox.is_none()) {
+            // Nothing for the outbox: no need to take the write path's lock.
             let mut batch = WriteBatch::default();
-            extra(self, &mut batch);
+            extra(self, &mut batch, None);
             if !batch.is_empty() {
                 self.db.write(batch)?;
             }
@@ -510,5 +520,92 @@ mod tests {
         store.delete_function("f").unwrap();
         store.write(&[temp(6)], &[]).unwrap();
         assert_eq!(store.trigger_next(), 3, "no reader left: no log");
+    }
+
+    fn alert(id: &str) -> Vec<u8> {
+        serde_json::to_vec(&millrace_shared::Alert {
+            id: id.into(),
+            ts_ms: 1,
+            trigger: "topic".into(),
+            function: "f".into(),
+            version: 1,
+            severity: "critical".into(),
+            message: "hot".into(),
+            device: "s/l/m".into(),
+            topic: "factory/s/l/m/telemetry".into(),
+            event_ts_ms: 1,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn alerts_are_queued_for_the_cloud_in_the_commit_with_seqs_of_the_events_counter() {
+        use crate::store::outbox::Lane;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || StoreOptions {
+            sync_writes: false,
+            outbox_quota_bytes: Some(1 << 30),
+            ..Default::default()
+        };
+        let store = Store::open(dir.path(), opts()).unwrap();
+        store.write(&[temp(1), temp(2)], &[]).unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let live = FunctionCommit {
+            kv: vec![(b"n".to_vec(), Some(b"2".to_vec()))],
+            alerts: vec![(now, alert("f:a:0")), (now, alert("f:a:1"))],
+            ..Default::default()
+        };
+        store.commit_function("f", &live, Some(7)).unwrap();
+        let replayed = FunctionCommit {
+            alerts: vec![(now, alert("f:r:0"))],
+            backfill: true,
+            ..Default::default()
+        };
+        store.commit_function("f", &replayed, None).unwrap();
+        store.write(&[temp(3)], &[]).unwrap();
+        assert_eq!(store.function_cursor("f").unwrap(), Some(7));
+        assert_eq!(store.kv_get("f", b"n").unwrap(), Some(b"2".to_vec()));
+        let check = |store: &Store| {
+            let o = store.outbox_status().unwrap().unwrap();
+            assert_eq!(
+                (o.items.telemetry, o.items.alerts, o.items.events),
+                (3, 3, 0)
+            );
+            assert_eq!(o.next_seq, 7);
+            let read = store
+                .outbox_read(Lane::Alerts, 0, 100, u64::MAX, None)
+                .unwrap();
+            assert!(read.items.is_empty());
+            let got: Vec<(u64, bool, String)> = read
+                .alerts
+                .iter()
+                .map(|a| (a.seq, a.backfill, a.alert.id.clone()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (3, false, "f:a:0".to_owned()),
+                    (4, false, "f:a:1".to_owned()),
+                    (5, true, "f:r:0".to_owned())
+                ]
+            );
+            assert_eq!(read.span().map(|s| (s.0, s.1)), Some((3, 5)));
+        };
+        check(&store);
+        // The edge's own alert list has them too.
+        assert_eq!(store.alerts(0, i64::MAX, 10).unwrap().len(), 3);
+        // Reopened: the counts are rebuilt from the records.
+        drop(store);
+        let store = Store::open(dir.path(), opts()).unwrap();
+        check(&store);
+        let read = store
+            .outbox_read(Lane::Alerts, 0, 100, u64::MAX, None)
+            .unwrap();
+        store
+            .outbox_ack(Lane::Alerts, 3, 5, 0, (3, read.bytes), read.generation)
+            .unwrap();
+        let o = store.outbox_status().unwrap().unwrap();
+        assert_eq!((o.items.telemetry, o.items.alerts), (3, 0));
+        assert_eq!(o.bytes.alerts, 0);
     }
 }

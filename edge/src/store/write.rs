@@ -51,18 +51,19 @@ impl Store {
         dead: &[DeadLetter],
         sync: bool,
     ) -> Result<WriteStats, StoreError> {
-        self.write_with(events, dead, sync, Origin::Device, |_, _| {})
+        self.write_with(events, dead, sync, Origin::Device, |_, _, _| {})
     }
 
     /// The write path: events (into the trigger log too when they come from devices and a
-    /// function reads it), dead letters and whatever `extra` adds, in one atomic batch.
+    /// function reads it), dead letters and whatever `extra` adds (given the batch's outbox
+    /// records, to queue more under the same seq counter), in one atomic batch.
     pub(super) fn write_with(
         &self,
         events: &[Event],
         dead: &[DeadLetter],
         sync: bool,
         origin: Origin,
-        extra: impl FnOnce(&Store, &mut WriteBatch),
+        extra: impl FnOnce(&Store, &mut WriteBatch, Option<&mut outbox::PendingRecords>),
     ) -> Result<WriteStats, StoreError> {
         let log_triggers = origin == Origin::Device;
         let backfill = origin == Origin::Backfill;
@@ -103,16 +104,16 @@ impl Store {
             batch.put_cf(self.cf(CF_RECENT), n.to_be_bytes(), &recent);
             self.trim_recent(&mut batch, n, recent.len() / 20);
         }
-        if let Some(ob) = outbox.as_ref() {
-            ob.finish(&mut batch, self.cf(CF_META));
-        }
         for d in dead {
             self.put_dead_letter(&mut batch, d);
             stats.dead_letters += 1;
         }
         let triggers_next = (log_triggers && !events.is_empty() && self.triggers.active())
             .then(|| self.put_triggers(&mut batch, events, now_ms));
-        extra(self, &mut batch);
+        extra(self, &mut batch, outbox.as_mut());
+        if let Some(ob) = outbox.as_ref() {
+            ob.finish(&mut batch, self.cf(CF_META));
+        }
         // Unique and increasing under the write lock: every batch advances the sequence.
         head.finish(self, &mut batch, self.db.latest_sequence_number() + 1);
         stats.bytes = batch.size_in_bytes() as u64;
