@@ -727,6 +727,21 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
             serde_json::json!({ "module_wat": TRAP, "triggers": [] }),
             "unknown field `triggers`",
         ),
+        (
+            "bad-replay-from",
+            serde_json::json!({ "module_wat": TRAP, "topics": ["factory/#"], "replay_from": "last tuesday" }),
+            "`replay_from` = `last tuesday`",
+        ),
+        (
+            "future-replay-from",
+            serde_json::json!({ "module_wat": TRAP, "topics": ["factory/#"], "replay_from": "2999-01-01T00:00:00Z" }),
+            "is not in the past",
+        ),
+        (
+            "replay-without-topics",
+            serde_json::json!({ "module_wat": TRAP, "replay_from": "-1d" }),
+            "replay_from needs topic filters",
+        ),
     ];
     for (name, body, needle) in cases {
         let (status, err) = deploy(&edge, &name.replace(' ', "%20"), body).await;
@@ -755,6 +770,9 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
         ("invocations?trigger=mqtt", "`trigger` = `mqtt`"),
         ("invocations?limit=0", "`limit` = `0`"),
         ("alerts?from=yesterday", "`from` = `yesterday`"),
+        ("invocations?trigger=bogus", "`trigger` = `bogus`"),
+        ("functions/nope/kv?limit=many", "`limit` = `many`"),
+        ("functions/nope/kv?limit=0", "`limit` = `0`"),
         (
             "invocations?function=x&colour=red",
             "unknown field `colour`",
@@ -767,6 +785,10 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
             "{query}: {err}"
         );
     }
+    // A function that does not exist: its state, and invoking it.
+    let (status, err) = get(&format!("{}/api/v1/functions/nope/kv", http(&edge))).await;
+    assert_eq!(status, 404, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("no function named `nope`"));
     // Invoking a function that does not exist.
     let (status, err) = invoke(&edge, "nope", None, b"{}").await;
     assert_eq!(status, 404, "{err}");
