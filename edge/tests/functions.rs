@@ -788,7 +788,12 @@ async fn bad_modules_and_requests_are_refused_with_clear_messages() {
     // A function that does not exist: its state, and invoking it.
     let (status, err) = get(&format!("{}/api/v1/functions/nope/kv", http(&edge))).await;
     assert_eq!(status, 404, "{err}");
-    assert!(err["error"].as_str().unwrap().contains("no function named `nope`"));
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("no function named `nope`")
+    );
     // Invoking a function that does not exist.
     let (status, err) = invoke(&edge, "nope", None, b"{}").await;
     assert_eq!(status, 404, "{err}");

@@ -25,7 +25,7 @@
 //! The same item encoding with fresh state per item ([`encode_item`]) is the edge's outbox
 //! record format, so the outbox and the wire share one codec.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::alert::{Alert, FunctionReport};
 use crate::event::{Event, EventBody, Reading, Telemetry};
@@ -369,12 +369,36 @@ fn put_body(out: &mut Vec<u8>, body: &EventBody) {
 
 /// Decodes one item encoded by [`encode_item`].
 pub fn decode_item(bytes: &[u8]) -> Result<SyncItem, WireError> {
-    let mut r = Reader { buf: bytes, at: 0 };
-    let item = ItemCodec::default().decode(&mut r)?;
-    if r.at != bytes.len() {
-        return Err(r.invalid("item", "trailing bytes"));
+    ItemDecoder::default().decode(bytes)
+}
+
+/// Decodes items encoded by [`encode_item`] one after another, reusing its tables (what
+/// [`decode_item`] allocates per item).
+#[derive(Default)]
+pub struct ItemDecoder(ItemCodec);
+
+impl std::fmt::Debug for ItemDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ItemDecoder").finish_non_exhaustive()
     }
-    Ok(item)
+}
+
+impl ItemDecoder {
+    /// Decodes one item.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<SyncItem, WireError> {
+        let c = &mut self.0;
+        c.strings.clear();
+        c.index.clear();
+        c.machines.clear();
+        c.series.clear();
+        (c.prev_seq, c.prev_stored) = (0, 0);
+        let mut r = Reader { buf: bytes, at: 0 };
+        let item = c.decode(&mut r)?;
+        if r.at != bytes.len() {
+            return Err(r.invalid("item", "trailing bytes"));
+        }
+        Ok(item)
+    }
 }
 
 const KIND_STATE: u8 = 0;

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use millrace_shared::sync::{AlertItem, SeqRange, SyncItem, decode_alert_record, decode_item};
+use millrace_shared::sync::{AlertItem, ItemDecoder, SeqRange, SyncItem, decode_alert_record};
 use millrace_shared::{EventKind, MachineId};
 use rocksdb::{ColumnFamily, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
@@ -385,6 +385,7 @@ impl Store {
         }
         let mut ro = ReadOptions::default();
         ro.set_iterate_range(key(lane, start).to_vec()..key(lane, stop_at).to_vec());
+        let mut decoder = ItemDecoder::default();
         for item in self
             .db
             .iterator_cf_opt(self.cf(CF_OUTBOX), ro, IteratorMode::Start)
@@ -399,7 +400,7 @@ impl Store {
                 debug_assert_eq!(a.seq, key_seq(&k));
                 out.alerts.push(a);
             } else {
-                let it = decode_item(&v).map_err(corrupt)?;
+                let it = decoder.decode(&v).map_err(corrupt)?;
                 debug_assert_eq!(it.seq, key_seq(&k));
                 out.items.push(it);
             }

@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use millrace_shared::Event;
-use millrace_shared::sync::{SyncItem, decode_item};
+use millrace_shared::sync::{ItemDecoder, SyncItem};
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 
 use super::functions::KvWrite;
@@ -42,9 +42,44 @@ pub(crate) struct TriggerLog {
     stopped: std::sync::atomic::AtomicBool,
     /// The next log seq (under the store's write lock).
     next: AtomicU64,
-    /// The next seq readers may read up to, with a condvar woken by each write.
+    /// The next seq readers may read up to, with a condvar woken by each write that has
+    /// readers waiting.
     durable: Mutex<u64>,
     written: Condvar,
+    /// Readers waiting in [`Store::wait_triggers`].
+    waiting: AtomicUsize,
+    /// The writer's zstd context and record buffer, reused from write to write (under the
+    /// store's write lock; creating a context per write cost more than compressing).
+    writer: Mutex<LogWriter>,
+}
+
+/// What each write of the log reuses.
+#[derive(Default)]
+struct LogWriter {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    value: Vec<u8>,
+}
+
+impl std::fmt::Debug for LogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogWriter").finish_non_exhaustive()
+    }
+}
+
+/// A write batch's log record being built: each event's sync item, length first.
+pub(crate) struct PendingLog {
+    value: Vec<u8>,
+    events: u64,
+}
+
+impl PendingLog {
+    /// Adds an event as its sync item (encoded with [`millrace_shared::sync::encode_item`]; its
+    /// seq is ignored: an event's log seq is its place in the log).
+    pub(crate) fn push(&mut self, item: &[u8]) {
+        put_len(&mut self.value, item.len());
+        self.value.extend_from_slice(item);
+        self.events += 1;
+    }
 }
 
 impl TriggerLog {
@@ -63,7 +98,18 @@ impl TriggerLog {
             return;
         }
         *self.durable.lock().expect("trigger log") = next;
-        self.written.notify_all();
+        // A reader counts itself waiting before it checks `durable`: it sees this write or is
+        // woken. A reader that is behind never waits, and then a write wakes nobody.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.written.notify_all();
+        }
+    }
+
+    /// Starts a write batch's record (the buffer of the last one, emptied).
+    pub(crate) fn start(&self) -> PendingLog {
+        let mut value = std::mem::take(&mut self.writer.lock().expect("log writer").value);
+        value.clear();
+        PendingLog { value, events: 0 }
     }
 }
 
@@ -136,9 +182,27 @@ fn batch_key(k: &[u8]) -> Result<u64, StoreError> {
         })
 }
 
-/// A stored batch's items (zstd-compressed on disk).
+/// A stored batch's items (zstd-compressed on disk), with a zstd context kept per thread.
 fn unpack(first: u64, v: &[u8]) -> Result<Vec<u8>, StoreError> {
-    zstd::stream::decode_all(v).map_err(|e| corrupt(first, &format!("decompressing: {e}")))
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let err = |e: &dyn std::fmt::Display| corrupt(first, &format!("decompressing: {e}"));
+    let size = zstd::zstd_safe::get_frame_content_size(v).map_err(|e| err(&format!("{e:?}")))?;
+    let Some(size) = size else {
+        return zstd::stream::decode_all(v).map_err(|e| err(&e));
+    };
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| err(&e))?);
+        }
+        d.as_mut()
+            .expect("set above")
+            .decompress(v, size as usize)
+            .map_err(|e| err(&e))
+    })
 }
 
 fn corrupt(seq: u64, reason: &str) -> StoreError {
@@ -167,26 +231,20 @@ impl Store {
         Ok(())
     }
 
-    /// Adds the trigger-log part of a write batch; returns the next seq after it.
-    pub(super) fn put_triggers(
-        &self,
-        batch: &mut WriteBatch,
-        events: &[Event],
-        now_ms: i64,
-    ) -> u64 {
+    /// Adds a write batch's log record (events from [`TriggerLog::start`]); returns the next
+    /// seq after it.
+    pub(super) fn put_triggers(&self, batch: &mut WriteBatch, log: PendingLog) -> u64 {
         let first = self.triggers.begin();
-        let mut value = Vec::with_capacity(events.len() * 64);
-        let mut item = Vec::with_capacity(128);
-        for (i, e) in events.iter().enumerate() {
-            item.clear();
-            millrace_shared::sync::encode_item(&mut item, first + i as u64, now_ms, e);
-            put_len(&mut value, item.len());
-            value.extend_from_slice(&item);
-        }
-        let next = first + events.len() as u64;
+        let next = first + log.events;
+        let mut w = self.triggers.writer.lock().expect("log writer");
         // zstd at its fastest: the items repeat machine and metric names, and every byte here
         // also goes through the fsync'd WAL and a memtable flush.
-        let packed = zstd::bulk::compress(&value, 1).expect("compressing to memory");
+        let zstd = match &mut w.zstd {
+            Some(z) => z,
+            none => none.insert(zstd::bulk::Compressor::new(1).expect("a zstd context")),
+        };
+        let packed = zstd.compress(&log.value).expect("compressing to memory");
+        w.value = log.value;
         batch.put_cf(self.cf(CF_TRIGGERS), first.to_be_bytes(), &packed);
         batch.put_cf(self.cf(CF_META), META_NEXT, next.to_be_bytes());
         next
@@ -205,13 +263,16 @@ impl Store {
     /// Waits until the log holds a record at `seq` or later, at most `timeout`; returns whether
     /// it does.
     pub fn wait_triggers(&self, seq: u64, timeout: Duration) -> bool {
-        let durable = self.triggers.durable.lock().expect("trigger log");
-        let (durable, _) = self
-            .triggers
+        let log = &self.triggers;
+        log.waiting.fetch_add(1, Ordering::SeqCst);
+        let durable = log.durable.lock().expect("trigger log");
+        let (durable, _) = log
             .written
             .wait_timeout_while(durable, timeout, |next| *next <= seq)
             .expect("trigger log");
-        *durable > seq
+        let got = *durable > seq;
+        log.waiting.fetch_sub(1, Ordering::SeqCst);
+        got
     }
 
     /// The first seq of the stored batch holding `seq`, or of the first one after it.
@@ -242,6 +303,7 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_be_bytes().to_vec());
         let mut out = Vec::with_capacity(max.min(4096));
+        let mut decoder = ItemDecoder::default();
         for item in self
             .db
             .iterator_cf_opt(self.cf(CF_TRIGGERS), ro, IteratorMode::Start)
@@ -258,7 +320,9 @@ impl Store {
                 if seq >= from {
                     let SyncItem {
                         stored_ms, event, ..
-                    } = decode_item(bytes).map_err(|e| corrupt(seq, &e.to_string()))?;
+                    } = decoder
+                        .decode(bytes)
+                        .map_err(|e| corrupt(seq, &e.to_string()))?;
                     out.push(TriggerRecord {
                         seq,
                         stored_ms,

@@ -74,6 +74,9 @@ impl Store {
         let mut head = HeadBatch::new(self.window_ms());
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut outbox = self.outbox.as_ref().map(|o| o.begin());
+        // The trigger log's record: the events' sync items, the outbox's own when it has them.
+        let mut log = (log_triggers && !events.is_empty() && self.triggers.active())
+            .then(|| self.triggers.start());
         let mut recent = Vec::with_capacity(events.len() * 10);
         let mut item = Vec::with_capacity(128);
         for e in events {
@@ -97,6 +100,13 @@ impl Store {
                 millrace_shared::sync::encode_item_marked(&mut item, seq, now_ms, backfill, e);
                 ob.put(&mut batch, self.cf(CF_OUTBOX), e.kind(), seq, &item);
             }
+            if let Some(log) = log.as_mut() {
+                if outbox.is_none() {
+                    item.clear();
+                    millrace_shared::sync::encode_item(&mut item, 0, now_ms, e);
+                }
+                log.push(&item);
+            }
             stats.events += 1;
         }
         if !recent.is_empty() && self.opts.recent_events > 0 {
@@ -108,8 +118,7 @@ impl Store {
             self.put_dead_letter(&mut batch, d);
             stats.dead_letters += 1;
         }
-        let triggers_next = (log_triggers && !events.is_empty() && self.triggers.active())
-            .then(|| self.put_triggers(&mut batch, events, now_ms));
+        let triggers_next = log.map(|log| self.put_triggers(&mut batch, log));
         extra(self, &mut batch, outbox.as_mut());
         if let Some(ob) = outbox.as_ref() {
             ob.finish(&mut batch, self.cf(CF_META));
