@@ -645,6 +645,7 @@ async fn the_openapi_document_names_every_route_and_every_documented_route_is_se
     documented.sort();
     let mut expected: Vec<String> = [
         "GET /",
+        "GET /api/v1/alerts",
         "GET /api/v1/edges",
         "GET /api/v1/events",
         "GET /api/v1/live",
