@@ -36,6 +36,10 @@ const BATCH_TIME: Duration = Duration::from_millis(200);
 /// that to the time from storing an event to running the function.
 const LINGER_BELOW: usize = 512;
 const LINGER: Duration = Duration::from_millis(5);
+/// A reader that is behind while devices are still sending pauses this many times as long as
+/// its last batch took before the next one: it takes at most half the CPU it could, leaving
+/// the rest to ingest, and catches up at full speed once the load stops.
+const BEHIND_PAUSE_FACTOR: u32 = 1;
 /// How long an idle reader waits for new records before it looks at its flags again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -173,6 +177,7 @@ impl Reader {
                 continue;
             }
             // The lease: one version of a function reads its cursor at a time.
+            let (log_before, started) = (self.inner.store.trigger_next(), Instant::now());
             let step = {
                 let _lease = lease.lock().expect("lease");
                 self.step()
@@ -180,10 +185,13 @@ impl Reader {
             match step {
                 Ok(Step::Worked(read)) => {
                     failures = 0;
-                    // Keeping up: let a few ingest batches gather rather than waking (and
-                    // committing) for each one; a function behind reads on at once.
                     if read < LINGER_BELOW {
+                        // Keeping up: let a few ingest batches gather rather than waking (and
+                        // committing) for each one.
                         std::thread::sleep(LINGER);
+                    } else if self.inner.store.trigger_next() > log_before {
+                        // Behind, and devices sent meanwhile: ingest first.
+                        std::thread::sleep(started.elapsed() * BEHIND_PAUSE_FACTOR);
                     }
                 }
                 Ok(Step::Idle(cursor)) => {
