@@ -64,7 +64,7 @@ cat <<MSG
 Millrace is running: a simulated factory (1 site, 3 lines, 12 machines) in real time, with the
 previous day's history on the first run, flowing through the edge into the cloud.
 
-  Dashboard    http://127.0.0.1:8090/                  (live OEE per line, production, downtime)
+  Dashboard    http://127.0.0.1:8090/                  (live OEE per line, production, downtime, alerts)
   Cloud API    http://127.0.0.1:8090/api/v1/reports/oee?from=-1day&level=line&period=shift
   Edge API     http://127.0.0.1:8081/api/v1/status     (sync: /api/v1/sync, Prometheus: /metrics)
   MQTT         mqtt://127.0.0.1:1883  (MQTT 3.1.1 and 5; user demo-device, password millrace-demo)
@@ -79,6 +79,8 @@ Try:
   $BIN/millrace-edge fn list                      (functions, their counters)
   $BIN/millrace-edge fn logs --limit 5            (the invocation log)
   curl -s "http://127.0.0.1:8081/api/v1/alerts?limit=5"      (temperature alerts before breakdowns)
+  curl -s "http://127.0.0.1:8090/api/v1/alerts?severity=critical&limit=5"   (the same, synced to the cloud)
+  curl -s http://127.0.0.1:8090/api/v1/edges      (per edge: what the cloud holds, its functions' counters and lag)
   mosquitto_sub -p 1883 -u demo-device -P millrace-demo -t 'millrace/alerts/#' -t 'factory/summary/#' -v
   curl -s http://127.0.0.1:8081/api/v1/series
   curl -s "http://127.0.0.1:8081/api/v1/points?series=plant-1/line-1/machine-01/temperature&from=-1day&step=1h"
