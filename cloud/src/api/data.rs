@@ -307,14 +307,21 @@ async fn rows(
             return render(DataFrame::empty(), format, key);
         };
         let exprs: Vec<Expr> = cols.iter().map(|c| col(*c)).collect();
-        // Alerts: the newest first (what someone on call asks for); rows: oldest first.
+        // Alerts: the newest first (what someone on call asks for; alerts raised together in
+        // the order the edge queued them, last first); rows: oldest first.
+        let newest_first = table == Table::Alerts;
+        let order: Vec<&str> = if newest_first {
+            vec![alerts::TS, alerts::OUTBOX_SEQ]
+        } else {
+            vec![events::TS]
+        };
         let df = lf
             .select(exprs)
             .sort(
-                [events::TS],
+                order,
                 SortMultipleOptions::default()
                     .with_maintain_order(true)
-                    .with_order_descending(table == Table::Alerts),
+                    .with_order_descending(newest_first),
             )
             .limit(limit as IdxSize)
             .collect()?;
