@@ -17,7 +17,7 @@
 //! - [`config`]: configuration (defaults → TOML → `MILLRACE_CLOUD_*` environment), validated.
 //!
 //! [`Cloud`] wires them together with an explicit shutdown.
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
 pub mod config;

@@ -21,7 +21,7 @@
 //! [`Edge::start`] builds them from the bottom of this list up, handing each what it needs; each
 //! long-running task is tracked and stops on [`Edge::shutdown`]: stop taking devices, write
 //! what was received, flush RocksDB.
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod allocator;
 mod api;

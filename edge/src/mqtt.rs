@@ -13,7 +13,7 @@ pub(crate) use scanner::{Publish, Scanner};
 
 /// Why a stream could not be framed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     /// The remaining-length field is longer than 4 bytes.
     #[error("malformed remaining length")]
     Length,
@@ -30,7 +30,7 @@ pub enum FrameError {
 
 /// Why a packet could not be read from a stream.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The stream failed or ended.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),

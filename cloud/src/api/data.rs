@@ -19,7 +19,7 @@ use crate::schema::{alerts, events, telemetry};
 /// Output format.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum Format {
+pub(super) enum Format {
     /// JSON (default).
     #[default]
     Json,
@@ -31,7 +31,7 @@ pub enum Format {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct Filters {
+pub(super) struct Filters {
     /// Only this site.
     pub site: Option<String>,
     /// Only this line.
