@@ -297,8 +297,8 @@ impl Functions {
             .map(|d| d.spec.lock().expect("spec lock").clone())
     }
 
-    /// Every deployed function with its counters, lag and queue depth, by name.
-    pub fn list(&self) -> Result<Vec<serde_json::Value>, FunctionError> {
+    /// Every deployed function, by name.
+    fn all_deployed(&self) -> Vec<Arc<Deployed>> {
         let mut all: Vec<Arc<Deployed>> = self
             .inner
             .registry
@@ -308,21 +308,21 @@ impl Functions {
             .cloned()
             .collect();
         all.sort_by_key(|d| d.spec.lock().expect("spec lock").name.clone());
-        all.iter().map(|d| self.describe(d)).collect()
+        all
     }
 
-    /// Every deployed function's figures as the sync client reports them to the cloud.
-    /// Blocking (reads cursors).
+    /// Every deployed function with its counters, lag and queue depth, by name.
+    pub fn list(&self) -> Result<Vec<serde_json::Value>, FunctionError> {
+        self.all_deployed()
+            .iter()
+            .map(|d| self.describe(d))
+            .collect()
+    }
+
+    /// Every deployed function's figures as the sync client reports them to the cloud, by
+    /// name. Blocking (reads cursors).
     pub fn reports(&self) -> Vec<millrace_shared::FunctionReport> {
-        let all: Vec<Arc<Deployed>> = self
-            .inner
-            .registry
-            .read()
-            .expect("registry")
-            .values()
-            .cloned()
-            .collect();
-        let mut out: Vec<_> = all
+        self.all_deployed()
             .iter()
             .map(|d| {
                 let (name, version) = {
@@ -341,9 +341,7 @@ impl Functions {
                     version,
                 }
             })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+            .collect()
     }
 
     /// One deployed function with its counters, lag and queue depth.

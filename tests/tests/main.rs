@@ -127,6 +127,36 @@ fn sim_run(edge: &EdgeProcess) -> Command {
     c
 }
 
+/// `millrace-sim run` with QoS 1, paced at an hour per second (so that faults happen while
+/// devices still send), writing its ground truth to `truth`.
+fn paced_sim(
+    edge: &EdgeProcess,
+    seed: &str,
+    start: &str,
+    duration: &str,
+    telemetry_interval: &str,
+    truth: &Path,
+) -> Child {
+    sim_run(edge)
+        .args(["--qos", "1", "--seed", seed, "--start", start])
+        .args([
+            "--duration",
+            duration,
+            "--telemetry-interval",
+            telemetry_interval,
+        ])
+        .args([
+            "--speed",
+            "3600",
+            "--quiet",
+            "--truth",
+            truth.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap()
+}
+
 /// Writes an edge config with the device `sim`, the MQTT port given (0 for any) and no retention.
 fn edge_config(dir: &Path, mqtt_port: u16) -> PathBuf {
     let config = dir.join("edge.toml");
@@ -635,29 +665,14 @@ fn sync_delivers_exactly_once_across_lost_acks_cloud_restart_partition_and_edge_
     ];
     let mut edge = EdgeProcess::start_with_env(&config, &env);
     let truth_path = dir.path().join("truth.json");
-    let mut sim = sim_run(&edge)
-        .args([
-            "--qos",
-            "1",
-            "--seed",
-            "11",
-            "--start",
-            "2026-02-02T00:00:00Z",
-        ])
-        // Paced (an hour per second) so that the faults below happen while devices still send.
-        .args([
-            "--duration",
-            "2days",
-            "--telemetry-interval",
-            "10s",
-            "--speed",
-            "3600",
-            "--quiet",
-        ])
-        .args(["--truth", truth_path.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .spawn()
-        .unwrap();
+    let mut sim = paced_sim(
+        &edge,
+        "11",
+        "2026-02-02T00:00:00Z",
+        "2days",
+        "10s",
+        &truth_path,
+    );
     let cloud_items = |c: &CloudProcess| {
         c.get("/api/v1/edges")["edges"]
             .as_array()
@@ -823,29 +838,14 @@ fn alerts_reach_the_cloud_once_each_across_kill_9_of_edge_and_cloud_and_replays_
             .args(["--topic", "factory/+/+/+/part"]),
     );
     let truth_path = dir.path().join("truth.json");
-    let mut sim = sim_run(&edge)
-        .args([
-            "--qos",
-            "1",
-            "--seed",
-            "5",
-            "--start",
-            "2026-03-02T00:00:00Z",
-        ])
-        // Paced (an hour per second) so that the kills below happen while devices still send.
-        .args([
-            "--duration",
-            "1day",
-            "--telemetry-interval",
-            "30s",
-            "--speed",
-            "3600",
-            "--quiet",
-        ])
-        .args(["--truth", truth_path.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .spawn()
-        .unwrap();
+    let mut sim = paced_sim(
+        &edge,
+        "5",
+        "2026-03-02T00:00:00Z",
+        "1day",
+        "30s",
+        &truth_path,
+    );
     let alerts = |c: &CloudProcess| {
         c.get("/api/v1/alerts?function=scrap-alert&limit=1000000")["alerts"]
             .as_array()
