@@ -668,3 +668,26 @@ impl Store {
 
 /// Keys of `recent` written in this run and their event counts, oldest first, with the sum.
 pub(crate) type RecentLog = Mutex<(VecDeque<(u64, usize)>, usize)>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_counts_written_before_the_alerts_lane_still_read() {
+        // What a store written before the alerts lane holds in `meta/outbox_dropped`.
+        let old: Dropped = serde_json::from_str(r#"{"items":[3,5],"unreported":[[1,2]]}"#).unwrap();
+        assert_eq!(
+            (
+                old.of(Lane::Events),
+                old.of(Lane::Telemetry),
+                old.of(Lane::Alerts)
+            ),
+            (3, 5, 0)
+        );
+        let mut d = old;
+        d.add(Lane::Alerts, 4);
+        assert_eq!(d.items, [3, 5, 4]);
+        assert_eq!(d.unreported, [(1, 2)]);
+    }
+}
