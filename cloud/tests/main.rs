@@ -883,6 +883,16 @@ async fn alerts_are_stored_once_and_queried_by_machine_function_severity_and_tim
             .unwrap()
             .contains("does not apply to events")
     );
+    // Nor do alert filters apply to a report (they were read as a column the report lacks).
+    for q in [
+        "reports/oee?severity=critical",
+        "reports/telemetry?function=hot",
+    ] {
+        let (st, v) = call(&s, get(&format!("/api/v1/{q}"), Some(READ_KEY))).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(e.contains("does not apply to this report"), "{q}: {v}");
+    }
     let (st, _) = call(&s, get("/api/v1/alerts", None)).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }

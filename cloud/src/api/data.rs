@@ -98,6 +98,29 @@ fn window_ms(v: &Option<String>, default: &str) -> Result<(String, i64), ApiErro
 }
 
 impl Filters {
+    /// Refuses each given parameter that only some queries take and `what` (the rows or report
+    /// asked for) is not among them: a 400 naming it, rather than a filter silently ignored.
+    fn only(&self, accepted: &[&str], what: &str) -> Result<(), ApiError> {
+        let given = [
+            ("metric", self.metric.is_some()),
+            ("kind", self.kind.is_some()),
+            ("function", self.function.is_some()),
+            ("severity", self.severity.is_some()),
+            ("level", self.level.is_some()),
+            ("period", self.period.is_some()),
+            ("window", self.window.is_some()),
+        ];
+        match given
+            .iter()
+            .find(|(name, given)| *given && !accepted.contains(name))
+        {
+            Some((name, _)) => Err(ApiError::BadRequest(format!(
+                "`{name}` does not apply to {what}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The checked selection these filters ask for (at most `max_range_ms` long; by default the
     /// 24 hours before `to`, and `to` now).
     pub(crate) fn select(&self, max_range_ms: i64) -> Result<Selection, ApiError> {
@@ -274,24 +297,13 @@ async fn rows(
     cols: &'static [&'static str],
     key: &'static str,
 ) -> Result<Response, ApiError> {
-    // Each parameter applies to some tables only: refuse it elsewhere rather than ignore it.
-    let applies: &[(&str, bool, &[Table])] = &[
-        ("metric", f.metric.is_some(), &[Table::Telemetry]),
-        ("kind", f.kind.is_some(), &[Table::Events]),
-        ("function", f.function.is_some(), &[Table::Alerts]),
-        ("severity", f.severity.is_some(), &[Table::Alerts]),
-        ("level", f.level.is_some(), &[]),
-        ("period", f.period.is_some(), &[]),
-        ("window", f.window.is_some(), &[]),
-    ];
-    if let Some((name, _, _)) = applies
-        .iter()
-        .find(|(_, given, tables)| *given && !tables.contains(&table))
-    {
-        return Err(ApiError::BadRequest(format!(
-            "`{name}` does not apply to {key}"
-        )));
-    }
+    let accepted: &[&str] = match table {
+        Table::Telemetry => &["metric"],
+        Table::Events => &["kind"],
+        Table::Alerts => &["function", "severity"],
+        Table::PartCounts => &[],
+    };
+    f.only(accepted, key)?;
     let sel = f.select(max_range(&s))?;
     let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
     if limit == 0 || limit > s.cfg.http.max_rows {
@@ -392,16 +404,11 @@ fn known_machine(s: &ApiState, f: &Filters) -> Result<(), ApiError> {
 /// A report's selection: a known machine (404 otherwise) and a checked range.
 fn report_selection(s: &ApiState, f: &Filters, metric: bool) -> Result<Selection, ApiError> {
     known_machine(s, f)?;
-    let refuse = |name: &str| {
-        Err(ApiError::BadRequest(format!(
-            "`{name}` does not apply to this report"
-        )))
-    };
-    if f.kind.is_some() {
-        return refuse("kind");
-    }
-    if !metric && f.metric.is_some() {
-        return refuse("metric");
+    let report = ["level", "period", "window"];
+    if metric {
+        f.only(&["metric", report[0], report[1], report[2]], "this report")?;
+    } else {
+        f.only(&report, "this report")?;
     }
     f.select(max_range(s))
 }
