@@ -56,6 +56,8 @@ pub struct ApiState {
     pub master: Arc<std::sync::RwLock<Master>>,
     /// What each edge last reported of its functions (with each sync batch).
     pub functions: FunctionReports,
+    /// One permit per open live event stream (`http.max_live_subscribers`).
+    pub live_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Per edge: when its last function figures arrived (Unix ms) and the figures.

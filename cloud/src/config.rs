@@ -64,6 +64,10 @@ pub struct HttpConfig {
     pub max_query_range: Duration,
     /// Most rows a raw-data query returns.
     pub max_rows: usize,
+    /// Limits on what one client may hold: connections, header and body time and size.
+    pub limits: millrace_shared::service::http::HttpLimits,
+    /// Most dashboards (server-sent event streams) open at once.
+    pub max_live_subscribers: usize,
 }
 
 impl Default for HttpConfig {
@@ -76,6 +80,8 @@ impl Default for HttpConfig {
             max_batch_raw_bytes: 256 << 20,
             max_query_range: Duration::from_secs(400 * 86_400),
             max_rows: 1_000_000,
+            limits: Default::default(),
+            max_live_subscribers: 64,
         }
     }
 }
@@ -166,6 +172,12 @@ impl CloudConfig {
                 reason: reason.to_owned(),
             })
         };
+        if let Err((field, reason)) = self.http.limits.validate() {
+            return invalid(field, reason);
+        }
+        if self.http.max_live_subscribers == 0 {
+            return invalid("http.max_live_subscribers", "at least 1");
+        }
         let keys = self.http.read_keys.iter().chain(&self.http.admin_keys);
         if keys.clone().any(|k| k.len() < 16) {
             return invalid("http.read_keys", "keys must be at least 16 characters");

@@ -136,16 +136,20 @@ impl Cloud {
             commits: Arc::new(commits),
             master: Arc::new(std::sync::RwLock::new(reports::Master::load(&cfg))),
             functions: Default::default(),
+            live_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_live_subscribers)),
         };
         tasks.spawn({
             let stop = stop.clone();
+            let limits = cfg.http.limits.clone();
             async move {
-                let r = axum::serve(listener, api::app(state))
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
+                millrace_shared::service::http::serve(
+                    listener,
+                    api::app(state),
+                    limits,
+                    "millrace_cloud",
+                    stop,
+                )
+                .await;
             }
         });
         tracing::info!(http = %addr, data_dir = %cfg.data_dir.display(), edges = cfg.edges.len(), "cloud started");

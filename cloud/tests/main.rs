@@ -387,6 +387,7 @@ fn state(dir: &std::path::Path, keys: bool) -> ApiState {
         commits: Arc::new(tokio::sync::watch::channel(0).0),
         master: Default::default(),
         functions: Default::default(),
+        live_slots: Arc::new(tokio::sync::Semaphore::new(2)),
     }
 }
 

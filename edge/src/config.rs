@@ -114,6 +114,8 @@ pub struct HttpConfig {
     pub api_keys: Vec<String>,
     /// Most points one query may return (use downsampling for more).
     pub max_points: usize,
+    /// Limits on what one client may hold: connections, header and body time and size.
+    pub limits: millrace_shared::service::http::HttpLimits,
 }
 
 impl Default for HttpConfig {
@@ -122,6 +124,7 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8081".parse().expect("valid"),
             api_keys: vec![],
             max_points: 100_000,
+            limits: Default::default(),
         }
     }
 }
@@ -409,6 +412,9 @@ impl EdgeConfig {
         };
         if millrace_shared::topic::validate_id("edge_id", &self.edge_id).is_err() {
             return invalid("edge_id", "1 to 64 characters of A-Z a-z 0-9 _ -");
+        }
+        if let Err((field, reason)) = self.http.limits.validate() {
+            return invalid(field, reason);
         }
         let f = &self.functions;
         if f.default_timeout.is_zero() || f.default_timeout > Duration::from_secs(60) {

@@ -226,13 +226,16 @@ impl Edge {
         };
         tasks.spawn({
             let stop = stop.clone();
+            let limits = cfg.http.limits.clone();
             async move {
-                let r = axum::serve(listener, api::app(state))
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
+                millrace_shared::service::http::serve(
+                    listener,
+                    api::app(state),
+                    limits,
+                    "millrace_edge",
+                    stop,
+                )
+                .await;
             }
         });
         tracing::info!(edge_id = %cfg.edge_id, mqtt = %devices.addr, http = %http_addr, data_dir = %cfg.data_dir.display(), "edge started");

@@ -9,6 +9,8 @@ use std::time::Duration;
 use millrace_tests::{read_json, run_ok, wait_until};
 use serde_json::Value;
 
+mod faults;
+
 /// The directory holding the workspace's binaries (`target/debug`), next to this test's `deps/`.
 fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -403,9 +405,14 @@ struct CloudProcess {
 
 impl CloudProcess {
     fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(bin("millrace-cloud"))
             .args(["--config", config.to_str().unwrap()])
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

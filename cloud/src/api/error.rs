@@ -111,6 +111,9 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::TooLarge(millrace_shared::service::http::BODY_TOO_LARGE.into());
+        }
         Self::BadRequest(e.body_text())
     }
 }

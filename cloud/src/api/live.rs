@@ -5,7 +5,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::auth::Caller;
-use super::openapi::KeyRefused;
+use super::error::ApiError;
+use super::openapi::{ErrorBody, KeyRefused};
 use super::{ApiState, blocking};
 
 /// The live dashboard (one static page; its data comes from `/api/v1/live`).
@@ -33,29 +34,43 @@ pub(super) async fn dashboard() -> impl IntoResponse {
     responses(
         (status = 200, description = "`text/event-stream` of `snapshot` events", content_type = "text/event-stream"),
         KeyRefused,
+        (status = 503, description = "`http.max_live_subscribers` streams are open already", body = ErrorBody),
     )
 )]
 pub(super) async fn live(
     _c: Caller,
     State(s): State<ApiState>,
-) -> axum::response::sse::Sse<
-    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
+    // Held by the stream: the slot frees when the client goes.
+    let Ok(slot) = s.live_slots.clone().try_acquire_owned() else {
+        metrics::counter!("millrace_cloud_http_refused_total", "reason" => "live_subscribers")
+            .increment(1);
+        return Err(ApiError::Unavailable(format!(
+            "{} live streams are open already (http.max_live_subscribers); close one or raise the limit",
+            s.cfg.http.max_live_subscribers
+        )));
+    };
     let rx = s.commits.subscribe();
-    let stream = futures_util::stream::unfold((s, rx, true), |(s, mut rx, first)| async move {
-        if !first {
-            rx.changed().await.ok()?;
-            // Let a burst of commits settle into one snapshot.
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            rx.borrow_and_update();
-        }
-        let (ds, master) = s.dataset_and_master();
-        let ev = match blocking(move || Ok(crate::reports::snapshot(&ds, &master)?)).await {
-            Ok(v) => Event::default().event("snapshot").data(v.to_string()),
-            Err(e) => Event::default().event("error").data(e.to_string()),
-        };
-        Some((Ok(ev), (s, rx, false)))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    let stream =
+        futures_util::stream::unfold((s, rx, true, slot), |(s, mut rx, first, slot)| async move {
+            if !first {
+                rx.changed().await.ok()?;
+                // Let a burst of commits settle into one snapshot.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                rx.borrow_and_update();
+            }
+            let (ds, master) = s.dataset_and_master();
+            let ev = match blocking(move || Ok(crate::reports::snapshot(&ds, &master)?)).await {
+                Ok(v) => Event::default().event("snapshot").data(v.to_string()),
+                Err(e) => Event::default().event("error").data(e.to_string()),
+            };
+            Some((Ok(ev), (s, rx, false, slot)))
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

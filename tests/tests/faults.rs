@@ -1,0 +1,273 @@
+//! Faults beyond kill -9: hostile HTTP clients, …
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use millrace_tests::wait_until;
+
+use super::{CloudProcess, EdgeProcess, cloud_config, edge_config, edge_token};
+
+/// A raw connection to `base` (`http://host:port`). The read timeout only keeps a broken server
+/// from hanging the test; nothing here depends on how long anything takes.
+fn connect(base: &str) -> TcpStream {
+    let s = TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Everything the server sends until it closes the connection (a reset counts as closed).
+fn read_until_closed(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "the server did not close: {e}; got {}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Reads until `needle` has arrived; returns what was read.
+fn read_until(s: &mut TcpStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = s.read(&mut buf).expect("the server answers");
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// One request on a kept-alive connection, its response read exactly (header and
+/// `content-length` bytes of body), so the connection can carry the next one.
+fn health_on(s: &mut TcpStream) {
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed mid-answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .expect("a sized answer")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+}
+
+fn healthy(base: &str) -> bool {
+    std::process::Command::new("curl")
+        .args(["-fsS", "-o", "/dev/null", &format!("{base}/health")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A sample of the server's metrics: `name` with `labels` (`{…}` or empty).
+fn metric(base: &str, name: &str, labels: &str) -> u64 {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", &format!("{base}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// `{prefix}_http_refused_total{reason="…"}`.
+fn refused(base: &str, prefix: &str, reason: &str) -> u64 {
+    metric(
+        base,
+        &format!("{prefix}_http_refused_total"),
+        &format!("{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Waits until the server holds no connection but the one asking.
+fn settled(base: &str, prefix: &str) {
+    let name = format!("{prefix}_http_connections");
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(base, &name, "") == 1),
+        "connections closed by clients are let go"
+    );
+}
+
+/// A request whose body is `body`, answered with a status line starting `status`.
+fn post_expecting(base: &str, method_path: &str, body: &[u8], status: &str) -> String {
+    let mut s = connect(base);
+    let mut request = format!(
+        "{method_path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    // One write: the server then has the whole request when it answers, so closing after the
+    // answer is a clean close, not a reset that could discard the answer.
+    request.extend_from_slice(body);
+    s.write_all(&request).unwrap();
+    let got = read_until_closed(&mut s);
+    assert!(
+        got.starts_with(&format!("HTTP/1.1 {status}")),
+        "{method_path}: {got}"
+    );
+    got
+}
+
+/// The limits of one server, tried on both: connections over the cap get a 503 at once and the
+/// server serves again when one closes; a body over the limit gets a JSON 413; a header that
+/// never ends is cut off; a body that never ends gets a 408; every refusal is counted.
+fn limits_hold(
+    start: &dyn Fn(&[(&str, &str)]) -> (String, Box<dyn FnOnce()>),
+    env_prefix: &str,
+    metric_prefix: &str,
+    body_route: &str,
+) {
+    let var = |k: &str| format!("{env_prefix}HTTP__LIMITS__{k}");
+    let (max_conn, max_body, header_t, body_t) = (
+        var("MAX_CONNECTIONS"),
+        var("MAX_BODY_BYTES"),
+        var("HEADER_TIMEOUT"),
+        var("BODY_TIMEOUT"),
+    );
+
+    // Long timeouts: the connections held open must not time out while the test runs.
+    let (base, stop) = start(&[(&max_conn, "3"), (&max_body, "1024"), (&header_t, "10min")]);
+    let got = post_expecting(&base, body_route, &[b'x'; 4096], "413");
+    assert!(got.contains("larger than this endpoint accepts"), "{got}");
+
+    settled(&base, metric_prefix);
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect(&base)).collect();
+    for s in &mut held {
+        health_on(s);
+    }
+    let mut extra = connect(&base);
+    let got = read_until_closed(&mut extra);
+    assert!(
+        got.starts_with("HTTP/1.1 503") && got.contains("too many connections"),
+        "{got}"
+    );
+    drop(held.pop());
+    assert!(
+        wait_until(Duration::from_secs(30), || healthy(&base)),
+        "serves again once a connection closed"
+    );
+    // The held ones are still served.
+    health_on(&mut held[0]);
+    drop(held);
+    assert!(wait_until(Duration::from_secs(30), || refused(
+        &base,
+        metric_prefix,
+        "max_connections"
+    ) >= 1));
+    assert_eq!(refused(&base, metric_prefix, "body_too_large"), 1);
+    stop();
+
+    let (base, stop) = start(&[(&header_t, "300ms"), (&body_t, "300ms")]);
+    // A header sent a piece at a time and never finished: the server closes the connection.
+    let mut slow = connect(&base);
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nx-slow: ")
+        .unwrap();
+    let got = read_until_closed(&mut slow);
+    assert!(!got.contains("200 OK"), "{got}");
+    // A body that never ends: 408 with the reason.
+    let mut s = connect(&base);
+    s.write_all(
+        format!(
+            "{body_route} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let got = read_until_closed(&mut s);
+    assert!(
+        got.starts_with("HTTP/1.1 408") && got.contains("did not arrive within 300ms"),
+        "{got}"
+    );
+    assert!(healthy(&base), "the server still serves others");
+    assert!(refused(&base, metric_prefix, "header_timeout") >= 1);
+    assert_eq!(refused(&base, metric_prefix, "body_timeout"), 1);
+    stop();
+}
+
+#[test]
+fn both_http_servers_hold_their_limits_against_hostile_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = edge_config(dir.path(), 0);
+    limits_hold(
+        &|env: &[(&str, &str)]| {
+            let edge = EdgeProcess::start_with_env(&config, env);
+            (edge.http.clone(), Box::new(move || edge.stop()))
+        },
+        "MILLRACE_EDGE_",
+        "millrace_edge",
+        "POST /api/v1/functions/none/invoke",
+    );
+
+    let (_, digest) = edge_token("e1");
+    let config = cloud_config(dir.path(), 0, "e1", &digest);
+    limits_hold(
+        &|env: &[(&str, &str)]| {
+            let cloud = CloudProcess::start_with_env(&config, env);
+            (cloud.http.clone(), Box::new(move || cloud.stop()))
+        },
+        "MILLRACE_CLOUD_",
+        "millrace_cloud",
+        "PUT /api/v1/master/machines",
+    );
+
+    // Live streams (the dashboard's server-sent events) have their own cap: one stream more is
+    // refused, and a closed stream frees its slot.
+    let cloud = CloudProcess::start_with_env(
+        &config,
+        &[("MILLRACE_CLOUD_HTTP__MAX_LIVE_SUBSCRIBERS", "1")],
+    );
+    let open_stream = |expect: &str| {
+        let mut s = connect(&cloud.http);
+        s.write_all(b"GET /api/v1/live HTTP/1.1\r\nhost: t\r\n\r\n")
+            .unwrap();
+        let got = read_until(&mut s, expect);
+        (s, got)
+    };
+    let (first, _) = open_stream("event: snapshot");
+    let (_, got) = open_stream("}");
+    assert!(
+        got.starts_with("HTTP/1.1 503") && got.contains("live streams are open already"),
+        "{got}"
+    );
+    drop(first);
+    // The server learns of the close when it next writes (the stream's keep-alive, 15 s).
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let mut s = connect(&cloud.http);
+            s.write_all(b"GET /api/v1/live HTTP/1.1\r\nhost: t\r\n\r\n")
+                .unwrap();
+            read_until(&mut s, "\r\n").starts_with("HTTP/1.1 200")
+        }),
+        "a closed stream frees its slot"
+    );
+    assert!(refused(&cloud.http, "millrace_cloud", "live_subscribers") >= 1);
+    cloud.stop();
+}
