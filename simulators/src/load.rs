@@ -53,12 +53,18 @@ pub struct LoadReport {
     pub rate_per_s: f64,
     /// Target rate (0 = unlimited).
     pub target_rate: u64,
+    /// Connections made after the first, over all devices.
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 /// The id of load device `i`: 100 devices per line.
 pub fn device_id(site: &str, i: u32) -> MachineId {
     MachineId::new(site, format!("line-{}", i / 100 + 1), format!("dev-{i:05}")).expect("valid ids")
 }
+
+/// How long the end of a run waits for the last acknowledgements.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One device of the load: the wire device for QoS 0 and 1, rumqttc's full client for QoS 2.
 #[derive(Debug)]
@@ -68,11 +74,18 @@ enum Device {
 }
 
 impl Device {
-    async fn connect(opts: &BrokerOptions) -> Result<Self, PublishError> {
+    async fn connect(opts: &BrokerOptions, give_up_at: Instant) -> Result<Self, PublishError> {
         Ok(match opts.qos {
             QoS::ExactlyOnce => Self::Client(Publisher::connect(opts).await?),
-            _ => Self::Wire(WireDevice::connect(opts).await?),
+            _ => Self::Wire(WireDevice::connect(opts, give_up_at).await?),
         })
+    }
+
+    fn reconnects(&self) -> u64 {
+        match self {
+            Self::Wire(d) => d.reconnects(),
+            Self::Client(p) => p.counters().reconnects.load(Ordering::Relaxed),
+        }
     }
 
     async fn publish_all(
@@ -100,7 +113,7 @@ impl Device {
 
     /// Waits for the acknowledgements and disconnects; returns how many arrived.
     async fn close(self) -> Result<u64, PublishError> {
-        let timeout = Duration::from_secs(60);
+        let timeout = CLOSE_TIMEOUT;
         match self {
             Self::Wire(d) => d.close(timeout).await,
             Self::Client(p) => {
@@ -116,10 +129,13 @@ impl Device {
 /// Runs the load and reports what it achieved.
 pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
     let mut devices = Vec::with_capacity(opts.devices as usize);
+    // Devices reconnect while the broker is away, until the run's time and the wait for the
+    // last acknowledgements are over.
+    let give_up_at = Instant::now() + opts.duration + CLOSE_TIMEOUT;
     for i in 0..opts.devices {
         let mut b = opts.broker.clone();
         b.client_id = format!("{}-{i}", opts.broker.client_id);
-        devices.push(Device::connect(&b).await?);
+        devices.push(Device::connect(&b, give_up_at).await?);
     }
     let per_device = opts.rate as f64 / f64::from(opts.devices.max(1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -166,8 +182,9 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
             }
         }
     }
-    let mut acked = 0;
+    let (mut acked, mut reconnects) = (0, 0);
     for device in done {
+        reconnects += device.reconnects();
         acked += device.close().await?;
     }
     let elapsed_s = t0.elapsed().as_secs_f64();
@@ -178,6 +195,7 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
         elapsed_s,
         rate_per_s: published as f64 / elapsed_s.max(1e-9),
         target_rate: opts.rate,
+        reconnects,
     })
 }
 

@@ -117,14 +117,20 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects and waits for the broker's CONNACK.
+    /// Connects and waits for the broker's CONNACK. Like a real device it does not give up
+    /// while the broker is away (nothing listening, or the connection closed while the broker
+    /// starts or restarts): it tries again with backoff until it is stopped. It gives up only on
+    /// a refusal that will not change (the broker's CONNACK refusing the credentials or client
+    /// id) or, on the first connection of a run, after [`FIRST_CONNECT_CLOSES`] attempts in a row
+    /// that the broker closed before its CONNACK (rumqttd's answer to a wrong password).
     pub async fn connect(opts: &BrokerOptions) -> Result<Self, PublishError> {
-        Self::connect_with(opts, Arc::new(Counters::default())).await
+        Self::connect_with(opts, Arc::new(Counters::default()), false).await
     }
 
     async fn connect_with(
         opts: &BrokerOptions,
         counters: Arc<Counters>,
+        connected_before: bool,
     ) -> Result<Self, PublishError> {
         let addr = format!("{}:{}", opts.host, opts.port);
         let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
@@ -136,16 +142,34 @@ impl Publisher {
             mqtt.set_credentials(u.clone(), p.clone());
         }
         let (client, mut eventloop) = AsyncClient::new(mqtt, 4096);
-        // Wait for the first CONNACK so that bad addresses and credentials fail loudly.
+        let mut backoff = Backoff::default();
+        let mut closed_in_a_row = 0;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => break,
                 Ok(_) => {}
                 Err(e) => {
-                    return Err(PublishError::Connect {
-                        addr,
-                        reason: describe(&e),
-                    });
+                    let refused_for_good = matches!(
+                        &e,
+                        ConnectionError::ConnectionRefused(code)
+                            if *code != rumqttc::ConnectReturnCode::ServiceUnavailable
+                    );
+                    if closed_before_connack(&e) {
+                        closed_in_a_row += 1;
+                    } else {
+                        closed_in_a_row = 0;
+                    }
+                    if refused_for_good
+                        || (!connected_before && closed_in_a_row >= FIRST_CONNECT_CLOSES)
+                    {
+                        return Err(PublishError::Connect {
+                            addr,
+                            reason: describe(&e),
+                        });
+                    }
+                    let wait = backoff.next();
+                    tracing::warn!(broker = %addr, error = %describe(&e), retry_in_ms = wait.as_millis() as u64, "cannot connect to the broker; trying again");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -202,7 +226,7 @@ impl Publisher {
         let _ = self.stopping.send(true);
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.task).await;
-        let fresh = Self::connect_with(&self.opts, self.counters.clone()).await?;
+        let fresh = Self::connect_with(&self.opts, self.counters.clone(), true).await?;
         *self = fresh;
         self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -242,6 +266,40 @@ impl Publisher {
     }
 }
 
+/// First-connection attempts in a row that the broker may close before its CONNACK before the
+/// credentials are taken to be wrong.
+pub(crate) const FIRST_CONNECT_CLOSES: u32 = 5;
+
+/// Reconnect delays: 100 ms, doubling, at most 5 s.
+#[derive(Debug)]
+pub(crate) struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt.
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+}
+
+/// Whether the broker closed the connection before answering CONNECT.
+fn closed_before_connack(e: &ConnectionError) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e {
+        ConnectionError::MqttState(rumqttc::StateError::Io(io)) | ConnectionError::Io(io) => {
+            matches!(io.kind(), ConnectionAborted | ConnectionReset | UnexpectedEof)
+        }
+        _ => false,
+    }
+}
+
 fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::ConnectionRefused(code) => {
@@ -254,7 +312,7 @@ fn describe(e: &ConnectionError) -> String {
             if io.kind() == std::io::ErrorKind::ConnectionAborted
                 || io.kind() == std::io::ErrorKind::UnexpectedEof =>
         {
-            "the broker closed the connection before CONNACK: wrong username or password?".into()
+            "the broker closed the connection before CONNACK: wrong username or password, or is it restarting?".into()
         }
         other => other.to_string(),
     }
@@ -274,7 +332,7 @@ async fn drive(
     addr: String,
     resend: Option<(AsyncClient, QoS)>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     let mut unsent: Vec<(String, Vec<u8>)> = vec![];
     loop {
         let polled = tokio::select! {
@@ -294,7 +352,7 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                backoff = Duration::from_millis(100);
+                backoff = Backoff::default();
                 if let Some((client, qos)) = &resend {
                     let again = std::mem::take(&mut unsent);
                     if !again.is_empty() {
@@ -332,9 +390,9 @@ async fn drive(
                         }
                     }
                 }
-                tracing::warn!(broker = %addr, error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next();
+                tracing::warn!(broker = %addr, error = %describe(&e), retry_in_ms = wait.as_millis() as u64, "MQTT connection lost; reconnecting");
+                tokio::time::sleep(wait).await;
             }
         }
     }

@@ -271,3 +271,82 @@ fn both_http_servers_hold_their_limits_against_hostile_clients() {
     assert!(refused(&cloud.http, "millrace_cloud", "live_subscribers") >= 1);
     cloud.stop();
 }
+
+/// A SIGTERM, waited for: the edge must exit cleanly with devices connected.
+fn stop_edge(edge: EdgeProcess) {
+    edge.stop();
+}
+
+/// kill -9, waited for.
+fn kill_edge(mut edge: EdgeProcess) {
+    edge.child.kill().unwrap();
+    edge.child.wait().unwrap();
+}
+
+#[test]
+fn devices_ride_through_rapid_edge_restarts_and_the_stored_data_equals_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fixed port, so that the devices find the restarted edge.
+    let port = millrace_tests::free_port();
+    let config = edge_config(dir.path(), port);
+    let mut edge = EdgeProcess::start(&config);
+    let truth = dir.path().join("truth.json");
+    let sim_report = dir.path().join("sim.json");
+    // A simulated day at an hour a second, with its fault mode on: disconnects, duplicates,
+    // malformed and oversized payloads, unknown topics.
+    let mut sim = super::sim_run(&edge)
+        .args(["--qos", "1", "--seed", "21", "--start", "2026-02-02T00:00:00Z"])
+        .args(["--duration", "1day", "--telemetry-interval", "60s"])
+        .args(["--speed", "3600", "--faults", "0.01", "--quiet"])
+        .args(["--truth", truth.to_str().unwrap()])
+        .args(["--report", sim_report.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    // The load generator's devices (its own wire client) at the same time.
+    let load_report = dir.path().join("load.json");
+    let mut load = std::process::Command::new(super::bin("millrace-sim"))
+        .args(["load", "--broker", &format!("mqtt://127.0.0.1:{port}")])
+        .args(["--username", "sim", "--qos", "1", "--devices", "3"])
+        .args(["--rate", "300", "--duration", "20s"])
+        .args(["--report", load_report.to_str().unwrap()])
+        .env("MILLRACE_MQTT_PASSWORD", super::PASSWORD)
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    for round in 0..5 {
+        // Round 2 kills the edge as soon as it is up: devices are mid-handshake or about to be.
+        if round != 2 {
+            assert!(
+                wait_until(Duration::from_secs(60), || edge.get("/api/v1/status")["ingest"]
+                    ["events"]
+                    .as_u64()
+                    > Some(500)),
+                "devices came back to edge {round}"
+            );
+        }
+        if round % 2 == 0 {
+            kill_edge(edge);
+        } else {
+            stop_edge(edge);
+        }
+        edge = EdgeProcess::start(&config);
+    }
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "the simulator never gives up: {status}");
+    let status = load.wait().unwrap();
+    assert!(status.success(), "the load generator never gives up: {status}");
+
+    let report = super::read_json(&sim_report);
+    assert!(
+        report["reconnects"].as_u64() >= Some(5),
+        "the simulator reconnected after each restart: {report}"
+    );
+    assert_eq!(report["acked"], report["messages"], "{report}");
+    let report = super::read_json(&load_report);
+    // Its run is shorter than the restarts: each device lived through some of them.
+    assert!(report["reconnects"].as_u64() >= Some(3), "{report}");
+    assert_eq!(report["acked"], report["published"], "{report}");
+    super::assert_matches_truth(&edge, &super::read_json(&truth));
+    edge.stop();
+}
