@@ -74,10 +74,14 @@ enum Device {
 }
 
 impl Device {
-    async fn connect(opts: &BrokerOptions, give_up_at: Instant) -> Result<Self, PublishError> {
+    async fn connect(
+        opts: &BrokerOptions,
+        first_by: Instant,
+        give_up_at: Instant,
+    ) -> Result<Self, PublishError> {
         Ok(match opts.qos {
             QoS::ExactlyOnce => Self::Client(Publisher::connect(opts).await?),
-            _ => Self::Wire(WireDevice::connect(opts, give_up_at).await?),
+            _ => Self::Wire(WireDevice::connect(opts, first_by, give_up_at).await?),
         })
     }
 
@@ -129,13 +133,14 @@ impl Device {
 /// Runs the load and reports what it achieved.
 pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
     let mut devices = Vec::with_capacity(opts.devices as usize);
-    // Devices reconnect while the broker is away, until the run's time and the wait for the
-    // last acknowledgements are over.
-    let give_up_at = Instant::now() + opts.duration + CLOSE_TIMEOUT;
+    // Devices try to connect for as long as the run lasts, and reconnect while the broker is
+    // away until the run's time and the wait for the last acknowledgements are over.
+    let first_by = Instant::now() + opts.duration;
+    let give_up_at = first_by + CLOSE_TIMEOUT;
     for i in 0..opts.devices {
         let mut b = opts.broker.clone();
         b.client_id = format!("{}-{i}", opts.broker.client_id);
-        devices.push(Device::connect(&b, give_up_at).await?);
+        devices.push(Device::connect(&b, first_by, give_up_at).await?);
     }
     let per_device = opts.rate as f64 / f64::from(opts.devices.max(1));
     let stop = Arc::new(AtomicBool::new(false));

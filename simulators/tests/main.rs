@@ -257,10 +257,29 @@ fn bad_flags_and_files_get_clear_errors() {
         fail(&["truth", "--config", bad.to_str().unwrap()])
             .contains("`profile.scrap_rate` = 2 is out of range")
     );
+    // Like a device, `run` waits for a broker that is not there (yet), saying so.
+    let mut waiting = Command::new(SIM)
+        .args(["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "1m"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        waiting.stderr.take().unwrap(),
+    ));
+    let said = lines
+        .by_ref()
+        .take(20)
+        .map(Result::unwrap)
+        .find(|l| l.contains("trying again"))
+        .expect("a line saying it tries again");
     assert!(
-        fail(&["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "1m"])
-            .contains("cannot connect to broker 127.0.0.1:1")
+        said.contains("cannot connect to the broker; trying again")
+            && said.contains("connection refused: is a broker listening there?"),
+        "{said}"
     );
+    waiting.kill().unwrap();
+    waiting.wait().unwrap();
+    // `load` tries for as long as its run would have lasted.
     assert!(
         fail(&["load", "--broker", "mqtt://127.0.0.1:1", "--duration", "1s"])
             .contains("cannot connect to broker 127.0.0.1:1")
@@ -352,31 +371,34 @@ fn load_mode_names_a_refused_login() {
     for answer in [&[0x20u8, 0x02, 0x00, 0x05][..], &[][..]] {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let broker = std::thread::spawn(move || {
+        // Every attempt gets the same answer (a device tries a few times before it takes a
+        // closed connection for a refused login). Left running: it ends with the test.
+        std::thread::spawn(move || {
             use std::io::{Read, Write};
-            let (mut sock, _) = listener.accept().unwrap();
-            // The whole CONNECT (short: a one-byte remaining length), so that closing sends FIN,
-            // not a reset for unread bytes.
-            let mut head = [0u8; 2];
-            sock.read_exact(&mut head).unwrap();
-            assert_eq!(head[0], 0x10, "CONNECT first");
-            let mut rest = vec![0u8; usize::from(head[1])];
-            sock.read_exact(&mut rest).unwrap();
-            sock.write_all(answer).unwrap();
-            sock.shutdown(std::net::Shutdown::Write).unwrap();
-            // Until the client has gone.
-            let _ = sock.read_to_end(&mut rest);
+            for sock in listener.incoming() {
+                let mut sock = sock.unwrap();
+                // The whole CONNECT (short: a one-byte remaining length), so that closing
+                // sends FIN, not a reset for unread bytes.
+                let mut head = [0u8; 2];
+                sock.read_exact(&mut head).unwrap();
+                assert_eq!(head[0], 0x10, "CONNECT first");
+                let mut rest = vec![0u8; usize::from(head[1])];
+                sock.read_exact(&mut rest).unwrap();
+                sock.write_all(answer).unwrap();
+                sock.shutdown(std::net::Shutdown::Write).unwrap();
+                // Until the client has gone.
+                let _ = sock.read_to_end(&mut rest);
+            }
         });
         let out = Command::new(SIM)
             .args(["load", "--broker", &format!("mqtt://127.0.0.1:{port}")])
-            .args(["--devices", "1", "--duration", "1s", "--qos", "1"])
+            .args(["--devices", "1", "--duration", "30s", "--qos", "1"])
             .output()
             .unwrap();
-        broker.join().unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         let expected = if answer.is_empty() {
-            "the broker closed the connection (login refused?)"
+            "the broker closed the connection before CONNACK: wrong username or password"
         } else {
             "refused: NotAuthorized"
         };

@@ -132,9 +132,13 @@ async fn connect_once(
 
 impl WireDevice {
     /// Connects, logs in and waits for the CONNACK, trying again with backoff while the broker
-    /// is away (see `Publisher::connect` for when it gives up). Reconnects later stop trying at
-    /// `give_up_at`.
-    pub async fn connect(opts: &BrokerOptions, give_up_at: Instant) -> Result<Self, PublishError> {
+    /// is away (see `Publisher::connect` for when it gives up) until `first_by`. Reconnects
+    /// later stop trying at `give_up_at`.
+    pub async fn connect(
+        opts: &BrokerOptions,
+        first_by: Instant,
+        give_up_at: Instant,
+    ) -> Result<Self, PublishError> {
         if opts.qos == QoS::ExactlyOnce {
             return Err(connect_error(
                 "-",
@@ -144,7 +148,8 @@ impl WireDevice {
         let addr = format!("{}:{}", opts.host, opts.port);
         let window = Arc::new(Semaphore::new(MAX_UNACKED as usize));
         let (unacked, acked) = (Unacked::default(), Arc::new(AtomicU64::new(0)));
-        let (reader, writer, incoming) = connect_patiently(opts, &addr, false, None).await?;
+        let (reader, writer, incoming) =
+            connect_patiently(opts, &addr, false, Some(first_by)).await?;
         let reader = spawn_reader(reader, incoming, &window, &unacked, &acked, &addr);
         Ok(Self {
             opts: opts.clone(),
