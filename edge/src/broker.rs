@@ -272,6 +272,7 @@ impl Broker {
             ingest,
             connections: connections.clone(),
             max: cfg.max_connections as i64,
+            max_packet: cfg.max_payload_bytes + 5,
         });
         let front = bind(cfg.listen).await?;
         let addr = front.local_addr().map_err(|source| BrokerError::Bind {
@@ -335,6 +336,8 @@ struct Door {
     ingest: Option<IngestTx>,
     connections: Arc<AtomicI64>,
     max: i64,
+    /// Largest packet a device may send (rumqttd's limit, plus the fixed header).
+    max_packet: usize,
 }
 
 impl Door {
@@ -485,7 +488,7 @@ impl Door {
                         .map_err(|_| SpliceError::Stopped)
                 }
             };
-            let mut scanner = mqtt::Scanner::new(level == 5);
+            let mut scanner = mqtt::Scanner::new(level == 5, self.max_packet);
             let mut topics = crate::ingest::TopicCache::default();
             let mut publishes = vec![];
             let mut framed = scanner.push(&head, &mut publishes).is_ok();

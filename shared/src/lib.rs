@@ -9,6 +9,8 @@
 //!   expectation.
 //! - [`master`]: machine master data (ideal cycle time) and the shift calendar that defines
 //!   planned production time.
+//! - [`mqtt`]: MQTT wire framing read from devices' byte streams (remaining length, CONNECT
+//!   header, the PUBLISH scanner), fuzzed.
 //! - [`sync`]: the edge → cloud sync protocol: outbox items, batches, their compact wire
 //!   encoding, and sets of sequence ranges.
 //! - [`kpi`]: ISO 22400 time and count accumulators and the OEE arithmetic used by the simulator's
@@ -26,6 +28,9 @@ pub mod alert;
 pub mod event;
 pub mod kpi;
 pub mod master;
+pub mod mqtt;
+#[cfg(test)]
+mod properties;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod sync;

@@ -294,7 +294,10 @@ fn closed_before_connack(e: &ConnectionError) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
     match e {
         ConnectionError::MqttState(rumqttc::StateError::Io(io)) | ConnectionError::Io(io) => {
-            matches!(io.kind(), ConnectionAborted | ConnectionReset | UnexpectedEof)
+            matches!(
+                io.kind(),
+                ConnectionAborted | ConnectionReset | UnexpectedEof
+            )
         }
         _ => false,
     }

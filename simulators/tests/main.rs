@@ -263,9 +263,8 @@ fn bad_flags_and_files_get_clear_errors() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
-        waiting.stderr.take().unwrap(),
-    ));
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(waiting.stderr.take().unwrap()));
     let said = lines
         .by_ref()
         .take(20)

@@ -295,7 +295,14 @@ fn devices_ride_through_rapid_edge_restarts_and_the_stored_data_equals_the_truth
     // A simulated day at an hour a second, with its fault mode on: disconnects, duplicates,
     // malformed and oversized payloads, unknown topics.
     let mut sim = super::sim_run(&edge)
-        .args(["--qos", "1", "--seed", "21", "--start", "2026-02-02T00:00:00Z"])
+        .args([
+            "--qos",
+            "1",
+            "--seed",
+            "21",
+            "--start",
+            "2026-02-02T00:00:00Z",
+        ])
         .args(["--duration", "1day", "--telemetry-interval", "60s"])
         .args(["--speed", "3600", "--faults", "0.01", "--quiet"])
         .args(["--truth", truth.to_str().unwrap()])
@@ -318,10 +325,9 @@ fn devices_ride_through_rapid_edge_restarts_and_the_stored_data_equals_the_truth
         // Round 2 kills the edge as soon as it is up: devices are mid-handshake or about to be.
         if round != 2 {
             assert!(
-                wait_until(Duration::from_secs(60), || edge.get("/api/v1/status")["ingest"]
-                    ["events"]
-                    .as_u64()
-                    > Some(500)),
+                wait_until(Duration::from_secs(60), || {
+                    edge.get("/api/v1/status")["ingest"]["events"].as_u64() > Some(500)
+                }),
                 "devices came back to edge {round}"
             );
         }
@@ -335,7 +341,10 @@ fn devices_ride_through_rapid_edge_restarts_and_the_stored_data_equals_the_truth
     let status = sim.wait().unwrap();
     assert!(status.success(), "the simulator never gives up: {status}");
     let status = load.wait().unwrap();
-    assert!(status.success(), "the load generator never gives up: {status}");
+    assert!(
+        status.success(),
+        "the load generator never gives up: {status}"
+    );
 
     let report = super::read_json(&sim_report);
     assert!(

@@ -225,9 +225,10 @@ async fn body_deadline(
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
         refused.count("body_too_large");
         // The rest of the body was not read: the connection cannot carry another request.
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
         // axum's own answer is a line of plain text; clients of this API read JSON errors.
         let plain = response
             .headers()

@@ -342,11 +342,13 @@ async fn connect_patiently(
             Ok(c) => return Ok(c),
             Err(f) => f,
         };
-        closed_in_a_row = if failed.closed { closed_in_a_row + 1 } else { 0 };
+        closed_in_a_row = if failed.closed {
+            closed_in_a_row + 1
+        } else {
+            0
+        };
         let late = give_up_at.is_some_and(|t| Instant::now() >= t);
-        if failed.for_good
-            || late
-            || (!connected_before && closed_in_a_row >= FIRST_CONNECT_CLOSES)
+        if failed.for_good || late || (!connected_before && closed_in_a_row >= FIRST_CONNECT_CLOSES)
         {
             return Err(connect_error(addr, failed.reason));
         }

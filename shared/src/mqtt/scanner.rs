@@ -13,17 +13,19 @@ use super::{FrameError, remaining_length};
 
 /// One PUBLISH taken from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Publish {
+pub struct Publish {
     /// The topic (resolved through a topic alias where one is used).
-    pub(crate) topic: Bytes,
+    pub topic: Bytes,
     /// The payload.
-    pub(crate) payload: Bytes,
+    pub payload: Bytes,
 }
 
 /// Scans one connection's device-to-broker bytes.
 #[derive(Debug)]
-pub(crate) struct Scanner {
+pub struct Scanner {
     v5: bool,
+    /// Largest packet accepted (fixed header included).
+    max_packet: usize,
     pending: BytesMut,
     aliases: HashMap<u16, Bytes>,
     /// Stream bytes in complete packets so far.
@@ -33,10 +35,12 @@ pub(crate) struct Scanner {
 }
 
 impl Scanner {
-    /// A scanner for a connection of the given protocol version.
-    pub(crate) fn new(v5: bool) -> Self {
+    /// A scanner for a connection of the given protocol version that takes packets of up to
+    /// `max_packet` bytes (a longer one is an error before any of it is buffered).
+    pub fn new(v5: bool, max_packet: usize) -> Self {
         Self {
             v5,
+            max_packet,
             pending: BytesMut::with_capacity(16 * 1024),
             aliases: HashMap::new(),
             consumed: 0,
@@ -45,12 +49,12 @@ impl Scanner {
     }
 
     /// Where the connection's first packet (its CONNECT) ends in the stream, once it is complete.
-    pub(crate) fn connect_end(&self) -> Option<u64> {
+    pub fn connect_end(&self) -> Option<u64> {
         self.connect_end
     }
 
     /// Adds bytes read from the device and returns the PUBLISH packets they complete.
-    pub(crate) fn push(&mut self, data: &[u8], out: &mut Vec<Publish>) -> Result<(), FrameError> {
+    pub fn push(&mut self, data: &[u8], out: &mut Vec<Publish>) -> Result<(), FrameError> {
         self.pending.extend_from_slice(data);
         loop {
             let Some(&first) = self.pending.first() else {
@@ -60,6 +64,9 @@ impl Scanner {
                 return Ok(());
             };
             let total = 1 + len_bytes + len;
+            if total > self.max_packet {
+                return Err(FrameError::TooLarge(total));
+            }
             if self.pending.len() < total {
                 self.pending.reserve(total - self.pending.len());
                 return Ok(());
@@ -184,7 +191,7 @@ mod tests {
         let big = vec![b'x'; 70_000];
         stream.extend(publish_v4("t", &big, 0));
         for cut in [1, 2, 3, 5, 17, 1000, stream.len()] {
-            let mut s = Scanner::new(false);
+            let mut s = Scanner::new(false, 1 << 20);
             let mut out = vec![];
             for chunk in stream.chunks(cut) {
                 s.push(chunk, &mut out).unwrap();
@@ -208,7 +215,7 @@ mod tests {
             body.extend_from_slice(payload);
             frame(0x32, &body)
         };
-        let mut s = Scanner::new(true);
+        let mut s = Scanner::new(true, 1 << 20);
         let mut out = vec![];
         // Alias 5 set with a user property and a content type, then used with an empty topic.
         let props = [
@@ -236,13 +243,29 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_over_the_limit_is_refused_before_it_is_buffered() {
+        let mut s = Scanner::new(false, 1000);
+        let mut head = vec![0x30];
+        crate::mqtt::put_remaining_length(&mut head, 268_435_455);
+        assert_eq!(
+            s.push(&head, &mut vec![]),
+            Err(FrameError::TooLarge(268_435_455 + 5))
+        );
+        assert!(s.pending.capacity() < 1 << 20);
+        let mut s = Scanner::new(false, 1000);
+        let mut out = vec![];
+        s.push(&publish_v4("t", &[b'x'; 990], 0), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let mut s = Scanner::new(false);
+        let mut s = Scanner::new(false, 1 << 20);
         assert_eq!(
             s.push(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], &mut vec![]),
             Err(FrameError::Length)
         );
-        let mut s = Scanner::new(true);
+        let mut s = Scanner::new(true, 1 << 20);
         assert!(s.push(&[0x30, 1, 0], &mut vec![]).is_err());
     }
 }
