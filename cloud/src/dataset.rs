@@ -399,13 +399,27 @@ impl Dataset {
         }
     }
 
+    /// Appends one line to the manifest. When the append fails (a full disk, an I/O error) the
+    /// manifest is cut back to where it was: a torn or unsynced line must not stay in front of
+    /// the next commit's, nor count as committed after a restart when the edge was told it was
+    /// not (it sends the batch again).
     fn append(&self, manifest: &mut File, record: &Record) -> Result<(), DatasetError> {
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');
         let path = self.dir.join("manifest.log");
-        manifest.write_all(&line).map_err(io(&path))?;
-        if self.fsync {
-            manifest.sync_data().map_err(io(&path))?;
+        let before = manifest.metadata().map_err(io(&path))?.len();
+        let appended = manifest.write_all(&line).and_then(|()| {
+            if self.fsync {
+                manifest.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = appended {
+            if let Err(cut) = manifest.set_len(before).and_then(|()| manifest.sync_data()) {
+                tracing::error!(error = %cut, manifest = %path.display(), "cannot cut a failed append off the manifest; the next start cuts a torn last line");
+            }
+            return Err(io(&path)(e));
         }
         Ok(())
     }
@@ -417,20 +431,12 @@ impl Dataset {
         let new_dir = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let tmp = path.with_extension("parquet.tmp");
-        let f = File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        ParquetWriter::new(&mut w)
-            .with_compression(ParquetCompression::Zstd(None))
-            .with_row_group_size(
-                rel.starts_with(Table::Events.as_str())
-                    .then_some(EVENTS_ROW_GROUP),
-            )
-            .finish(df)?;
-        let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-        if self.fsync {
-            f.sync_all().map_err(io(&tmp))?;
+        let written = self.write_tmp(rel, &tmp, df);
+        if written.is_err() {
+            // A full disk must not stay full of half-written files.
+            let _ = std::fs::remove_file(&tmp);
         }
-        drop(f);
+        written?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         if self.fsync {
             sync_dir(dir)?;
@@ -448,12 +454,31 @@ impl Dataset {
         }
         Ok(())
     }
+
+    /// Writes `df` as Parquet to `tmp` and makes it durable.
+    fn write_tmp(&self, rel: &str, tmp: &Path, df: &mut DataFrame) -> Result<(), DatasetError> {
+        let f = File::create(tmp).map_err(io(tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        ParquetWriter::new(&mut w)
+            .with_compression(ParquetCompression::Zstd(None))
+            .with_row_group_size(
+                rel.starts_with(Table::Events.as_str())
+                    .then_some(EVENTS_ROW_GROUP),
+            )
+            .finish(df)?;
+        let f = w.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
+        if self.fsync {
+            f.sync_all().map_err(io(tmp))?;
+        }
+        Ok(())
+    }
 }
 
 /// One edge batch being committed ([`Dataset::begin_commit`]): its files are written one by one
 /// ([`Commit::write`]), then one manifest line names them all ([`Commit::finish`]), the commit
-/// point. A commit dropped before it finishes leaves files that no manifest line names; they
-/// are removed at the next start.
+/// point. A commit dropped before it finishes (a failed write, a full disk) removes the files it
+/// wrote; any that a crash leaves behind no manifest line names, and the next start removes
+/// them.
 #[derive(Debug)]
 pub(crate) struct Commit<'a> {
     ds: &'a Dataset,
@@ -518,9 +543,24 @@ impl Commit<'_> {
             received_ms,
             machines,
         };
-        self.ds.append(&mut self.manifest, &record)?;
+        if let Err(e) = self.ds.append(&mut self.manifest, &record) {
+            // Named by no line: `drop` removes them.
+            let Record::Commit { files, .. } = record else {
+                unreachable!("built above")
+            };
+            self.files = files;
+            return Err(e);
+        }
         Dataset::apply(&mut self.ds.state.lock().expect("state lock"), record);
         Ok(())
+    }
+}
+
+impl Drop for Commit<'_> {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(self.ds.dir.join(&f.path));
+        }
     }
 }
 

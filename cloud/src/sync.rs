@@ -108,6 +108,14 @@ pub fn store(
         let dup = (items.len() - fresh.len() + alert_items.len() - fresh_alerts.len()) as u64;
         (fresh, fresh_alerts, dup)
     });
+    if fresh.is_empty() && fresh_alerts.is_empty() && dropped.is_empty() {
+        // A batch sent again whole (its answer was lost): nothing to commit, not even a line.
+        return Ok(SyncAck {
+            stored: 0,
+            duplicates,
+            points: 0,
+        });
+    }
     let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
     // By day (days since 1970), then machine and minute.
     let mut counts: BTreeMap<i64, BTreeMap<CountKey<'_>, [u64; 3]>> = BTreeMap::new();

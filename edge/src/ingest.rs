@@ -491,6 +491,8 @@ impl Pipeline {
                 }
                 Err(e) => {
                     metrics::counter!("millrace_edge_ingest_write_errors_total").increment(1);
+                    metrics::counter!("millrace_edge_store_write_errors_total", "reason" => e.reason())
+                        .increment(1);
                     if stop.load(Ordering::Relaxed) && backoff > Duration::from_secs(1) {
                         // Not acknowledged to the devices, so they will send these again.
                         tracing::error!(error = %e, events = self.events.len(), "store write failed during shutdown; devices were not acknowledged");

@@ -133,6 +133,23 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Why a write failed, as a metric label: `no_space` when the disk is full (RocksDB then
+    /// refuses writes until it has recovered by itself, once space is freed), else `io` or
+    /// `other`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Rocks(e) if e.kind() == rocksdb::ErrorKind::IOError => {
+                let m = e.as_ref();
+                if m.contains("No space left") || m.contains("NoSpace") {
+                    "no_space"
+                } else {
+                    "io"
+                }
+            }
+            _ => "other",
+        }
+    }
 }
 
 /// How the store keeps data.
@@ -294,6 +311,11 @@ impl Store {
         // not change the file's size needs no journal commit for the inode (measured here:
         // 0.30 ms median instead of 0.47 ms). Compatible with the default point-in-time recovery.
         db_opts.set_recycle_log_file_num(4);
+        // A full disk stops writes with a background error (a hard one when a WAL append or a
+        // flush fails). RocksDB's own SST file manager (every DB has one) then polls the free
+        // space every 5 s and resumes the DB once at least the largest memtable budget is free
+        // (64 MiB, the default column family's); until then writes fail, ingest retries them
+        // and devices wait for their acknowledgements.
         let cfs = CFS
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));

@@ -359,3 +359,155 @@ fn devices_ride_through_rapid_edge_restarts_and_the_stored_data_equals_the_truth
     super::assert_matches_truth(&edge, &super::read_json(&truth));
     edge.stop();
 }
+
+/// A tmpfs of a few MiB mounted for one test (the test runs as root, as CI does), so that a
+/// disk can be filled up without touching the machine's own; unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, mib: u32) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill it up, which needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Writes a file until the disk is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        loop {
+            match f.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn full_disks_on_edge_and_cloud_hold_back_acknowledgements_and_both_resume_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // RocksDB resumes once 64 MiB are free again (its reserved buffer): a disk of 256.
+    let edge_disk = SmallDisk::mount(&dir.path().join("edge-disk"), 256);
+    let cloud_disk = SmallDisk::mount(&dir.path().join("cloud-disk"), 64);
+    let (token, digest) = edge_token("e1");
+    let cloud_config = cloud_config(&cloud_disk.path, 0, "e1", &digest);
+    let cloud = CloudProcess::start(&cloud_config);
+    let config = edge_config(&edge_disk.path, millrace_tests::free_port());
+    super::with_sync(&config, &cloud.http, "");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", "e1"),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+        // Small memtables: they flush, so fill the disk, soon.
+        ("MILLRACE_EDGE_STORE__MEMTABLE_BYTES", "1048576"),
+    ];
+    let edge = EdgeProcess::start_with_env(&config, &env);
+    let truth_path = dir.path().join("truth.json");
+    let mut sim = super::paced_sim(
+        &edge,
+        "31",
+        "2026-03-02T00:00:00Z",
+        "1day",
+        "10s",
+        &truth_path,
+    );
+    let sync = |e: &EdgeProcess| e.get("/api/v1/sync");
+    let failures = |e: &EdgeProcess| sync(e)["sent"]["failures"].as_u64().unwrap();
+    let cloud_items = || cloud.get("/api/v1/edges")["edges"][0]["items"].as_u64();
+    let timeout = Duration::from_secs(120);
+    assert!(wait_until(timeout, || cloud_items() > Some(0)));
+
+    // The cloud's disk fills: sync is refused (503), nothing is acknowledged, the API serves.
+    let cloud_filler = cloud_disk.fill();
+    let before = failures(&edge);
+    assert!(
+        wait_until(timeout, || failures(&edge) >= before + 2),
+        "{}",
+        sync(&edge)
+    );
+    let held = cloud_items();
+    assert!(healthy(&cloud.http));
+
+    // Then the edge's: its store refuses writes, devices are not acknowledged (the simulator
+    // waits), the API still answers and says why in its metrics.
+    let edge_filler = edge_disk.fill();
+    assert!(
+        wait_until(timeout, || refused_writes(&edge.http) >= 1.0),
+        "no store write failed for lack of space: {}",
+        edge.get("/api/v1/status")
+    );
+    assert!(edge.get("/api/v1/status")["ingest"].is_object());
+    assert!(
+        sim.try_wait().unwrap().is_none(),
+        "the simulator is held back"
+    );
+    assert_eq!(cloud_items(), held, "the full cloud took nothing");
+
+    // Space comes back: both resume by themselves, same processes.
+    std::fs::remove_file(edge_filler).unwrap();
+    std::fs::remove_file(cloud_filler).unwrap();
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "simulator finished: {status}");
+    assert!(
+        wait_until(Duration::from_secs(300), || {
+            let s = sync(&edge);
+            s["outbox"]["items"]["events"] == 0 && s["outbox"]["items"]["telemetry"] == 0
+        }),
+        "outbox drained: {}",
+        sync(&edge)
+    );
+    let truth = super::read_json(&truth_path);
+    super::assert_matches_truth(&edge, &truth);
+    let (from, to) = (
+        truth["start_ms"].as_i64().unwrap(),
+        truth["end_ms"].as_i64().unwrap() + 1,
+    );
+    for m in truth["machines"].as_array().unwrap() {
+        let id = super::machine_id(m);
+        let on_edge = super::edge_contents(&edge, &id, from, to);
+        let in_cloud = super::cloud_contents(&cloud, &id, from, to);
+        assert!(
+            on_edge == in_cloud,
+            "{id}: contents differ\n{}",
+            super::contents_diff(&on_edge, &in_cloud)
+        );
+    }
+    let ledger = &cloud.get("/api/v1/edges")["edges"][0];
+    assert_eq!(ledger["gap_items"], 0, "{ledger}");
+    edge.stop();
+    cloud.stop();
+}
+
+/// Store writes the edge could not make for lack of space.
+fn refused_writes(base: &str) -> f64 {
+    metric(
+        base,
+        "millrace_edge_store_write_errors_total",
+        "{reason=\"no_space\"}",
+    ) as f64
+}

@@ -48,6 +48,7 @@ impl Dataset {
             );
             let rows = df.height() as u64;
             self.write_file(&rel, df)?;
+            let written = self.dir.join(&rel);
             let record = Record::Compact {
                 id,
                 add: vec![DataFile {
@@ -59,7 +60,10 @@ impl Dataset {
                 }],
                 remove: vec![],
             };
-            self.append(&mut manifest, &record)?;
+            if let Err(e) = self.append(&mut manifest, &record) {
+                let _ = std::fs::remove_file(&written);
+                return Err(e);
+            }
             Self::apply(&mut self.state.lock().expect("state lock"), record);
             tracing::info!(partition = i + 1, of = n, "part counts built");
         }
@@ -113,6 +117,7 @@ impl Dataset {
             );
             let rows = df.height() as u64;
             self.write_file(&rel, &mut df)?;
+            let written = self.dir.join(&rel);
             let record = Record::Compact {
                 id,
                 add: vec![DataFile {
@@ -124,7 +129,11 @@ impl Dataset {
                 }],
                 remove: old.iter().map(|f| f.path.clone()).collect(),
             };
-            self.append(&mut manifest, &record)?;
+            if let Err(e) = self.append(&mut manifest, &record) {
+                // No line names it: it must not fill the disk that just ran out.
+                let _ = std::fs::remove_file(&written);
+                return Err(e);
+            }
             Self::apply(&mut self.state.lock().expect("state lock"), record);
             drop(manifest);
             let now = std::time::Instant::now();
