@@ -136,15 +136,13 @@ fn post_expecting(base: &str, method_path: &str, body: &[u8], status: &str) -> S
     got
 }
 
+/// Starts a server with these environment variables: its base URL and how to stop it.
+type StartServer<'a> = dyn Fn(&[(&str, &str)]) -> (String, Box<dyn FnOnce()>) + 'a;
+
 /// The limits of one server, tried on both: connections over the cap get a 503 at once and the
 /// server serves again when one closes; a body over the limit gets a JSON 413; a header that
 /// never ends is cut off; a body that never ends gets a 408; every refusal is counted.
-fn limits_hold(
-    start: &dyn Fn(&[(&str, &str)]) -> (String, Box<dyn FnOnce()>),
-    env_prefix: &str,
-    metric_prefix: &str,
-    body_route: &str,
-) {
+fn limits_hold(start: &StartServer<'_>, env_prefix: &str, metric_prefix: &str, body_route: &str) {
     let var = |k: &str| format!("{env_prefix}HTTP__LIMITS__{k}");
     let (max_conn, max_body, header_t, body_t) = (
         var("MAX_CONNECTIONS"),
