@@ -4,6 +4,7 @@
 //! - [`Mosquitto`]: a real Mosquitto broker (Debian package) on a free loopback port, stopped on drop.
 //! - [`Recorder`]: an MQTT subscriber (rumqttc) that keeps every message it receives.
 //! - [`free_port`]: a port the OS just handed out on 127.0.0.1.
+//! - [`PowerCutFs`]: a FUSE filesystem that loses every unsynced write when the power is cut.
 #![warn(missing_docs)]
 
 use std::net::TcpListener;
@@ -320,5 +321,109 @@ impl FaultProxy {
     /// The proxy as an `http://` base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+/// The power-cut filesystem (`tests/powercut-fs`, a crate of its own so that its FUSE
+/// dependencies stay out of the platform's build), built on first use, mounted over a backing
+/// directory. [`cut`](Self::cut) loses power: every write not synced is undone. Dropped without
+/// a cut, it unmounts cleanly.
+#[derive(Debug)]
+pub struct PowerCutFs {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// What a [`PowerCutFs::cut`] took away.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CutReport {
+    /// Files that lost data, with the bytes each lost, by path under the backing directory.
+    pub files: Vec<(String, u64)>,
+    /// All bytes lost.
+    pub bytes: u64,
+    /// Syncs (`fsync`, `fdatasync`) the layer saw while mounted.
+    pub syncs: u64,
+}
+
+/// Builds `millrace-powercut-fs` once per test run (its own target directory, next to the
+/// workspace's) and returns the binary.
+fn powercut_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("powercut-fs/Cargo.toml");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+            PathBuf::from,
+        );
+        let target = target.join("powercut-fs");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        run_ok(
+            Command::new(cargo)
+                .args(["build", "--quiet", "--locked", "--manifest-path"])
+                .arg(&manifest)
+                .arg("--target-dir")
+                .arg(&target)
+                .env_remove("RUSTFLAGS"),
+        );
+        target.join("debug/millrace-powercut-fs")
+    })
+    .clone()
+}
+
+impl PowerCutFs {
+    /// Mounts the layer over `backing` at `mountpoint`. Needs root and `/dev/fuse`.
+    pub fn mount(backing: &Path, mountpoint: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(powercut_binary())
+            .arg(backing)
+            .arg(mountpoint)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start millrace-powercut-fs");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "mounted",
+            "the power-cut layer did not mount (it needs root and /dev/fuse): {:?}",
+            child.wait()
+        );
+        Self { child, stdout }
+    }
+
+    /// Cuts the power: everything not synced is gone from the backing directory, and the layer
+    /// is unmounted. Kill the program using it first.
+    pub fn cut(mut self) -> CutReport {
+        use std::io::{BufRead, Write};
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"cut\n").unwrap();
+        drop(stdin);
+        let mut report = CutReport::default();
+        for line in (&mut self.stdout).lines() {
+            let line = line.unwrap();
+            let fields: Vec<&str> = line.splitn(3, '\t').collect();
+            match fields.as_slice() {
+                ["lost", bytes, path] => report
+                    .files
+                    .push(((*path).to_owned(), bytes.parse().unwrap())),
+                ["cut", bytes, syncs] => {
+                    report.bytes = bytes.parse().unwrap();
+                    report.syncs = syncs.parse().unwrap();
+                }
+                _ => panic!("millrace-powercut-fs said {line:?}"),
+            }
+        }
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the cut failed: {status}");
+        report
+    }
+}
+
+impl Drop for PowerCutFs {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // end of input: a clean unmount
+        let _ = self.child.wait();
     }
 }
