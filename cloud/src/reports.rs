@@ -11,6 +11,7 @@
 //! - [`master`](Master): ideal cycle times and the shift calendar the reports divide by.
 //! - `oee`: tallies per machine and shift instance, the OEE and downtime reports.
 //! - `production`: parts per machine and minute (rollup plus raw ends), the production report.
+//! - `states`: state changes per machine (walked by the OEE tallies) and the state timeline.
 //! - `telemetry`: count, min, max, mean and p95 per machine, metric and window.
 //! - `live`: the dashboard's snapshot of the last 24 hours.
 
@@ -18,6 +19,7 @@ mod live;
 mod master;
 mod oee;
 mod production;
+mod states;
 mod telemetry;
 
 use std::collections::BTreeSet;
@@ -29,6 +31,7 @@ pub use live::snapshot;
 pub use master::Master;
 pub use oee::{OeeRow, downtime, oee};
 pub use production::{part_minutes, production};
+pub use states::{StateInterval, state_timeline};
 pub use telemetry::telemetry;
 
 use crate::query::QueryError;

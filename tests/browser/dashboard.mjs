@@ -1,39 +1,120 @@
-// Loads the cloud's dashboard in headless Chromium and reports what it shows.
-//   node dashboard.mjs <dashboard url> <screenshot path>
-// Prints one JSON line after the first snapshot is rendered, then waits for a line on stdin
-// ("next"), waits until the page shows a newer snapshot, prints a second JSON line, saves a
-// screenshot and exits. The Rust test compares the lines with the API.
+// Drives the cloud's dashboard in headless Chromium for the Rust tests (tests/tests/main.rs).
+//   node dashboard.mjs
+// Reads one JSON command per line on stdin and answers each with one JSON line on stdout:
+//   {"open": url, "width": 1400}       load a page (a new one) and wait until it has rendered
+//   {"click": css}                      click, then wait for the page to render again
+//   {"select": [css, value]}            choose an option, then wait for the next render
+//   {"back": true}                      browser back, then wait for the next render
+//   {"wait_updates": n}                 wait until the page has rendered more than n times
+//   {"wait": js}                        wait until the expression is true in the page
+//   {"shot": path}                      save a full-page screenshot
+// Any command may carry "expect_failures": [url parts]: HTTP errors of those URLs are expected
+// from then on; any other failed request or page error is reported in "console_errors".
+// Each answer is what the page shows (see `read`), or {"error": "..."}; "ms" is how long the
+// command took (recorded by the benchmark, never asserted on).
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
-const [url, shot] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
-try {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 800 } });
-  const read = () => page.evaluate(() => ({
+let page = null;
+let expected = []; // parts of URLs whose failure a command expects ({"expect_failures": [...]})
+const errors = [];
+
+const read = () => page.evaluate(() => {
+  const text = s => document.querySelector(s)?.textContent.trim() ?? null;
+  const banner = document.querySelector("#banner");
+  const data = window.millrace?.data() || null;
+  const timeline = window.millrace?.chart("timeline")?.getOption();
+  return {
+    url: location.pathname + location.search,
     updates: Number(document.body.dataset.updates || 0),
-    status: document.querySelector("#status").textContent,
-    lines: [...document.querySelectorAll("#oee tbody tr")].map(tr => ({
-      line: tr.dataset.line,
+    state: document.body.dataset.state || null,
+    status: text("#status"),
+    banner: banner.hidden ? null : { kind: banner.dataset.kind, text: banner.textContent.trim() },
+    scope: text("#scope-title"),
+    range: document.querySelector("#range").value,
+    crumbs: [...document.querySelectorAll("#crumbs a, #crumbs span:not(.sep)")].map(e => e.textContent),
+    kpis: Object.fromEntries([...document.querySelectorAll("#kpis .tile")].map(t => [t.dataset.kpi, t.querySelector(".v").textContent])),
+    children: document.querySelector("#children-card").hidden ? null : [...document.querySelectorAll("#children tbody tr[data-entity]")].map(tr => ({
+      entity: tr.dataset.entity,
       oee: tr.querySelector(".oee").textContent,
+      availability: tr.querySelector(".availability").textContent,
+      performance: tr.querySelector(".performance").textContent,
+      quality: tr.querySelector(".quality").textContent,
       parts: Number(tr.querySelector(".parts").textContent),
+      scrap: Number(tr.querySelector(".scrap").textContent),
+      downtime_min: Number(tr.querySelector(".downtime").textContent),
     })),
-    pareto_rows: document.querySelectorAll("#pareto tbody tr").length,
-    production_bars: document.querySelectorAll("#production rect").length,
-  }));
-  await page.goto(url);
-  await page.waitForFunction(() => Number(document.body.dataset.updates || 0) >= 1, null, { timeout: 60000 });
-  const first = await read();
-  console.log(JSON.stringify(first));
-  const rl = createInterface({ input: process.stdin });
-  for await (const _ of rl) break;
-  await page.waitForFunction(n => Number(document.body.dataset.updates || 0) > n, first.updates, { timeout: 60000 });
-  console.log(JSON.stringify(await read()));
-  await page.screenshot({ path: shot, fullPage: true });
+    from: data?.view.from ?? null,
+    to: data?.view.to ?? null,
+    intervals: data?.states ?? [],
+    timeline_items: timeline ? timeline.series.reduce((n, s) => n + (s.data?.length || 0), 0) : 0,
+    alert_rows: [...document.querySelectorAll("#alerts tbody tr")].filter(tr => tr.children.length === 5).map(tr => [...tr.children].map(td => td.textContent)),
+    edges: [...document.querySelectorAll("#edges tbody tr[data-edge]")].map(tr => ({ edge: tr.dataset.edge, status: tr.children[1].textContent, gaps: tr.querySelector(".gaps").textContent })),
+    console_errors: [],
+  };
+});
+
+// Rendered again since `n` renders (or failed, saying why), and no newer view is loading.
+const rendered = n => page.waitForFunction(
+  n => !document.body.dataset.busy && (Number(document.body.dataset.updates || 0) > n ||
+    (document.body.dataset.state && document.body.dataset.state !== "ok" && !document.querySelector("#banner").hidden)),
+  n, { timeout: 120000 });
+const updates = () => page.evaluate(() => Number(document.body.dataset.updates || 0));
+
+async function run(cmd) {
+  if (cmd.expect_failures) expected = cmd.expect_failures;
+  if (cmd.open) {
+    if (page) await page.close();
+    page = await browser.newPage({ viewport: { width: cmd.width || 1400, height: 900 } });
+    page.on("pageerror", e => errors.push(String(e)));
+    page.on("console", m => { if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) errors.push(m.text()); });
+    // Failed requests are reported with their address; those the test provokes are expected.
+    page.on("response", r => { if (r.status() >= 400 && !expected.some(p => r.url().includes(p))) errors.push(`${r.status()} ${r.url()}`); });
+    await page.goto(cmd.open);
+    await rendered(0);
+  } else if (cmd.click) {
+    const n = await updates();
+    await page.click(cmd.click);
+    await rendered(n);
+  } else if (cmd.select) {
+    const n = await updates();
+    await page.selectOption(cmd.select[0], cmd.select[1]);
+    await rendered(n);
+  } else if (cmd.back) {
+    const n = await updates();
+    await page.goBack();
+    await rendered(n);
+  } else if (cmd.wait_updates != null) {
+    await rendered(cmd.wait_updates);
+  } else if (cmd.wait) {
+    await page.waitForFunction(cmd.wait, null, { timeout: 120000 });
+    await page.waitForFunction(() => !document.body.dataset.busy, null, { timeout: 120000 });
+  } else if (cmd.shot) {
+    await page.screenshot({ path: cmd.shot, fullPage: true });
+  }
+  const out = await read();
+  out.console_errors = errors.splice(0);
+  return out;
+}
+
+try {
+  for await (const line of createInterface({ input: process.stdin })) {
+    if (!line.trim()) continue;
+    const t0 = Date.now();
+    let out;
+    try {
+      out = await run(JSON.parse(line));
+    } catch (e) {
+      out = { error: String(e) };
+    }
+    out.ms = Date.now() - t0;
+    console.log(JSON.stringify(out));
+  }
 } finally {
   await browser.close();
 }

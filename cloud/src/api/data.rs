@@ -532,3 +532,73 @@ pub(super) async fn telemetry_report(
         .await
         .map(IntoResponse::into_response)
 }
+
+/// The state timeline: per machine (by name), the intervals it spent in each state with the
+/// reason it gave, cut to the range (and to now), consecutive changes to the same state and
+/// reason merged; and the shifts (with their breaks) that overlap the range. At most `limit`
+/// intervals: a range that holds more is refused (400), not cut short.
+#[utoipa::path(get, path = "/api/v1/reports/states", tag = "reports", params(Filters),
+    responses((status = 200, description = "`{\"intervals\": [{machine, state, reason, start_ms, end_ms}], \"shifts\": [{name, date, start_ms, end_ms, breaks}]}` (`?format=csv`: the intervals as CSV with a header row)", content_type = "application/json"), QueryFailed))]
+pub(super) async fn state_report(
+    _c: Caller,
+    State(s): State<ApiState>,
+    q: Q,
+) -> Result<Response, ApiError> {
+    let f = query(q)?;
+    let sel = report_selection(&s, &f, false)?;
+    if f.level.is_some() || f.period.is_some() || f.window.is_some() {
+        return Err(ApiError::BadRequest(
+            "`level`, `period` and `window` do not apply to the state timeline (it is per machine)"
+                .into(),
+        ));
+    }
+    let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
+    if limit == 0 || limit > s.cfg.http.max_rows {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be between 1 and {}",
+            s.cfg.http.max_rows
+        )));
+    }
+    let (ds, master) = s.dataset_and_master();
+    let format = f.format;
+    blocking(move || {
+        let intervals = crate::reports::state_timeline(&ds, &sel)?;
+        if intervals.len() > limit {
+            return Err(ApiError::BadRequest(format!(
+                "the range holds {} state intervals, more than `limit` = {limit}: narrow the range or pick a line or machine",
+                intervals.len()
+            )));
+        }
+        Ok(match format {
+            Format::Json => {
+                let shifts = master.calendar.instances_between(sel.from_ms, sel.to_ms);
+                Rendered {
+                    csv: false,
+                    body: serde_json::to_vec(
+                        &serde_json::json!({ "intervals": intervals, "shifts": shifts }),
+                    )
+                    .expect("intervals serialize"),
+                }
+            }
+            Format::Csv => {
+                let mut out = String::from("machine,state,reason,start_ms,end_ms\n");
+                for i in intervals {
+                    out.push_str(&format!(
+                        "{},{},{},{},{}\n",
+                        i.machine,
+                        i.state,
+                        i.reason.as_deref().unwrap_or(""),
+                        i.start_ms,
+                        i.end_ms
+                    ));
+                }
+                Rendered {
+                    csv: true,
+                    body: out.into_bytes(),
+                }
+            }
+        })
+    })
+    .await
+    .map(IntoResponse::into_response)
+}

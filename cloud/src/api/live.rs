@@ -20,7 +20,36 @@ use super::{ApiState, blocking};
 pub(super) async fn dashboard() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("../dashboard.html"),
+        PAGE.as_str(),
+    )
+}
+
+/// The page, naming the bundled ECharts version (so browsers fetch a new one after an upgrade).
+static PAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("../dashboard.html").replace("{{ECHARTS_VERSION}}", ECHARTS_VERSION)
+});
+
+/// The version of Apache ECharts bundled in `cloud/assets/` (`scripts/update-echarts.sh`).
+pub(super) const ECHARTS_VERSION: &str = "6.1.0";
+
+/// The dashboard's charting library (Apache ECharts, Apache-2.0), bundled into the binary so
+/// that the dashboard works without internet access. The path names the version: cached for
+/// good.
+#[utoipa::path(
+    get,
+    path = "/assets/echarts.min.js",
+    tag = "dashboard",
+    security(()),
+    params(("v" = Option<String>, Query, description = "The version (cache busting)")),
+    responses((status = 200, description = "Apache ECharts, minified", content_type = "text/javascript"))
+)]
+pub(super) async fn echarts() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        include_str!("../../assets/echarts.min.js"),
     )
 }
 

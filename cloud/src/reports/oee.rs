@@ -9,10 +9,11 @@ use polars::prelude::*;
 use serde::Serialize;
 
 use super::production::part_minutes;
-use super::{DAY_MS, Level, Master, Period, entity_of, ints, str_col};
-use crate::dataset::{Dataset, Table};
-use crate::query::{QueryError, Selection, scan};
-use crate::schema::{events, part_counts};
+use super::states::StateChanges;
+use super::{DAY_MS, Level, Master, Period, entity_of};
+use crate::dataset::Dataset;
+use crate::query::{QueryError, Selection};
+use crate::schema::part_counts;
 
 /// One row of the OEE report: the additive tally and the KPIs derived from it.
 #[derive(Debug, Clone, Serialize)]
@@ -158,90 +159,45 @@ fn machine_shift_tallies(
         }
     }
 
-    // States: each change lasts until the next one of the same machine (the last until `to`
-    // or now); the state at `from` is the last change in the day before it.
-    let wide = sel.with_range(sel.from_ms - DAY_MS, sel.to_ms);
-    if let Some(lf) = scan(ds, Table::Events, &wide)? {
-        let df = lf
-            .filter(col(events::KIND).eq(lit(events::KIND_STATE)))
-            .select([
-                col(events::SITE),
-                col(events::LINE),
-                col(events::MACHINE),
-                col(events::TS).cast(DataType::Int64),
-                col(events::DEVICE_SEQ),
-                col(events::STATE),
-                col(events::REASON),
-            ])
-            .collect()?;
-        let (site, line, machine) = (
-            str_col(&df, events::SITE)?,
-            str_col(&df, events::LINE)?,
-            str_col(&df, events::MACHINE)?,
-        );
-        let (ts, dseq) = (ints(&df, events::TS)?, ints(&df, events::DEVICE_SEQ)?);
-        let (state, reason) = (str_col(&df, events::STATE)?, str_col(&df, events::REASON)?);
-        let state_of = |v: Option<&str>| {
-            v.and_then(|s| MachineState::ALL.into_iter().find(|x| x.as_str() == s))
-        };
-        // Reasons parsed once per distinct text.
-        let mut parsed: HashMap<&str, Option<StopReason>> = HashMap::new();
-        for r in reason.iter().flatten() {
-            parsed.entry(r).or_insert_with(|| {
-                serde_json::from_value::<StopReason>(serde_json::Value::String((*r).to_owned()))
-                    .ok()
-            });
-        }
-        let reason_of = |v: Option<&str>| v.and_then(|r| parsed.get(r).copied().flatten());
-        let mut by_machine: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
-        for i in 0..df.height() {
-            by_machine
-                .entry((
-                    site[i].unwrap_or_default(),
-                    line[i].unwrap_or_default(),
-                    machine[i].unwrap_or_default(),
-                ))
-                .or_default()
-                .push(i);
-        }
-        let end = sel.to_ms.min(chrono::Utc::now().timestamp_millis());
-        for (m, mut rows) in by_machine {
-            rows.sort_unstable_by_key(|&i| (ts[i], dseq[i]));
-            let mut tallies: BTreeMap<i64, Tally> = BTreeMap::new();
-            for (k, &i) in rows.iter().enumerate() {
-                let (a, b) = (ts[i], rows.get(k + 1).map_or(end, |&n| ts[n]));
-                let Some(st) = state_of(state[i]) else {
-                    continue;
-                };
-                let rs = reason_of(reason[i]);
-                let prev = k.checked_sub(1).map(|p| rows[p]);
-                let entered_failure = st == MachineState::Down
-                    && rs == Some(StopReason::TechnicalFailure)
-                    && !prev.is_some_and(|p| state[p] == state[i] && reason[p] == reason[i]);
-                // Shifts overlapping [a, b).
-                let first = shifts.partition_point(|s| s.end_ms <= a);
-                for s in &shifts[first..] {
-                    if s.start_ms >= b {
-                        break;
-                    }
-                    let (lo, hi) = (
-                        a.max(s.start_ms).max(sel.from_ms),
-                        b.min(s.end_ms).min(sel.to_ms),
-                    );
-                    if entered_failure && a >= s.start_ms && a < s.end_ms && a >= sel.from_ms {
-                        tallies.entry(s.start_ms).or_default().add_failure();
-                    }
-                    if hi > lo {
-                        tallies
-                            .entry(s.start_ms)
-                            .or_default()
-                            .add_time(st, rs, (hi - lo) as u64);
-                    }
+    // States: each change lasts until the next one of the same machine, cut at shift
+    // boundaries.
+    let changes = StateChanges::load(ds, sel)?;
+    for ((site, line, machine), list) in &changes.machines {
+        let m = (site.as_str(), line.as_str(), machine.as_str());
+        let mut tallies: BTreeMap<i64, Tally> = BTreeMap::new();
+        for (k, c) in list.iter().enumerate() {
+            let (a, b) = (c.ts, list.get(k + 1).map_or(changes.end_ms, |n| n.ts));
+            let Some(st) = c.state else {
+                continue;
+            };
+            let rs = changes.reason_of(c);
+            let prev = k.checked_sub(1).map(|p| &list[p]);
+            let entered_failure = st == MachineState::Down
+                && rs == Some(StopReason::TechnicalFailure)
+                && !prev.is_some_and(|p| p.state == c.state && p.reason == c.reason);
+            // Shifts overlapping [a, b).
+            let first = shifts.partition_point(|s| s.end_ms <= a);
+            for s in &shifts[first..] {
+                if s.start_ms >= b {
+                    break;
+                }
+                let (lo, hi) = (
+                    a.max(s.start_ms).max(sel.from_ms),
+                    b.min(s.end_ms).min(sel.to_ms),
+                );
+                if entered_failure && a >= s.start_ms && a < s.end_ms && a >= sel.from_ms {
+                    tallies.entry(s.start_ms).or_default().add_failure();
+                }
+                if hi > lo {
+                    tallies
+                        .entry(s.start_ms)
+                        .or_default()
+                        .add_time(st, rs, (hi - lo) as u64);
                 }
             }
-            for (start, t) in tallies {
-                add(&mut out, m, start, &t);
-            }
+        }
+        for (start, t) in tallies {
+            add(&mut out, m, start, &t);
         }
     }
     Ok((out, shifts))
