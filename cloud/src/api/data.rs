@@ -305,13 +305,7 @@ async fn rows(
     };
     f.only(accepted, key)?;
     let sel = f.select(max_range(&s))?;
-    let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
-    if limit == 0 || limit > s.cfg.http.max_rows {
-        return Err(ApiError::BadRequest(format!(
-            "`limit` must be between 1 and {}",
-            s.cfg.http.max_rows
-        )));
-    }
+    let limit = row_limit(&s, &f)?;
     let ds = s.dataset.clone();
     let format = f.format;
     blocking(move || {
@@ -341,6 +335,18 @@ async fn rows(
     })
     .await
     .map(IntoResponse::into_response)
+}
+
+/// The `limit` asked for: `http.max_rows` by default, and at most that.
+fn row_limit(s: &ApiState, f: &Filters) -> Result<usize, ApiError> {
+    let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
+    if limit == 0 || limit > s.cfg.http.max_rows {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be between 1 and {}",
+            s.cfg.http.max_rows
+        )));
+    }
+    Ok(limit)
 }
 
 type Q = Result<Query<Filters>, axum::extract::rejection::QueryRejection>;
@@ -545,20 +551,10 @@ pub(super) async fn state_report(
     q: Q,
 ) -> Result<Response, ApiError> {
     let f = query(q)?;
-    let sel = report_selection(&s, &f, false)?;
-    if f.level.is_some() || f.period.is_some() || f.window.is_some() {
-        return Err(ApiError::BadRequest(
-            "`level`, `period` and `window` do not apply to the state timeline (it is per machine)"
-                .into(),
-        ));
-    }
-    let limit = f.limit.unwrap_or(s.cfg.http.max_rows);
-    if limit == 0 || limit > s.cfg.http.max_rows {
-        return Err(ApiError::BadRequest(format!(
-            "`limit` must be between 1 and {}",
-            s.cfg.http.max_rows
-        )));
-    }
+    known_machine(&s, &f)?;
+    f.only(&[], "the state timeline (it is per machine)")?;
+    let sel = f.select(max_range(&s))?;
+    let limit = row_limit(&s, &f)?;
     let (ds, master) = s.dataset_and_master();
     let format = f.format;
     blocking(move || {
