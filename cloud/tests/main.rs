@@ -13,7 +13,7 @@ use millrace_cloud::dataset::{Dataset, Table};
 use millrace_shared::sync::{AlertItem, CONTENT_TYPE, SYNC_PATH, SyncBatch, SyncItem};
 use millrace_shared::{
     Alert, Event, EventBody, FunctionReport, MachineId, MachineState, PartOutcome, PartProduced,
-    Reading, StateChange, Telemetry,
+    Reading, StateChange, StopReason, Telemetry,
 };
 use serde_json::Value;
 use tower::ServiceExt;
@@ -656,8 +656,10 @@ async fn the_openapi_document_names_every_route_and_every_documented_route_is_se
         "GET /api/v1/reports/downtime",
         "GET /api/v1/reports/oee",
         "GET /api/v1/reports/production",
+        "GET /api/v1/reports/states",
         "GET /api/v1/reports/telemetry",
         "GET /api/v1/telemetry",
+        "GET /assets/echarts.min.js",
         "GET /health",
         "GET /metrics",
         "POST /api/v1/sync/batches",
@@ -942,4 +944,135 @@ async fn function_figures_from_edges_show_in_edges_and_metrics_without_a_commit(
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn the_state_timeline_merges_repeats_cuts_to_the_range_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path(), true);
+    const MIN: i64 = 60_000;
+    // 2026-01-05T08:00:00Z; the range is the hour after it.
+    let t0 = 1_767_600_000_000_i64;
+    let m0 = MachineId::new("site-0", "line-a", "m0").unwrap();
+    let m1 = MachineId::new("site-0", "line-a", "m1").unwrap();
+    let changes = [
+        // Before the range: decides the state at its start.
+        (&m0, -120, MachineState::Running, None),
+        (&m0, 10, MachineState::Down, Some(StopReason::TechnicalFailure)),
+        (&m0, 25, MachineState::Running, None),
+        // A repeat: merged into the interval before it.
+        (&m0, 30, MachineState::Running, None),
+        (&m0, 50, MachineState::PlannedStop, Some(StopReason::Break)),
+        // After the range: cuts nothing into it.
+        (&m0, 70, MachineState::Running, None),
+        // m1's first known state is inside the range: the time before it is not covered.
+        (&m1, 40, MachineState::Idle, Some(StopReason::NoOrder)),
+    ];
+    let items: Vec<SyncItem> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, (m, min, state, reason))| {
+            let seq = i as u64 + 1;
+            SyncItem {
+                seq,
+                stored_ms: t0 + min * MIN,
+                backfill: false,
+                event: Event {
+                    machine: (*m).clone(),
+                    ts_ms: t0 + min * MIN,
+                    seq,
+                    body: EventBody::State(StateChange {
+                        state: *state,
+                        reason: *reason,
+                    }),
+                },
+            }
+        })
+        .collect();
+    let body = SyncBatch {
+        edge: "e1".into(),
+        items,
+        ..SyncBatch::default()
+    }
+    .encode();
+    let (st, v) = call(&s, post(Some(TOKEN), body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let range = "from=2026-01-05T08:00:00Z&to=2026-01-05T09:00:00Z";
+    let (st, v) = call(
+        &s,
+        get(&format!("/api/v1/reports/states?{range}"), Some(READ_KEY)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let got: Vec<(String, String, Option<String>, i64, i64)> = v["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["machine"].as_str().unwrap().to_owned(),
+                i["state"].as_str().unwrap().to_owned(),
+                i["reason"].as_str().map(str::to_owned),
+                (i["start_ms"].as_i64().unwrap() - t0) / MIN,
+                (i["end_ms"].as_i64().unwrap() - t0) / MIN,
+            )
+        })
+        .collect();
+    let want = |m: &str, st: &str, r: Option<&str>, a: i64, b: i64| {
+        (m.to_owned(), st.to_owned(), r.map(str::to_owned), a, b)
+    };
+    assert_eq!(
+        got,
+        vec![
+            want("site-0/line-a/m0", "running", None, 0, 10),
+            want("site-0/line-a/m0", "down", Some("technical_failure"), 10, 25),
+            want("site-0/line-a/m0", "running", None, 25, 50),
+            want("site-0/line-a/m0", "planned_stop", Some("break"), 50, 60),
+            want("site-0/line-a/m1", "idle", Some("no_order"), 40, 60),
+        ]
+    );
+    // One machine, as CSV.
+    let (st, v) = call(
+        &s,
+        get(
+            &format!("/api/v1/reports/states?{range}&machine=site-0/line-a/m1&format=csv"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        v.as_str().unwrap(),
+        format!(
+            "machine,state,reason,start_ms,end_ms\nsite-0/line-a/m1,idle,no_order,{},{}\n",
+            t0 + 40 * MIN,
+            t0 + 60 * MIN
+        )
+    );
+    // Bad input: a 400 that names what is wrong; nothing answered by a guess.
+    for (q, needle) in [
+        ("limit=4", "more than `limit` = 4"),
+        ("level=line", "`level`"),
+        ("period=shift", "`period`"),
+        ("window=1h", "`window`"),
+        ("metric=power", "`metric`"),
+        ("kind=state", "`kind`"),
+        ("limit=0", "`limit`"),
+        ("format=xml", "format"),
+        ("to=soon", "`to`"),
+    ] {
+        let (st, v) = call(
+            &s,
+            get(
+                &format!("/api/v1/reports/states?{range}&{q}"),
+                Some(READ_KEY),
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{q}: {msg}");
+    }
+    let (st, _) = call(&s, get(&format!("/api/v1/reports/states?{range}"), None)).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
