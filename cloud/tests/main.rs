@@ -958,7 +958,12 @@ async fn the_state_timeline_merges_repeats_cuts_to_the_range_and_refuses_bad_inp
     let changes = [
         // Before the range: decides the state at its start.
         (&m0, -120, MachineState::Running, None),
-        (&m0, 10, MachineState::Down, Some(StopReason::TechnicalFailure)),
+        (
+            &m0,
+            10,
+            MachineState::Down,
+            Some(StopReason::TechnicalFailure),
+        ),
         (&m0, 25, MachineState::Running, None),
         // A repeat: merged into the interval before it.
         (&m0, 30, MachineState::Running, None),
@@ -1025,7 +1030,13 @@ async fn the_state_timeline_merges_repeats_cuts_to_the_range_and_refuses_bad_inp
         got,
         vec![
             want("site-0/line-a/m0", "running", None, 0, 10),
-            want("site-0/line-a/m0", "down", Some("technical_failure"), 10, 25),
+            want(
+                "site-0/line-a/m0",
+                "down",
+                Some("technical_failure"),
+                10,
+                25
+            ),
             want("site-0/line-a/m0", "running", None, 25, 50),
             want("site-0/line-a/m0", "planned_stop", Some("break"), 50, 60),
             want("site-0/line-a/m1", "idle", Some("no_order"), 40, 60),
