@@ -43,6 +43,8 @@ pub(crate) struct ApiState {
     pub(crate) sync: Option<(Arc<crate::sync::SyncStats>, String)>,
     /// The functions service (`None`: functions are off).
     pub(crate) functions: Option<Functions>,
+    /// The Sparkplug B host (`None`: Sparkplug is off).
+    pub(crate) sparkplug: Option<Arc<crate::sparkplug::Host>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -140,6 +142,11 @@ pub(crate) fn app(state: ApiState) -> Router {
         .route(
             "/functions/{name}/replay",
             post(fn_replay).delete(fn_cancel_replay),
+        )
+        .route("/sparkplug/nodes", get(sparkplug_nodes))
+        .route(
+            "/sparkplug/nodes/{group}/{node}/rebirth",
+            post(sparkplug_rebirth),
         )
         .route("/invocations", get(invocations))
         .route("/alerts", get(alerts))
@@ -558,6 +565,42 @@ async fn fn_disable(
     Ok(Json(
         blocking(move || Ok(f.set_enabled(&name, false)?)).await?,
     ))
+}
+
+fn sparkplug(s: &ApiState) -> Result<&Arc<crate::sparkplug::Host>, ApiError> {
+    s.sparkplug.as_ref().ok_or_else(|| {
+        ApiError::Conflict("the Sparkplug host is off (sparkplug.enabled = false)".into())
+    })
+}
+
+/// Every Sparkplug node seen since start: online or not, its birth's `bdSeq`, sequence gaps,
+/// rebirth requests, and its devices and metrics (stale once the node or device is offline).
+async fn sparkplug_nodes(
+    State(s): State<ApiState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let nodes = sparkplug(&s)?.status();
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+/// Sends `NCMD Node Control/Rebirth` to a node now.
+async fn sparkplug_rebirth(
+    State(s): State<ApiState>,
+    axum::extract::Path((group, node)): axum::extract::Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    match sparkplug(&s)?.rebirth(&group, &node, now) {
+        None => Err(ApiError::NotFound(format!(
+            "no Sparkplug node `{group}/{node}` has been seen: see /api/v1/sparkplug/nodes"
+        ))),
+        Some(false) => Err(ApiError::Unavailable(
+            "the broker's in-process publish queue is full: try again".into(),
+        )),
+        Some(true) => Ok(Json(json!({
+            "group": group,
+            "node": node,
+            "sent": format!("{}/{group}/NCMD/{node}", crate::sparkplug::NAMESPACE),
+        }))),
+    }
 }
 
 #[derive(Debug, Deserialize)]

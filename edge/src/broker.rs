@@ -68,6 +68,7 @@ pub struct Broker {
     v4: Server<V4>,
     v5: Server<V5>,
     publisher: Publisher,
+    retained: Publisher,
 }
 
 /// The open device ports.
@@ -90,14 +91,15 @@ impl DeviceListeners {
 const LOCAL_PUBLISH_QUEUE: usize = 65_536;
 
 /// Starts a thread holding a rumqttd local link (no TCP hop) that publishes what the returned
-/// closure is given, at QoS 0. The closure never blocks: `false` when the queue is full.
-fn local_publisher<S>(router_tx: S) -> Result<Publisher, BrokerError>
+/// closure is given, at QoS 0 (the second closure with the retain flag). The closures never
+/// block: `false` when the queue is full.
+fn local_publisher<S>(router_tx: S) -> Result<(Publisher, Publisher), BrokerError>
 where
     S: FnOnce() -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String>
         + Send
         + 'static,
 {
-    let (tx, rx) = flume::bounded::<(String, Vec<u8>)>(LOCAL_PUBLISH_QUEUE);
+    let (tx, rx) = flume::bounded::<(String, Vec<u8>, bool)>(LOCAL_PUBLISH_QUEUE);
     std::thread::Builder::new()
         .name("millrace-publish".into())
         .spawn(move || {
@@ -108,8 +110,13 @@ where
                     return;
                 }
             };
-            while let Ok((topic, payload)) = rx.recv() {
-                if let Err(e) = link.publish(topic, payload) {
+            while let Ok((topic, payload, retain)) = rx.recv() {
+                let sent = if retain {
+                    link.publish_retained(topic, payload)
+                } else {
+                    link.publish(topic, payload)
+                };
+                if let Err(e) = sent {
                     tracing::error!(error = %e, "in-process MQTT publish failed");
                 }
             }
@@ -118,9 +125,15 @@ where
             addr: "127.0.0.1:0".parse().expect("valid"),
             source,
         })?;
-    Ok(Arc::new(move |topic: &str, payload: Vec<u8>| {
-        tx.try_send((topic.to_owned(), payload)).is_ok()
-    }))
+    let retained = tx.clone();
+    Ok((
+        Arc::new(move |topic: &str, payload: Vec<u8>| {
+            tx.try_send((topic.to_owned(), payload, false)).is_ok()
+        }),
+        Arc::new(move |topic: &str, payload: Vec<u8>| {
+            retained.try_send((topic.to_owned(), payload, true)).is_ok()
+        }),
+    ))
 }
 
 /// Checks device credentials against Argon2 hashes.
@@ -183,7 +196,7 @@ impl Broker {
         };
         let router_tx = Router::new(0, router_cfg).spawn();
         // rumqttd does not export its router event type: hand the sender over in a closure.
-        let publisher = local_publisher({
+        let (publisher, retained) = local_publisher({
             let router_tx = router_tx.clone();
             move || {
                 rumqttd::local::LinkBuilder::new("millrace-edge-functions", router_tx)
@@ -242,12 +255,18 @@ impl Broker {
             v4: Server::new(settings("v4"), router_tx.clone(), V4),
             v5: Server::new(settings("v5"), router_tx, V5),
             publisher,
+            retained,
         })
     }
 
     /// Publishes into the broker from inside the edge (QoS 0, no TCP hop).
     pub(crate) fn publisher(&self) -> Publisher {
         self.publisher.clone()
+    }
+
+    /// Publishes retained messages into the broker from inside the edge (QoS 0).
+    pub(crate) fn retained_publisher(&self) -> Publisher {
+        self.retained.clone()
     }
 
     /// Opens the device port (and the per-version and TLS ports configured). With `ingest`,
@@ -257,6 +276,7 @@ impl Broker {
         self,
         cfg: &MqttConfig,
         ingest: Option<IngestTx>,
+        sparkplug: Option<Arc<crate::sparkplug::Host>>,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<DeviceListeners, BrokerError> {
@@ -273,29 +293,62 @@ impl Broker {
             connections: connections.clone(),
             max: cfg.max_connections as i64,
             max_packet: cfg.max_payload_bytes + 5,
+            sparkplug,
         });
         let front = bind(cfg.listen).await?;
         let addr = front.local_addr().map_err(|source| BrokerError::Bind {
             addr: cfg.listen,
             source,
         })?;
-        door.clone().serve(front, None, None, tasks, stop.clone());
+        let plain = Transport {
+            tls: None,
+            websocket: false,
+        };
+        door.clone()
+            .serve(front, None, plain.clone(), tasks, stop.clone());
         for (listen, level) in [(cfg.v4_listen, 4u8), (cfg.v5_listen, 5u8)] {
             if let Some(listen) = listen {
-                door.clone()
-                    .serve(bind(listen).await?, Some(level), None, tasks, stop.clone());
+                door.clone().serve(
+                    bind(listen).await?,
+                    Some(level),
+                    plain.clone(),
+                    tasks,
+                    stop.clone(),
+                );
             }
+        }
+        if let Some(listen) = cfg.ws_listen {
+            let websocket = Transport {
+                tls: None,
+                websocket: true,
+            };
+            door.clone()
+                .serve(bind(listen).await?, None, websocket, tasks, stop.clone());
+            tracing::info!(addr = %listen, "MQTT over WebSocket listening (3.1.1 and 5)");
         }
         if let Some(tls) = &cfg.tls {
             let acceptor = tls_acceptor(&tls.cert, &tls.key)?;
             let only = if tls.protocol == "v5" { 5 } else { 4 };
+            let secure = Transport {
+                tls: Some(acceptor),
+                websocket: false,
+            };
             door.clone().serve(
                 bind(tls.listen).await?,
                 Some(only),
-                Some(acceptor),
+                secure.clone(),
                 tasks,
                 stop.clone(),
             );
+            if let Some(listen) = tls.ws_listen {
+                let wss = Transport {
+                    websocket: true,
+                    ..secure
+                };
+                door.clone()
+                    .serve(bind(listen).await?, None, wss, tasks, stop.clone());
+                tracing::info!(addr = %listen, "MQTT over secure WebSocket listening (3.1.1 and 5)");
+            }
         }
         tracing::info!(%addr, "MQTT broker listening (3.1.1 and 5 on the device port)");
         Ok(DeviceListeners { addr, connections })
@@ -327,6 +380,63 @@ enum SpliceError {
     Stopped,
     #[error("login refused")]
     Refused,
+    #[error("WebSocket handshake: {0}")]
+    WebSocket(String),
+}
+
+/// What a listener speaks under MQTT: TLS or not, WebSocket or not.
+#[derive(Clone)]
+struct Transport {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    websocket: bool,
+}
+
+/// Largest WebSocket message a device may send: a WebSocket message carries a piece of the
+/// MQTT byte stream, so this only bounds memory per connection; MQTT's own limit still holds.
+const MAX_WS_MESSAGE: usize = 2 << 20;
+
+/// The WebSocket subprotocols MQTT clients ask for (`mqtt`; `mqttv3.1` from old clients).
+const MQTT_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+/// Answers a WebSocket upgrade: the MQTT subprotocol the client asked for is echoed (browsers
+/// close a connection whose answer names none of theirs); a client asking only for others is
+/// refused.
+#[allow(clippy::result_large_err)] // the signature tungstenite's handshake callback has
+fn mqtt_subprotocol(
+    req: &async_tungstenite::tungstenite::handshake::server::Request,
+    mut resp: async_tungstenite::tungstenite::handshake::server::Response,
+) -> Result<
+    async_tungstenite::tungstenite::handshake::server::Response,
+    async_tungstenite::tungstenite::handshake::server::ErrorResponse,
+> {
+    let asked: Vec<&str> = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    if asked.is_empty() {
+        return Ok(resp);
+    }
+    match asked
+        .iter()
+        .find(|p| MQTT_SUBPROTOCOLS.iter().any(|m| m.eq_ignore_ascii_case(p)))
+    {
+        Some(p) => {
+            let value = p.parse().expect("a header value read from a header");
+            resp.headers_mut().insert("sec-websocket-protocol", value);
+            Ok(resp)
+        }
+        None => {
+            let mut refusal = async_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
+                Some(format!("no MQTT subprotocol among {asked:?}: ask for `mqtt`")),
+            );
+            *refusal.status_mut() = async_tungstenite::tungstenite::http::StatusCode::BAD_REQUEST;
+            Err(refusal)
+        }
+    }
 }
 
 /// The device listeners' shared state.
@@ -338,6 +448,8 @@ struct Door {
     max: i64,
     /// Largest packet a device may send (rumqttd's limit, plus the fixed header).
     max_packet: usize,
+    /// The Sparkplug B host that decodes `spBv1.0/…` (none: not ingested).
+    sparkplug: Option<Arc<crate::sparkplug::Host>>,
 }
 
 impl Door {
@@ -346,7 +458,7 @@ impl Door {
         self: Arc<Self>,
         listener: TcpListener,
         only: Option<u8>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        transport: Transport,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) {
@@ -365,22 +477,23 @@ impl Door {
                     tracing::warn!(%peer, max = self.max, "device refused: too many connections");
                     continue;
                 }
-                let (door, stop, tls) = (self.clone(), stop.clone(), tls.clone());
+                let (door, stop, transport) = (self.clone(), stop.clone(), transport.clone());
                 let tasks = inner.clone();
                 inner.spawn(async move {
                     door.connections.fetch_add(1, Ordering::Relaxed);
                     metrics::gauge!("millrace_edge_mqtt_connections").increment(1.0);
                     let run = async {
                         let _ = sock.set_nodelay(true);
-                        match tls {
+                        let ws = transport.websocket;
+                        match transport.tls {
                             Some(acceptor) => {
                                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
-                                    Ok(Ok(s)) => door.splice(s, only, &tasks, &stop).await,
+                                    Ok(Ok(s)) => door.open(s, ws, only, &tasks, &stop).await,
                                     Ok(Err(e)) => Err(SpliceError::Io(e)),
                                     Err(_) => Err(SpliceError::Timeout),
                                 }
                             }
-                            None => door.splice(sock, only, &tasks, &stop).await,
+                            None => door.open(sock, ws, only, &tasks, &stop).await,
                         }
                     };
                     tokio::select! {
@@ -394,6 +507,41 @@ impl Door {
                 });
             }
         });
+    }
+
+    /// Completes the WebSocket handshake if the listener speaks WebSocket, then splices the
+    /// MQTT byte stream (WebSocket frames unwrapped) like any other connection's.
+    async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        sock: S,
+        websocket: bool,
+        only: Option<u8>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<(), SpliceError> {
+        if !websocket {
+            return self.splice(sock, only, tasks, stop).await;
+        }
+        let mut ws_cfg = async_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        ws_cfg.max_message_size = Some(MAX_WS_MESSAGE);
+        ws_cfg.max_frame_size = Some(MAX_WS_MESSAGE);
+        let handshake = async_tungstenite::tokio::accept_hdr_async_with_config(
+            sock,
+            mqtt_subprotocol,
+            Some(ws_cfg),
+        );
+        let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                metrics::counter!("millrace_edge_mqtt_refused_total", "reason" => "websocket")
+                    .increment(1);
+                tracing::warn!(error = %e, "WebSocket handshake failed");
+                return Err(SpliceError::WebSocket(e.to_string()));
+            }
+            Err(_) => return Err(SpliceError::Timeout),
+        };
+        self.splice(ws_stream_tungstenite::WsStream::new(ws), only, tasks, stop)
+            .await
     }
 
     /// Reads enough of the CONNECT to know the protocol level, then splices to rumqttd, handing
@@ -489,7 +637,7 @@ impl Door {
                 }
             };
             let mut scanner = mqtt::Scanner::new(level == 5, self.max_packet);
-            let mut topics = crate::ingest::TopicCache::default();
+            let mut decoder = crate::ingest::Decoder::new(self.sparkplug.clone());
             let mut publishes = vec![];
             let mut framed = scanner.push(&head, &mut publishes).is_ok();
             let (mut fed, mut accepted) = (head.len() as u64, None);
@@ -549,10 +697,10 @@ impl Door {
                     let (done, stored) = oneshot::channel();
                     let now = chrono::Utc::now().timestamp_millis();
                     let bytes = publishes.iter().map(|p| p.payload.len() as u64).sum();
-                    let items = publishes
-                        .drain(..)
-                        .map(|p| crate::ingest::decode(&p, now, &mut topics))
-                        .collect();
+                    let mut items = Vec::with_capacity(publishes.len());
+                    for p in publishes.drain(..) {
+                        decoder.decode_into(&p, now, &mut items);
+                    }
                     let chunk = IngestChunk {
                         items,
                         bytes,

@@ -49,6 +49,10 @@ pub struct TlsListener {
     /// `v4` (MQTT 3.1.1) or `v5`.
     #[serde(default = "default_tls_protocol")]
     pub protocol: String,
+    /// Also serve MQTT over secure WebSocket (`wss://`) with this certificate on this address
+    /// (3.1.1 and 5).
+    #[serde(default)]
+    pub ws_listen: Option<SocketAddr>,
 }
 
 fn default_tls_protocol() -> String {
@@ -65,7 +69,8 @@ pub struct MqttConfig {
     pub v4_listen: Option<SocketAddr>,
     /// Also serve MQTT 5 directly on this address.
     pub v5_listen: Option<SocketAddr>,
-    /// MQTT over WebSocket: not supported yet; setting it is refused with an explanation.
+    /// Also serve MQTT (3.1.1 and 5) over WebSocket on this address, for browser HMIs and
+    /// clients behind HTTP proxies: the same credentials and the same durable ingest as TCP.
     pub ws_listen: Option<SocketAddr>,
     /// A TLS listener.
     pub tls: Option<TlsListener>,
@@ -324,6 +329,8 @@ pub struct EdgeConfig {
     pub sync: SyncConfig,
     /// On-device functions.
     pub functions: FunctionsConfig,
+    /// The Sparkplug B host.
+    pub sparkplug: crate::sparkplug::SparkplugConfig,
 }
 
 /// On-device functions: defaults for deployed functions and the runtime's bounds.
@@ -384,6 +391,7 @@ impl Default for EdgeConfig {
             store: StoreConfig::default(),
             sync: SyncConfig::default(),
             functions: FunctionsConfig::default(),
+            sparkplug: crate::sparkplug::SparkplugConfig::default(),
         }
     }
 }
@@ -514,12 +522,12 @@ impl EdgeConfig {
         if self.http.api_keys.iter().any(|k| k.len() < 16) {
             return invalid("http.api_keys", "keys must be at least 16 characters");
         }
-        if self.mqtt.ws_listen.is_some() {
-            return invalid(
-                "mqtt.ws_listen",
-                "MQTT over WebSocket is not supported yet (its traffic would bypass durable ingest); use the device port or TLS",
-            );
-        }
+        self.sparkplug
+            .validate()
+            .map_err(|e| ConfigError::Invalid {
+                field: "sparkplug",
+                reason: e.to_string(),
+            })?;
         if self.ingest.max_batch == 0 {
             return invalid("ingest.max_batch", "must be at least 1");
         }
@@ -634,10 +642,8 @@ mod tests {
                 "the configured value is not echoed: {e}"
             );
             jail.create_file("e.toml", "[mqtt]\nws_listen = \"127.0.0.1:8083\"\n")?;
-            let e = EdgeConfig::load(Some(Path::new("e.toml")))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("WebSocket is not supported yet"), "{e}");
+            let c = EdgeConfig::load(Some(Path::new("e.toml"))).unwrap();
+            assert_eq!(c.mqtt.ws_listen, Some("127.0.0.1:8083".parse().unwrap()));
             jail.create_file("f.toml", "[mqtt.tls]\nlisten = \"127.0.0.1:8883\"\ncert = \"nope.pem\"\nkey = \"nope.key\"\n")?;
             let e = EdgeConfig::load(Some(Path::new("f.toml")))
                 .unwrap_err()

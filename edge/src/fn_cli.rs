@@ -43,6 +43,65 @@ pub(crate) fn render(shown: Shown, name: Option<&str>, v: &Value) -> String {
     }
 }
 
+/// The Sparkplug nodes (`GET /api/v1/sparkplug/nodes`) as a table: one row per node and
+/// device.
+pub(crate) fn sparkplug_nodes(v: &Value) -> String {
+    let nodes = v["nodes"].as_array().map_or(&[][..], Vec::as_slice);
+    if nodes.is_empty() {
+        return "no Sparkplug node has been seen since the edge started".into();
+    }
+    let mut t = table(&[
+        "group/node/device",
+        "online",
+        "bdSeq",
+        "seq",
+        "metrics",
+        "messages",
+        "seq gaps",
+        "rebirths",
+        "last message",
+    ]);
+    let when = |v: &Value| {
+        v.as_i64()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+    };
+    let yes_no = |v: &Value| if v == true { "yes" } else { "no" };
+    for n in nodes {
+        let name = format!(
+            "{}/{}",
+            n["group"].as_str().unwrap_or_default(),
+            n["node"].as_str().unwrap_or_default()
+        );
+        t.add_row(vec![
+            name.clone(),
+            yes_no(&n["online"]).into(),
+            n["bd_seq"].as_u64().map_or("-".into(), |b| b.to_string()),
+            n["seq"].as_u64().map_or("-".into(), |b| b.to_string()),
+            n["metrics"].as_array().map_or(0, Vec::len).to_string(),
+            count(n["messages"].as_u64().unwrap_or(0)),
+            count(n["seq_gaps"].as_u64().unwrap_or(0)),
+            count(n["rebirths_requested"].as_u64().unwrap_or(0)),
+            when(&n["last_message_ms"]),
+        ]);
+        for d in n["devices"].as_array().map_or(&[][..], Vec::as_slice) {
+            t.add_row(vec![
+                format!("{name}/{}", d["device"].as_str().unwrap_or_default()),
+                yes_no(&d["online"]).into(),
+                String::new(),
+                String::new(),
+                d["metrics"].as_array().map_or(0, Vec::len).to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                when(&d["last_message_ms"]),
+            ]);
+        }
+    }
+    right(&mut t, &[2, 3, 4, 5, 6, 7]);
+    t.to_string()
+}
+
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);

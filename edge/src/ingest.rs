@@ -124,6 +124,40 @@ pub(crate) fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decod
     }
 }
 
+/// Decodes the PUBLISHes of one device connection: factory topics as JSON (each topic parsed
+/// once, [`TopicCache`]), Sparkplug B topics through the Sparkplug host, which may make
+/// several events (or none) of one message.
+#[derive(Debug, Default)]
+pub(crate) struct Decoder {
+    topics: TopicCache,
+    sparkplug: Option<Arc<crate::sparkplug::Host>>,
+}
+
+impl Decoder {
+    /// A decoder handing Sparkplug B messages to `sparkplug` (none: they are not ingested).
+    pub(crate) fn new(sparkplug: Option<Arc<crate::sparkplug::Host>>) -> Self {
+        Self {
+            topics: TopicCache::default(),
+            sparkplug,
+        }
+    }
+
+    /// Decodes `p` into `out`.
+    pub(crate) fn decode_into(&mut self, p: &Publish, now_ms: i64, out: &mut Vec<Decoded>) {
+        let sparkplug = p.topic.len() > crate::sparkplug::NAMESPACE.len()
+            && p.topic.starts_with(crate::sparkplug::NAMESPACE.as_bytes())
+            && p.topic[crate::sparkplug::NAMESPACE.len()] == b'/';
+        if sparkplug && let Ok(topic) = std::str::from_utf8(&p.topic) {
+            match &self.sparkplug {
+                Some(host) => host.receive(topic, &p.payload, now_ms, out),
+                None => out.push(Decoded::Skip),
+            }
+            return;
+        }
+        out.push(decode(p, now_ms, &mut self.topics));
+    }
+}
+
 /// What one read of one device connection held; `done` fires once it is stored.
 #[derive(Debug)]
 pub(crate) struct IngestChunk {

@@ -31,6 +31,7 @@ pub mod functions;
 mod ingest;
 mod maintenance;
 mod mqtt;
+pub mod sparkplug;
 pub mod store;
 mod sync;
 
@@ -108,6 +109,8 @@ pub struct Edge {
     store: Arc<Store>,
     ingest: Option<Ingest>,
     functions: Option<functions::Functions>,
+    /// The Sparkplug host (its `STATE` goes offline at shutdown).
+    sparkplug: Option<Arc<sparkplug::Host>>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -166,14 +169,27 @@ impl Edge {
             );
             None
         };
+        let sparkplug = (cfg.sparkplug.enabled && ingest.is_some()).then(|| {
+            Arc::new(sparkplug::Host::new(
+                cfg.sparkplug.clone(),
+                broker.publisher(),
+                broker.retained_publisher(),
+            ))
+        });
         let devices = broker
             .listen(
                 &cfg.mqtt,
                 ingest.as_ref().map(Ingest::sender),
+                sparkplug.clone(),
                 &tasks,
                 stop.clone(),
             )
             .await?;
+        // The host is online once devices can reach it: its retained STATE tells nodes so (a
+        // node that sees it online publishes its births again).
+        if let Some(host) = &sparkplug {
+            host.publish_state(true);
+        }
 
         tasks.spawn(service::metrics_upkeep(metrics.clone(), stop.clone()));
         tasks.spawn(maintenance::run(
@@ -223,6 +239,7 @@ impl Edge {
             started,
             sync: sync_stats.map(|s| (s, cfg.sync.cloud_url.clone())),
             functions: functions.clone(),
+            sparkplug: sparkplug.clone(),
         };
         tasks.spawn({
             let stop = stop.clone();
@@ -245,6 +262,7 @@ impl Edge {
             store,
             ingest,
             functions,
+            sparkplug,
             tasks,
             stop,
         })
@@ -262,6 +280,11 @@ impl Edge {
 
     /// Stops taking devices and requests, writes everything received, flushes and closes RocksDB.
     pub async fn shutdown(mut self) {
+        if let Some(host) = self.sparkplug.take() {
+            host.publish_state(false);
+            // Let the broker deliver it to subscribers before their connections close.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.stop.cancel();
         if let Some(f) = self.functions.clone() {
             let _ = tokio::task::spawn_blocking(move || f.shutdown()).await;

@@ -74,6 +74,36 @@ enum Command {
         #[command(subcommand)]
         action: FnCommand,
     },
+    /// Sparkplug B nodes on a running edge (through its HTTP API).
+    Sparkplug {
+        /// The edge's HTTP API.
+        #[arg(
+            long,
+            global = true,
+            env = "MILLRACE_EDGE_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        url: String,
+        /// API key, if the edge requires one.
+        #[arg(long, global = true, env = "MILLRACE_EDGE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Print the API's JSON answer instead of a table (for scripts).
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: SparkplugCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SparkplugCommand {
+    /// List the nodes seen since the edge started, their devices, births and sequence gaps.
+    Nodes,
+    /// Ask a node to publish its births again (NCMD Node Control/Rebirth).
+    Rebirth {
+        /// The node, as GROUP/NODE.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,6 +368,48 @@ async fn fn_command(
     Ok(())
 }
 
+/// Calls the edge's Sparkplug API and prints the answer.
+async fn sparkplug_command(
+    url: &str,
+    api_key: Option<&str>,
+    json_out: bool,
+    action: SparkplugCommand,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let base = format!("{}/api/v1/sparkplug", url.trim_end_matches('/'));
+    let answer = match &action {
+        SparkplugCommand::Nodes => fn_cli::call(http.get(format!("{base}/nodes")), api_key, url),
+        SparkplugCommand::Rebirth { node } => {
+            let Some((group, node)) = node.split_once('/').filter(|(g, n)| {
+                !g.is_empty() && !n.is_empty() && !n.contains('/')
+            }) else {
+                anyhow::bail!("`{node}` is not GROUP/NODE (e.g. plant1/gateway-3)");
+            };
+            fn_cli::call(
+                http.post(format!("{base}/nodes/{group}/{node}/rebirth")),
+                api_key,
+                url,
+            )
+        }
+    }
+    .await?
+    .unwrap_or_default();
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        match action {
+            SparkplugCommand::Nodes => println!("{}", fn_cli::sparkplug_nodes(&answer)),
+            SparkplugCommand::Rebirth { node } => {
+                println!(
+                    "asked {node} to rebirth ({})",
+                    answer["sent"].as_str().unwrap_or_default()
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
 fn init_logs(format: LogFormat) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::filter::FilterExt as _;
@@ -441,6 +513,12 @@ async fn main() -> anyhow::Result<()> {
             json,
             action,
         } => fn_command(&url, api_key.as_deref(), json, action).await?,
+        Command::Sparkplug {
+            url,
+            api_key,
+            json,
+            action,
+        } => sparkplug_command(&url, api_key.as_deref(), json, action).await?,
         Command::Run => {
             let cfg = EdgeConfig::load(cli.config.as_deref())?;
             let edge = Edge::start(cfg).await?;

@@ -583,6 +583,7 @@ async fn tls_listener_takes_devices_with_credentials() {
         cert: cert.clone(),
         key,
         protocol: "v4".into(),
+        ws_listen: None,
     });
     let edge = Edge::start(c).await.unwrap();
     let e = state(1);

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 mod dashboard;
 mod faults;
+mod sparkplug;
 
 /// The directory holding the workspace's binaries (`target/debug`), next to this test's `deps/`.
 fn bin(name: &str) -> PathBuf {

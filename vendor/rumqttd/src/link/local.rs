@@ -230,6 +230,26 @@ impl LinkTx {
         Ok(len)
     }
 
+    /// Sends a retained MQTT Publish to the router (Millrace: a host's Sparkplug `STATE`,
+    /// retained messages restored at start).
+    pub fn publish_retained<S, V>(&mut self, topic: S, payload: V) -> Result<usize, LinkError>
+    where
+        S: Into<Bytes>,
+        V: Into<Bytes>,
+    {
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: topic.into(),
+            pkid: 0,
+            payload: payload.into(),
+        };
+
+        let len = self.push(Packet::Publish(publish, None))?;
+        Ok(len)
+    }
+
     /// Sends a MQTT Publish to the router
     pub fn try_publish<S, V>(&mut self, topic: S, payload: V) -> Result<usize, LinkError>
     where

@@ -1,0 +1,363 @@
+//! The factory's MQTT, against peers no one here wrote: a Sparkplug B edge node (payloads by
+//! pysparkplug, MQTT by paho-mqtt) and paho-mqtt over WebSocket.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use millrace_tests::{free_port, run_ok, wait_until};
+use serde_json::Value;
+
+use super::{EdgeProcess, PASSWORD, password_hash};
+
+/// The Python with the outside peers (`./millrace test` makes it from tests/python).
+fn python() -> std::path::PathBuf {
+    let p = std::env::var_os("MILLRACE_PYTHON").map_or_else(
+        || {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/millrace-py/bin/python")
+        },
+        Into::into,
+    );
+    assert!(
+        p.exists(),
+        "{} does not exist: run ./millrace test (it installs tests/python/requirements.txt), or set MILLRACE_PYTHON",
+        p.display()
+    );
+    p
+}
+
+fn script(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
+}
+
+/// 2026-01-05T06:00:00Z: the scripted node's first timestamp.
+const START_MS: i64 = 1_767_592_800_000;
+const MIN: i64 = 60_000;
+
+/// An edge with device `sim`, the Sparkplug mapping of the scripted node's press, and extra
+/// `[mqtt]` lines.
+fn sparkplug_edge(dir: &Path, mqtt_extra: &str) -> EdgeProcess {
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+[mqtt]
+listen = "127.0.0.1:0"
+{mqtt_extra}
+[[mqtt.users]]
+username = "sim"
+password_hash = "{hash}"
+[http]
+listen = "127.0.0.1:0"
+[store.retention]
+telemetry = "0s"
+events = "0s"
+[sparkplug]
+host_id = "millrace-test"
+[[sparkplug.machines]]
+group = "plant1"
+node = "gw1"
+device = "press1"
+machine = "plant-1/line-a/press-1"
+good_parts = "Counters/Good"
+scrap_parts = "Counters/Scrap"
+state = {{ metric = "Status", values = {{ "1" = "running", "2" = "idle", "3" = "down:technical_failure" }} }}
+"#,
+            data = dir.join("data").display(),
+            hash = password_hash()
+        ),
+    )
+    .unwrap();
+    EdgeProcess::start(&config)
+}
+
+#[test]
+fn a_sparkplug_node_is_born_mapped_checked_asked_to_rebirth_and_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = sparkplug_edge(dir.path(), "");
+    let out = Command::new(python())
+        .arg(script("sparkplug_node.py"))
+        .args(["--port", &edge.mqtt_port.to_string()])
+        .args(["--user", "sim", "--password", PASSWORD])
+        .args(["--start-ms", &START_MS.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the node ran: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The host's retained STATE was there when the node subscribed.
+    assert_eq!(seen["state"]["online"], true, "{seen}");
+    // The sequence gap was answered with NCMD Node Control/Rebirth = true.
+    assert_eq!(
+        seen["rebirths"][0],
+        serde_json::json!({ "Node Control/Rebirth": true }),
+        "{seen}"
+    );
+
+    let (from, to) = (START_MS - 120 * MIN, START_MS + 60 * MIN);
+    let press = "plant-1/line-a/press-1";
+    let events = |kind: &str| {
+        edge.get(&format!(
+            "/api/v1/events?machine={press}&kind={kind}&from={from}&to={to}&limit=1000"
+        ))["events"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    // Part counters: 100 → 110 → 115 → 120, a rebirth at 120 (a new baseline), then reset to 3.
+    let parts = events("part");
+    let count = |outcome: &str| {
+        parts
+            .iter()
+            .filter(|p| p["body"]["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!((count("good"), count("scrap")), (23, 1), "{parts:?}");
+    // Parts carry the time of the message that counted them.
+    let minutes: Vec<i64> = parts
+        .iter()
+        .filter(|p| p["body"]["outcome"] == "good")
+        .map(|p| (p["ts_ms"].as_i64().unwrap() - START_MS) / MIN)
+        .collect();
+    assert_eq!(
+        minutes,
+        [vec![1; 10], vec![3; 5], vec![5; 5], vec![9; 3]].concat()
+    );
+    // The state metric, through the mapping (the rebirth states it again).
+    let states: Vec<(i64, String, Value)> = events("state")
+        .iter()
+        .map(|e| {
+            (
+                (e["ts_ms"].as_i64().unwrap() - START_MS) / MIN,
+                e["body"]["state"].as_str().unwrap().to_owned(),
+                e["body"]["reason"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (0, "running".into(), Value::Null),
+            (2, "down".into(), "technical_failure".into()),
+            (3, "running".into(), Value::Null),
+            (8, "running".into(), Value::Null),
+        ]
+    );
+    // Numeric metrics are telemetry: the device's on the mapped machine (folders become
+    // dots), the node's own under plant1/gw1/node; text metrics are not telemetry.
+    let points = |series: &str| -> Vec<(i64, f64)> {
+        edge.get(&format!(
+            "/api/v1/points?series={series}&from={from}&to={to}"
+        ))["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    (p[0].as_i64().unwrap() - START_MS) / MIN,
+                    p[1].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        points(&format!("{press}/Spindle.Speed")),
+        vec![(0, 1200.0), (1, 1250.0), (8, 1200.0)]
+    );
+    // The historical value is stored at its own time, an hour before the birth.
+    assert_eq!(
+        points("plant1/gw1/node/Temperature"),
+        vec![(-60, 21.5), (0, 20.0), (8, 20.0)]
+    );
+    let series: Vec<String> = edge.get("/api/v1/series")["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !series.iter().any(|s| s.ends_with("/Mode")),
+        "{series:?}"
+    );
+
+    // What the host refused, each with its reason, and ingest went on.
+    let dead = edge.get("/api/v1/dead-letters?limit=100");
+    let mut reasons: Vec<String> = dead["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap().to_owned())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "sparkplug_before_birth",
+            "sparkplug_payload",
+            "sparkplug_stale_death",
+            "sparkplug_unknown_alias"
+        ],
+        "{dead}"
+    );
+    let errors = dead.to_string();
+    assert!(errors.contains("alias 99"), "{errors}");
+    assert!(errors.contains("NDEATH with bdSeq 7 ignored"), "{errors}");
+
+    // The node's state: dead after its last NDEATH (whose bdSeq matched), the device with it.
+    let nodes = edge.get("/api/v1/sparkplug/nodes");
+    let node = &nodes["nodes"][0];
+    assert_eq!(
+        (node["group"].as_str(), node["node"].as_str()),
+        (Some("plant1"), Some("gw1")),
+        "{nodes}"
+    );
+    assert_eq!(node["online"], false, "{node}");
+    assert_eq!(node["bd_seq"], 0, "{node}");
+    assert_eq!(node["seq_gaps"], 1, "{node}");
+    assert!(node["rebirths_requested"].as_u64().unwrap() >= 1, "{node}");
+    let press1 = &node["devices"][0];
+    assert_eq!(press1["device"], "press1");
+    assert_eq!(press1["online"], false);
+    let good = press1["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "Counters/Good")
+        .unwrap();
+    assert_eq!(
+        (good["alias"].as_u64(), good["value"].as_f64(), good["stale"].as_bool()),
+        (Some(11), Some(3.0), Some(true)),
+        "{good}"
+    );
+    // A rebirth by hand, through the CLI: the node is known, so the command is sent.
+    let cli = Command::new(super::bin("millrace-edge"))
+        .args(["sparkplug", "rebirth", "plant1/gw1", "--url", &edge.http])
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let unknown = Command::new(super::bin("millrace-edge"))
+        .args(["sparkplug", "rebirth", "plant1/nobody", "--url", &edge.http])
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no Sparkplug node `plant1/nobody`"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    edge.stop();
+}
+
+#[test]
+fn websocket_clients_publish_and_subscribe_with_the_device_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    run_ok(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]));
+    let (ws, tls, wss) = (free_port(), free_port(), free_port());
+    let edge = sparkplug_edge(
+        dir.path(),
+        &format!(
+            "ws_listen = \"127.0.0.1:{ws}\"\n[mqtt.tls]\nlisten = \"127.0.0.1:{tls}\"\ncert = \"{}\"\nkey = \"{}\"\nws_listen = \"127.0.0.1:{wss}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    for port in [ws, wss] {
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }));
+    }
+    let client = |url: &str, mqtt: &str, password: &str, seq: u64| -> Value {
+        let topic = "factory/plant-1/line-a/hmi-1/state";
+        let payload = format!(
+            r#"{{"v":1,"ts":{},"seq":{seq},"state":"running"}}"#,
+            START_MS + seq as i64 * MIN
+        );
+        let out = run_ok(
+            Command::new(python())
+                .arg(script("ws_client.py"))
+                .args(["--url", url, "--mqtt", mqtt])
+                .args(["--user", "sim", "--password", password])
+                .args(["--topic", topic, "--payload", &payload])
+                .args(["--cafile", cert.to_str().unwrap()]),
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if password == PASSWORD {
+            assert_eq!(v["connected"], true, "{url} MQTT {mqtt}: {v}");
+            assert_eq!(v["published"], true, "{url} MQTT {mqtt}: {v}");
+            assert_eq!(
+                v["received"],
+                serde_json::json!([payload]),
+                "{url} MQTT {mqtt}: its own message came back through the broker"
+            );
+        }
+        v
+    };
+    let urls = [
+        format!("ws://127.0.0.1:{ws}/mqtt"),
+        // By name: rustls refuses an IP address as TLS server name.
+        format!("wss://localhost:{wss}/mqtt"),
+    ];
+    let mut seq = 0;
+    for url in &urls {
+        for mqtt in ["3.1.1", "5"] {
+            seq += 1;
+            client(url, mqtt, PASSWORD, seq);
+        }
+        let refused = client(url, "3.1.1", "wrong-password", 99);
+        assert_eq!(refused["connected"], false, "{url}: {refused}");
+    }
+    // Each accepted message was stored, through the same durable ingest as TCP; the refused
+    // ones were not.
+    let events = edge.get(&format!(
+        "/api/v1/events?machine=plant-1/line-a/hmi-1&kind=state&from={}&to={}",
+        START_MS,
+        START_MS + 100 * MIN
+    ));
+    let seqs: Vec<u64> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    // A WebSocket client that asks for another subprotocol is refused with a reason.
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10", "--http1.1"])
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket"])
+        .args(["-H", "Sec-WebSocket-Version: 13"])
+        .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="])
+        .args(["-H", "Sec-WebSocket-Protocol: chat"])
+        .arg(format!("http://127.0.0.1:{ws}/mqtt"))
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("no MQTT subprotocol"), "{answer}");
+    edge.stop();
+}
