@@ -57,6 +57,9 @@ pub(crate) enum Decoded {
     Dead(DeadLetter),
     /// The edge's own output (`millrace/…`) or a `$` topic: not ingested.
     Skip,
+    /// A retained message (topic, payload; empty clears it), kept so that a restart of the
+    /// broker does not forget it. Comes after the message's own decoding.
+    Retained(bytes::Bytes, bytes::Bytes),
 }
 
 /// The last few topics a connection published to and the machine and kind each names: a
@@ -131,6 +134,8 @@ pub(crate) fn decode(p: &Publish, now_ms: i64, topics: &mut TopicCache) -> Decod
 pub(crate) struct Decoder {
     topics: TopicCache,
     sparkplug: Option<Arc<crate::sparkplug::Host>>,
+    /// What the Sparkplug host made of the last message.
+    made: Vec<Result<Event, DeadLetter>>,
 }
 
 impl Decoder {
@@ -139,17 +144,31 @@ impl Decoder {
         Self {
             topics: TopicCache::default(),
             sparkplug,
+            made: vec![],
         }
     }
 
     /// Decodes `p` into `out`.
     pub(crate) fn decode_into(&mut self, p: &Publish, now_ms: i64, out: &mut Vec<Decoded>) {
+        self.decode_message(p, now_ms, out);
+        if p.retain && !p.topic.starts_with(OWN_TOPIC_PREFIX.as_bytes()) {
+            out.push(Decoded::Retained(p.topic.clone(), p.payload.clone()));
+        }
+    }
+
+    fn decode_message(&mut self, p: &Publish, now_ms: i64, out: &mut Vec<Decoded>) {
         let sparkplug = p.topic.len() > crate::sparkplug::NAMESPACE.len()
             && p.topic.starts_with(crate::sparkplug::NAMESPACE.as_bytes())
             && p.topic[crate::sparkplug::NAMESPACE.len()] == b'/';
         if sparkplug && let Ok(topic) = std::str::from_utf8(&p.topic) {
             match &self.sparkplug {
-                Some(host) => host.receive(topic, &p.payload, now_ms, out),
+                Some(host) => {
+                    host.receive(topic, &p.payload, now_ms, &mut self.made);
+                    out.extend(self.made.drain(..).map(|m| match m {
+                        Ok(e) => Decoded::Event(e),
+                        Err(d) => Decoded::Dead(d),
+                    }));
+                }
                 None => out.push(Decoded::Skip),
             }
             return;
@@ -301,6 +320,7 @@ impl Ingest {
                         recent_budget,
                         events: vec![],
                         dead: vec![],
+                        retained: vec![],
                         taken: vec![],
                         warned: WarnLimiter::default(),
                     }
@@ -372,6 +392,8 @@ struct Pipeline {
     recent_budget: usize,
     events: Vec<Event>,
     dead: Vec<DeadLetter>,
+    /// Retained messages to keep (topic, payload), written with the events.
+    retained: Vec<(bytes::Bytes, bytes::Bytes)>,
     /// The batch's chunks: whom to tell once stored, when each was read, how many packets.
     taken: Vec<(tokio::sync::oneshot::Sender<()>, Instant, usize)>,
     warned: WarnLimiter,
@@ -410,6 +432,7 @@ impl Pipeline {
                 Decoded::Event(e) => self.accept(e),
                 Decoded::Dead(d) => self.refuse(d),
                 Decoded::Skip => {}
+                Decoded::Retained(topic, payload) => self.retained.push((topic, payload)),
             }
         }
         self.taken.push((chunk.done, chunk.read_at, packets));
@@ -462,7 +485,7 @@ impl Pipeline {
     }
 
     fn write(&mut self, stop: &AtomicBool) {
-        if self.events.is_empty() && self.dead.is_empty() {
+        if self.events.is_empty() && self.dead.is_empty() && self.retained.is_empty() {
             // Chunks with nothing to store (the edge's own topics, duplicates) are done too.
             self.taken.drain(..).for_each(|(d, _, _)| {
                 let _ = d.send(());
@@ -472,7 +495,10 @@ impl Pipeline {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self.store.write(&self.events, &self.dead) {
+            match self
+                .store
+                .write_with_retained(&self.events, &self.dead, &self.retained)
+            {
                 Ok(s) => {
                     let now = chrono::Utc::now().timestamp_millis();
                     let latency = metrics::histogram!("millrace_edge_ingest_latency_seconds");
@@ -541,6 +567,7 @@ impl Pipeline {
         }
         self.events.clear();
         self.dead.clear();
+        self.retained.clear();
     }
 }
 
@@ -556,6 +583,7 @@ mod tests {
         Publish {
             topic: bytes::Bytes::copy_from_slice(topic.as_bytes()),
             payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+            retain: false,
         }
     }
 

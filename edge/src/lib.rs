@@ -169,6 +169,24 @@ impl Edge {
             );
             None
         };
+        // Retained messages devices sent before the restart (rumqttd forgets them): back into
+        // the broker before any device can subscribe.
+        if ingest.is_some() {
+            let kept = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.retained()).await??
+            };
+            let publish = broker.retained_publisher();
+            let n = kept.len();
+            for (topic, payload) in kept {
+                if !publish(&topic, payload) {
+                    tracing::warn!(%topic, "retained message not restored: the in-process publish queue is full");
+                }
+            }
+            if n > 0 {
+                tracing::info!(messages = n, "retained messages restored into the broker");
+            }
+        }
         let sparkplug = (cfg.sparkplug.enabled && ingest.is_some()).then(|| {
             Arc::new(sparkplug::Host::new(
                 cfg.sparkplug.clone(),

@@ -44,6 +44,7 @@ mod events;
 mod functions;
 mod history;
 pub mod outbox;
+mod retained;
 mod retention;
 mod series;
 pub mod triggers;
@@ -81,7 +82,8 @@ const CF_KV: &str = "kv";
 const CF_INVOCATIONS: &str = "invocations";
 const CF_ALERTS: &str = "alerts";
 const CF_TRIGGERS: &str = "triggers";
-const CFS: [&str; 13] = [
+const CF_RETAINED: &str = "retained";
+const CFS: [&str; 14] = [
     CF_SERIES,
     CF_HEAD,
     CF_BLOCKS,
@@ -95,6 +97,7 @@ const CFS: [&str; 13] = [
     CF_INVOCATIONS,
     CF_ALERTS,
     CF_TRIGGERS,
+    CF_RETAINED,
 ];
 
 /// Errors of the store.

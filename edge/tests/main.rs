@@ -758,3 +758,66 @@ fn hash_password_refuses_short_passwords_and_makes_verifiable_hashes() {
 }
 
 mod functions;
+
+/// `mosquitto_pub`/`mosquitto_sub` (Eclipse Mosquitto's clients) against `edge` as `USER`.
+fn mosquitto(tool: &str, edge: &Edge, args: &[&str]) -> std::process::Output {
+    let port = edge.mqtt_addr.port().to_string();
+    Command::new(tool)
+        .args(["-h", "127.0.0.1", "-p", &port, "-u", USER, "-P", PASS])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_an_edge_restart_and_an_empty_one_clears_its_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.store.sync_writes = true;
+    let edge = Edge::start(c.clone()).await.unwrap();
+    let e = state(1);
+    let (topic, payload) = (e.topic(), String::from_utf8(e.to_payload()).unwrap());
+    tokio::task::block_in_place(|| {
+        for (t, m) in [
+            ("hmi/press-1/setpoint", "42"),
+            ("hmi/press-1/mode", "auto"),
+            (topic.as_str(), payload.as_str()),
+        ] {
+            let out = mosquitto("mosquitto_pub", &edge, &["-q", "1", "-r", "-t", t, "-m", m]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        // An empty retained message clears the topic's.
+        let out = mosquitto("mosquitto_pub", &edge, &["-q", "1", "-r", "-t", "hmi/press-1/mode", "-n"]);
+        assert!(out.status.success());
+    });
+    // The factory event is stored as any other; the HMI topics are not factory topics (dead
+    // letters), but their retained values are kept all the same.
+    wait_stored(&edge, 1, 3).await;
+    edge.shutdown().await;
+
+    let edge = Edge::start(c).await.unwrap();
+    let got = tokio::task::block_in_place(|| {
+        // Three retained messages are expected: wait for a fourth (the cleared one, wrongly
+        // kept) until -W gives up.
+        mosquitto(
+            "mosquitto_sub",
+            &edge,
+            &["-t", "hmi/#", "-t", "factory/#", "-t", "spBv1.0/STATE/+", "-v", "-C", "4", "-W", "4"],
+        )
+    });
+    let mut lines: Vec<String> = String::from_utf8_lossy(&got.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(lines.len(), 3, "{lines:?}: {}", String::from_utf8_lossy(&got.stderr));
+    assert_eq!(lines[0], format!("{topic} {payload}"));
+    assert_eq!(lines[1], "hmi/press-1/setpoint 42");
+    // The edge's own Sparkplug host STATE, published retained at start.
+    assert!(
+        lines[2].starts_with("spBv1.0/STATE/millrace {\"online\":true"),
+        "{}",
+        lines[2]
+    );
+    edge.shutdown().await;
+}

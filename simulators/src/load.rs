@@ -36,6 +36,20 @@ pub struct LoadOptions {
     pub readings: usize,
     /// Site id of the simulated devices.
     pub site: String,
+    /// What the devices speak.
+    pub format: LoadFormat,
+}
+
+/// The payloads of the load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    /// Millrace's JSON telemetry on `factory/{site}/{line}/{device}/telemetry`.
+    #[default]
+    Json,
+    /// Sparkplug B: each device is an edge node (`spBv1.0/{site}/…/dev-N`) that publishes an
+    /// NBIRTH declaring its metrics with aliases, then NDATA with every metric by alias only,
+    /// as PLC gateways do.
+    Sparkplug,
 }
 
 /// What was sent.
@@ -148,9 +162,23 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
     let mut tasks = JoinSet::new();
     for (i, mut device) in devices.into_iter().enumerate() {
         let id = device_id(&opts.site, i as u32);
-        let (duration, readings, stop) = (opts.duration, opts.readings, stop.clone());
+        let (duration, readings, stop, format) =
+            (opts.duration, opts.readings, stop.clone(), opts.format);
         tasks.spawn(async move {
-            let topic = id.topic(millrace_shared::EventKind::Telemetry);
+            let topic = match format {
+                LoadFormat::Json => id.topic(millrace_shared::EventKind::Telemetry),
+                LoadFormat::Sparkplug => {
+                    let node = format!("spBv1.0/{}/NBIRTH/{}", id.site, id.machine);
+                    device
+                        .publish_all(&node, vec![sparkplug::birth(readings)])
+                        .await?;
+                    format!("spBv1.0/{}/NDATA/{}", id.site, id.machine)
+                }
+            };
+            let payload = |n: u64| match format {
+                LoadFormat::Json => telemetry(&id, n, readings).to_payload(),
+                LoadFormat::Sparkplug => sparkplug::data(n, readings),
+            };
             let mut seq = 0u64;
             while t0.elapsed() < duration && !stop.load(Ordering::Relaxed) {
                 let due = if per_device > 0.0 {
@@ -159,9 +187,7 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
                     seq + 256
                 };
                 // Everything due goes out in one write, stamped when it is encoded.
-                let batch: Vec<Vec<u8>> = (seq + 1..=due)
-                    .map(|n| telemetry(&id, n, readings).to_payload())
-                    .collect();
+                let batch: Vec<Vec<u8>> = (seq + 1..=due).map(payload).collect();
                 seq = seq.max(due);
                 device.publish_all(&topic, batch).await?;
                 if per_device > 0.0 {
@@ -202,6 +228,64 @@ pub async fn run_load(opts: &LoadOptions) -> Result<LoadReport, PublishError> {
         target_rate: opts.rate,
         reconnects,
     })
+}
+
+/// Sparkplug B payloads of a load device (encoded with the prost code of Eclipse Tahu's
+/// `sparkplug_b.proto`, from `srad-types`).
+mod sparkplug {
+    use srad_types::payload::{DataType, Message as _, Metric, Payload, metric::Value};
+
+    fn now() -> u64 {
+        chrono::Utc::now().timestamp_millis() as u64
+    }
+
+    /// The NBIRTH: `bdSeq` 0 and `m0`…`m{readings-1}` (Double) with aliases 1….
+    pub(super) fn birth(readings: usize) -> Vec<u8> {
+        let t = now();
+        let mut metrics = vec![Metric {
+            name: Some("bdSeq".into()),
+            timestamp: Some(t),
+            datatype: Some(DataType::Int64 as u32),
+            value: Some(Value::LongValue(0)),
+            ..Default::default()
+        }];
+        metrics.extend((0..readings).map(|i| Metric {
+            name: Some(format!("m{i}")),
+            alias: Some(i as u64 + 1),
+            timestamp: Some(t),
+            datatype: Some(DataType::Double as u32),
+            value: Some(Value::DoubleValue(0.0)),
+            ..Default::default()
+        }));
+        Payload {
+            timestamp: Some(t),
+            seq: Some(0),
+            metrics,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// The `n`th NDATA (seq `n` mod 256): every metric by alias, no name, no type.
+    pub(super) fn data(n: u64, readings: usize) -> Vec<u8> {
+        let t = now();
+        Payload {
+            timestamp: Some(t),
+            seq: Some(n % 256),
+            metrics: (0..readings)
+                .map(|i| Metric {
+                    alias: Some(i as u64 + 1),
+                    timestamp: Some(t),
+                    value: Some(Value::DoubleValue(
+                        ((n % 1000) as f64 * 0.01 + i as f64 * 10.0 + 20.0).round(),
+                    )),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
 }
 
 fn telemetry(id: &MachineId, seq: u64, readings: usize) -> Event {

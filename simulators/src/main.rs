@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use millrace_simulators::config::FactoryConfig;
 use millrace_simulators::factory::{FactorySim, GroundTruth};
-use millrace_simulators::load::{LoadOptions, run_load};
+use millrace_simulators::load::{LoadFormat, LoadOptions, run_load};
 use millrace_simulators::publish::{BrokerOptions, Publisher};
 use millrace_simulators::push::{PushOptions, push};
 use millrace_simulators::run::{RunOptions, run_factory};
@@ -219,6 +219,9 @@ struct LoadArgs {
     /// Write the load report (JSON) here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Payloads: Millrace JSON telemetry, or Sparkplug B NDATA by alias after an NBIRTH.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Json)]
+    format: LoadFormat,
 }
 
 #[derive(Debug, Args)]
@@ -388,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: args.duration,
                 readings: args.readings,
                 site: args.site.clone(),
+                format: args.format,
             };
             let report = run_load(&opts).await?;
             if let Some(p) = &args.report {

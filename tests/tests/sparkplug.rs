@@ -28,7 +28,7 @@ fn python() -> std::path::PathBuf {
 }
 
 fn script(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
+    super::manifest_dir().join("python").join(name)
 }
 
 /// 2026-01-05T06:00:00Z: the scripted node's first timestamp.
@@ -359,5 +359,102 @@ fn websocket_clients_publish_and_subscribe_with_the_device_credentials() {
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("no MQTT subprotocol"), "{answer}");
+    edge.stop();
+}
+
+#[test]
+fn a_sparkplug_press_reaches_the_cloud_and_its_oee_report_equals_what_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, digest) = super::edge_token("spb");
+    let cloud_config = super::cloud_config(dir.path(), free_port(), "spb", &digest);
+    // Planned production around the clock, so that the two hours are all planned time.
+    let mut text = std::fs::read_to_string(&cloud_config).unwrap();
+    text.push_str("[master.calendar]\nshifts = [{ name = \"day\", start = \"00:00:00\", end = \"00:00:00\" }]\n");
+    std::fs::write(&cloud_config, text).unwrap();
+    let cloud = super::CloudProcess::start(&cloud_config);
+    let ideal_cycle_ms = 20_000;
+    run_ok(
+        Command::new("curl")
+            .args(["-fsS", "-X", "PUT", "-H", "content-type: application/json"])
+            .arg("--data-binary")
+            .arg(
+                serde_json::json!([{ "site": "plant-1", "line": "line-b", "machine": "press-2", "ideal_cycle_time_ms": ideal_cycle_ms }])
+                    .to_string(),
+            )
+            .arg(format!("{}/api/v1/master/machines", cloud.http)),
+    );
+    let edge_dir = dir.path().join("edge");
+    std::fs::create_dir_all(&edge_dir).unwrap();
+    let edge = {
+        let config = edge_dir.join("edge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"data_dir = "{data}"
+[mqtt]
+listen = "127.0.0.1:0"
+[[mqtt.users]]
+username = "sim"
+password_hash = "{hash}"
+[http]
+listen = "127.0.0.1:0"
+[[sparkplug.machines]]
+group = "plant1"
+node = "gw2"
+device = "press2"
+machine = "plant-1/line-b/press-2"
+good_parts = "Counters/Good"
+scrap_parts = "Counters/Scrap"
+state = {{ metric = "Status", values = {{ "1" = "running", "3" = "down:technical_failure" }} }}
+"#,
+                data = edge_dir.join("data").display(),
+                hash = password_hash()
+            ),
+        )
+        .unwrap();
+        super::with_sync(&config, &cloud.http, "");
+        EdgeProcess::start_with_env(
+            &config,
+            &[
+                ("MILLRACE_EDGE_EDGE_ID", "spb"),
+                ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+            ],
+        )
+    };
+    let out = run_ok(
+        Command::new(python())
+            .arg(script("sparkplug_shift.py"))
+            .args(["--port", &edge.mqtt_port.to_string()])
+            .args(["--user", "sim", "--password", PASSWORD])
+            .args(["--start-ms", &START_MS.to_string()])
+            .args(["--ideal-cycle-ms", &ideal_cycle_ms.to_string()]),
+    );
+    let truth: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(wait_until(Duration::from_secs(120), || super::outbox_drained(&edge)));
+    let (from, to) = (truth["from_ms"].as_i64().unwrap(), truth["to_ms"].as_i64().unwrap());
+    let report = cloud.get(&format!(
+        "/api/v1/reports/oee?from={from}&to={to}&level=machine&period=total&machine=plant-1/line-b/press-2"
+    ));
+    let row = &report["rows"][0];
+    assert_eq!(row["entity"], "plant-1/line-b/press-2", "{report}");
+    assert_eq!(
+        (row["good"].as_u64(), row["scrap"].as_u64(), row["failures"].as_u64()),
+        (truth["good"].as_u64(), truth["scrap"].as_u64(), Some(1)),
+        "{row}"
+    );
+    assert_eq!(
+        row["times"]["running_ms"].as_i64().unwrap(),
+        truth["run_minutes"].as_i64().unwrap() * MIN,
+        "{row}"
+    );
+    assert_eq!(
+        row["times"]["down_ms"].as_i64().unwrap(),
+        truth["down_minutes"].as_i64().unwrap() * MIN,
+        "{row}"
+    );
+    for k in ["availability", "performance", "quality"] {
+        let (got, want) = (row[k].as_f64().unwrap(), truth[k].as_f64().unwrap());
+        assert!((got - want).abs() < 1e-9, "{k}: report {got}, truth {want}");
+    }
     edge.stop();
 }

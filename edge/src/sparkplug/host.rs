@@ -17,9 +17,13 @@ use serde::Serialize;
 use srad_types::payload::{DataType, Message as _, Metric, Payload, metric::Value};
 
 use super::config::{SparkplugConfig, StateMeaning, machine_id, parse_state};
-use crate::broker::Publisher;
-use crate::ingest::Decoded;
 use crate::store::DeadLetter;
+
+/// Publishes into the broker (the broker's in-process publisher): `false` if it could not.
+pub type Publisher = std::sync::Arc<dyn Fn(&str, Vec<u8>) -> bool + Send + Sync>;
+
+/// What one message made: factory events, or dead letters for what was refused.
+pub(crate) type Decoded = Result<Event, DeadLetter>;
 
 /// The Sparkplug B topic namespace.
 pub(crate) const NAMESPACE: &str = "spBv1.0";
@@ -405,7 +409,7 @@ impl Output<'_> {
     fn event(&mut self, machine: MachineId, ts_ms: i64, body: EventBody) {
         let seq = ((ts_ms as u64) << 18) | (u64::from(self.seq) << 10) | (self.k & 0x3ff);
         self.k += 1;
-        self.out.push(Decoded::Event(Event {
+        self.out.push(Ok(Event {
             machine,
             ts_ms,
             seq,
@@ -414,7 +418,7 @@ impl Output<'_> {
     }
 
     fn dead(&mut self, reason: &str, error: String) {
-        self.out.push(Decoded::Dead(DeadLetter::new(
+        self.out.push(Err(DeadLetter::new(
             self.now_ms,
             self.topic,
             self.payload,
@@ -1004,9 +1008,8 @@ mod tests {
         let (mut events, mut dead) = (vec![], vec![]);
         for d in out {
             match d {
-                Decoded::Event(e) => events.push(e),
-                Decoded::Dead(d) => dead.push(d),
-                Decoded::Skip => {}
+                Ok(e) => events.push(e),
+                Err(d) => dead.push(d),
             }
         }
         (events, dead)

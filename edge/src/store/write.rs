@@ -43,6 +43,18 @@ impl Store {
         self.write_synced(events, dead, self.opts.sync_writes)
     }
 
+    /// [`Store::write`] with the retained messages of the same reads, in one atomic batch.
+    pub fn write_with_retained(
+        &self,
+        events: &[Event],
+        dead: &[DeadLetter],
+        retained: &[(bytes::Bytes, bytes::Bytes)],
+    ) -> Result<WriteStats, StoreError> {
+        self.write_with(events, dead, self.opts.sync_writes, Origin::Device, |store, batch, _| {
+            store.put_retained(batch, retained)
+        })
+    }
+
     /// [`Store::write`], choosing whether this batch is fsync'd (functions' derived points are
     /// not: they survive a crash of the process, not a power cut).
     pub fn write_synced(

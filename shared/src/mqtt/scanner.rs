@@ -18,6 +18,9 @@ pub struct Publish {
     pub topic: Bytes,
     /// The payload.
     pub payload: Bytes,
+    /// The RETAIN flag: the broker keeps it as the topic's last value (an empty payload clears
+    /// it).
+    pub retain: bool,
 }
 
 /// Scans one connection's device-to-broker bytes.
@@ -79,7 +82,9 @@ impl Scanner {
             if first >> 4 == 3 {
                 packet.advance(1 + len_bytes);
                 let qos = (first >> 1) & 3;
-                out.push(self.publish(packet, qos)?);
+                let mut publish = self.publish(packet, qos)?;
+                publish.retain = first & 1 == 1;
+                out.push(publish);
             }
         }
     }
@@ -118,7 +123,11 @@ impl Scanner {
                 }
             }
         }
-        Ok(Publish { topic, payload: p })
+        Ok(Publish {
+            topic,
+            payload: p,
+            retain: false,
+        })
     }
 }
 
