@@ -68,6 +68,7 @@ previous day's history on the first run, flowing through the edge into the cloud
   Cloud API    http://127.0.0.1:8090/api/v1/reports/oee?from=-1day&level=line&period=shift
   Edge API     http://127.0.0.1:8081/api/v1/status     (sync: /api/v1/sync, Prometheus: /metrics)
   MQTT         mqtt://127.0.0.1:1883  (MQTT 3.1.1 and 5; user demo-device, password millrace-demo)
+               ws://127.0.0.1:8083/mqtt (the same over WebSocket); Sparkplug B gateways: docs/sparkplug.md
   Functions    threshold-alert, unit-conversion, scrap-rate, hourly-summary (edge/functions/)
   Logs         data/cloud.log, data/edge.log, data/sim.log
 
@@ -83,6 +84,7 @@ Try:
   curl -s http://127.0.0.1:8090/api/v1/edges      (per edge: what the cloud holds, its functions' counters and lag)
   mosquitto_sub -p 1883 -u demo-device -P millrace-demo -t 'millrace/alerts/#' -t 'factory/summary/#' -v
   curl -s http://127.0.0.1:8081/api/v1/series
+  $BIN/millrace-edge sparkplug nodes              (Sparkplug B nodes that published to the edge)
   curl -s "http://127.0.0.1:8081/api/v1/points?series=plant-1/line-1/machine-01/temperature&from=-1day&step=1h"
   curl -s "http://127.0.0.1:8081/api/v1/events?machine=plant-1/line-1/machine-01&from=-1day&kind=state&limit=20"
   mosquitto_pub -p 1883 -u demo-device -P millrace-demo -t factory/plant-1/line-9/my-machine/state \\

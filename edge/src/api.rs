@@ -575,9 +575,7 @@ fn sparkplug(s: &ApiState) -> Result<&Arc<crate::sparkplug::Host>, ApiError> {
 
 /// Every Sparkplug node seen since start: online or not, its birth's `bdSeq`, sequence gaps,
 /// rebirth requests, and its devices and metrics (stale once the node or device is offline).
-async fn sparkplug_nodes(
-    State(s): State<ApiState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn sparkplug_nodes(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
     let nodes = sparkplug(&s)?.status();
     Ok(Json(json!({ "nodes": nodes })))
 }

@@ -430,9 +430,10 @@ fn mqtt_subprotocol(
             Ok(resp)
         }
         None => {
-            let mut refusal = async_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
-                Some(format!("no MQTT subprotocol among {asked:?}: ask for `mqtt`")),
-            );
+            let mut refusal =
+                async_tungstenite::tungstenite::handshake::server::ErrorResponse::new(Some(
+                    format!("no MQTT subprotocol among {asked:?}: ask for `mqtt`"),
+                ));
             *refusal.status_mut() = async_tungstenite::tungstenite::http::StatusCode::BAD_REQUEST;
             Err(refusal)
         }
@@ -522,9 +523,11 @@ impl Door {
         if !websocket {
             return self.splice(sock, only, tasks, stop).await;
         }
-        let mut ws_cfg = async_tungstenite::tungstenite::protocol::WebSocketConfig::default();
-        ws_cfg.max_message_size = Some(MAX_WS_MESSAGE);
-        ws_cfg.max_frame_size = Some(MAX_WS_MESSAGE);
+        let ws_cfg = async_tungstenite::tungstenite::protocol::WebSocketConfig {
+            max_message_size: Some(MAX_WS_MESSAGE),
+            max_frame_size: Some(MAX_WS_MESSAGE),
+            ..Default::default()
+        };
         let handshake = async_tungstenite::tokio::accept_hdr_async_with_config(
             sock,
             mqtt_subprotocol,

@@ -85,7 +85,12 @@ enum Command {
         )]
         url: String,
         /// API key, if the edge requires one.
-        #[arg(long, global = true, env = "MILLRACE_EDGE_API_KEY", hide_env_values = true)]
+        #[arg(
+            long,
+            global = true,
+            env = "MILLRACE_EDGE_API_KEY",
+            hide_env_values = true
+        )]
         api_key: Option<String>,
         /// Print the API's JSON answer instead of a table (for scripts).
         #[arg(long, global = true)]
@@ -380,9 +385,10 @@ async fn sparkplug_command(
     let answer = match &action {
         SparkplugCommand::Nodes => fn_cli::call(http.get(format!("{base}/nodes")), api_key, url),
         SparkplugCommand::Rebirth { node } => {
-            let Some((group, node)) = node.split_once('/').filter(|(g, n)| {
-                !g.is_empty() && !n.is_empty() && !n.contains('/')
-            }) else {
+            let Some((group, node)) = node
+                .split_once('/')
+                .filter(|(g, n)| !g.is_empty() && !n.is_empty() && !n.contains('/'))
+            else {
                 anyhow::bail!("`{node}` is not GROUP/NODE (e.g. plant1/gateway-3)");
             };
             fn_cli::call(

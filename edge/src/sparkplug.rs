@@ -21,5 +21,5 @@ mod config;
 mod host;
 
 pub use config::{MachineMapping, SparkplugConfig, SparkplugConfigError, StateMapping};
-pub use host::{DeviceStatus, Host, MetricStatus, NodeStatus, Publisher};
 pub(crate) use host::NAMESPACE;
+pub use host::{DeviceStatus, Host, MetricStatus, NodeStatus, Publisher};

@@ -784,10 +784,18 @@ async fn retained_messages_survive_an_edge_restart_and_an_empty_one_clears_its_t
             (topic.as_str(), payload.as_str()),
         ] {
             let out = mosquitto("mosquitto_pub", &edge, &["-q", "1", "-r", "-t", t, "-m", m]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         // An empty retained message clears the topic's.
-        let out = mosquitto("mosquitto_pub", &edge, &["-q", "1", "-r", "-t", "hmi/press-1/mode", "-n"]);
+        let out = mosquitto(
+            "mosquitto_pub",
+            &edge,
+            &["-q", "1", "-r", "-t", "hmi/press-1/mode", "-n"],
+        );
         assert!(out.status.success());
     });
     // The factory event is stored as any other; the HMI topics are not factory topics (dead
@@ -802,7 +810,19 @@ async fn retained_messages_survive_an_edge_restart_and_an_empty_one_clears_its_t
         mosquitto(
             "mosquitto_sub",
             &edge,
-            &["-t", "hmi/#", "-t", "factory/#", "-t", "spBv1.0/STATE/+", "-v", "-C", "4", "-W", "4"],
+            &[
+                "-t",
+                "hmi/#",
+                "-t",
+                "factory/#",
+                "-t",
+                "spBv1.0/STATE/+",
+                "-v",
+                "-C",
+                "4",
+                "-W",
+                "4",
+            ],
         )
     });
     let mut lines: Vec<String> = String::from_utf8_lossy(&got.stdout)
@@ -810,7 +830,12 @@ async fn retained_messages_survive_an_edge_restart_and_an_empty_one_clears_its_t
         .map(str::to_owned)
         .collect();
     lines.sort();
-    assert_eq!(lines.len(), 3, "{lines:?}: {}", String::from_utf8_lossy(&got.stderr));
+    assert_eq!(
+        lines.len(),
+        3,
+        "{lines:?}: {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     assert_eq!(lines[0], format!("{topic} {payload}"));
     assert_eq!(lines[1], "hmi/press-1/setpoint 42");
     // The edge's own Sparkplug host STATE, published retained at start.

@@ -180,10 +180,7 @@ fn a_sparkplug_node_is_born_mapped_checked_asked_to_rebirth_and_dies() {
         .iter()
         .map(|s| s["name"].as_str().unwrap().to_owned())
         .collect();
-    assert!(
-        !series.iter().any(|s| s.ends_with("/Mode")),
-        "{series:?}"
-    );
+    assert!(!series.iter().any(|s| s.ends_with("/Mode")), "{series:?}");
 
     // What the host refused, each with its reason, and ingest went on.
     let dead = edge.get("/api/v1/dead-letters?limit=100");
@@ -230,7 +227,11 @@ fn a_sparkplug_node_is_born_mapped_checked_asked_to_rebirth_and_dies() {
         .find(|m| m["name"] == "Counters/Good")
         .unwrap();
     assert_eq!(
-        (good["alias"].as_u64(), good["value"].as_f64(), good["stale"].as_bool()),
+        (
+            good["alias"].as_u64(),
+            good["value"].as_f64(),
+            good["stale"].as_bool()
+        ),
         (Some(11), Some(3.0), Some(true)),
         "{good}"
     );
@@ -430,15 +431,24 @@ state = {{ metric = "Status", values = {{ "1" = "running", "3" = "down:technical
             .args(["--ideal-cycle-ms", &ideal_cycle_ms.to_string()]),
     );
     let truth: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(wait_until(Duration::from_secs(120), || super::outbox_drained(&edge)));
-    let (from, to) = (truth["from_ms"].as_i64().unwrap(), truth["to_ms"].as_i64().unwrap());
+    assert!(wait_until(Duration::from_secs(120), || {
+        super::outbox_drained(&edge)
+    }));
+    let (from, to) = (
+        truth["from_ms"].as_i64().unwrap(),
+        truth["to_ms"].as_i64().unwrap(),
+    );
     let report = cloud.get(&format!(
         "/api/v1/reports/oee?from={from}&to={to}&level=machine&period=total&machine=plant-1/line-b/press-2"
     ));
     let row = &report["rows"][0];
     assert_eq!(row["entity"], "plant-1/line-b/press-2", "{report}");
     assert_eq!(
-        (row["good"].as_u64(), row["scrap"].as_u64(), row["failures"].as_u64()),
+        (
+            row["good"].as_u64(),
+            row["scrap"].as_u64(),
+            row["failures"].as_u64()
+        ),
         (truth["good"].as_u64(), truth["scrap"].as_u64(), Some(1)),
         "{row}"
     );

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use millrace_shared::event::{MAX_CYCLE_TIME_MS, MAX_READINGS, MAX_TS_MS, MIN_TS_MS};
 use millrace_shared::topic::MAX_ID_LEN;
@@ -33,6 +34,8 @@ const BD_SEQ: &str = "bdSeq";
 const REBIRTH: &str = "Node Control/Rebirth";
 /// Part events one counter may produce from one message, at most (a jump beyond is refused).
 const MAX_PARTS_PER_MESSAGE: u64 = 1_000;
+/// Sequence numbers each message's events may use: two counters' parts, a state, telemetry.
+const EVENTS_PER_MESSAGE: u64 = 4_096;
 
 /// One metric as its birth declared it.
 #[derive(Debug, Clone)]
@@ -97,6 +100,11 @@ pub struct Host {
     cfg: SparkplugConfig,
     mappings: HashMap<(String, String, Option<String>), Mapping>,
     nodes: Mutex<BTreeMap<(String, String), Node>>,
+    /// Messages numbered so far, from the host's start time in ms: event sequence numbers
+    /// (message × 4096 + place) are unique, and higher after a restart than before it.
+    /// Sparkplug sessions are clean, so a node never gets a message redelivered on a new
+    /// connection: numbering by arrival stores each message once.
+    messages: AtomicU64,
     publisher: Publisher,
     /// Publishes retained (the host's `STATE`).
     retained: Publisher,
@@ -394,8 +402,10 @@ struct Output<'a> {
     topic: &'a str,
     payload: &'a [u8],
     now_ms: i64,
-    /// The message's Sparkplug seq, part of each event's sequence number.
+    /// The message's Sparkplug seq.
     seq: u8,
+    /// The first sequence number of this message's events (see [`Host::messages`]).
+    first_seq: u64,
     /// Events made from this message so far.
     k: u64,
     /// Telemetry readings per (machine, time).
@@ -403,11 +413,10 @@ struct Output<'a> {
 }
 
 impl Output<'_> {
-    /// Events from one message get sequence numbers that are the same if it is received again
-    /// (a QoS 1 redelivery is then a duplicate) and distinct from every other message's:
-    /// the time, the Sparkplug seq and the event's place in the message.
+    /// Each event of a message gets the message's number times 4096 plus its place in the
+    /// message: unique over the host's life, increasing with time.
     fn event(&mut self, machine: MachineId, ts_ms: i64, body: EventBody) {
-        let seq = ((ts_ms as u64) << 18) | (u64::from(self.seq) << 10) | (self.k & 0x3ff);
+        let seq = self.first_seq + self.k.min(EVENTS_PER_MESSAGE - 1);
         self.k += 1;
         self.out.push(Ok(Event {
             machine,
@@ -477,6 +486,7 @@ impl Host {
             cfg,
             mappings,
             nodes: Mutex::new(BTreeMap::new()),
+            messages: AtomicU64::new(chrono::Utc::now().timestamp_millis().max(0) as u64),
             publisher,
             retained,
         }
@@ -509,6 +519,7 @@ impl Host {
             payload,
             now_ms,
             seq: 0,
+            first_seq: 0,
             k: 0,
             readings: BTreeMap::new(),
         };
@@ -558,6 +569,7 @@ impl Host {
             }
         };
         o.seq = p.seq.unwrap_or(0) as u8;
+        o.first_seq = self.messages.fetch_add(1, Ordering::Relaxed) * EVENTS_PER_MESSAGE;
         let ts = p.timestamp.map_or(now_ms, |t| t as i64);
         match kind {
             Kind::NBirth => {
@@ -613,13 +625,15 @@ impl Host {
                 self.values(&target, &mut d.metrics, &p.metrics, ts, true, &mut o);
             }
             Kind::NData | Kind::DData => {
-                let online = n.online
-                    && device.is_none_or(|d| n.devices.get(d).is_some_and(|d| d.online));
+                let online =
+                    n.online && device.is_none_or(|d| n.devices.get(d).is_some_and(|d| d.online));
                 if !online {
                     o.dead(
                         "sparkplug_before_birth",
                         match device {
-                            Some(d) => format!("DDATA of `{d}` before its DBIRTH (or after its death)"),
+                            Some(d) => {
+                                format!("DDATA of `{d}` before its DBIRTH (or after its death)")
+                            }
                             None => "NDATA before the node's NBIRTH (or after its death)".into(),
                         },
                     );
@@ -723,8 +737,12 @@ impl Host {
         let key = (group.to_owned(), node.to_owned(), device.map(str::to_owned));
         let mapping = self.mappings.get(&key);
         let default_machine = || {
-            MachineId::new(id_from(group), id_from(node), id_from(device.unwrap_or("node")))
-                .expect("sanitised ids are valid")
+            MachineId::new(
+                id_from(group),
+                id_from(node),
+                id_from(device.unwrap_or("node")),
+            )
+            .expect("sanitised ids are valid")
         };
         let mut unknown = vec![];
         let mut refused = vec![];
@@ -833,24 +851,18 @@ impl Host {
                 }
                 _ => default_machine(),
             };
-            o.readings
-                .entry((machine, ts))
-                .or_default()
-                .push(Reading {
-                    name: def.reading.as_str().into(),
-                    value,
-                    unit: def.unit.as_str().into(),
-                });
+            o.readings.entry((machine, ts)).or_default().push(Reading {
+                name: def.reading.as_str().into(),
+                value,
+                unit: def.unit.as_str().into(),
+            });
         }
         if !unknown.is_empty() {
             metrics::counter!("millrace_edge_sparkplug_unknown_metrics_total")
                 .increment(unknown.len() as u64);
             o.dead(
                 "sparkplug_unknown_alias",
-                format!(
-                    "metrics the birth did not declare: {}",
-                    unknown.join(", ")
-                ),
+                format!("metrics the birth did not declare: {}", unknown.join(", ")),
             );
         }
         if !refused.is_empty() {
@@ -889,7 +901,12 @@ impl Host {
             n.rebirth_sent_ms = Some(now_ms);
             n.rebirths_requested += 1;
             metrics::counter!("millrace_edge_sparkplug_rebirths_requested_total", "reason" => reason.as_str()).increment(1);
-            tracing::info!(group, node, reason = reason.as_str(), "asked a Sparkplug node to rebirth");
+            tracing::info!(
+                group,
+                node,
+                reason = reason.as_str(),
+                "asked a Sparkplug node to rebirth"
+            );
         }
         sent
     }
@@ -967,9 +984,12 @@ mod tests {
                 telemetry: Some(vec!["Temp".into()]),
                 state: Some(StateMapping {
                     metric: "Run".into(),
-                    values: [("true".into(), "running".into()), ("false".into(), "down:tooling".into())]
-                        .into_iter()
-                        .collect(),
+                    values: [
+                        ("true".into(), "running".into()),
+                        ("false".into(), "down:tooling".into()),
+                    ]
+                    .into_iter()
+                    .collect(),
                 }),
                 good_parts: Some("Good".into()),
                 scrap_parts: None,
@@ -1050,7 +1070,12 @@ mod tests {
                     temp,
                     metric(Some("Run"), 2, DataType::Boolean, Value::BooleanValue(true)),
                     metric(Some("Good"), 3, DataType::UInt32, Value::IntValue(10)),
-                    metric(Some("Other/Load %"), 4, DataType::Int8, Value::IntValue(0x80)),
+                    metric(
+                        Some("Other/Load %"),
+                        4,
+                        DataType::Int8,
+                        Value::IntValue(0x80),
+                    ),
                 ],
             ),
         );
@@ -1113,7 +1138,7 @@ mod tests {
         // Reset: 2 is below 14, so 2 parts.
         let (e, _) = receive(&h, "spBv1.0/g/DDATA/n/d", &ddata(3, 2, 2));
         assert_eq!(parts(&e), 2);
-        // Event sequence numbers are distinct within a message and stable across a resend.
+        // Event sequence numbers are distinct within a message.
         let seqs: HashSet<u64> = e.iter().map(|e| e.seq).collect();
         assert_eq!(seqs.len(), 2);
         assert!(sent.lock().unwrap().is_empty());
@@ -1138,7 +1163,16 @@ mod tests {
         let (e, d) = receive(
             &h,
             "spBv1.0/g/DDATA/n/d",
-            &payload(2, T, vec![metric(None, 2, DataType::Boolean, Value::BooleanValue(false))]),
+            &payload(
+                2,
+                T,
+                vec![metric(
+                    None,
+                    2,
+                    DataType::Boolean,
+                    Value::BooleanValue(false),
+                )],
+            ),
         );
         assert!(d.is_empty());
         assert_eq!(
@@ -1149,17 +1183,35 @@ mod tests {
             })
         );
         let mut h2_cfg = h.cfg.clone();
-        h2_cfg.machines[0].state.as_mut().unwrap().values.remove("false");
+        h2_cfg.machines[0]
+            .state
+            .as_mut()
+            .unwrap()
+            .values
+            .remove("false");
         let h2 = Host::new(h2_cfg, h.publisher.clone(), h.publisher.clone());
         birth(&h2, 1);
         let (e, d) = receive(
             &h2,
             "spBv1.0/g/DDATA/n/d",
-            &payload(2, T, vec![metric(None, 2, DataType::Boolean, Value::BooleanValue(false))]),
+            &payload(
+                2,
+                T,
+                vec![metric(
+                    None,
+                    2,
+                    DataType::Boolean,
+                    Value::BooleanValue(false),
+                )],
+            ),
         );
         assert!(e.is_empty());
         assert_eq!(d[0].reason, "sparkplug_metric");
-        assert!(d[0].error.contains("not in the state mapping"), "{}", d[0].error);
+        assert!(
+            d[0].error.contains("not in the state mapping"),
+            "{}",
+            d[0].error
+        );
     }
 
     #[test]
@@ -1170,7 +1222,12 @@ mod tests {
             payload(
                 0,
                 T,
-                vec![metric(Some(BD_SEQ), 0, DataType::Int64, Value::LongValue(bd))],
+                vec![metric(
+                    Some(BD_SEQ),
+                    0,
+                    DataType::Int64,
+                    Value::LongValue(bd),
+                )],
             )
         };
         let (_, d) = receive(&h, "spBv1.0/g/NDEATH/n", &death(6));
@@ -1185,7 +1242,11 @@ mod tests {
         let (e, d) = receive(
             &h,
             "spBv1.0/g/DDATA/n/d",
-            &payload(2, T, vec![metric(None, 3, DataType::UInt32, Value::IntValue(99))]),
+            &payload(
+                2,
+                T,
+                vec![metric(None, 3, DataType::UInt32, Value::IntValue(99))],
+            ),
         );
         assert!(e.is_empty());
         assert_eq!(d[0].reason, "sparkplug_before_birth");

@@ -8,7 +8,11 @@ use super::{CF_RETAINED, Store, StoreError};
 
 impl Store {
     /// Adds retained messages to `batch`: an empty payload clears the topic's, as MQTT says.
-    pub(super) fn put_retained(&self, batch: &mut WriteBatch, retained: &[(bytes::Bytes, bytes::Bytes)]) {
+    pub(super) fn put_retained(
+        &self,
+        batch: &mut WriteBatch,
+        retained: &[(bytes::Bytes, bytes::Bytes)],
+    ) {
         let cf = self.cf(CF_RETAINED);
         for (topic, payload) in retained {
             if payload.is_empty() {
@@ -22,7 +26,10 @@ impl Store {
     /// Every retained message kept, by topic.
     pub fn retained(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = vec![];
-        for kv in self.db.iterator_cf(self.cf(CF_RETAINED), IteratorMode::Start) {
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_RETAINED), IteratorMode::Start)
+        {
             let (k, v) = kv?;
             // Topics come from the MQTT scanner, which only keeps UTF-8 ones (rumqttd refuses
             // the rest).

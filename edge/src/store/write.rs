@@ -50,9 +50,13 @@ impl Store {
         dead: &[DeadLetter],
         retained: &[(bytes::Bytes, bytes::Bytes)],
     ) -> Result<WriteStats, StoreError> {
-        self.write_with(events, dead, self.opts.sync_writes, Origin::Device, |store, batch, _| {
-            store.put_retained(batch, retained)
-        })
+        self.write_with(
+            events,
+            dead,
+            self.opts.sync_writes,
+            Origin::Device,
+            |store, batch, _| store.put_retained(batch, retained),
+        )
     }
 
     /// [`Store::write`], choosing whether this batch is fsync'd (functions' derived points are
