@@ -53,6 +53,9 @@ pub enum IngestError {
 pub(crate) enum Decoded {
     /// A valid event.
     Event(Event),
+    /// A valid event that is history, not live (a Sparkplug metric marked `is_historical`):
+    /// stored as any other, sent to the cloud as backfill.
+    History(Event),
     /// A refused message.
     Dead(DeadLetter),
     /// The edge's own output (`millrace/…`) or a `$` topic: not ingested.
@@ -135,7 +138,7 @@ pub(crate) struct Decoder {
     topics: TopicCache,
     sparkplug: Option<Arc<crate::sparkplug::Host>>,
     /// What the Sparkplug host made of the last message.
-    made: Vec<Result<Event, DeadLetter>>,
+    made: Vec<Result<(Event, bool), DeadLetter>>,
 }
 
 impl Decoder {
@@ -165,7 +168,8 @@ impl Decoder {
                 Some(host) => {
                     host.receive(topic, &p.payload, now_ms, &mut self.made);
                     out.extend(self.made.drain(..).map(|m| match m {
-                        Ok(e) => Decoded::Event(e),
+                        Ok((e, false)) => Decoded::Event(e),
+                        Ok((e, true)) => Decoded::History(e),
                         Err(d) => Decoded::Dead(d),
                     }));
                 }
@@ -321,6 +325,7 @@ impl Ingest {
                         events: vec![],
                         dead: vec![],
                         retained: vec![],
+                        history: vec![],
                         taken: vec![],
                         warned: WarnLimiter::default(),
                     }
@@ -394,6 +399,8 @@ struct Pipeline {
     dead: Vec<DeadLetter>,
     /// Retained messages to keep (topic, payload), written with the events.
     retained: Vec<(bytes::Bytes, bytes::Bytes)>,
+    /// Which of `events` are history (ascending indices).
+    history: Vec<usize>,
     /// The batch's chunks: whom to tell once stored, when each was read, how many packets.
     taken: Vec<(tokio::sync::oneshot::Sender<()>, Instant, usize)>,
     warned: WarnLimiter,
@@ -429,7 +436,8 @@ impl Pipeline {
         let packets = chunk.items.len();
         for item in chunk.items {
             match item {
-                Decoded::Event(e) => self.accept(e),
+                Decoded::Event(e) => self.accept(e, false),
+                Decoded::History(e) => self.accept(e, true),
                 Decoded::Dead(d) => self.refuse(d),
                 Decoded::Skip => {}
                 Decoded::Retained(topic, payload) => self.retained.push((topic, payload)),
@@ -438,7 +446,7 @@ impl Pipeline {
         self.taken.push((chunk.done, chunk.read_at, packets));
     }
 
-    fn accept(&mut self, e: Event) {
+    fn accept(&mut self, e: Event, history: bool) {
         // Consecutive events mostly come from one device (one connection's read): compare with
         // the last one's id before hashing three strings.
         let slot = match self.last_device {
@@ -474,6 +482,9 @@ impl Pipeline {
             metrics::counter!("millrace_edge_duplicates_total").increment(1);
             return;
         }
+        if history {
+            self.history.push(self.events.len());
+        }
         self.events.push(e);
     }
 
@@ -495,10 +506,12 @@ impl Pipeline {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self
-                .store
-                .write_with_retained(&self.events, &self.dead, &self.retained)
-            {
+            match self.store.write_from_devices(
+                &self.events,
+                &self.history,
+                &self.dead,
+                &self.retained,
+            ) {
                 Ok(s) => {
                     let now = chrono::Utc::now().timestamp_millis();
                     let latency = metrics::histogram!("millrace_edge_ingest_latency_seconds");
@@ -568,6 +581,7 @@ impl Pipeline {
         self.events.clear();
         self.dead.clear();
         self.retained.clear();
+        self.history.clear();
     }
 }
 

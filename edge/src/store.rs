@@ -530,6 +530,44 @@ mod tests {
 
     const T0: i64 = 1_767_600_000_000;
 
+    #[test]
+    fn history_from_devices_goes_to_the_cloud_as_backfill_and_retained_messages_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(
+            dir.path(),
+            StoreOptions {
+                outbox_quota_bytes: Some(1 << 30),
+                ..opts()
+            },
+        )
+        .unwrap();
+        let events = [
+            telemetry(1_000, 1, 1.0),
+            telemetry(2_000, 2, 2.0),
+            telemetry(3_000, 3, 3.0),
+        ];
+        let retained = [
+            (bytes::Bytes::from("hmi/a"), bytes::Bytes::from("1")),
+            (bytes::Bytes::from("hmi/b"), bytes::Bytes::from("2")),
+            (bytes::Bytes::from("hmi/a"), bytes::Bytes::new()),
+        ];
+        s.write_from_devices(&events, &[1], &[], &retained).unwrap();
+        let read = s
+            .outbox_read(outbox::Lane::Telemetry, 0, 100, 1 << 20, None)
+            .unwrap();
+        let marks: Vec<(i64, bool)> = read
+            .items
+            .iter()
+            .map(|i| (i.event.ts_ms, i.backfill))
+            .collect();
+        assert_eq!(marks, vec![(1_000, false), (2_000, true), (3_000, false)]);
+        // The empty retained message cleared its topic, in the same batch.
+        assert_eq!(
+            s.retained().unwrap(),
+            vec![("hmi/b".to_owned(), b"2".to_vec())]
+        );
+    }
+
     fn opts() -> StoreOptions {
         StoreOptions {
             sync_writes: false,

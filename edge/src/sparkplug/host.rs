@@ -23,8 +23,9 @@ use crate::store::DeadLetter;
 /// Publishes into the broker (the broker's in-process publisher): `false` if it could not.
 pub type Publisher = std::sync::Arc<dyn Fn(&str, Vec<u8>) -> bool + Send + Sync>;
 
-/// What one message made: factory events, or dead letters for what was refused.
-pub(crate) type Decoded = Result<Event, DeadLetter>;
+/// What one message made: factory events (with `true` for history: metrics marked
+/// `is_historical`, which go to the cloud as backfill), or dead letters for what was refused.
+pub(crate) type Decoded = Result<(Event, bool), DeadLetter>;
 
 /// The Sparkplug B topic namespace.
 pub(crate) const NAMESPACE: &str = "spBv1.0";
@@ -408,22 +409,25 @@ struct Output<'a> {
     first_seq: u64,
     /// Events made from this message so far.
     k: u64,
-    /// Telemetry readings per (machine, time).
-    readings: BTreeMap<(MachineId, i64), Vec<Reading>>,
+    /// Telemetry readings per (machine, time, historical).
+    readings: BTreeMap<(MachineId, i64, bool), Vec<Reading>>,
 }
 
 impl Output<'_> {
     /// Each event of a message gets the message's number times 4096 plus its place in the
     /// message: unique over the host's life, increasing with time.
-    fn event(&mut self, machine: MachineId, ts_ms: i64, body: EventBody) {
+    fn event(&mut self, machine: MachineId, ts_ms: i64, body: EventBody, historical: bool) {
         let seq = self.first_seq + self.k.min(EVENTS_PER_MESSAGE - 1);
         self.k += 1;
-        self.out.push(Ok(Event {
-            machine,
-            ts_ms,
-            seq,
-            body,
-        }));
+        self.out.push(Ok((
+            Event {
+                machine,
+                ts_ms,
+                seq,
+                body,
+            },
+            historical,
+        )));
     }
 
     fn dead(&mut self, reason: &str, error: String) {
@@ -437,7 +441,7 @@ impl Output<'_> {
     }
 
     fn finish(mut self) {
-        for ((machine, ts), readings) in std::mem::take(&mut self.readings) {
+        for ((machine, ts, historical), readings) in std::mem::take(&mut self.readings) {
             for chunk in readings.chunks(MAX_READINGS) {
                 self.event(
                     machine.clone(),
@@ -445,6 +449,7 @@ impl Output<'_> {
                     EventBody::Telemetry(Telemetry {
                         readings: chunk.to_vec(),
                     }),
+                    historical,
                 );
             }
         }
@@ -765,6 +770,7 @@ impl Host {
             }
             let Some(v) = &m.value else { continue };
             let datatype = m.datatype.unwrap_or(def.datatype);
+            let historical = m.is_historical == Some(true);
             let ts = m.timestamp.map_or(msg_ts, |t| t as i64);
             if !(MIN_TS_MS..MAX_TS_MS).contains(&ts) {
                 refused.push(format!("{}: timestamp {ts} out of range", def.name));
@@ -783,6 +789,7 @@ impl Host {
                             map.machine.clone(),
                             ts,
                             EventBody::State(StateChange { state, reason }),
+                            historical,
                         ),
                         None => refused.push(format!(
                             "{}: value {:?} is not in the state mapping",
@@ -835,6 +842,7 @@ impl Host {
                                     cycle_time_ms: cycle,
                                     part_id: None,
                                 }),
+                                historical,
                             );
                         }
                     }
@@ -851,11 +859,14 @@ impl Host {
                 }
                 _ => default_machine(),
             };
-            o.readings.entry((machine, ts)).or_default().push(Reading {
-                name: def.reading.as_str().into(),
-                value,
-                unit: def.unit.as_str().into(),
-            });
+            o.readings
+                .entry((machine, ts, historical))
+                .or_default()
+                .push(Reading {
+                    name: def.reading.as_str().into(),
+                    value,
+                    unit: def.unit.as_str().into(),
+                });
         }
         if !unknown.is_empty() {
             metrics::counter!("millrace_edge_sparkplug_unknown_metrics_total")
@@ -1028,7 +1039,7 @@ mod tests {
         let (mut events, mut dead) = (vec![], vec![]);
         for d in out {
             match d {
-                Ok(e) => events.push(e),
+                Ok((e, _)) => events.push(e),
                 Err(d) => dead.push(d),
             }
         }
@@ -1212,6 +1223,31 @@ mod tests {
             "{}",
             d[0].error
         );
+    }
+
+    #[test]
+    fn historical_metrics_are_marked_as_history() {
+        let (h, _) = host();
+        birth(&h, 1);
+        let mut old = metric(None, 1, DataType::Int16, Value::IntValue(7));
+        old.is_historical = Some(true);
+        old.timestamp = Some((T - 3_600_000) as u64);
+        let live = metric(None, 1, DataType::Int16, Value::IntValue(8));
+        let mut out = vec![];
+        h.receive(
+            "spBv1.0/g/DDATA/n/d",
+            &payload(2, T, vec![old, live]),
+            T,
+            &mut out,
+        );
+        let got: Vec<(i64, bool)> = out
+            .into_iter()
+            .map(|r| {
+                let (e, history) = r.unwrap();
+                (e.ts_ms, history)
+            })
+            .collect();
+        assert_eq!(got, vec![(T - 3_600_000, true), (T, false)]);
     }
 
     #[test]

@@ -456,7 +456,7 @@ impl Store {
             } else {
                 super::write::Origin::Derived
             };
-            self.write_with(&commit.points, &[], false, origin, extra)
+            self.write_with(&commit.points, &[], &[], false, origin, extra)
                 .map(|_| ())
         }
     }

@@ -43,15 +43,19 @@ impl Store {
         self.write_synced(events, dead, self.opts.sync_writes)
     }
 
-    /// [`Store::write`] with the retained messages of the same reads, in one atomic batch.
-    pub fn write_with_retained(
+    /// What devices sent: [`Store::write`] with the retained messages of the same reads, in
+    /// one atomic batch; the events at the indices in `history` (ascending) are history and go
+    /// to the cloud as backfill.
+    pub fn write_from_devices(
         &self,
         events: &[Event],
+        history: &[usize],
         dead: &[DeadLetter],
         retained: &[(bytes::Bytes, bytes::Bytes)],
     ) -> Result<WriteStats, StoreError> {
         self.write_with(
             events,
+            history,
             dead,
             self.opts.sync_writes,
             Origin::Device,
@@ -67,7 +71,7 @@ impl Store {
         dead: &[DeadLetter],
         sync: bool,
     ) -> Result<WriteStats, StoreError> {
-        self.write_with(events, dead, sync, Origin::Device, |_, _, _| {})
+        self.write_with(events, &[], dead, sync, Origin::Device, |_, _, _| {})
     }
 
     /// The write path: events (into the trigger log too when they come from devices and a
@@ -76,6 +80,7 @@ impl Store {
     pub(super) fn write_with(
         &self,
         events: &[Event],
+        history: &[usize],
         dead: &[DeadLetter],
         sync: bool,
         origin: Origin,
@@ -95,7 +100,7 @@ impl Store {
             .then(|| self.triggers.start());
         let mut recent = Vec::with_capacity(events.len() * 10);
         let mut item = Vec::with_capacity(128);
-        for e in events {
+        for (i, e) in events.iter().enumerate() {
             let first_id = match &e.body {
                 EventBody::Telemetry(t) => {
                     stats.points += t.readings.len() as u64;
@@ -113,6 +118,7 @@ impl Store {
             if let Some(ob) = outbox.as_mut() {
                 item.clear();
                 let seq = ob.next_seq();
+                let backfill = backfill || history.binary_search(&i).is_ok();
                 millrace_shared::sync::encode_item_marked(&mut item, seq, now_ms, backfill, e);
                 ob.put(&mut batch, self.cf(CF_OUTBOX), e.kind(), seq, &item);
             }
