@@ -136,9 +136,41 @@ impl Edge {
             let mqtt = cfg.mqtt.clone();
             tokio::task::spawn_blocking(move || Broker::start(&mqtt)).await??
         };
+        let sparkplug = (cfg.sparkplug.enabled && cfg.ingest.enabled).then(|| {
+            Arc::new(sparkplug::Host::new(
+                cfg.sparkplug.clone(),
+                broker.publisher(),
+                broker.retained_publisher(),
+            ))
+        });
+        // What functions publish to millrace/sparkplug/write/… becomes a Sparkplug command.
+        let function_publisher: broker::Publisher = match &sparkplug {
+            Some(host) => {
+                let (host, inner) = (host.clone(), broker.publisher());
+                Arc::new(move |topic: &str, payload: Vec<u8>| {
+                    let Some(target) = topic.strip_prefix(sparkplug::WRITE_PREFIX) else {
+                        return inner(topic, payload);
+                    };
+                    let now = chrono::Utc::now().timestamp_millis();
+                    match host.write(target, &payload, now) {
+                        Ok(sent) => {
+                            tracing::debug!(%sent, "Sparkplug command from a function");
+                            true
+                        }
+                        Err(e) => {
+                            metrics::counter!("millrace_edge_sparkplug_writes_refused_total")
+                                .increment(1);
+                            tracing::warn!(%topic, error = %e, "Sparkplug write refused");
+                            false
+                        }
+                    }
+                })
+            }
+            None => broker.publisher(),
+        };
         let functions = if cfg.functions.enabled {
             let (store, publisher, fcfg) =
-                (store.clone(), broker.publisher(), cfg.functions.clone());
+                (store.clone(), function_publisher, cfg.functions.clone());
             Some(
                 tokio::task::spawn_blocking(move || {
                     let engine = functions::WasmEngine::with_limits(fcfg.max_memory_mib, 256)
@@ -187,13 +219,6 @@ impl Edge {
                 tracing::info!(messages = n, "retained messages restored into the broker");
             }
         }
-        let sparkplug = (cfg.sparkplug.enabled && ingest.is_some()).then(|| {
-            Arc::new(sparkplug::Host::new(
-                cfg.sparkplug.clone(),
-                broker.publisher(),
-                broker.retained_publisher(),
-            ))
-        });
         let devices = broker
             .listen(
                 &cfg.mqtt,

@@ -22,4 +22,4 @@ mod host;
 
 pub use config::{MachineMapping, SparkplugConfig, SparkplugConfigError, StateMapping};
 pub(crate) use host::NAMESPACE;
-pub use host::{DeviceStatus, Host, MetricStatus, NodeStatus, Publisher};
+pub use host::{DeviceStatus, Host, MetricStatus, NodeStatus, Publisher, WRITE_PREFIX};

@@ -21,18 +21,19 @@ PUBACK returns), with timestamps from --start, one minute apart:
   NBIRTH  seq 0, bdSeq 0 again (a rebirth keeps the session's bdSeq)
   DBIRTH  press1 seq 1: Good=120 (a new baseline: no parts)
   DDATA   seq 2: Good=3 (lower: the counter was reset; 3 parts)
+  ...waits for a DCMD to press1 (a Millrace function writes Spindle/Speed)...
   NDEATH  bdSeq 0                                             -> node and device offline
 
 Totals the edge must show for plant-1/line-a/press-1: good parts 10+5+5+3 = 23, scrap 1, state
 changes running, down, running. Prints one JSON object: the host STATE it saw and the rebirth
-commands it received.
+commands and the device command (DCMD) it received.
 
 Usage: sparkplug_node.py --port P --user U --password W --start-ms MS [--transport tcp|websockets]
 """
 import argparse, json, sys, threading, time
 
 import paho.mqtt.client as mqtt
-from pysparkplug import DataType, DBirth, DData, Metric, NBirth, NCmd, NData, NDeath
+from pysparkplug import DataType, DBirth, DCmd, DData, Metric, NBirth, NCmd, NData, NDeath
 
 GROUP, NODE, DEVICE = "plant1", "gw1", "press1"
 
@@ -51,8 +52,8 @@ def main():
     ap.add_argument("--transport", default="tcp", choices=["tcp", "websockets"])
     a = ap.parse_args()
 
-    seen = {"state": None, "rebirths": []}
-    got_state, got_rebirth = threading.Event(), threading.Event()
+    seen = {"state": None, "rebirths": [], "writes": []}
+    got_state, got_rebirth, got_write = threading.Event(), threading.Event(), threading.Event()
 
     def on_message(_c, _u, msg):
         if msg.topic.startswith("spBv1.0/STATE/"):
@@ -62,6 +63,10 @@ def main():
             cmd = NCmd.decode(msg.payload)
             seen["rebirths"].append({m.name: m.value for m in cmd.metrics})
             got_rebirth.set()
+        elif msg.topic == topic("DCMD", DEVICE):
+            cmd = DCmd.decode(msg.payload)
+            seen["writes"].append({m.name: [m.datatype.name, m.value] for m in cmd.metrics})
+            got_write.set()
 
     c = mqtt.Client(client_id="sparkplug-gw1", clean_session=True, transport=a.transport)
     c.username_pw_set(a.user, a.password)
@@ -70,7 +75,7 @@ def main():
     c.on_message = on_message
     c.connect(a.host, a.port, keepalive=30)
     c.loop_start()
-    for t in (topic("NCMD"), "spBv1.0/STATE/+"):
+    for t in (topic("NCMD"), topic("DCMD", DEVICE), "spBv1.0/STATE/+"):
         r, mid = c.subscribe(t, qos=1)
         assert r == mqtt.MQTT_ERR_SUCCESS, r
     if not got_state.wait(10):
@@ -115,6 +120,8 @@ def main():
         sys.exit("no rebirth request within 20 s")
     births(8, 120)
     send(topic("DDATA", DEVICE), DData(timestamp=ts(9), seq=2, metrics=(M(9, 11, DataType.UINT64, 3),)))
+    if not got_write.wait(60):
+        sys.exit("no DCMD within 60 s")
     send(topic("NDEATH"), NDeath(timestamp=ts(10), bd_seq_metric=Metric(timestamp=ts(10), name="bdSeq", datatype=DataType.INT64, value=0)))
     c.disconnect()
     c.loop_stop()

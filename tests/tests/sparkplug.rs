@@ -77,13 +77,63 @@ state = {{ metric = "Status", values = {{ "1" = "running", "2" = "idle", "3" = "
 fn a_sparkplug_node_is_born_mapped_checked_asked_to_rebirth_and_dies() {
     let dir = tempfile::tempdir().unwrap();
     let edge = sparkplug_edge(dir.path(), "");
-    let out = Command::new(python())
+    let node = Command::new(python())
         .arg(script("sparkplug_node.py"))
         .args(["--port", &edge.mqtt_port.to_string()])
         .args(["--user", "sim", "--password", PASSWORD])
         .args(["--start-ms", &START_MS.to_string()])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Once the node was born again and reset its counter, a function writes a metric of its
+    // press: the node must receive a DCMD with the birth's type.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let nodes = edge.get("/api/v1/sparkplug/nodes");
+            nodes["nodes"][0]["devices"][0]["metrics"]
+                .as_array()
+                .is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["name"] == "Counters/Good" && m["value"] == 3.0)
+                })
+        }),
+        "the node did not reach its counter reset"
+    );
+    let wat = r#"(module
+  (import "millrace" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
+  (import "millrace" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "millrace/sparkplug/write/plant1/gw1/press1")
+  (func (export "handle") (result i32)
+    (local $n i32)
+    (local.set $n (call $input_read (i32.const 1) (i32.const 1024) (i32.const 4096)))
+    (drop (call $publish (i32.const 0) (i32.const 42) (i32.const 1024) (local.get $n)))
+    (i32.const 0)))"#;
+    run_ok(
+        Command::new("curl")
+            .args(["-fsS", "-X", "PUT", "-H", "content-type: application/json"])
+            .arg("--data-binary")
+            .arg(serde_json::json!({ "module_wat": wat }).to_string())
+            .arg(format!("{}/api/v1/functions/speed-setpoint", edge.http)),
+    );
+    let invoked = run_ok(
+        Command::new("curl")
+            .args([
+                "-fsS",
+                "-X",
+                "POST",
+                "--data-binary",
+                r#"{"Spindle/Speed": 1500.5}"#,
+            ])
+            .arg(format!(
+                "{}/api/v1/functions/speed-setpoint/invoke",
+                edge.http
+            )),
+    );
+    let invoked: Value = serde_json::from_slice(&invoked.stdout).unwrap();
+    assert_eq!(invoked["outcome"], "ok", "{invoked}");
+    let out = node.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "the node ran: {}",
@@ -96,6 +146,11 @@ fn a_sparkplug_node_is_born_mapped_checked_asked_to_rebirth_and_dies() {
     assert_eq!(
         seen["rebirths"][0],
         serde_json::json!({ "Node Control/Rebirth": true }),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["writes"],
+        serde_json::json!([{ "Spindle/Speed": ["DOUBLE", 1500.5] }]),
         "{seen}"
     );
 

@@ -29,6 +29,9 @@ pub(crate) type Decoded = Result<(Event, bool), DeadLetter>;
 
 /// The Sparkplug B topic namespace.
 pub(crate) const NAMESPACE: &str = "spBv1.0";
+/// Functions write metrics of a node or device by publishing a JSON object to
+/// `millrace/sparkplug/write/{group}/{node}[/{device}]` (see [`Host::write`]).
+pub const WRITE_PREFIX: &str = "millrace/sparkplug/write/";
 /// The metric a node names its birth-death sequence with.
 const BD_SEQ: &str = "bdSeq";
 /// The command that asks a node to publish its births again.
@@ -319,6 +322,40 @@ fn text(datatype: u32, v: &Value) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// A JSON value as a command's metric value of `datatype` (signed types as two's complement).
+fn command_value(datatype: u32, v: &serde_json::Value) -> Option<Value> {
+    let t = DataType::try_from(datatype as i32).ok()?;
+    Some(match t {
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => {
+            let x = v.as_i64()?;
+            let (lo, hi) = match t {
+                DataType::Int8 => (i64::from(i8::MIN), i64::from(i8::MAX)),
+                DataType::Int16 => (i64::from(i16::MIN), i64::from(i16::MAX)),
+                _ => (i64::from(i32::MIN), i64::from(i32::MAX)),
+            };
+            if !(lo..=hi).contains(&x) {
+                return None;
+            }
+            Value::IntValue(x as i32 as u32)
+        }
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
+            let max = match t {
+                DataType::UInt8 => u64::from(u8::MAX),
+                DataType::UInt16 => u64::from(u16::MAX),
+                _ => u64::from(u32::MAX),
+            };
+            Value::IntValue(u32::try_from(v.as_u64().filter(|x| *x <= max)?).ok()?)
+        }
+        DataType::Int64 => Value::LongValue(v.as_i64()? as u64),
+        DataType::UInt64 | DataType::DateTime => Value::LongValue(v.as_u64()?),
+        DataType::Float => Value::FloatValue(v.as_f64()? as f32),
+        DataType::Double => Value::DoubleValue(v.as_f64()?),
+        DataType::Boolean => Value::BooleanValue(v.as_bool()?),
+        DataType::String | DataType::Text => Value::StringValue(v.as_str()?.to_owned()),
+        _ => return None,
+    })
 }
 
 fn unit_of(m: &Metric) -> String {
@@ -922,6 +959,71 @@ impl Host {
         sent
     }
 
+    /// Sends an NCMD (or, with a device, a DCMD) that sets metrics, from a JSON object
+    /// `{"Setpoint": 42.5, "Run": true}` published by a function to [`WRITE_PREFIX`]`{target}`.
+    /// Each metric must be in the node's (device's) current birth; its value is sent with the
+    /// birth's data type. Returns the command's topic, or why nothing was sent.
+    pub fn write(&self, target: &str, json: &[u8], now_ms: i64) -> Result<String, String> {
+        let parts: Vec<&str> = target.split('/').collect();
+        let (group, node, device) = match parts[..] {
+            [g, n] => (g, n, None),
+            [g, n, d] => (g, n, Some(d)),
+            _ => return Err(format!("`{target}` is not group/node or group/node/device")),
+        };
+        let values: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
+            .map_err(|e| format!("the write is not a JSON object of metric values: {e}"))?;
+        if values.is_empty() {
+            return Err("the write names no metric".into());
+        }
+        let nodes = self.nodes.lock().expect("sparkplug nodes");
+        let n = nodes
+            .get(&(group.to_owned(), node.to_owned()))
+            .filter(|n| n.online)
+            .ok_or_else(|| format!("node `{group}/{node}` is not online"))?;
+        let defs = match device {
+            Some(d) => {
+                &n.devices
+                    .get(d)
+                    .filter(|d| d.online)
+                    .ok_or_else(|| format!("device `{group}/{node}/{d}` is not online"))?
+                    .metrics
+            }
+            None => &n.metrics,
+        };
+        let mut metrics = Vec::with_capacity(values.len());
+        for (name, v) in values {
+            let def = defs
+                .by_name
+                .get(&name)
+                .map(|i| &defs.defs[*i])
+                .ok_or_else(|| format!("`{name}` is not a metric of the birth"))?;
+            let value = command_value(def.datatype, &v)
+                .ok_or_else(|| format!("`{name}`: {v} is not a {}", datatype_name(def.datatype)))?;
+            metrics.push(Metric {
+                name: Some(name),
+                timestamp: Some(now_ms as u64),
+                datatype: Some(def.datatype),
+                value: Some(value),
+                ..Default::default()
+            });
+        }
+        drop(nodes);
+        let topic = match device {
+            Some(d) => format!("{NAMESPACE}/{group}/DCMD/{node}/{d}"),
+            None => format!("{NAMESPACE}/{group}/NCMD/{node}"),
+        };
+        let payload = Payload {
+            timestamp: Some(now_ms as u64),
+            metrics,
+            ..Default::default()
+        };
+        if !(self.publisher)(&topic, payload.encode_to_vec()) {
+            return Err("the broker's in-process publish queue is full".into());
+        }
+        metrics::counter!("millrace_edge_sparkplug_writes_total").increment(1);
+        Ok(topic)
+    }
+
     /// Asks `group`/`node` for a rebirth by hand (CLI, REST): `false` if the node was never
     /// seen. Not rate-limited.
     pub(crate) fn rebirth(&self, group: &str, node: &str, now_ms: i64) -> Option<bool> {
@@ -1248,6 +1350,55 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![(T - 3_600_000, true), (T, false)]);
+    }
+
+    #[test]
+    fn writes_become_commands_with_the_births_types_and_bad_ones_are_refused() {
+        let (h, sent) = host();
+        assert!(
+            h.write("g/n/d", br#"{"Temp": 1}"#, T)
+                .unwrap_err()
+                .contains("not online")
+        );
+        birth(&h, 1);
+        let topic = h
+            .write("g/n/d", br#"{"Temp": -2, "Run": false}"#, T)
+            .unwrap();
+        assert_eq!(topic, "spBv1.0/g/DCMD/n/d");
+        let (t, p) = sent.lock().unwrap().pop().unwrap();
+        assert_eq!(t, topic);
+        let cmd = Payload::decode(&p[..]).unwrap();
+        let got: Vec<(Option<String>, Option<u32>, Option<Value>)> = cmd
+            .metrics
+            .into_iter()
+            .map(|m| (m.name, m.datatype, m.value))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    Some("Run".into()),
+                    Some(DataType::Boolean as u32),
+                    Some(Value::BooleanValue(false))
+                ),
+                (
+                    Some("Temp".into()),
+                    Some(DataType::Int16 as u32),
+                    Some(Value::IntValue(-2i32 as u32))
+                ),
+            ]
+        );
+        for (target, json, why) in [
+            ("g/n/d", &br#"{"Nope": 1}"#[..], "not a metric of the birth"),
+            ("g/n/d", br#"{"Temp": 70000}"#, "is not a Int16"),
+            ("g/n/d", br#"{"Run": "yes"}"#, "is not a Boolean"),
+            ("g/n/d", b"[1]", "not a JSON object"),
+            ("g/n/x", br#"{"Temp": 1}"#, "not online"),
+            ("g", br#"{"Temp": 1}"#, "is not group/node"),
+        ] {
+            let e = h.write(target, json, T).unwrap_err();
+            assert!(e.contains(why), "{target} {json:?}: {e}");
+        }
     }
 
     #[test]
