@@ -549,32 +549,7 @@ async fn retention_removes_old_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_takes_devices_with_credentials() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ])
-        .args([
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ])
-        .output()
-        .expect("openssl is installed")
-        .status
-        .success();
-    assert!(ok, "openssl made a certificate");
+    let (cert, key) = millrace_tests::self_signed_cert(dir.path());
     let mut c = config(&dir.path().join("data"));
     // rumqttd binds its TLS listener itself, so it gets a port the OS just handed out.
     let port = millrace_tests::free_port();

@@ -427,3 +427,27 @@ impl Drop for PowerCutFs {
         let _ = self.child.wait();
     }
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 made by `openssl` in `dir`:
+/// `(cert.pem, key.pem)`, for TLS and WSS listeners in tests.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    run_ok(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]));
+    (cert, key)
+}

@@ -145,13 +145,7 @@ fn the_dashboard_drills_down_shows_states_and_updates_live_in_a_real_browser() {
         .iter()
         .map(|m| json!({"site": m["site"], "line": m["line"], "machine": m["machine"], "ideal_cycle_time_ms": m["ideal_cycle_time_ms"]}))
         .collect();
-    run_ok(
-        Command::new("curl")
-            .args(["-fsS", "-X", "PUT", "-H", "content-type: application/json"])
-            .arg("--data-binary")
-            .arg(serde_json::to_string(&specs).unwrap())
-            .arg(format!("{}/api/v1/master/machines", cloud.http)),
-    );
+    cloud.put_machines(&Value::Array(specs));
     let sim = |seed: &str, start: &str, duration: &str| {
         publish_and_sync(
             &edge,

@@ -435,6 +435,17 @@ impl CloudProcess {
         }
     }
 
+    /// `PUT /api/v1/master/machines`: machines with their ideal cycle times, as the demo sets them.
+    fn put_machines(&self, specs: &Value) {
+        run_ok(
+            Command::new("curl")
+                .args(["-fsS", "-X", "PUT", "-H", "content-type: application/json"])
+                .arg("--data-binary")
+                .arg(specs.to_string())
+                .arg(format!("{}/api/v1/master/machines", self.http)),
+        );
+    }
+
     fn get(&self, path: &str) -> Value {
         get_json(&format!("{}{path}", self.http))
     }

@@ -316,24 +316,7 @@ fn a_sparkplug_node_is_born_mapped_checked_asked_to_rebirth_and_dies() {
 #[test]
 fn websocket_clients_publish_and_subscribe_with_the_device_credentials() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    run_ok(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        cert.to_str().unwrap(),
-    ]));
+    let (cert, key) = millrace_tests::self_signed_cert(dir.path());
     let (ws, tls, wss) = (free_port(), free_port(), free_port());
     let edge = sparkplug_edge(
         dir.path(),
@@ -429,16 +412,7 @@ fn a_sparkplug_press_reaches_the_cloud_and_its_oee_report_equals_what_it_sent() 
     std::fs::write(&cloud_config, text).unwrap();
     let cloud = super::CloudProcess::start(&cloud_config);
     let ideal_cycle_ms = 20_000;
-    run_ok(
-        Command::new("curl")
-            .args(["-fsS", "-X", "PUT", "-H", "content-type: application/json"])
-            .arg("--data-binary")
-            .arg(
-                serde_json::json!([{ "site": "plant-1", "line": "line-b", "machine": "press-2", "ideal_cycle_time_ms": ideal_cycle_ms }])
-                    .to_string(),
-            )
-            .arg(format!("{}/api/v1/master/machines", cloud.http)),
-    );
+    cloud.put_machines(&serde_json::json!([{ "site": "plant-1", "line": "line-b", "machine": "press-2", "ideal_cycle_time_ms": ideal_cycle_ms }]));
     let edge_dir = dir.path().join("edge");
     std::fs::create_dir_all(&edge_dir).unwrap();
     let edge = {

@@ -592,12 +592,14 @@ impl Host {
         }
         metrics::counter!("millrace_edge_sparkplug_messages_total", "type" => kind.as_str())
             .increment(1);
+        // Decoded before the lock: the lock is shared by every connection.
+        let decoded = Payload::decode(payload);
         let mut nodes = self.nodes.lock().expect("sparkplug nodes");
         let key = (group.to_owned(), node.to_owned());
         let n = nodes.entry(key).or_default();
         n.messages += 1;
         n.last_ms = Some(now_ms);
-        let p = match Payload::decode(payload) {
+        let p = match decoded {
             Ok(p) => p,
             Err(e) => {
                 o.dead(
