@@ -1404,6 +1404,65 @@ mod tests {
     }
 
     #[test]
+    fn a_counter_jump_and_a_time_out_of_range_are_refused_and_the_rest_is_kept() {
+        let (h, _) = host();
+        birth(&h, 1);
+        let mut far = metric(None, 1, DataType::Int16, Value::IntValue(5));
+        far.timestamp = Some(5_000_000_000_000); // 2128
+        let (e, d) = receive(
+            &h,
+            "spBv1.0/g/DDATA/n/d",
+            &payload(
+                2,
+                T,
+                vec![
+                    metric(None, 3, DataType::UInt32, Value::IntValue(10 + 1_001)),
+                    far,
+                    metric(None, 1, DataType::Int16, Value::IntValue(6)),
+                ],
+            ),
+        );
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].reason, "sparkplug_metric");
+        assert!(d[0].error.contains("jumped by 1001"), "{}", d[0].error);
+        assert!(d[0].error.contains("out of range"), "{}", d[0].error);
+        assert!(!e.iter().any(|e| matches!(e.body, EventBody::Part(_))));
+        assert_eq!(e.len(), 1, "the valid reading is stored");
+    }
+
+    #[test]
+    fn the_configuration_names_what_is_wrong() {
+        let good = host().0.cfg;
+        type Change = fn(&mut SparkplugConfig);
+        let cases: [(Change, &str); 5] = [
+            (|c| c.host_id = "a/b".into(), "sparkplug.host_id"),
+            (
+                |c| c.machines[0].machine = "s/l".into(),
+                "machines[0].machine",
+            ),
+            (
+                |c| {
+                    c.machines[0]
+                        .state
+                        .as_mut()
+                        .unwrap()
+                        .values
+                        .insert("9".into(), "running:break".into());
+                },
+                "takes no reason",
+            ),
+            (|c| c.machines.push(c.machines[0].clone()), "mapped twice"),
+            (|c| c.machines[0].node = "n+".into(), "machines[0].node"),
+        ];
+        for (change, needle) in cases {
+            let mut c = good.clone();
+            change(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
     fn deaths_are_honoured_only_for_the_current_birth() {
         let (h, _) = host();
         birth(&h, 7);
