@@ -93,10 +93,16 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
-/// The router: every route of [`openapi::routes`], with `state`.
+/// The router: every route of [`openapi::routes`], with `state`. Answers are gzipped for
+/// clients that accept it (a week's state timeline is ~3 MB of JSON, the charting library 1 MB:
+/// a tablet on the plant's Wi-Fi gets a fifth of that); server-sent events and small answers are
+/// sent as they are.
 pub fn app(state: ApiState) -> Router {
+    use tower_http::compression::{CompressionLayer, CompressionLevel};
     let (router, _) = openapi::routes(state.cfg.http.max_batch_bytes).split_for_parts();
-    router.with_state(state)
+    router
+        .with_state(state)
+        .layer(CompressionLayer::new().quality(CompressionLevel::Fastest))
 }
 
 /// The API described as OpenAPI 3 (JSON), as `GET /api/v1/openapi.json` serves it.

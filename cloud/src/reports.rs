@@ -31,7 +31,7 @@ pub use live::snapshot;
 pub use master::Master;
 pub use oee::{OeeRow, downtime, oee};
 pub use production::{part_minutes, production};
-pub use states::{StateInterval, state_timeline};
+pub use states::{StateInterval, downsample as downsample_states, state_timeline};
 pub use telemetry::telemetry;
 
 use crate::query::QueryError;

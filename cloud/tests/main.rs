@@ -890,6 +890,7 @@ async fn alerts_are_stored_once_and_queried_by_machine_function_severity_and_tim
     for q in [
         "reports/oee?severity=critical",
         "reports/telemetry?function=hot",
+        "reports/oee?resolution=5m",
     ] {
         let (st, v) = call(&s, get(&format!("/api/v1/{q}"), Some(READ_KEY))).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
@@ -1060,8 +1061,68 @@ async fn the_state_timeline_merges_repeats_cuts_to_the_range_and_refuses_bad_inp
             t0 + 60 * MIN
         )
     );
+    // At a resolution of 16 minutes (what one pixel stands for): the 10-minute run and the
+    // 15-minute stop after it become one interval of the state they spent most time in, with
+    // what it holds; the 25- and 20-minute intervals are kept, and so is the last short one (no
+    // neighbour to merge with).
+    let (st, v) = call(
+        &s,
+        get(
+            &format!("/api/v1/reports/states?{range}&resolution=16m"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let got: Vec<(String, i64, i64, Option<u64>)> = v["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["state"].as_str().unwrap().to_owned(),
+                (i["start_ms"].as_i64().unwrap() - t0) / MIN,
+                (i["end_ms"].as_i64().unwrap() - t0) / MIN,
+                i["merged"].as_u64(),
+            )
+        })
+        .collect();
+    let merged = |st: &str, a: i64, b: i64, n: Option<u64>| (st.to_owned(), a, b, n);
+    assert_eq!(
+        got,
+        vec![
+            merged("down", 0, 25, Some(2)),
+            merged("running", 25, 50, None),
+            merged("planned_stop", 50, 60, None),
+            merged("idle", 40, 60, None),
+        ]
+    );
+    assert_eq!(v["intervals"][0]["reason"], serde_json::Value::Null);
+    assert_eq!(
+        v["intervals"][0]["state_ms"],
+        serde_json::json!({"down": 15 * MIN, "running": 10 * MIN})
+    );
+    let (st, v) = call(
+        &s,
+        get(
+            &format!("/api/v1/reports/states?{range}&resolution=960000&format=csv&machine=site-0/line-a/m0"),
+            Some(READ_KEY),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        v.as_str().unwrap().lines().take(2).collect::<Vec<_>>(),
+        [
+            "machine,state,reason,start_ms,end_ms,merged".to_owned(),
+            format!("site-0/line-a/m0,down,,{},{},2", t0, t0 + 25 * MIN)
+        ]
+    );
     // Bad input: a 400 that names what is wrong; nothing answered by a guess.
     for (q, needle) in [
+        ("resolution=0", "`resolution` = `0`"),
+        ("resolution=2h", "between 1 ms and the range"),
+        ("resolution=fine", "expected milliseconds or a duration"),
         ("limit=4", "more than `limit` = 4"),
         ("level=line", "`level`"),
         ("period=shift", "`period`"),
@@ -1086,4 +1147,34 @@ async fn the_state_timeline_merges_repeats_cuts_to_the_range_and_refuses_bad_inp
     }
     let (st, _) = call(&s, get(&format!("/api/v1/reports/states?{range}"), None)).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+    // Gzipped for a client that accepts it (browsers do): the same JSON; the live stream is not
+    // compressed (it would be held back in the compressor).
+    let (_, plain) = call(
+        &s,
+        get(&format!("/api/v1/reports/states?{range}"), Some(READ_KEY)),
+    )
+    .await;
+    let mut req = get(&format!("/api/v1/reports/states?{range}"), Some(READ_KEY));
+    req.headers_mut()
+        .insert("accept-encoding", "gzip, deflate, br".parse().unwrap());
+    let resp = app(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), plain);
+    let mut req = get("/api/v1/live", Some(READ_KEY));
+    req.headers_mut()
+        .insert("accept-encoding", "gzip".parse().unwrap());
+    let resp = app(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("content-encoding").is_none());
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
 }

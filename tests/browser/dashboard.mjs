@@ -11,7 +11,8 @@
 // Any command may carry "expect_failures": [url parts]: HTTP errors of those URLs are expected
 // from then on; any other failed request or page error is reported in "console_errors".
 // Each answer is what the page shows (see `read`), or {"error": "..."}; "ms" is how long the
-// command took (recorded by the benchmark, never asserted on).
+// command took and, for "open", "drawn_ms" the time from the start of navigation until every chart
+// had drawn (both recorded by the benchmark, never asserted on).
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
@@ -20,7 +21,11 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
+// One browser profile for all pages, as a user's browser: its HTTP and compiled-code caches keep
+// the charting library between pages (browser.newPage() would start each in an empty profile).
+const context = await browser.newContext();
 let page = null;
+let drawnMs = null;
 let expected = []; // parts of URLs whose failure a command expects ({"expect_failures": [...]})
 const errors = [];
 
@@ -52,6 +57,7 @@ const read = () => page.evaluate(() => {
     from: data?.view.from ?? null,
     to: data?.view.to ?? null,
     intervals: data?.states ?? [],
+    resolution: data?.resolution ?? null,
     timeline_items: timeline ? timeline.series.reduce((n, s) => n + (s.data?.length || 0), 0) : 0,
     alert_rows: [...document.querySelectorAll("#alerts tbody tr")].filter(tr => tr.children.length === 5).map(tr => [...tr.children].map(td => td.textContent)),
     edges: [...document.querySelectorAll("#edges tbody tr[data-edge]")].map(tr => ({ edge: tr.dataset.edge, status: tr.children[1].textContent, gaps: tr.querySelector(".gaps").textContent })),
@@ -70,13 +76,26 @@ async function run(cmd) {
   if (cmd.expect_failures) expected = cmd.expect_failures;
   if (cmd.open) {
     if (page) await page.close();
-    page = await browser.newPage({ viewport: { width: cmd.width || 1400, height: 900 } });
+    page = await context.newPage();
+    await page.setViewportSize({ width: cmd.width || 1400, height: 900 });
     page.on("pageerror", e => errors.push(String(e)));
     page.on("console", m => { if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) errors.push(m.text()); });
     // Failed requests are reported with their address; those the test provokes are expected.
     page.on("response", r => { if (r.status() >= 400 && !expected.some(p => r.url().includes(p))) errors.push(`${r.status()} ${r.url()}`); });
     await page.goto(cmd.open);
     await rendered(0);
+    // From the start of navigation to every chart having drawn its data (ECharts' "finished",
+    // progressive rendering included): the benchmark's figure.
+    drawnMs = null;
+    if (await page.evaluate(() => document.body.dataset.state === "ok")) {
+      await page.waitForFunction(() => document.body.dataset.drawn === document.body.dataset.updates, null, { timeout: 120000 });
+      drawnMs = await page.evaluate(() => ({
+        drawn_ms: Number(document.body.dataset.drawnMs),
+        // the last API answer's arrival, and each panel's drawing ("panel:<name>" measures)
+        answers_ms: Math.round(Math.max(...performance.getEntriesByType("resource").filter(e => e.name.includes("/api/")).map(e => e.responseEnd))),
+        panels_ms: Object.fromEntries(performance.getEntriesByType("measure").filter(m => m.name.startsWith("panel:")).map(m => [m.name.slice(6), Math.round(m.duration)])),
+      }));
+    }
   } else if (cmd.click) {
     const n = await updates();
     await page.click(cmd.click);
@@ -99,6 +118,7 @@ async function run(cmd) {
   }
   const out = await read();
   out.console_errors = errors.splice(0);
+  if (cmd.open && drawnMs) Object.assign(out, drawnMs);
   return out;
 }
 

@@ -212,20 +212,25 @@ fn the_dashboard_drills_down_shows_states_and_updates_live_in_a_real_browser() {
         page["kpis"]["parts"].as_str().unwrap().replace(',', ""),
         api_line["rows"][0]["total"].to_string()
     );
-    // The line's timeline: exactly the intervals of the API for the range.
+    // The line's timeline: exactly the intervals of the API for the range, at the resolution
+    // the page asked for (one pixel of its chart).
+    let resolution = page["resolution"].as_i64().unwrap();
+    assert!(resolution >= 1, "{page}");
     let states = cloud.get(&format!(
-        "/api/v1/reports/states?site={s}&line={l}&{}",
+        "/api/v1/reports/states?site={s}&line={l}&resolution={resolution}&{}",
         range(&page)
     ));
     assert_eq!(page["intervals"], states["intervals"]);
     assert!(page["timeline_items"].as_u64().unwrap() > 0, "{page}");
     let machine = page["children"][0]["entity"].as_str().unwrap().to_owned();
 
-    // A machine: its timeline, whose time per state is what the OEE report counted.
+    // A machine: its timeline, whose time per state is what the OEE report counted (merged
+    // intervals tell their time per state).
     let page = b.run(json!({ "click": format!("#children a[data-at='{machine}']") }));
     assert_eq!(page["children"], Value::Null, "no level below a machine");
     let states = cloud.get(&format!(
-        "/api/v1/reports/states?machine={machine}&{}",
+        "/api/v1/reports/states?machine={machine}&resolution={}&{}",
+        page["resolution"],
         range(&page)
     ));
     let intervals = states["intervals"].as_array().unwrap();
@@ -239,8 +244,15 @@ fn the_dashboard_drills_down_shows_states_and_updates_live_in_a_real_browser() {
     for state in ["running", "idle", "planned_stop", "changeover", "down"] {
         let sum: i64 = intervals
             .iter()
-            .filter(|i| i["state"] == state)
-            .map(|i| i["end_ms"].as_i64().unwrap() - i["start_ms"].as_i64().unwrap())
+            .map(|i| {
+                if i["merged"].is_u64() {
+                    i["state_ms"][state].as_i64().unwrap_or(0)
+                } else if i["state"] == state {
+                    i["end_ms"].as_i64().unwrap() - i["start_ms"].as_i64().unwrap()
+                } else {
+                    0
+                }
+            })
             .sum();
         assert_eq!(
             Some(sum),
@@ -253,7 +265,9 @@ fn the_dashboard_drills_down_shows_states_and_updates_live_in_a_real_browser() {
         assert!(
             w[0]["end_ms"] != w[1]["start_ms"]
                 || w[0]["state"] != w[1]["state"]
-                || w[0]["reason"] != w[1]["reason"],
+                || w[0]["reason"] != w[1]["reason"]
+                || w[0]["merged"].is_u64()
+                || w[1]["merged"].is_u64(),
             "merged where nothing changed: {w:?}"
         );
     }

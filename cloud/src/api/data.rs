@@ -67,6 +67,9 @@ pub(super) struct Filters {
     pub period: Option<String>,
     /// Production and telemetry windows: `1m`, `1h`, `1d` (production also `shift`).
     pub window: Option<String>,
+    /// State timeline: the time one pixel stands for (Unix ms, or a duration such as `5m`);
+    /// shorter intervals are merged (see the endpoint).
+    pub resolution: Option<String>,
 }
 
 fn choice<T: serde::de::DeserializeOwned + Default>(
@@ -79,6 +82,26 @@ fn choice<T: serde::de::DeserializeOwned + Default>(
         Some(s) => serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| {
             ApiError::BadRequest(format!("`{name}` = `{s}`: expected one of {allowed}"))
         }),
+    }
+}
+
+/// `resolution` of the state timeline: Unix ms or a duration (`90s`, `5m`), at least 1 ms and
+/// at most the range.
+fn resolution_ms(v: &str, range_ms: i64) -> Result<i64, ApiError> {
+    let ms = match v.parse::<i64>() {
+        Ok(ms) => Some(ms),
+        Err(_) => humantime::parse_duration(v)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok()),
+    };
+    match ms {
+        Some(ms) if ms >= 1 && ms <= range_ms.max(1) => Ok(ms),
+        Some(ms) => Err(ApiError::BadRequest(format!(
+            "`resolution` = `{v}` ({ms} ms): expected between 1 ms and the range ({range_ms} ms)"
+        ))),
+        None => Err(ApiError::BadRequest(format!(
+            "`resolution` = `{v}`: expected milliseconds or a duration such as `5m`"
+        ))),
     }
 }
 
@@ -109,6 +132,7 @@ impl Filters {
             ("level", self.level.is_some()),
             ("period", self.period.is_some()),
             ("window", self.window.is_some()),
+            ("resolution", self.resolution.is_some()),
         ];
         match given
             .iter()
@@ -542,7 +566,10 @@ pub(super) async fn telemetry_report(
 /// The state timeline: per machine (by name), the intervals it spent in each state with the
 /// reason it gave, cut to the range (and to now), consecutive changes to the same state and
 /// reason merged; and the shifts (with their breaks) that overlap the range. At most `limit`
-/// intervals: a range that holds more is refused (400), not cut short.
+/// intervals: a range that holds more is refused (400), not cut short. With `resolution` (what
+/// one pixel of the chart stands for, e.g. the range over its width), runs of intervals shorter
+/// than it are merged into one of the state they spent most time in, with `merged` (how many)
+/// and `state_ms` (time per state): at most about two intervals per pixel and machine.
 #[utoipa::path(get, path = "/api/v1/reports/states", tag = "reports", params(Filters),
     responses((status = 200, description = "`{\"intervals\": [{machine, state, reason, start_ms, end_ms}], \"shifts\": [{name, date, start_ms, end_ms, breaks}]}` (`?format=csv`: the intervals as CSV with a header row)", content_type = "application/json"), QueryFailed))]
 pub(super) async fn state_report(
@@ -552,13 +579,20 @@ pub(super) async fn state_report(
 ) -> Result<Response, ApiError> {
     let f = query(q)?;
     known_machine(&s, &f)?;
-    f.only(&[], "the state timeline (it is per machine)")?;
+    f.only(&["resolution"], "the state timeline (it is per machine)")?;
     let sel = f.select(max_range(&s))?;
     let limit = row_limit(&s, &f)?;
+    let resolution_ms = match &f.resolution {
+        None => None,
+        Some(r) => Some(resolution_ms(r, sel.to_ms - sel.from_ms)?),
+    };
     let (ds, master) = s.dataset_and_master();
     let format = f.format;
     blocking(move || {
-        let intervals = crate::reports::state_timeline(&ds, &sel)?;
+        let mut intervals = crate::reports::state_timeline(&ds, &sel)?;
+        if let Some(r) = resolution_ms {
+            intervals = crate::reports::downsample_states(intervals, r);
+        }
         if intervals.len() > limit {
             return Err(ApiError::BadRequest(format!(
                 "the range holds {} state intervals, more than `limit` = {limit}: narrow the range or pick a line or machine",
@@ -577,16 +611,22 @@ pub(super) async fn state_report(
                 }
             }
             Format::Csv => {
-                let mut out = String::from("machine,state,reason,start_ms,end_ms\n");
+                // `merged` only when asked for a resolution (how many intervals a row stands for).
+                let mut out = String::from("machine,state,reason,start_ms,end_ms");
+                out.push_str(if resolution_ms.is_some() { ",merged\n" } else { "\n" });
                 for i in intervals {
                     out.push_str(&format!(
-                        "{},{},{},{},{}\n",
+                        "{},{},{},{},{}",
                         i.machine,
                         i.state,
                         i.reason.as_deref().unwrap_or(""),
                         i.start_ms,
                         i.end_ms
                     ));
+                    if resolution_ms.is_some() {
+                        out.push_str(&format!(",{}", i.merged.unwrap_or(1)));
+                    }
+                    out.push('\n');
                 }
                 Rendered {
                     csv: true,

@@ -134,6 +134,85 @@ pub struct StateInterval {
     pub start_ms: i64,
     /// End (exclusive), Unix ms.
     pub end_ms: i64,
+    /// Only in a timeline asked for at a `resolution`: how many intervals, each shorter than
+    /// it, this one stands for (its `state` is the one they spent most time in, `reason` none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged: Option<u32>,
+    /// With `merged`: the milliseconds spent in each state inside this interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_ms: Option<std::collections::BTreeMap<&'static str, i64>>,
+}
+
+/// The timeline drawn at `resolution_ms` (e.g. the range over the chart's width in pixels):
+/// runs of consecutive intervals shorter than it become one interval of the state they spent
+/// most time in (ties: the first), with `merged` and `state_ms` telling what it holds, closed
+/// once the run is `resolution_ms` long. Intervals at least that long, and time not covered, are
+/// kept as they are, so each machine has at most about two intervals per `resolution_ms`.
+pub fn downsample(intervals: Vec<StateInterval>, resolution_ms: i64) -> Vec<StateInterval> {
+    /// A run of short intervals of one machine, back to back.
+    struct Run {
+        items: Vec<StateInterval>,
+    }
+    impl Run {
+        fn span(&self) -> i64 {
+            self.items.last().map_or(0, |l| l.end_ms) - self.items.first().map_or(0, |f| f.start_ms)
+        }
+        fn flush(&mut self, out: &mut Vec<StateInterval>) {
+            match self.items.len() {
+                0 => {}
+                1 => out.extend(self.items.drain(..)),
+                n => {
+                    // First seen first: ties go to the earlier state.
+                    let mut by_state: Vec<(&'static str, i64)> = Vec::new();
+                    for i in &self.items {
+                        let d = i.end_ms - i.start_ms;
+                        match by_state.iter_mut().find(|(s, _)| *s == i.state) {
+                            Some((_, ms)) => *ms += d,
+                            None => by_state.push((i.state, d)),
+                        }
+                    }
+                    let state = by_state
+                        .iter()
+                        .fold(by_state[0], |best, x| if x.1 > best.1 { *x } else { best })
+                        .0;
+                    let first = &self.items[0];
+                    out.push(StateInterval {
+                        machine: first.machine.clone(),
+                        state,
+                        reason: None,
+                        start_ms: first.start_ms,
+                        end_ms: self.items[n - 1].end_ms,
+                        merged: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+                        state_ms: Some(by_state.into_iter().collect()),
+                    });
+                    self.items.clear();
+                }
+            }
+        }
+    }
+    if resolution_ms <= 1 {
+        return intervals;
+    }
+    let mut out = Vec::with_capacity(intervals.len());
+    let mut run = Run { items: Vec::new() };
+    for i in intervals {
+        if let Some(last) = run.items.last()
+            && (last.machine != i.machine || last.end_ms != i.start_ms)
+        {
+            run.flush(&mut out);
+        }
+        if i.end_ms - i.start_ms >= resolution_ms {
+            run.flush(&mut out);
+            out.push(i);
+            continue;
+        }
+        run.items.push(i);
+        if run.span() >= resolution_ms {
+            run.flush(&mut out);
+        }
+    }
+    run.flush(&mut out);
+    out
 }
 
 /// The state timeline over `sel`: per machine (in name order) the intervals of each state, cut
@@ -168,6 +247,8 @@ pub fn state_timeline(ds: &Dataset, sel: &Selection) -> Result<Vec<StateInterval
                 reason: reason.map(str::to_owned),
                 start_ms: lo,
                 end_ms: hi,
+                merged: None,
+                state_ms: None,
             });
         }
     }
