@@ -54,18 +54,25 @@ pub struct ApiState {
     pub commits: Arc<tokio::sync::watch::Sender<u64>>,
     /// Master data (config, then edits through the API, persisted in the data directory).
     pub master: Arc<std::sync::RwLock<Master>>,
-    /// What each edge last reported of its functions (with each sync batch).
+    /// What each edge last reported with its batches: functions, outbox, when it was last seen.
     pub functions: FunctionReports,
     /// One permit per open live event stream (`http.max_live_subscribers`).
     pub live_slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// Per edge: when its last function figures arrived (Unix ms) and the figures.
-pub type FunctionReports = Arc<
-    std::sync::Mutex<
-        std::collections::BTreeMap<String, (i64, Vec<millrace_shared::FunctionReport>)>,
-    >,
->;
+/// Per edge: what its last batch reported besides data (see [`EdgeReport`]).
+pub type FunctionReports = Arc<std::sync::Mutex<std::collections::BTreeMap<String, EdgeReport>>>;
+
+/// What an edge's batches report besides data, as of its last batch.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeReport {
+    /// When its last batch (data or heartbeat) arrived, Unix ms.
+    pub seen_ms: i64,
+    /// When its function figures last arrived, Unix ms, and the figures.
+    pub functions: Option<(i64, Vec<millrace_shared::FunctionReport>)>,
+    /// Its outbox as that batch left (`None` from edges before wire version 3).
+    pub outbox: Option<millrace_shared::OutboxReport>,
+}
 
 impl ApiState {
     /// What a report runs on, to move onto a blocking thread: the dataset and a copy of the

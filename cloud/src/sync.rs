@@ -61,7 +61,7 @@ pub fn receive(
     body: &[u8],
     max_raw_bytes: usize,
     received_ms: i64,
-) -> Result<(SyncAck, Vec<millrace_shared::FunctionReport>), SyncError> {
+) -> Result<(SyncAck, SyncBatch), SyncError> {
     let batch = SyncBatch::decode(body, max_raw_bytes)?;
     if batch.edge != edge {
         return Err(SyncError::WrongEdge {
@@ -86,7 +86,13 @@ pub fn receive(
             received_ms,
         )?
     };
-    Ok((ack, batch.functions))
+    // The batch comes back without its items: its reports are what the caller needs.
+    let reports = SyncBatch {
+        items: vec![],
+        alerts: vec![],
+        ..batch
+    };
+    Ok((ack, reports))
 }
 
 /// Stores the items and alerts of a decoded batch from `edge` (and the ranges it reported

@@ -551,6 +551,29 @@ async fn data_queries_check_keys_and_parameters() {
     let (st, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["edges"][0]["items"], 400);
+    assert!(v["edges"][0].get("outbox").is_none(), "no report yet: {v}");
+    // A heartbeat (no data) with the edge's outbox: stored nothing, shown per edge.
+    let edge = v["edges"][0]["edge"].as_str().unwrap().to_owned();
+    let now = chrono::Utc::now().timestamp_millis();
+    let heartbeat = SyncBatch {
+        edge: edge.clone(),
+        outbox: Some(millrace_shared::OutboxReport {
+            waiting_items: 1234,
+            oldest_waiting_ms: Some(now - 90_000),
+        }),
+        ..SyncBatch::default()
+    }
+    .encode();
+    let (st, ack) = call(&s, post(Some(TOKEN), heartbeat)).await;
+    assert_eq!(st, StatusCode::OK, "{ack}");
+    assert_eq!(ack["stored"], 0);
+    let (_, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
+    let e = &v["edges"][0];
+    assert_eq!(e["items"], 400);
+    assert_eq!(e["outbox"]["waiting_items"], 1234, "{v}");
+    let lag = e["sync_lag_ms"].as_i64().unwrap();
+    assert!((90_000..200_000).contains(&lag), "{v}");
+    assert!(e["last_seen_ms"].as_i64().unwrap() >= now);
     // Filters a report cannot use are refused, naming them.
     for (path, q, needle) in [
         ("oee", "kind=part", "`kind`"),

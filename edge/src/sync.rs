@@ -13,9 +13,10 @@
 //! seq) and does not store it twice. Failures are retried with exponential backoff and full
 //! jitter; nothing is ever skipped. An optional bandwidth cap spaces batches out.
 //!
-//! Every batch also carries the functions' figures (invocations, failures, lag) as they are
-//! when it is sent; while the outbox is empty, a batch with only those goes out when they
-//! changed (at most every [`REPORT_EVERY`]) and at least every [`REPORT_HEARTBEAT`].
+//! Every batch also carries the functions' figures (invocations, failures, lag) and the outbox
+//! report (what still waits after it) as they are when it is sent; while the outbox is empty, a
+//! batch with only those goes out when the figures changed (at most every [`REPORT_EVERY`]) and,
+//! as a heartbeat, at least every [`REPORT_HEARTBEAT`] (with or without functions).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -197,12 +198,17 @@ impl SyncClient {
     /// A batch of only the functions' figures, when they are due (changed and not sent for
     /// [`REPORT_EVERY`], or not sent for [`REPORT_HEARTBEAT`]).
     async fn report_due(&self) -> Option<Planned> {
-        let reports = self.reports.clone()?;
-        let now = tokio::task::spawn_blocking(move || reports()).await.ok()?;
+        let now = match self.reports.clone() {
+            Some(reports) => tokio::task::spawn_blocking(move || reports()).await.ok()?,
+            None => vec![],
+        };
         let (last, at) = &*self.reported.lock().expect("reported lock");
         let since = at.map_or(Duration::MAX, |t| t.elapsed());
-        let due = (since >= REPORT_EVERY && *last != now) || since >= REPORT_HEARTBEAT;
-        (due && !now.is_empty()).then(|| Planned {
+        // The heartbeat goes without functions too: the cloud tells an edge that is online
+        // with nothing to send from one that is gone, and sees its outbox.
+        let due =
+            (since >= REPORT_EVERY && *last != now && !now.is_empty()) || since >= REPORT_HEARTBEAT;
+        due.then(|| Planned {
             lane: Lane::Events,
             read: OutboxRead::default(),
             dropped: vec![],
@@ -410,11 +416,17 @@ impl SyncClient {
             alerts,
             dropped: plan.dropped,
             functions: vec![],
+            outbox: None,
         };
         let generation = plan.read.generation;
         let reports = self.reports.clone();
+        let store = self.store.clone();
+        let sending = span.map(|(_, last)| (lane, last, n_items));
         let (body, functions) = tokio::task::spawn_blocking(move || {
             batch.functions = reports.map(|r| r()).unwrap_or_default();
+            // How far behind this edge is (the cloud shows it per edge); a failed read only
+            // leaves it out.
+            batch.outbox = store.outbox_report(sending).ok();
             (batch.encode(), batch.functions)
         })
         .await?;
@@ -457,9 +469,7 @@ impl SyncClient {
             })
             .await??;
         }
-        if !functions.is_empty() {
-            *self.reported.lock().expect("reported lock") = (functions, Some(Instant::now()));
-        }
+        *self.reported.lock().expect("reported lock") = (functions, Some(Instant::now()));
         let s = &self.stats;
         s.batches.fetch_add(1, Ordering::Relaxed);
         s.items.fetch_add(n_items, Ordering::Relaxed);

@@ -1,4 +1,4 @@
-//! What the cloud reads from an edge (a sync batch, zstd-compressed, MRS1 or MRS2) and what the
+//! What the cloud reads from an edge (a sync batch, zstd-compressed, MRS1, MRS2 or MRS3) and what the
 //! edge reads back from its own outbox records.
 #![no_main]
 

@@ -49,5 +49,7 @@ pub use kpi::{Kpis, StateTimes, Tally};
 pub use master::{
     BreakDef, CalendarError, CalendarSlot, MachineSpec, ShiftCalendar, ShiftDef, ShiftInstance,
 };
-pub use sync::{AlertItem, RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError};
+pub use sync::{
+    AlertItem, OutboxReport, RangeSet, SeqRange, SyncAck, SyncBatch, SyncItem, WireError,
+};
 pub use topic::{MachineId, SeriesKey, TopicError};

@@ -145,6 +145,7 @@ proptest! {
         alerts in vec((any::<u64>(), any::<i64>(), any::<bool>(), alert()), 0..5),
         dropped in vec((0..1000u64, 0..1000u64), 0..4),
         functions in vec((id(), any::<u32>(), any::<u64>(), any::<u64>()), 0..3),
+        outbox in proptest::option::of((any::<u64>(), proptest::option::of(any::<i64>()))),
     ) {
         let batch = SyncBatch {
             edge,
@@ -169,6 +170,10 @@ proptest! {
                     lag_ms: 0,
                 })
                 .collect(),
+            outbox: outbox.map(|(waiting_items, oldest_waiting_ms)| crate::OutboxReport {
+                waiting_items,
+                oldest_waiting_ms,
+            }),
         };
         let back = SyncBatch::decode(&batch.encode(), 64 << 20).unwrap();
         prop_assert_eq!(back, batch);

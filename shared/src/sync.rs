@@ -9,10 +9,13 @@
 //! and are acknowledged the same way; each batch also reports the edge's functions' figures
 //! ([`FunctionReport`], newest wins, not acknowledged).
 //!
-//! # Wire format (version 2)
-//! `MRS2` magic, then a zstd frame holding: edge id, dropped ranges, item count, the items, then
-//! alert count and alerts (seq, stored ms, flags, JSON), then function count and reports.
-//! Version 1 (`MRS1`, the same without alerts and reports) is still read.
+//! # Wire format (version 3)
+//! `MRS3` magic, then a zstd frame holding: edge id, dropped ranges, item count, the items, then
+//! alert count and alerts (seq, stored ms, flags, JSON), then function count and reports, then
+//! the outbox report ([`OutboxReport`]: a presence byte, records waiting, the oldest one's
+//! stored time as presence byte and zigzag varint). Versions 2 (`MRS2`, without the outbox
+//! report) and 1 (`MRS1`, also without alerts and function reports) are still read: upgrade the
+//! cloud before its edges.
 //! Items are encoded row by row against running state, which is what makes them small:
 //! - strings (machine ids, metric names and units, part ids) go into a dictionary the first
 //!   time they appear and are referred to by index afterwards;
@@ -33,7 +36,9 @@ use crate::topic::MachineId;
 use compact_str::CompactString;
 
 /// Magic bytes and version of the wire format.
-pub const WIRE_MAGIC: &[u8; 4] = b"MRS2";
+pub const WIRE_MAGIC: &[u8; 4] = b"MRS3";
+/// Magic bytes of version 2 (no outbox report), still read.
+pub const WIRE_MAGIC_V2: &[u8; 4] = b"MRS2";
 /// Magic bytes of version 1 (no alerts, no function reports), still read.
 pub const WIRE_MAGIC_V1: &[u8; 4] = b"MRS1";
 /// The HTTP content type of an encoded batch.
@@ -45,7 +50,7 @@ pub const SYNC_PATH: &str = "/api/v1/sync/batches";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// Not a Millrace batch, or an unknown version.
-    #[error("not a Millrace sync batch (magic {0:?}, expected \"MRS2\" or \"MRS1\")")]
+    #[error("not a Millrace sync batch (magic {0:?}, expected \"MRS3\", \"MRS2\" or \"MRS1\")")]
     BadMagic(Vec<u8>),
     /// The zstd frame is damaged.
     #[error("damaged compression: {0}")]
@@ -110,6 +115,17 @@ pub struct SyncBatch {
     pub dropped: Vec<SeqRange>,
     /// The edge's functions' figures now (empty when it runs none).
     pub functions: Vec<FunctionReport>,
+    /// How far the edge's outbox is behind, as the batch left (`None` from older edges).
+    pub outbox: Option<OutboxReport>,
+}
+
+/// The edge's outbox as a batch leaves it: what is still to be sent after this batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct OutboxReport {
+    /// Records waiting to be sent, this batch's not counted.
+    pub waiting_items: u64,
+    /// When the oldest waiting record was stored (Unix ms; `None` when none waits).
+    pub oldest_waiting_ms: Option<i64>,
 }
 
 /// The cloud's answer to a batch it stored durably.
@@ -156,6 +172,20 @@ impl SyncBatch {
                 put_var(&mut raw, v);
             }
         }
+        match self.outbox {
+            None => raw.push(0),
+            Some(o) => {
+                raw.push(1);
+                put_var(&mut raw, o.waiting_items);
+                match o.oldest_waiting_ms {
+                    None => raw.push(0),
+                    Some(ms) => {
+                        raw.push(1);
+                        put_var(&mut raw, zigzag(ms));
+                    }
+                }
+            }
+        }
         let mut out = WIRE_MAGIC.to_vec();
         out.extend(zstd::bulk::compress(&raw, 3).expect("zstd compresses into a Vec"));
         out
@@ -163,11 +193,13 @@ impl SyncBatch {
 
     /// Decodes a batch, refusing anything that would expand beyond `max_raw_bytes`.
     pub fn decode(bytes: &[u8], max_raw_bytes: usize) -> Result<Self, WireError> {
-        let v2 = match bytes.get(..4) {
-            Some(m) if m == WIRE_MAGIC => true,
-            Some(m) if m == WIRE_MAGIC_V1 => false,
+        let version = match bytes.get(..4) {
+            Some(m) if m == WIRE_MAGIC => 3,
+            Some(m) if m == WIRE_MAGIC_V2 => 2,
+            Some(m) if m == WIRE_MAGIC_V1 => 1,
             _ => return Err(WireError::BadMagic(bytes[..bytes.len().min(4)].to_vec())),
         };
+        let v2 = version >= 2;
         let size = zstd::zstd_safe::get_frame_content_size(&bytes[4..])
             .map_err(|e| WireError::Compression(format!("{e:?}")))?
             .ok_or_else(|| WireError::Compression("frame without content size".into()))?;
@@ -219,6 +251,18 @@ impl SyncBatch {
                 });
             }
         }
+        let mut outbox = None;
+        if version >= 3 && r.byte("outbox report")? == 1 {
+            let waiting_items = r.var("outbox waiting items")?;
+            let oldest_waiting_ms = match r.byte("outbox oldest")? {
+                0 => None,
+                _ => Some(unzigzag(r.var("outbox oldest")?)),
+            };
+            outbox = Some(OutboxReport {
+                waiting_items,
+                oldest_waiting_ms,
+            });
+        }
         if r.at != raw.len() {
             return Err(r.invalid("batch", "trailing bytes"));
         }
@@ -228,6 +272,7 @@ impl SyncBatch {
             alerts,
             dropped,
             functions,
+            outbox,
         })
     }
 }
@@ -865,10 +910,36 @@ mod tests {
                 lag_events: 12,
                 lag_ms: 850,
             }],
+            outbox: Some(OutboxReport {
+                waiting_items: 123_456,
+                oldest_waiting_ms: Some(1_699_999_000_000),
+            }),
         };
         let bytes = batch.encode();
         let back = SyncBatch::decode(&bytes, 1 << 20).unwrap();
         assert_eq!(back, batch);
+        for outbox in [
+            None,
+            Some(OutboxReport {
+                waiting_items: 0,
+                oldest_waiting_ms: None,
+            }),
+        ] {
+            let b = SyncBatch {
+                outbox,
+                ..batch.clone()
+            };
+            assert_eq!(SyncBatch::decode(&b.encode(), 1 << 20).unwrap(), b);
+        }
+        // Version 2 (an edge before the outbox report): the same bytes without it.
+        let v2 = SyncBatch {
+            outbox: None,
+            ..batch.clone()
+        };
+        let raw = zstd::bulk::decompress(&v2.encode()[4..], 1 << 20).unwrap();
+        let mut old = WIRE_MAGIC_V2.to_vec();
+        old.extend(zstd::bulk::compress(&raw[..raw.len() - 1], 3).unwrap());
+        assert_eq!(SyncBatch::decode(&old, 1 << 20).unwrap(), v2);
         // An alert's outbox record is what a batch carries for it.
         for a in &batch.alerts {
             let mut rec = vec![];
@@ -884,11 +955,12 @@ mod tests {
         let v1 = SyncBatch {
             alerts: vec![],
             functions: vec![],
+            outbox: None,
             ..batch.clone()
         };
         let raw = zstd::bulk::decompress(&v1.encode()[4..], 1 << 20).unwrap();
         let mut old = WIRE_MAGIC_V1.to_vec();
-        old.extend(zstd::bulk::compress(&raw[..raw.len() - 2], 3).unwrap());
+        old.extend(zstd::bulk::compress(&raw[..raw.len() - 3], 3).unwrap());
         assert_eq!(SyncBatch::decode(&old, 1 << 20).unwrap(), v1);
         // Values that are not short decimals survive bit for bit.
         for mut item in sample() {

@@ -60,7 +60,7 @@ const read = () => page.evaluate(() => {
     resolution: data?.resolution ?? null,
     timeline_items: timeline ? timeline.series.reduce((n, s) => n + (s.data?.length || 0), 0) : 0,
     alert_rows: [...document.querySelectorAll("#alerts tbody tr")].filter(tr => tr.children.length === 5).map(tr => [...tr.children].map(td => td.textContent)),
-    edges: [...document.querySelectorAll("#edges tbody tr[data-edge]")].map(tr => ({ edge: tr.dataset.edge, status: tr.children[1].textContent, gaps: tr.querySelector(".gaps").textContent })),
+    edges: [...document.querySelectorAll("#edges tbody tr[data-edge]")].map(tr => ({ edge: tr.dataset.edge, status: tr.children[1].textContent, sync: tr.querySelector(".sync").textContent, gaps: tr.querySelector(".gaps").textContent })),
     console_errors: [],
   };
 });

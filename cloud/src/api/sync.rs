@@ -70,7 +70,7 @@ pub(super) async fn sync_batch(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (ack, functions) = match received {
+    let (ack, reports) = match received {
         Ok(r) => r,
         Err(e @ SyncError::Unreadable(_)) => return Err(refuse("bad_batch", e.into())),
         Err(e @ SyncError::WrongEdge { .. }) => return Err(refuse("wrong_edge", e.into())),
@@ -90,18 +90,33 @@ pub(super) async fn sync_batch(
     if ack.duplicates > 0 {
         tracing::info!(edge = %edge, duplicates = ack.duplicates, stored = ack.stored, "batch partly or wholly held already (re-sent); duplicates not stored");
     }
-    if !functions.is_empty() {
-        record_functions(&s, &edge, functions);
-    }
+    record_reports(&s, &edge, reports);
     if ack.stored > 0 {
         s.commits.send_modify(|v| *v += 1);
     }
     Ok(Json(ack))
 }
 
-/// Keeps an edge's function figures for `/api/v1/edges` and sets them as gauges (they are the
-/// edge's counts since it started: they go back to 0 when it restarts).
-fn record_functions(s: &ApiState, edge: &str, functions: Vec<millrace_shared::FunctionReport>) {
+/// Keeps what a batch reported for `/api/v1/edges` (when the edge was seen, its outbox, its
+/// function figures) and sets them as gauges (the function figures are the edge's counts since
+/// it started: they go back to 0 when it restarts).
+fn record_reports(s: &ApiState, edge: &str, batch: millrace_shared::SyncBatch) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut all = s.functions.lock().expect("reports lock");
+    let r = all.entry(edge.to_owned()).or_default();
+    r.seen_ms = now;
+    r.outbox = batch.outbox;
+    if let Some(o) = batch.outbox {
+        let labels = [("edge", edge.to_owned())];
+        metrics::gauge!("millrace_cloud_edge_outbox_waiting_items", &labels)
+            .set(o.waiting_items as f64);
+        let lag = o.oldest_waiting_ms.map_or(0, |t| (now - t).max(0));
+        metrics::gauge!("millrace_cloud_edge_sync_lag_seconds", &labels).set(lag as f64 / 1000.0);
+    }
+    let functions = batch.functions;
+    if functions.is_empty() {
+        return;
+    }
     for f in &functions {
         let labels = [("edge", edge.to_owned()), ("function", f.name.clone())];
         for (name, v) in [
@@ -123,11 +138,7 @@ fn record_functions(s: &ApiState, edge: &str, functions: Vec<millrace_shared::Fu
             metrics::gauge!(name, &labels).set(v);
         }
     }
-    let now = chrono::Utc::now().timestamp_millis();
-    s.functions
-        .lock()
-        .expect("functions lock")
-        .insert(edge.to_owned(), (now, functions));
+    r.functions = Some((now, functions));
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -139,7 +150,10 @@ pub(super) struct EdgesQuery {
 }
 
 /// Per edge: the items the cloud holds, the ranges the edge dropped under its quota, gaps, and
-/// its functions' figures (invocations, failures, lag) as of its last batch.
+/// as of its last batch (data or the heartbeat an idle edge sends each minute): when it was seen
+/// (`last_seen_ms`), its outbox (`outbox`: records waiting and the oldest one's time;
+/// `sync_lag_ms`: how long that one had waited) and its functions' figures (invocations,
+/// failures, lag).
 #[utoipa::path(get, path = "/api/v1/edges", tag = "sync", params(EdgesQuery), responses(
     (status = 200, description = "`{\"edges\": [...]}`", content_type = "application/json"),
     (status = 400, description = "A bad parameter", body = ErrorBody), KeyRefused))]
@@ -149,7 +163,7 @@ pub(super) async fn edges(
     q: Result<Query<EdgesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q?;
-    let functions = s.functions.lock().expect("functions lock").clone();
+    let functions = s.functions.lock().expect("reports lock").clone();
     let out: Vec<serde_json::Value> = s
         .dataset
         .edges()
@@ -173,9 +187,19 @@ pub(super) async fn edges(
             if q.ranges {
                 v["received"] = json!(r);
             }
-            if let Some((at, f)) = functions.get(&id) {
-                v["functions"] = json!(f);
-                v["functions_reported_ms"] = json!(at);
+            if let Some(r) = functions.get(&id) {
+                v["last_seen_ms"] = json!(r.seen_ms);
+                if let Some((at, f)) = &r.functions {
+                    v["functions"] = json!(f);
+                    v["functions_reported_ms"] = json!(at);
+                }
+                if let Some(o) = r.outbox {
+                    v["outbox"] = json!(o);
+                    // How long the oldest record not yet in the cloud had waited when the
+                    // edge's last batch left (0: caught up).
+                    v["sync_lag_ms"] =
+                        json!(o.oldest_waiting_ms.map_or(0, |t| (r.seen_ms - t).max(0)));
+                }
             }
             v
         })

@@ -160,7 +160,7 @@ pub fn downsample(intervals: Vec<StateInterval>, resolution_ms: i64) -> Vec<Stat
         fn flush(&mut self, out: &mut Vec<StateInterval>) {
             match self.items.len() {
                 0 => {}
-                1 => out.extend(self.items.drain(..)),
+                1 => out.append(&mut self.items),
                 n => {
                     // First seen first: ties go to the earlier state.
                     let mut by_state: Vec<(&'static str, i64)> = Vec::new();

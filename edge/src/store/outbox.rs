@@ -493,6 +493,37 @@ impl Store {
         })
     }
 
+    /// What waits besides `sending` (a lane, the last seq and the record count of the batch on its
+    /// way): records and the oldest one's stored time, for the cloud's view of how far behind
+    /// this edge is.
+    pub fn outbox_report(
+        &self,
+        sending: Option<(Lane, u64, u64)>,
+    ) -> Result<millrace_shared::OutboxReport, StoreError> {
+        let state = self.outbox_state()?;
+        let mut waiting: u64 = Lane::ALL
+            .iter()
+            .map(|l| state.lanes[*l as usize].items.load(Ordering::Relaxed))
+            .sum();
+        let mut oldest = None::<i64>;
+        for lane in Lane::ALL {
+            let from = match sending {
+                Some((l, last, count)) if l == lane => {
+                    waiting = waiting.saturating_sub(count);
+                    last.saturating_add(1)
+                }
+                _ => 0,
+            };
+            if let Some((_, _, ms)) = self.outbox_read(lane, from, 1, u64::MAX, None)?.span() {
+                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            }
+        }
+        Ok(millrace_shared::OutboxReport {
+            waiting_items: waiting,
+            oldest_waiting_ms: oldest.filter(|_| waiting > 0),
+        })
+    }
+
     /// The outbox's counters (`None` without an outbox).
     pub fn outbox_status(&self) -> Result<Option<OutboxStatus>, StoreError> {
         let Some(state) = self.outbox.as_ref() else {
