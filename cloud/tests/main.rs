@@ -574,6 +574,7 @@ async fn data_queries_check_keys_and_parameters() {
     let lag = e["sync_lag_ms"].as_i64().unwrap();
     assert!((90_000..200_000).contains(&lag), "{v}");
     assert!(e["last_seen_ms"].as_i64().unwrap() >= now);
+    assert_eq!(e["online"], true, "{v}");
     // Filters a report cannot use are refused, naming them.
     for (path, q, needle) in [
         ("oee", "kind=part", "`kind`"),

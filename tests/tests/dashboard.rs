@@ -350,6 +350,7 @@ fn the_dashboard_drills_down_shows_states_and_updates_live_in_a_real_browser() {
     assert_eq!(edges["edges"][0]["outbox"]["waiting_items"], 0, "{edges}");
     assert_eq!(edges["edges"][0]["sync_lag_ms"], 0, "{edges}");
     assert!(edges["edges"][0]["last_seen_ms"].as_i64().unwrap() > 0);
+    assert_eq!(edges["edges"][0]["online"], true, "{edges}");
     assert_eq!(page["edges"][0]["sync"], "caught up", "{page}");
 
     // Bad input in the address: said plainly, and the page recovers.

@@ -141,6 +141,10 @@ fn record_reports(s: &ApiState, edge: &str, batch: millrace_shared::SyncBatch) {
     r.functions = Some((now, functions));
 }
 
+/// An edge is online while its last batch is younger than this: two and a half of the heartbeats
+/// an idle edge sends each minute.
+const EDGE_ONLINE_WITHIN_MS: i64 = 150_000;
+
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(super) struct EdgesQuery {
@@ -151,7 +155,7 @@ pub(super) struct EdgesQuery {
 
 /// Per edge: the items the cloud holds, the ranges the edge dropped under its quota, gaps, and
 /// as of its last batch (data or the heartbeat an idle edge sends each minute): when it was seen
-/// (`last_seen_ms`), its outbox (`outbox`: records waiting and the oldest one's time;
+/// (`last_seen_ms`; `online` while that is under 150 s ago), its outbox (`outbox`: records waiting and the oldest one's time;
 /// `sync_lag_ms`: how long that one had waited) and its functions' figures (invocations,
 /// failures, lag).
 #[utoipa::path(get, path = "/api/v1/edges", tag = "sync", params(EdgesQuery), responses(
@@ -164,6 +168,7 @@ pub(super) async fn edges(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q?;
     let functions = s.functions.lock().expect("reports lock").clone();
+    let now = chrono::Utc::now().timestamp_millis();
     let out: Vec<serde_json::Value> = s
         .dataset
         .edges()
@@ -189,6 +194,7 @@ pub(super) async fn edges(
             }
             if let Some(r) = functions.get(&id) {
                 v["last_seen_ms"] = json!(r.seen_ms);
+                v["online"] = json!(now - r.seen_ms < EDGE_ONLINE_WITHIN_MS);
                 if let Some((at, f)) = &r.functions {
                     v["functions"] = json!(f);
                     v["functions_reported_ms"] = json!(at);
