@@ -55,13 +55,13 @@ pub struct ApiState {
     /// Master data (config, then edits through the API, persisted in the data directory).
     pub master: Arc<std::sync::RwLock<Master>>,
     /// What each edge last reported with its batches: functions, outbox, when it was last seen.
-    pub functions: FunctionReports,
+    pub edge_reports: EdgeReports,
     /// One permit per open live event stream (`http.max_live_subscribers`).
     pub live_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Per edge: what its last batch reported besides data (see [`EdgeReport`]).
-pub type FunctionReports = Arc<std::sync::Mutex<std::collections::BTreeMap<String, EdgeReport>>>;
+pub type EdgeReports = Arc<std::sync::Mutex<std::collections::BTreeMap<String, EdgeReport>>>;
 
 /// What an edge's batches report besides data, as of its last batch.
 #[derive(Debug, Clone, Default)]

@@ -135,7 +135,7 @@ impl Cloud {
             started,
             commits: Arc::new(commits),
             master: Arc::new(std::sync::RwLock::new(reports::Master::load(&cfg))),
-            functions: Default::default(),
+            edge_reports: Default::default(),
             live_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_live_subscribers)),
         };
         tasks.spawn({

@@ -386,7 +386,7 @@ fn state(dir: &std::path::Path, keys: bool) -> ApiState {
         started: Instant::now(),
         commits: Arc::new(tokio::sync::watch::channel(0).0),
         master: Default::default(),
-        functions: Default::default(),
+        edge_reports: Default::default(),
         live_slots: Arc::new(tokio::sync::Semaphore::new(2)),
     }
 }

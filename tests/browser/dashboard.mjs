@@ -25,7 +25,7 @@ const browser = await chromium.launch({
 // the charting library between pages (browser.newPage() would start each in an empty profile).
 const context = await browser.newContext();
 let page = null;
-let drawnMs = null;
+let drawn = null;
 let expected = []; // parts of URLs whose failure a command expects ({"expect_failures": [...]})
 const errors = [];
 
@@ -86,10 +86,10 @@ async function run(cmd) {
     await rendered(0);
     // From the start of navigation to every chart having drawn its data (ECharts' "finished",
     // progressive rendering included): the benchmark's figure.
-    drawnMs = null;
+    drawn = null;
     if (await page.evaluate(() => document.body.dataset.state === "ok")) {
       await page.waitForFunction(() => document.body.dataset.drawn === document.body.dataset.updates, null, { timeout: 120000 });
-      drawnMs = await page.evaluate(() => ({
+      drawn = await page.evaluate(() => ({
         drawn_ms: Number(document.body.dataset.drawnMs),
         // the last API answer's arrival, and each panel's drawing ("panel:<name>" measures)
         answers_ms: Math.round(Math.max(...performance.getEntriesByType("resource").filter(e => e.name.includes("/api/")).map(e => e.responseEnd))),
@@ -118,7 +118,7 @@ async function run(cmd) {
   }
   const out = await read();
   out.console_errors = errors.splice(0);
-  if (cmd.open && drawnMs) Object.assign(out, drawnMs);
+  if (cmd.open && drawn) Object.assign(out, drawn);
   return out;
 }
 

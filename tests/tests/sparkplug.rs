@@ -35,9 +35,9 @@ fn script(name: &str) -> std::path::PathBuf {
 const START_MS: i64 = 1_767_592_800_000;
 const MIN: i64 = 60_000;
 
-/// An edge with device `sim`, the Sparkplug mapping of the scripted node's press, and extra
-/// `[mqtt]` lines.
-fn sparkplug_edge(dir: &Path, mqtt_extra: &str) -> EdgeProcess {
+/// Writes `dir/edge.toml`: device `sim`, extra `[mqtt]` lines, then `rest` (the Sparkplug
+/// sections and whatever else a test needs).
+fn sparkplug_edge_config(dir: &Path, mqtt_extra: &str, rest: &str) -> std::path::PathBuf {
     let config = dir.join("edge.toml");
     std::fs::write(
         &config,
@@ -51,7 +51,22 @@ username = "sim"
 password_hash = "{hash}"
 [http]
 listen = "127.0.0.1:0"
-[store.retention]
+{rest}"#,
+            data = dir.join("data").display(),
+            hash = password_hash()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// An edge with device `sim`, the Sparkplug mapping of the scripted node's press, and extra
+/// `[mqtt]` lines.
+fn sparkplug_edge(dir: &Path, mqtt_extra: &str) -> EdgeProcess {
+    let config = sparkplug_edge_config(
+        dir,
+        mqtt_extra,
+        r#"[store.retention]
 telemetry = "0s"
 events = "0s"
 [sparkplug]
@@ -63,13 +78,9 @@ device = "press1"
 machine = "plant-1/line-a/press-1"
 good_parts = "Counters/Good"
 scrap_parts = "Counters/Scrap"
-state = {{ metric = "Status", values = {{ "1" = "running", "2" = "idle", "3" = "down:technical_failure" }} }}
+state = { metric = "Status", values = { "1" = "running", "2" = "idle", "3" = "down:technical_failure" } }
 "#,
-            data = dir.join("data").display(),
-            hash = password_hash()
-        ),
-    )
-    .unwrap();
+    );
     EdgeProcess::start(&config)
 }
 
@@ -416,32 +427,19 @@ fn a_sparkplug_press_reaches_the_cloud_and_its_oee_report_equals_what_it_sent() 
     let edge_dir = dir.path().join("edge");
     std::fs::create_dir_all(&edge_dir).unwrap();
     let edge = {
-        let config = edge_dir.join("edge.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"data_dir = "{data}"
-[mqtt]
-listen = "127.0.0.1:0"
-[[mqtt.users]]
-username = "sim"
-password_hash = "{hash}"
-[http]
-listen = "127.0.0.1:0"
-[[sparkplug.machines]]
+        let config = sparkplug_edge_config(
+            &edge_dir,
+            "",
+            r#"[[sparkplug.machines]]
 group = "plant1"
 node = "gw2"
 device = "press2"
 machine = "plant-1/line-b/press-2"
 good_parts = "Counters/Good"
 scrap_parts = "Counters/Scrap"
-state = {{ metric = "Status", values = {{ "1" = "running", "3" = "down:technical_failure" }} }}
+state = { metric = "Status", values = { "1" = "running", "3" = "down:technical_failure" } }
 "#,
-                data = edge_dir.join("data").display(),
-                hash = password_hash()
-            ),
-        )
-        .unwrap();
+        );
         super::with_sync(&config, &cloud.http, "");
         EdgeProcess::start_with_env(
             &config,

@@ -102,7 +102,7 @@ pub(super) async fn sync_batch(
 /// it started: they go back to 0 when it restarts).
 fn record_reports(s: &ApiState, edge: &str, batch: millrace_shared::SyncBatch) {
     let now = chrono::Utc::now().timestamp_millis();
-    let mut all = s.functions.lock().expect("reports lock");
+    let mut all = s.edge_reports.lock().expect("reports lock");
     let r = all.entry(edge.to_owned()).or_default();
     r.seen_ms = now;
     r.outbox = batch.outbox;
@@ -167,7 +167,7 @@ pub(super) async fn edges(
     q: Result<Query<EdgesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q?;
-    let functions = s.functions.lock().expect("reports lock").clone();
+    let reports = s.edge_reports.lock().expect("reports lock").clone();
     let now = chrono::Utc::now().timestamp_millis();
     let out: Vec<serde_json::Value> = s
         .dataset
@@ -192,7 +192,7 @@ pub(super) async fn edges(
             if q.ranges {
                 v["received"] = json!(r);
             }
-            if let Some(r) = functions.get(&id) {
+            if let Some(r) = reports.get(&id) {
                 v["last_seen_ms"] = json!(r.seen_ms);
                 v["online"] = json!(now - r.seen_ms < EDGE_ONLINE_WITHIN_MS);
                 if let Some((at, f)) = &r.functions {

@@ -1275,20 +1275,17 @@ mod tests {
     fn state_values_map_to_states_and_unmapped_ones_are_refused() {
         let (h, _) = host();
         birth(&h, 1);
-        let (e, d) = receive(
-            &h,
-            "spBv1.0/g/DDATA/n/d",
-            &payload(
+        let stopped = payload(
+            2,
+            T,
+            vec![metric(
+                None,
                 2,
-                T,
-                vec![metric(
-                    None,
-                    2,
-                    DataType::Boolean,
-                    Value::BooleanValue(false),
-                )],
-            ),
+                DataType::Boolean,
+                Value::BooleanValue(false),
+            )],
         );
+        let (e, d) = receive(&h, "spBv1.0/g/DDATA/n/d", &stopped);
         assert!(d.is_empty());
         assert_eq!(
             e[0].body,
@@ -1306,20 +1303,7 @@ mod tests {
             .remove("false");
         let h2 = Host::new(h2_cfg, h.publisher.clone(), h.publisher.clone());
         birth(&h2, 1);
-        let (e, d) = receive(
-            &h2,
-            "spBv1.0/g/DDATA/n/d",
-            &payload(
-                2,
-                T,
-                vec![metric(
-                    None,
-                    2,
-                    DataType::Boolean,
-                    Value::BooleanValue(false),
-                )],
-            ),
-        );
+        let (e, d) = receive(&h2, "spBv1.0/g/DDATA/n/d", &stopped);
         assert!(e.is_empty());
         assert_eq!(d[0].reason, "sparkplug_metric");
         assert!(

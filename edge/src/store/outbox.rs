@@ -520,7 +520,7 @@ impl Store {
         }
         Ok(millrace_shared::OutboxReport {
             waiting_items: waiting,
-            oldest_waiting_ms: oldest.filter(|_| waiting > 0),
+            oldest_waiting_ms: oldest,
         })
     }
 
@@ -529,12 +529,7 @@ impl Store {
         let Some(state) = self.outbox.as_ref() else {
             return Ok(None);
         };
-        let mut oldest = None::<i64>;
-        for lane in Lane::ALL {
-            if let Some((_, ms)) = self.outbox_oldest(lane)? {
-                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
-            }
-        }
+        let oldest = self.outbox_report(None)?.oldest_waiting_ms;
         let load = |f: fn(&LaneCounters) -> &AtomicU64| {
             LaneFigures::from(|lane| f(&state.lanes[lane as usize]).load(Ordering::Relaxed))
         };
