@@ -199,6 +199,14 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
 }
 
 async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
+    // Read at scrape time: a store that stopped taking writes shows even while the
+    // maintenance pass (which reports the rest of the store's gauges) cannot write either.
+    let store = s.store.clone();
+    if let Ok(Ok(h)) = tokio::task::spawn_blocking(move || store.write_health()).await {
+        metrics::gauge!("millrace_edge_store_background_errors").set(h.background_errors as f64);
+        metrics::gauge!("millrace_edge_store_writes_stopped")
+            .set(f64::from(u8::from(h.writes_stopped)));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
@@ -207,7 +215,8 @@ async fn prometheus(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn status(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
     let store = s.store.clone();
-    let sizes = blocking(move || Ok(store.size_by_cf()?)).await?;
+    let (sizes, health) =
+        blocking(move || Ok((store.size_by_cf()?, store.write_health()?))).await?;
     let i = &s.ingest;
     Ok(Json(json!({
         "edge_id": s.edge_id,
@@ -221,6 +230,7 @@ async fn status(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, Ap
             "bytes": i.bytes.load(Ordering::Relaxed),
         },
         "store_bytes": sizes,
+        "store": health,
     })))
 }
 

@@ -219,6 +219,16 @@ pub struct StoreMemory {
     pub block_cache: u64,
 }
 
+/// Whether RocksDB takes writes (see [`Store::write_health`]).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StoreWriteHealth {
+    /// Background errors since the store was opened (a flush or compaction that failed, e.g.
+    /// for lack of space); while one is unresolved, RocksDB refuses or holds back writes.
+    pub background_errors: u64,
+    /// RocksDB holds every write back (a write stall: memtables that cannot be flushed).
+    pub writes_stopped: bool,
+}
+
 fn ts_key(ts: i64) -> [u8; 8] {
     ((ts as u64) ^ (1 << 63)).to_be_bytes()
 }
@@ -479,6 +489,19 @@ impl Store {
             m.table_readers += self.cf_property(name, "rocksdb.estimate-table-readers-mem")?;
         }
         Ok(m)
+    }
+
+    /// Whether RocksDB takes writes now: its background error count and write stop flag. A full
+    /// disk shows here even when no write has failed yet (a write held back by a stall waits
+    /// instead of failing).
+    pub fn write_health(&self) -> Result<StoreWriteHealth, StoreError> {
+        let property = |name: &str| -> Result<u64, StoreError> {
+            Ok(self.db.property_int_value(name)?.unwrap_or(0))
+        };
+        Ok(StoreWriteHealth {
+            background_errors: property("rocksdb.background-errors")?,
+            writes_stopped: property("rocksdb.is-write-stopped")? != 0,
+        })
     }
 
     /// Flushes memtables to SST files and syncs the WAL.

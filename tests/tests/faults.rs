@@ -99,6 +99,19 @@ fn metric(base: &str, name: &str, labels: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// The lines of `/metrics` whose name starts with `prefix` (for failure messages).
+fn metric_lines(base: &str, prefix: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", &format!("{base}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `{prefix}_http_refused_total{reason="…"}`.
 fn refused(base: &str, prefix: &str, reason: &str) -> u64 {
     metric(
@@ -452,13 +465,26 @@ fn full_disks_on_edge_and_cloud_hold_back_acknowledgements_and_both_resume_witho
     let held = cloud_items();
     assert!(healthy(&cloud.http));
 
-    // Then the edge's: its store refuses writes, devices are not acknowledged (the simulator
-    // waits), the API still answers and says why in its metrics.
+    // Then the edge's: its store stops taking writes, devices are not acknowledged (the
+    // simulator waits), the API still answers and says why. RocksDB either fails the write
+    // (a WAL append or a flush failed: counted by reason) or holds it back in a write stall
+    // behind a flush that cannot finish (no write fails, but its background error counts).
     let edge_filler = edge_disk.fill();
+    let store_stopped = || {
+        refused_writes(&edge.http) >= 1.0
+            || metric(&edge.http, "millrace_edge_store_background_errors", "") >= 1
+            || metric(&edge.http, "millrace_edge_store_writes_stopped", "") >= 1
+    };
     assert!(
-        wait_until(timeout, || refused_writes(&edge.http) >= 1.0),
-        "no store write failed for lack of space: {}",
-        edge.get("/api/v1/status")
+        wait_until(timeout, store_stopped),
+        "the full disk stopped no store write: {}\n{}",
+        edge.get("/api/v1/status"),
+        metric_lines(&edge.http, "millrace_edge_store")
+    );
+    let store = &edge.get("/api/v1/status")["store"];
+    assert!(
+        store["background_errors"].as_u64() >= Some(1) || store["writes_stopped"] == true,
+        "the status says the store is stopped: {store}"
     );
     assert!(edge.get("/api/v1/status")["ingest"].is_object());
     assert!(
