@@ -90,6 +90,25 @@ impl Cloud {
 
         tasks.spawn(service::metrics_upkeep(metrics.clone(), stop.clone()));
 
+        // What other cloud nodes committed to the same tables, read every second.
+        tasks.spawn({
+            let (ds, stop) = (dataset.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
+                    let ds = ds.clone();
+                    let pass = move || ds.refresh(std::time::Duration::from_millis(900));
+                    match tokio::task::spawn_blocking(pass).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "reading the tables' new commits failed"),
+                        Err(e) => tracing::error!(error = %e, "reading the tables' new commits panicked"),
+                    }
+                }
+            }
+        });
+
         // Compaction of small files.
         tasks.spawn({
             let (ds, stop) = (dataset.clone(), stop.clone());

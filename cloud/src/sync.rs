@@ -96,7 +96,9 @@ pub fn receive(
 }
 
 /// Stores the items and alerts of a decoded batch from `edge` (and the ranges it reported
-/// `dropped`) durably; those already held are skipped and counted. Blocks.
+/// `dropped`) durably; those already held are skipped and counted. When another node stores
+/// some of the same edge's data at the same moment, the batch is checked and stored again
+/// (what that node stored now counts as duplicates). Blocks.
 pub fn store(
     ds: &Dataset,
     edge: &str,
@@ -105,23 +107,71 @@ pub fn store(
     dropped: &[SeqRange],
     received_ms: i64,
 ) -> Result<SyncAck, SyncError> {
-    let mut commit = ds.begin_commit(edge);
-    let (fresh, fresh_alerts, duplicates) = commit.with_held(|held| {
-        let mut seen = HashSet::new();
-        let mut new = |seq: u64| !held.is_some_and(|h| h.contains(seq)) && seen.insert(seq);
-        let fresh: Vec<&SyncItem> = items.iter().filter(|it| new(it.seq)).collect();
-        let fresh_alerts: Vec<&AlertItem> = alert_items.iter().filter(|a| new(a.seq)).collect();
-        let dup = (items.len() - fresh.len() + alert_items.len() - fresh_alerts.len()) as u64;
-        (fresh, fresh_alerts, dup)
+    let mut attempt = 0;
+    loop {
+        match store_once(ds, edge, items, alert_items, dropped, received_ms) {
+            Err(SyncError::Dataset(DatasetError::Conflict(table))) if attempt < 10 => {
+                attempt += 1;
+                tracing::info!(edge, table, attempt, "another node stored some of this edge's data meanwhile; checking the batch again");
+            }
+            r => return r,
+        }
+    }
+}
+
+fn store_once(
+    ds: &Dataset,
+    edge: &str,
+    items: &[SyncItem],
+    alert_items: &[AlertItem],
+    dropped: &[SeqRange],
+    received_ms: i64,
+) -> Result<SyncAck, SyncError> {
+    let commit = ds.begin_commit(edge, received_ms);
+    let held = commit.held();
+    // Each item's table (part events: also the part counts') decides alone: a crash between
+    // two tables' commits leaves the other tables to the retry.
+    let mut seen = HashSet::new();
+    let primary = |it: &SyncItem| match it.event.body {
+        EventBody::Telemetry(_) => Table::Telemetry,
+        _ => Table::Events,
+    };
+    let fresh: Vec<&SyncItem> = items
+        .iter()
+        .filter(|it| !held(primary(it).as_str(), it.seq) && seen.insert(it.seq))
+        .collect();
+    let mut seen_parts = HashSet::new();
+    let fresh_parts: Vec<&SyncItem> = items
+        .iter()
+        .filter(|it| matches!(it.event.body, EventBody::Part(_)))
+        .filter(|it| !held(Table::PartCounts.as_str(), it.seq) && seen_parts.insert(it.seq))
+        .collect();
+    let fresh_alerts: Vec<&AlertItem> = alert_items
+        .iter()
+        .filter(|a| !held(Table::Alerts.as_str(), a.seq) && seen.insert(a.seq))
+        .collect();
+    let duplicates = (items.len() - fresh.len() + alert_items.len() - fresh_alerts.len()) as u64;
+    let complete = ds.edges().get(edge).is_some_and(|l| {
+        items.iter().all(|it| l.received.contains(it.seq))
+            && alert_items.iter().all(|a| l.received.contains(a.seq))
+            && {
+                let mut d = RangeSet::default();
+                for &(a, b) in dropped {
+                    d.insert(a, b);
+                }
+                d.intersection_len(&l.dropped) == d.len()
+            }
     });
-    if fresh.is_empty() && fresh_alerts.is_empty() && dropped.is_empty() {
-        // A batch sent again whole (its answer was lost): nothing to commit, not even a line.
+    drop(held);
+    if complete {
+        // A batch sent again whole (its answer was lost): nothing to commit.
         return Ok(SyncAck {
             stored: 0,
             duplicates,
             points: 0,
         });
     }
+    let mut commit = commit;
     let mut parts: HashMap<(Table, String, &str), Rows<'_>> = HashMap::new();
     // By day (days since 1970), then machine and minute.
     let mut counts: BTreeMap<i64, BTreeMap<CountKey<'_>, [u64; 3]>> = BTreeMap::new();
@@ -156,17 +206,6 @@ pub fn store(
                         rs = s.reason.as_ref().map(enum_name);
                     }
                     EventBody::Part(p) => {
-                        let minute = e.ts_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-                        let c = counts
-                            .entry(minute.div_euclid(DAY_MS))
-                            .or_default()
-                            .entry((&e.machine.site, &e.machine.line, &e.machine.machine, minute))
-                            .or_default();
-                        c[match p.outcome {
-                            PartOutcome::Good => 0,
-                            PartOutcome::Scrap => 1,
-                            PartOutcome::Rework => 2,
-                        }] += 1;
                         oc = Some(enum_name(&p.outcome));
                         ct = Some(p.cycle_time_ms);
                         pi = p.part_id.as_deref();
@@ -186,6 +225,22 @@ pub fn store(
                 rows.operator.push(op);
             }
         }
+    }
+    for it in &fresh_parts {
+        let (e, EventBody::Part(p)) = (&it.event, &it.event.body) else {
+            unreachable!("parts only")
+        };
+        let minute = e.ts_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+        let c = counts
+            .entry(minute.div_euclid(DAY_MS))
+            .or_default()
+            .entry((&e.machine.site, &e.machine.line, &e.machine.machine, minute))
+            .or_default();
+        c[match p.outcome {
+            PartOutcome::Good => 0,
+            PartOutcome::Scrap => 1,
+            PartOutcome::Rework => 2,
+        }] += 1;
     }
     for ((table, date, site), rows) in parts {
         let mut df = rows.frame(table, site, received_ms)?;
@@ -224,16 +279,23 @@ pub fn store(
         let mut df = alerts_frame(edge, &rows, received_ms)?;
         commit.write(Table::Alerts, date, &site, &mut df)?;
     }
+    // Every item of the batch: each table committed now holds its share of them.
     let mut seqs = RangeSet::default();
-    seqs.extend(fresh.iter().map(|it| it.seq));
-    seqs.extend(fresh_alerts.iter().map(|a| a.seq));
-    commit.finish(&seqs, dropped, machines.into_iter().collect(), received_ms)?;
+    seqs.extend(items.iter().map(|it| it.seq));
+    seqs.extend(alert_items.iter().map(|a| a.seq));
+    let stored = (fresh.len() + fresh_alerts.len()) as u64;
+    commit.finish(
+        &seqs,
+        dropped,
+        machines.into_iter().collect(),
+        (stored, duplicates, points),
+    )?;
     if !fresh_alerts.is_empty() {
         metrics::counter!("millrace_cloud_alerts_total", "edge" => edge.to_owned())
             .increment(fresh_alerts.len() as u64);
     }
     Ok(SyncAck {
-        stored: (fresh.len() + fresh_alerts.len()) as u64,
+        stored,
         duplicates,
         points,
     })
@@ -332,7 +394,7 @@ fn part_counts_frame(site: &str, rows: &[(&CountKey<'_>, &[u64; 3])]) -> PolarsR
     DataFrame::new(n, cols)
 }
 
-fn date_of(ts_ms: i64) -> String {
+pub(crate) fn date_of(ts_ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ts_ms)
         .map_or_else(|| "invalid".into(), |d| d.format("%Y-%m-%d").to_string())
 }

@@ -1,164 +1,149 @@
-//! Compaction: small files of a partition rewritten into one, recorded as one manifest line;
-//! the files it replaced removed once no query can still be reading them. Also the one-time
-//! upgrade of a dataset written before the part-counts rollup existed.
+//! Compaction (Delta's optimize): the small files of a partition rewritten into one, the swap
+//! committed as one `remove` + `add` (no data change); and vacuum: files no snapshot needs any
+//! more deleted once they have been out of the table for a while.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use deltalake_core::kernel::Action;
+use deltalake_core::protocol::DeltaOperation;
 use polars::prelude::*;
 
-use super::{
-    DataFile, Dataset, DatasetError, FORMAT, Record, Table, count_parts, part_counts_schema,
-    read_files, scan_files,
-};
+use super::delta::{BATCHES, FileView, add_action, merge_tags, unique};
+use super::{Dataset, DatasetError, Table, io, part_counts_schema, read_files, scan_files};
 use crate::schema::{events, part_counts, telemetry};
 
 impl Dataset {
-    /// Brings a dataset of an older layout to [`FORMAT`]: builds the part counts of every
-    /// partition from its event files (once; progress is logged per partition).
-    pub(super) fn upgrade(&self) -> Result<(), DatasetError> {
-        let (format, partitions) = {
-            let s = self.state.lock().expect("state lock");
-            let mut g: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
-            for f in s.files.values().filter(|f| f.table == Table::Events) {
-                g.entry((f.date.clone(), f.site.clone()))
-                    .or_default()
-                    .push(self.dir.join(&f.path));
-            }
-            (s.format, g)
-        };
-        if format >= FORMAT {
-            return Ok(());
+    /// Rewrites partitions with at least `min_files` files into one file each (the ledger in
+    /// the new file's tag is the union of the old ones'). Returns the files removed.
+    pub fn compact(&self, min_files: usize) -> Result<usize, DatasetError> {
+        let mut removed = 0;
+        for table in Table::ALL {
+            removed += self.compact_table(table.as_str(), Some(table), min_files)?;
         }
-        let mut manifest = self.manifest.lock().expect("manifest lock");
-        if !partitions.is_empty() {
-            tracing::info!(
-                partitions = partitions.len(),
-                "dataset of layout {format}: building the part counts from the event files"
-            );
-        }
-        let n = partitions.len();
-        for (i, ((date, site), paths)) in partitions.into_iter().enumerate() {
-            let mut df = count_parts(scan_files(&paths)?, true).collect()?;
-            let df = part_counts_schema(&mut df)?;
-            let id = self.next_id();
-            let rel = format!(
-                "{}/date={date}/site={site}/{id:012}-upgrade.parquet",
-                Table::PartCounts.as_str()
-            );
-            let rows = df.height() as u64;
-            self.write_file(&rel, df)?;
-            let written = self.dir.join(&rel);
-            let record = Record::Compact {
-                id,
-                add: vec![DataFile {
-                    path: rel,
-                    table: Table::PartCounts,
-                    date,
-                    site,
-                    rows,
-                }],
-                remove: vec![],
-            };
-            if let Err(e) = self.append(&mut manifest, &record) {
-                let _ = std::fs::remove_file(&written);
-                return Err(e);
-            }
-            Self::apply(&mut self.state.lock().expect("state lock"), record);
-            tracing::info!(partition = i + 1, of = n, "part counts built");
-        }
-        let record = Record::Format { version: FORMAT };
-        self.append(&mut manifest, &record)?;
-        Self::apply(&mut self.state.lock().expect("state lock"), record);
-        Ok(())
+        removed += self.compact_table(BATCHES, None, min_files)?;
+        Ok(removed)
     }
 
-    /// Rewrites partitions with more than `min_files` files into one file each. Returns the
-    /// files removed.
-    pub fn compact(&self, min_files: usize) -> Result<usize, DatasetError> {
-        let groups: Vec<((Table, String, String), Vec<DataFile>)> = {
-            let state = self.state.lock().expect("state lock");
-            let mut g: BTreeMap<(Table, String, String), Vec<DataFile>> = BTreeMap::new();
-            for f in state.files.values() {
-                g.entry((f.table, f.date.clone(), f.site.clone()))
-                    .or_default()
-                    .push(f.clone());
-            }
-            g.into_iter()
-                .filter(|(_, v)| v.len() >= min_files.max(2))
-                .collect()
+    fn compact_table(
+        &self,
+        name: &'static str,
+        table: Option<Table>,
+        min_files: usize,
+    ) -> Result<usize, DatasetError> {
+        let files = match table {
+            Some(t) => self.file_views(t, None, None),
+            None => self.batch_file_views(),
         };
+        let mut groups: BTreeMap<(String, String), Vec<FileView>> = BTreeMap::new();
+        for f in files {
+            groups
+                .entry((f.file.date.clone(), f.file.site.clone()))
+                .or_default()
+                .push(f);
+        }
         let mut removed = 0;
-        for ((table, date, site), old) in groups {
-            let paths: Vec<PathBuf> = old.iter().map(|f| self.dir.join(&f.path)).collect();
+        for ((date, site), old) in groups {
+            if old.len() < min_files.max(2) {
+                continue;
+            }
+            let paths: Vec<PathBuf> = old.iter().map(|f| self.dir.join(&f.file.path)).collect();
             let mut df = match table {
-                Table::Telemetry | Table::Alerts => {
+                Some(Table::Telemetry | Table::Alerts) => {
                     read_files(&paths)?.sort([telemetry::TS], SortMultipleOptions::default())?
                 }
-                Table::Events => read_files(&paths)?.sort(
+                Some(Table::Events) => read_files(&paths)?.sort(
                     [events::KIND, events::TS],
                     SortMultipleOptions::default().with_maintain_order(true),
                 )?,
                 // Commits may count the same minute (a batch ends mid-minute): sum them.
-                Table::PartCounts => scan_files(&paths)?
+                Some(Table::PartCounts) => scan_files(&paths)?
                     .group_by(part_counts::KEY.map(col))
                     .agg(part_counts::COUNTS.map(|c| col(c).sum()))
                     .sort(part_counts::KEY, SortMultipleOptions::default())
                     .collect()?,
+                None => read_files(&paths)?.sort(["received_at"], SortMultipleOptions::default())?,
             };
-            if table == Table::PartCounts {
+            if table == Some(Table::PartCounts) {
                 part_counts_schema(&mut df)?;
             }
-            let mut manifest = self.manifest.lock().expect("manifest lock");
-            let id = self.next_id();
-            let rel = format!(
-                "{}/date={date}/site={site}/{id:012}-compacted.parquet",
-                table.as_str()
-            );
-            let rows = df.height() as u64;
-            self.write_file(&rel, &mut df)?;
-            let written = self.dir.join(&rel);
-            let record = Record::Compact {
-                id,
-                add: vec![DataFile {
-                    path: rel,
-                    table,
-                    date,
-                    site,
-                    rows,
-                }],
-                remove: old.iter().map(|f| f.path.clone()).collect(),
+            let rel = match table {
+                Some(_) => format!("date={date}/site={site}/compacted-{}.parquet", unique()),
+                None => format!("date={date}/compacted-{}.parquet", unique()),
             };
-            if let Err(e) = self.append(&mut manifest, &record) {
-                // No line names it: it must not fill the disk that just ran out.
-                let _ = std::fs::remove_file(&written);
-                return Err(e);
+            let path = self.dir.join(name).join(&rel);
+            super::write_file(&path, &mut df, self.fsync)?;
+            let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+            let tags: Vec<_> = old.iter().filter_map(|f| f.tag.as_ref()).collect();
+            let tag = (!tags.is_empty()).then(|| merge_tags(tags));
+            let mut add = add_action(rel, &date, &site, size, df.height() as u64, tag.as_ref());
+            add.data_change = false;
+            if table.is_none() {
+                add.partition_values.remove("site");
             }
-            Self::apply(&mut self.state.lock().expect("state lock"), record);
-            drop(manifest);
-            let now = std::time::Instant::now();
-            self.retired
-                .lock()
-                .expect("retired lock")
-                .extend(paths.into_iter().map(|p| (now, p)));
-            removed += old.len();
+            let now = chrono::Utc::now().timestamp_millis();
+            let mut actions = vec![Action::Add(add)];
+            for f in &old {
+                actions.push(Action::Remove(deltalake_core::kernel::Remove {
+                    path: f.rel.clone(),
+                    data_change: false,
+                    deletion_timestamp: Some(now),
+                    extended_file_metadata: Some(true),
+                    partition_values: Some(
+                        [
+                            ("date".to_owned(), Some(date.clone())),
+                            (
+                                "site".to_owned(),
+                                (site != crate::schema::alerts::NO_SITE).then(|| site.clone()),
+                            ),
+                        ]
+                        .into_iter()
+                        .filter(|(k, _)| table.is_some() || k != "site")
+                        .collect(),
+                    ),
+                    size: Some(f.size),
+                    ..Default::default()
+                }));
+            }
+            let mut t = self.ensure_table(name, &df.clear())?;
+            let committed = self.commit_actions(
+                name,
+                &mut t,
+                actions,
+                None,
+                DeltaOperation::Optimize {
+                    predicate: None,
+                    target_size: 0,
+                },
+            );
+            match committed {
+                Ok(_) => removed += old.len(),
+                Err(e) => {
+                    // Nothing names it: it must not fill the disk that perhaps just ran out.
+                    let _ = std::fs::remove_file(&path);
+                    if matches!(e, DatasetError::Conflict(_) | DatasetError::Delta { .. }) {
+                        // Another node compacted these files first.
+                        tracing::warn!(table = name, error = %e, "compaction of a partition skipped");
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(removed)
     }
 
-    /// Deletes files that compactions replaced at least `after` ago. Returns how many.
+    /// Deletes files that no snapshot of the last `after` needs: those a compaction replaced
+    /// and those of commits that never completed, once they are older than `after`. Returns
+    /// how many.
     pub fn remove_retired(&self, after: std::time::Duration) -> usize {
-        let due: Vec<PathBuf> = {
-            let mut r = self.retired.lock().expect("retired lock");
-            let (due, keep) = r.drain(..).partition(|(t, _)| t.elapsed() >= after);
-            *r = keep;
-            due.into_iter().map(|(_, p)| p).collect()
-        };
-        for p in &due {
-            if let Err(e) = std::fs::remove_file(p) {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove a compacted file; it will be removed at the next start");
+        let mut deleted = 0;
+        for name in super::delta::NAMES {
+            match self.vacuum(name, after) {
+                Ok(n) => deleted += n,
+                Err(e) => tracing::warn!(table = name, error = %e, "vacuum failed; tried again later"),
             }
         }
-        due.len()
+        deleted
     }
 }

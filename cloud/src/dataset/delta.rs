@@ -1,0 +1,1071 @@
+//! The dataset's Delta tables: opening (and converting an old dataset), the snapshot view that
+//! readers and the duplicate check use, and the commit of an edge batch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use deltalake_core::DeltaTable;
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake_core::kernel::{Action, Add, DataType as DeltaType, PrimitiveType, Transaction};
+use deltalake_core::operations::create::CreateBuilder;
+use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use millrace_shared::sync::{RangeSet, SeqRange};
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::legacy::{MANIFEST, Manifest};
+use super::{
+    DataFile, DatasetError, EdgeLedger, Table, count_parts, io, part_counts_schema, scan_files,
+    sync_dir, write_file,
+};
+use crate::schema::alerts;
+
+/// The table of stored batches: one row per batch, the ledger in its files' tags.
+pub(super) const BATCHES: &str = "sync_batches";
+
+/// The tag of an `add` action that says which outbox sequence numbers its table holds.
+const LEDGER_TAG: &str = "millrace.ledger";
+
+/// Delta's application transaction id of an edge's batches.
+fn app_id(edge: &str) -> String {
+    format!("millrace-sync/{edge}")
+}
+
+/// What one file's tag says about one edge.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct EdgeTag {
+    /// Outbox sequence numbers the file's table holds (this file's rows among them).
+    #[serde(rename = "r", default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) received: Vec<SeqRange>,
+    /// Ranges the edge reported dropped (`sync_batches` only).
+    #[serde(rename = "d", default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) dropped: Vec<SeqRange>,
+    /// Batches stored (`sync_batches` only).
+    #[serde(rename = "b", default)]
+    pub(super) batches: u64,
+    /// When the last of them was received, Unix ms (`sync_batches` only).
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub(super) last_ms: Option<i64>,
+    /// Machines (`site/line/machine`) the batches had rows of (`sync_batches` only).
+    #[serde(rename = "m", default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) machines: Vec<String>,
+}
+
+/// A file's ledger tag: per edge.
+pub(super) type LedgerTag = BTreeMap<String, EdgeTag>;
+
+/// Merges ledger tags (compaction: the new file holds what the old ones held).
+pub(super) fn merge_tags<'a>(tags: impl IntoIterator<Item = &'a LedgerTag>) -> LedgerTag {
+    let mut out: BTreeMap<String, (RangeSet, RangeSet, u64, Option<i64>, BTreeSet<String>)> =
+        BTreeMap::new();
+    for tag in tags {
+        for (edge, t) in tag {
+            let e = out.entry(edge.clone()).or_default();
+            for &(a, b) in &t.received {
+                e.0.insert(a, b);
+            }
+            for &(a, b) in &t.dropped {
+                e.1.insert(a, b);
+            }
+            e.2 += t.batches;
+            e.3 = e.3.max(t.last_ms);
+            e.4.extend(t.machines.iter().cloned());
+        }
+    }
+    out.into_iter()
+        .map(|(edge, (r, d, b, t, m))| {
+            let tag = EdgeTag {
+                received: r.ranges().to_vec(),
+                dropped: d.ranges().to_vec(),
+                batches: b,
+                last_ms: t,
+                machines: m.into_iter().collect(),
+            };
+            (edge, tag)
+        })
+        .collect()
+}
+
+/// One file of a table's current snapshot.
+#[derive(Debug, Clone)]
+pub(super) struct FileView {
+    pub(super) file: DataFile,
+    /// Path relative to the table's root (as in the Delta log).
+    pub(super) rel: String,
+    pub(super) size: i64,
+    pub(super) tag: Option<LedgerTag>,
+}
+
+/// A table's current snapshot, as the dataset uses it.
+#[derive(Debug, Clone, Default)]
+struct TableView {
+    files: Vec<FileView>,
+    /// Per edge: the sequence numbers this table holds.
+    held: BTreeMap<String, RangeSet>,
+}
+
+impl TableView {
+    fn build(table: Option<Table>, name: &'static str, dt: &DeltaTable) -> Result<Self, DatasetError> {
+        let snapshot = dt.snapshot().map_err(delta_err(name))?;
+        let mut view = TableView::default();
+        #[allow(deprecated)] // the add action's tags are not exposed otherwise
+        for f in snapshot.log_data().iter() {
+            let pv = f.partition_values_map();
+            let value = |k: &str| pv.get(k).cloned().flatten();
+            let tag: Option<LedgerTag> = f
+                .add_action()
+                .tags
+                .as_ref()
+                .and_then(|t| t.get(LEDGER_TAG).cloned().flatten())
+                .and_then(|s| serde_json::from_str(&s).ok());
+            if let Some(tag) = &tag {
+                for (edge, t) in tag {
+                    let held = view.held.entry(edge.clone()).or_default();
+                    for &(a, b) in &t.received {
+                        held.insert(a, b);
+                    }
+                }
+            }
+            let rel = f.path().into_owned();
+            view.files.push(FileView {
+                file: DataFile {
+                    path: format!("{name}/{rel}"),
+                    table: table.unwrap_or(Table::Telemetry),
+                    date: value("date").unwrap_or_default(),
+                    site: value("site").unwrap_or_else(|| alerts::NO_SITE.to_owned()),
+                    rows: f.num_records().unwrap_or(0) as u64,
+                },
+                rel,
+                size: f.size(),
+                tag,
+            });
+        }
+        Ok(view)
+    }
+}
+
+/// What readers see: every table's snapshot and the ledger of complete batches.
+#[derive(Debug, Default)]
+struct View {
+    tables: BTreeMap<Table, TableView>,
+    batches: TableView,
+    edges: BTreeMap<String, EdgeLedger>,
+    machines: BTreeSet<String>,
+}
+
+impl View {
+    fn fold_batches(&mut self) {
+        let tags: Vec<&LedgerTag> = self
+            .batches
+            .files
+            .iter()
+            .filter_map(|f| f.tag.as_ref())
+            .collect();
+        let merged = merge_tags(tags);
+        self.edges.clear();
+        self.machines.clear();
+        for (edge, t) in merged {
+            let mut l = EdgeLedger::default();
+            for (a, b) in t.received {
+                l.received.insert(a, b);
+            }
+            for (a, b) in t.dropped {
+                l.dropped.insert(a, b);
+            }
+            l.batches = t.batches;
+            l.last_commit_ms = t.last_ms;
+            self.machines.extend(t.machines);
+            self.edges.insert(edge, l);
+        }
+    }
+
+    fn view_of(&self, name: &str) -> Option<&TableView> {
+        if name == BATCHES {
+            return Some(&self.batches);
+        }
+        Table::ALL
+            .into_iter()
+            .find(|t| t.as_str() == name)
+            .and_then(|t| self.tables.get(&t))
+    }
+}
+
+fn delta_err(table: &'static str) -> impl Fn(deltalake_core::DeltaTableError) -> DatasetError {
+    move |e| {
+        use deltalake_core::DeltaTableError as E;
+        let retryable = matches!(
+            e,
+            E::ObjectStore { .. } | E::Io { .. } | E::VersionAlreadyExists(_)
+        ) || matches!(&e, E::Transaction { source } if matches!(source, TransactionError::MaxCommitAttempts(_) | TransactionError::ObjectStore { .. }));
+        DatasetError::Delta {
+            table,
+            message: e.to_string(),
+            retryable,
+        }
+    }
+}
+
+/// Every table's name, the ledger's last.
+pub(super) const NAMES: [&str; 5] = [
+    Table::Telemetry.as_str(),
+    Table::Events.as_str(),
+    Table::PartCounts.as_str(),
+    Table::Alerts.as_str(),
+    BATCHES,
+];
+
+fn table_of(name: &str) -> Option<Table> {
+    Table::ALL.into_iter().find(|t| t.as_str() == name)
+}
+
+fn static_name(name: &str) -> &'static str {
+    NAMES.into_iter().find(|n| *n == name).expect("a table name")
+}
+
+/// The dataset. Methods block (storage, Polars): call them off the async runtime.
+pub struct Dataset {
+    pub(super) dir: PathBuf,
+    rt: Option<tokio::runtime::Runtime>,
+    /// The Delta tables, by name (`None` until the first commit creates it).
+    tables: BTreeMap<&'static str, Mutex<Option<DeltaTable>>>,
+    view: RwLock<View>,
+    /// One batch commit at a time on this node (the duplicate check and the commits of one
+    /// batch must not interleave with another's; other nodes are kept apart by Delta).
+    commit_lock: Mutex<()>,
+    /// fsync files and log entries (off only for benchmarks of the code path).
+    pub(super) fsync: bool,
+    refreshed: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset").field("dir", &self.dir).finish()
+    }
+}
+
+impl Drop for Dataset {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Dataset {
+    /// Opens (creating if needed) the dataset in `dir`; a dataset of the layout before Delta
+    /// (`manifest.log`) is converted first, once.
+    pub fn open(dir: &Path, fsync: bool) -> Result<Self, DatasetError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dataset-io")
+            .enable_all()
+            .build()
+            .map_err(io(dir))?;
+        let mut tables = BTreeMap::new();
+        for name in NAMES {
+            let t = rt.block_on(Self::load(dir, name))?;
+            tables.insert(name, Mutex::new(t));
+        }
+        let ds = Self {
+            dir: dir.to_owned(),
+            rt: Some(rt),
+            tables,
+            view: RwLock::new(View::default()),
+            commit_lock: Mutex::new(()),
+            fsync,
+            refreshed: Mutex::new(Instant::now()),
+        };
+        ds.rebuild_view()?;
+        if dir.join(MANIFEST).exists() {
+            ds.migrate()?;
+        }
+        Ok(ds)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.as_ref().expect("runtime until dropped").block_on(f)
+    }
+
+    fn url(dir: &Path, name: &str) -> Result<url::Url, DatasetError> {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).map_err(io(&path))?;
+        let path = path.canonicalize().map_err(io(&path))?;
+        url::Url::from_directory_path(&path).map_err(|()| DatasetError::Delta {
+            table: static_name(name),
+            message: format!("{} is not an absolute path", path.display()),
+            retryable: false,
+        })
+    }
+
+    async fn load(dir: &Path, name: &str) -> Result<Option<DeltaTable>, DatasetError> {
+        let name = static_name(name);
+        if !dir.join(name).join("_delta_log").exists() {
+            return Ok(None);
+        }
+        let url = Self::url(dir, name)?;
+        match deltalake_core::open_table(url).await {
+            Ok(t) => Ok(Some(t)),
+            Err(deltalake_core::DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(delta_err(name)(e)),
+        }
+    }
+
+    fn table(&self, name: &str) -> MutexGuard<'_, Option<DeltaTable>> {
+        self.tables[name].lock().expect("table lock")
+    }
+
+    /// Rebuilds the view of every table from its snapshot.
+    fn rebuild_view(&self) -> Result<(), DatasetError> {
+        let mut v = View::default();
+        for name in NAMES {
+            let t = self.table(name);
+            let tv = match t.as_ref() {
+                Some(dt) => TableView::build(table_of(name), static_name(name), dt)?,
+                None => TableView::default(),
+            };
+            match table_of(name) {
+                Some(table) => {
+                    v.tables.insert(table, tv);
+                }
+                None => v.batches = tv,
+            }
+        }
+        v.fold_batches();
+        *self.view.write().expect("view lock") = v;
+        Ok(())
+    }
+
+    /// Rebuilds one table's view after it changed.
+    fn refresh_view(&self, name: &'static str, dt: &DeltaTable) -> Result<(), DatasetError> {
+        let tv = TableView::build(table_of(name), name, dt)?;
+        let mut v = self.view.write().expect("view lock");
+        match table_of(name) {
+            Some(t) => {
+                v.tables.insert(t, tv);
+            }
+            None => {
+                v.batches = tv;
+                v.fold_batches();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what other nodes committed since the last look (at most once per `max_age`).
+    pub fn refresh(&self, max_age: std::time::Duration) -> Result<(), DatasetError> {
+        {
+            let mut at = self.refreshed.lock().expect("refresh lock");
+            if at.elapsed() < max_age {
+                return Ok(());
+            }
+            *at = Instant::now();
+        }
+        for name in NAMES {
+            let mut t = self.table(name);
+            let before = t.as_ref().and_then(DeltaTable::version);
+            match t.as_mut() {
+                Some(dt) => self
+                    .block_on(dt.update_state())
+                    .map_err(delta_err(name))?,
+                None => *t = self.block_on(Self::load(&self.dir, name))?,
+            }
+            let after = t.as_ref().and_then(DeltaTable::version);
+            if after != before
+                && let Some(dt) = t.as_ref()
+            {
+                self.refresh_view(name, dt)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ledger of every edge (batches complete in the dataset).
+    pub fn edges(&self) -> BTreeMap<String, EdgeLedger> {
+        self.view.read().expect("view lock").edges.clone()
+    }
+
+    /// Every machine (`site/line/machine`) that sent data.
+    pub fn machines(&self) -> BTreeSet<String> {
+        self.view.read().expect("view lock").machines.clone()
+    }
+
+    /// The current snapshot's files of a table, optionally only of some dates (inclusive
+    /// range) and sites.
+    pub(super) fn file_views(
+        &self,
+        table: Table,
+        dates: Option<(&str, &str)>,
+        sites: Option<&[String]>,
+    ) -> Vec<FileView> {
+        let v = self.view.read().expect("view lock");
+        v.tables
+            .get(&table)
+            .map(|tv| {
+                tv.files
+                    .iter()
+                    .filter(|f| {
+                        dates.is_none_or(|(a, b)| {
+                            f.file.date.as_str() >= a && f.file.date.as_str() <= b
+                        })
+                    })
+                    .filter(|f| sites.is_none_or(|s| s.contains(&f.file.site)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The current snapshot's files of `sync_batches`.
+    pub(super) fn batch_file_views(&self) -> Vec<FileView> {
+        self.view.read().expect("view lock").batches.files.clone()
+    }
+
+    /// Deletes the files of table `name` that its snapshot does not name: once a compaction's
+    /// tombstone is older than `after` (readers of an older snapshot are done), or, for files
+    /// no commit ever named (a failed or interrupted commit, here or on another node), once
+    /// the file is older than `after`. Returns how many.
+    pub(super) fn vacuum(
+        &self,
+        name: &'static str,
+        after: std::time::Duration,
+    ) -> Result<usize, DatasetError> {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let t = self.table(name);
+        let Some(dt) = t.as_ref() else { return Ok(0) };
+        let snapshot = dt.snapshot().map_err(delta_err(name))?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let cutoff = now - after.as_millis() as i64;
+        let live: BTreeSet<String> = snapshot
+            .log_data()
+            .iter()
+            .map(|f| f.path().into_owned())
+            .collect();
+        let log_store = dt.log_store();
+        let young_tombstones: BTreeSet<String> = self
+            .block_on(
+                snapshot
+                    .all_tombstones(log_store.as_ref())
+                    .try_collect::<Vec<_>>(),
+            )
+            .map_err(delta_err(name))?
+            .into_iter()
+            .filter(|r| r.deletion_timestamp().unwrap_or(now) > cutoff)
+            .map(|r| r.path().into_owned())
+            .collect();
+        let store = log_store.object_store(None);
+        let objects: Vec<object_store::ObjectMeta> = self
+            .block_on(store.list(None).try_collect())
+            .map_err(|e| DatasetError::Delta {
+                table: name,
+                message: e.to_string(),
+                retryable: true,
+            })?;
+        let mut deleted = 0;
+        for o in objects {
+            let rel = o.location.to_string();
+            if rel.starts_with("_delta_log")
+                || !rel.ends_with(".parquet")
+                || live.contains(&rel)
+                || young_tombstones.contains(&rel)
+                || o.last_modified.timestamp_millis() > cutoff
+            {
+                continue;
+            }
+            match self.block_on(store.delete(&o.location)) {
+                Ok(()) => deleted += 1,
+                Err(e) => tracing::warn!(table = name, file = %rel, error = %e, "could not delete a file no snapshot needs; tried again later"),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Absolute paths of a table's files in its current snapshot, optionally only of some
+    /// dates (inclusive range) and sites.
+    pub fn files(
+        &self,
+        table: Table,
+        dates: Option<(&str, &str)>,
+        sites: Option<&[String]>,
+    ) -> Vec<PathBuf> {
+        self.file_views(table, dates, sites)
+            .into_iter()
+            .map(|f| self.dir.join(&f.file.path))
+            .collect()
+    }
+
+    /// Number of files and rows per table.
+    pub fn sizes(&self) -> BTreeMap<Table, (u64, u64)> {
+        let v = self.view.read().expect("view lock");
+        v.tables
+            .iter()
+            .filter(|(_, tv)| !tv.files.is_empty())
+            .map(|(t, tv)| {
+                let rows = tv.files.iter().map(|f| f.file.rows).sum();
+                (*t, (tv.files.len() as u64, rows))
+            })
+            .collect()
+    }
+
+    /// Starts the commit of one batch from `edge`, holding this node's commit lock until it
+    /// is finished or dropped.
+    pub(crate) fn begin_commit<'a>(&'a self, edge: &'a str, received_ms: i64) -> Commit<'a> {
+        let lock = self.commit_lock.lock().expect("commit lock");
+        Commit {
+            ds: self,
+            _lock: lock,
+            edge,
+            received_ms,
+            files: BTreeMap::new(),
+            written: vec![],
+        }
+    }
+
+    /// The Delta schema of a table whose files look like `df` (plus the partition columns).
+    fn delta_columns(df: &DataFrame, partitions: &[&str]) -> Vec<(String, PrimitiveType)> {
+        let mut cols: Vec<(String, PrimitiveType)> = df
+            .schema()
+            .iter()
+            .map(|(name, dtype)| {
+                let t = match dtype {
+                    DataType::Boolean => PrimitiveType::Boolean,
+                    DataType::Int8 | DataType::UInt8 => PrimitiveType::Byte,
+                    DataType::Int16 | DataType::UInt16 => PrimitiveType::Short,
+                    DataType::Int32 | DataType::UInt32 => PrimitiveType::Integer,
+                    DataType::Int64 | DataType::UInt64 => PrimitiveType::Long,
+                    DataType::Float32 => PrimitiveType::Float,
+                    DataType::Float64 => PrimitiveType::Double,
+                    DataType::Datetime(_, None) => PrimitiveType::TimestampNtz,
+                    DataType::Datetime(_, Some(_)) => PrimitiveType::Timestamp,
+                    DataType::Date => PrimitiveType::Date,
+                    _ => PrimitiveType::String,
+                };
+                (name.to_string(), t)
+            })
+            .collect();
+        for p in partitions {
+            if !cols.iter().any(|(n, _)| n == p) {
+                cols.push(((*p).to_owned(), PrimitiveType::String));
+            }
+        }
+        cols
+    }
+
+    /// The table `name`, created (with the schema of `df`) when it does not exist yet.
+    pub(super) fn ensure_table<'a>(
+        &'a self,
+        name: &'static str,
+        df: &DataFrame,
+    ) -> Result<MutexGuard<'a, Option<DeltaTable>>, DatasetError> {
+        let mut t = self.table(name);
+        if t.is_some() {
+            return Ok(t);
+        }
+        let partitions: &[&str] = if name == BATCHES {
+            &["date"]
+        } else {
+            &["date", "site"]
+        };
+        let url = Self::url(&self.dir, name)?;
+        let mut b = CreateBuilder::new()
+            .with_location(url.as_str())
+            .with_table_name(name)
+            .with_save_mode(SaveMode::Ignore)
+            .with_partition_columns(partitions.iter().copied())
+            // Files replaced by compaction stay this long for snapshot readers.
+            .with_configuration_property(
+                deltalake_core::TableProperty::DeletedFileRetentionDuration,
+                Some(format!("interval {} seconds", super::RETIRE_AFTER.as_secs())),
+            );
+        for (col, ty) in Self::delta_columns(df, partitions) {
+            b = b.with_column(col, DeltaType::Primitive(ty), true, None);
+        }
+        let created = match self.block_on(b.into_future()) {
+            Ok(dt) => dt,
+            // Another node created it first.
+            Err(_) => self
+                .block_on(Self::load(&self.dir, name))?
+                .ok_or_else(|| DatasetError::Delta {
+                    table: name,
+                    message: "cannot create the table".into(),
+                    retryable: true,
+                })?,
+        };
+        self.fsync_log(name, created.version())?;
+        *t = Some(created);
+        Ok(t)
+    }
+
+    /// Makes a committed log entry durable on a local disk (object stores are).
+    fn fsync_log(&self, name: &str, version: Option<u64>) -> Result<(), DatasetError> {
+        if !self.fsync {
+            return Ok(());
+        }
+        let log = self.dir.join(name).join("_delta_log");
+        if let Some(v) = version {
+            let p = log.join(format!("{v:020}.json"));
+            if let Ok(f) = std::fs::File::open(&p) {
+                f.sync_all().map_err(io(&p))?;
+            }
+        }
+        sync_dir(&log)?;
+        sync_dir(&self.dir.join(name))
+    }
+
+    /// Commits `actions` to table `name` (which exists) as one Delta commit; `edge`: the
+    /// batch's edge, whose concurrent commits on other nodes make this one conflict.
+    pub(super) fn commit_actions(
+        &self,
+        name: &'static str,
+        t: &mut MutexGuard<'_, Option<DeltaTable>>,
+        mut actions: Vec<Action>,
+        edge: Option<&str>,
+        operation: DeltaOperation,
+    ) -> Result<u64, DatasetError> {
+        let dt = t.as_mut().expect("the table exists");
+        if let Some(edge) = edge {
+            let now = chrono::Utc::now().timestamp_millis();
+            actions.push(Action::Txn(Transaction::new_with_last_update(
+                app_id(edge),
+                now,
+                Some(now),
+            )));
+        }
+        let snapshot = dt.snapshot().map_err(delta_err(name))?.clone();
+        let done = self.block_on(
+            CommitBuilder::from(CommitProperties::default())
+                .with_actions(actions)
+                .with_max_retries(20)
+                .build(Some(&snapshot), dt.log_store(), operation)
+                .into_future(),
+        );
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let conflict = matches!(
+                    &e,
+                    deltalake_core::DeltaTableError::Transaction {
+                        source: TransactionError::CommitConflict(_)
+                    }
+                );
+                // Whatever happened, read the table again before the next try.
+                let _ = self.block_on(dt.update_state());
+                let _ = self.refresh_view(name, dt);
+                if conflict {
+                    metrics::counter!("millrace_cloud_commit_conflicts_total", "table" => name)
+                        .increment(1);
+                    return Err(DatasetError::Conflict(name));
+                }
+                return Err(delta_err(name)(e));
+            }
+        };
+        let version = done.version();
+        if done.metrics.num_retries > 0 {
+            metrics::counter!("millrace_cloud_commit_retries_total", "table" => name)
+                .increment(done.metrics.num_retries);
+        }
+        dt.state = Some(done.snapshot());
+        self.fsync_log(name, Some(version))?;
+        self.refresh_view(name, dt)?;
+        metrics::counter!("millrace_cloud_commits_total", "table" => name).increment(1);
+        Ok(version)
+    }
+
+    /// Converts a dataset of the layout before Delta (`manifest.log`): every file it names is
+    /// added to its table as it is (nothing is copied), the part counts are built when the
+    /// dataset predates them, and the ledger becomes one `sync_batches` row; then the manifest
+    /// is renamed `manifest.log.migrated`. Resumable: a table converted already is skipped.
+    fn migrate(&self) -> Result<(), DatasetError> {
+        let m = Manifest::read(&self.dir)?;
+        tracing::info!(
+            files = m.files.len(),
+            edges = m.edges.len(),
+            "converting the dataset to Delta Lake tables (once)"
+        );
+        let _lock = self.commit_lock.lock().expect("commit lock");
+        for table in Table::ALL {
+            let files: Vec<&DataFile> = m.files.values().filter(|f| f.table == table).collect();
+            let name = table.as_str();
+            if files.is_empty() || self.table(name).is_some() {
+                continue;
+            }
+            let paths: Vec<PathBuf> = files.iter().map(|f| self.dir.join(&f.path)).collect();
+            let sample = scan_files(&paths[..1])?.limit(0).collect()?;
+            let mut t = self.ensure_table(name, &sample)?;
+            let actions = files
+                .iter()
+                .map(|f| {
+                    let rel = f
+                        .path
+                        .strip_prefix(&format!("{name}/"))
+                        .unwrap_or(&f.path)
+                        .to_owned();
+                    let path = self.dir.join(&f.path);
+                    let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+                    Ok(Action::Add(add_action(rel, &f.date, &f.site, size, f.rows, None)))
+                })
+                .collect::<Result<Vec<_>, DatasetError>>()?;
+            self.commit_actions(
+                name,
+                &mut t,
+                actions,
+                None,
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )?;
+            tracing::info!(table = name, files = files.len(), "table converted");
+        }
+        if m.format < 2 && self.table(Table::PartCounts.as_str()).is_none() {
+            self.build_part_counts()?;
+        }
+        if self.view.read().expect("view lock").batches.files.is_empty() && !m.edges.is_empty() {
+            let tag: LedgerTag = m
+                .edges
+                .iter()
+                .map(|(edge, l)| {
+                    let t = EdgeTag {
+                        received: l.received.ranges().to_vec(),
+                        dropped: l.dropped.ranges().to_vec(),
+                        batches: l.batches,
+                        last_ms: l.last_commit_ms,
+                        machines: m
+                            .machines
+                            .iter()
+                            .filter(|_| edge == m.edges.keys().next().expect("one edge"))
+                            .cloned()
+                            .collect(),
+                    };
+                    (edge.clone(), t)
+                })
+                .collect();
+            let received_ms = m.edges.values().filter_map(|l| l.last_commit_ms).max();
+            let rows: Vec<BatchRow> = m
+                .edges
+                .iter()
+                .map(|(edge, l)| BatchRow {
+                    edge: edge.clone(),
+                    items: l.items(),
+                    seqs: ranges_text(l.received.ranges()),
+                    dropped: ranges_text(l.dropped.ranges()),
+                    duplicates: 0,
+                    points: 0,
+                })
+                .collect();
+            self.commit_batch_rows(
+                None,
+                received_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+                &rows,
+                tag,
+            )?;
+        }
+        let from = self.dir.join(MANIFEST);
+        let to = self.dir.join(format!("{MANIFEST}.migrated"));
+        std::fs::rename(&from, &to).map_err(io(&from))?;
+        tracing::info!(manifest = %to.display(), "dataset converted; the old manifest is kept beside it");
+        Ok(())
+    }
+
+    /// Builds the part counts of every partition from its event files (a dataset older than
+    /// the rollup).
+    fn build_part_counts(&self) -> Result<(), DatasetError> {
+        let mut by_partition: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
+        for f in self.file_views(Table::Events, None, None) {
+            by_partition
+                .entry((f.file.date.clone(), f.file.site.clone()))
+                .or_default()
+                .push(self.dir.join(&f.file.path));
+        }
+        let n = by_partition.len();
+        tracing::info!(partitions = n, "building the part counts from the event files");
+        for (i, ((date, site), paths)) in by_partition.into_iter().enumerate() {
+            let mut df = count_parts(scan_files(&paths)?, true).collect()?;
+            part_counts_schema(&mut df)?;
+            let name = Table::PartCounts.as_str();
+            let rel = format!("date={date}/site={site}/upgrade-{}.parquet", unique());
+            write_file(&self.dir.join(name).join(&rel), &mut df, self.fsync)?;
+            let path = self.dir.join(name).join(&rel);
+            let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+            let mut t = self.ensure_table(name, &df)?;
+            let add = add_action(rel, &date, &site, size, df.height() as u64, None);
+            self.commit_actions(
+                name,
+                &mut t,
+                vec![Action::Add(add)],
+                None,
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )?;
+            tracing::info!(partition = i + 1, of = n, "part counts built");
+        }
+        Ok(())
+    }
+
+    /// Writes and commits rows of `sync_batches` with the ledger tag `tag`.
+    fn commit_batch_rows(
+        &self,
+        edge: Option<&str>,
+        received_ms: i64,
+        rows: &[BatchRow],
+        tag: LedgerTag,
+    ) -> Result<(), DatasetError> {
+        let mut df = batch_frame(rows, received_ms)?;
+        let date = crate::sync::date_of(received_ms);
+        let rel = format!(
+            "date={date}/{received_ms:013}-{}-{}.parquet",
+            edge.unwrap_or("migrated"),
+            unique()
+        );
+        let path = self.dir.join(BATCHES).join(&rel);
+        write_file(&path, &mut df, self.fsync)?;
+        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+        let mut add = add_action(rel, &date, "", size, df.height() as u64, Some(&tag));
+        add.partition_values.remove("site");
+        let mut t = self.ensure_table(BATCHES, &df)?;
+        let committed = self.commit_actions(
+            BATCHES,
+            &mut t,
+            vec![Action::Add(add)],
+            edge,
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        );
+        if committed.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        committed.map(|_| ())
+    }
+}
+
+/// One row of `sync_batches`.
+#[derive(Debug, Clone)]
+pub(super) struct BatchRow {
+    pub(super) edge: String,
+    pub(super) items: u64,
+    pub(super) duplicates: u64,
+    pub(super) points: u64,
+    pub(super) seqs: String,
+    pub(super) dropped: String,
+}
+
+fn batch_frame(rows: &[BatchRow], received_ms: i64) -> PolarsResult<DataFrame> {
+    let n = rows.len();
+    let col = |name: &str, v: Vec<String>| Column::new(name.into(), v);
+    let num = |name: &str, v: Vec<u64>| Column::new(name.into(), v);
+    DataFrame::new_infer_height(vec![
+        col("edge", rows.iter().map(|r| r.edge.clone()).collect()),
+        Column::new("received_at".into(), vec![received_ms; n])
+            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?,
+        num("items", rows.iter().map(|r| r.items).collect()),
+        num("duplicates", rows.iter().map(|r| r.duplicates).collect()),
+        num("points", rows.iter().map(|r| r.points).collect()),
+        col("seqs", rows.iter().map(|r| r.seqs.clone()).collect()),
+        col("dropped", rows.iter().map(|r| r.dropped.clone()).collect()),
+    ])
+}
+
+/// `1-100,205-300`.
+pub(super) fn ranges_text(r: &[SeqRange]) -> String {
+    r.iter()
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A random suffix for file names (nodes write the same partitions).
+pub(super) fn unique() -> String {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Seeded from the OS's randomness once per process; a counter within it.
+    static SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+    });
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{:016x}{:06x}", *SEED, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// An `add` action of a new file (`rel` to the table root).
+pub(super) fn add_action(
+    rel: String,
+    date: &str,
+    site: &str,
+    size: u64,
+    rows: u64,
+    tag: Option<&LedgerTag>,
+) -> Add {
+    let site = (site != alerts::NO_SITE).then(|| site.to_owned());
+    Add {
+        path: rel,
+        partition_values: HashMap::from([
+            ("date".to_owned(), Some(date.to_owned())),
+            ("site".to_owned(), site),
+        ]),
+        size: size as i64,
+        modification_time: chrono::Utc::now().timestamp_millis(),
+        data_change: true,
+        stats: Some(format!("{{\"numRecords\":{rows}}}")),
+        tags: tag.map(|t| {
+            HashMap::from([(
+                LEDGER_TAG.to_owned(),
+                Some(serde_json::to_string(t).expect("tags serialize")),
+            )])
+        }),
+        ..Default::default()
+    }
+}
+
+/// One edge batch being committed ([`Dataset::begin_commit`]): its files are written one by one
+/// ([`Commit::write`]), then each table's are committed and the batch's `sync_batches` row
+/// last ([`Commit::finish`]). A commit dropped before it finishes removes the files it wrote
+/// and did not commit.
+pub(crate) struct Commit<'a> {
+    ds: &'a Dataset,
+    _lock: MutexGuard<'a, ()>,
+    edge: &'a str,
+    received_ms: i64,
+    /// Per table: the adds written, not committed yet.
+    files: BTreeMap<&'static str, Vec<(Add, DataFrame)>>,
+    /// Paths written and not (yet) committed.
+    written: Vec<PathBuf>,
+}
+
+impl Commit<'_> {
+    /// Whether a table (by name) holds this edge's sequence number already: a complete batch
+    /// had it, or one of the table's files says so.
+    pub(crate) fn held(&self) -> impl Fn(&str, u64) -> bool + use<> {
+        let v = self.ds.view.read().expect("view lock");
+        let complete = v
+            .edges
+            .get(self.edge)
+            .map(|l| l.received.clone())
+            .unwrap_or_default();
+        let per_table: BTreeMap<&'static str, RangeSet> = NAMES
+            .into_iter()
+            .filter_map(|n| Some((n, v.view_of(n)?.held.get(self.edge)?.clone())))
+            .collect();
+        move |table: &str, seq: u64| {
+            complete.contains(seq) || per_table.get(table).is_some_and(|h| h.contains(seq))
+        }
+    }
+
+    /// Writes the batch's rows of one partition (`date` as `YYYY-MM-DD`) as a new file.
+    pub(crate) fn write(
+        &mut self,
+        table: Table,
+        date: String,
+        site: &str,
+        df: &mut DataFrame,
+    ) -> Result<(), DatasetError> {
+        if table == Table::PartCounts {
+            part_counts_schema(df)?;
+        }
+        let name = table.as_str();
+        let rel = format!(
+            "date={date}/site={site}/{:013}-{}-{}.parquet",
+            self.received_ms,
+            self.edge,
+            unique()
+        );
+        let path = self.ds.dir.join(name).join(&rel);
+        self.written.push(path.clone());
+        write_file(&path, df, self.ds.fsync)?;
+        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+        let add = add_action(rel, &date, site, size, df.height() as u64, None);
+        self.files
+            .entry(name)
+            .or_default()
+            .push((add, df.clear()));
+        Ok(())
+    }
+
+    /// Commits: each table's files, tagged with the batch's sequence numbers `seqs` (every
+    /// item of the batch, so the table is known to hold its share of them), then the batch's
+    /// `sync_batches` row with the ranges the edge reported `dropped` and the machines
+    /// (`site/line/machine`) it had rows of. A [`DatasetError::Conflict`] means another node
+    /// stored some of this edge's data meanwhile: store the batch again (its duplicate check
+    /// then sees it).
+    pub(crate) fn finish(
+        mut self,
+        seqs: &RangeSet,
+        dropped: &[SeqRange],
+        machines: Vec<String>,
+        counts: (u64, u64, u64),
+    ) -> Result<(), DatasetError> {
+        let received: Vec<SeqRange> = seqs.ranges().to_vec();
+        let data_tag: LedgerTag = BTreeMap::from([(
+            self.edge.to_owned(),
+            EdgeTag {
+                received: received.clone(),
+                ..Default::default()
+            },
+        )]);
+        let tag_text = serde_json::to_string(&data_tag).expect("tags serialize");
+        for (name, files) in std::mem::take(&mut self.files) {
+            let sample = &files[0].1;
+            let mut t = self.ds.ensure_table(name, sample)?;
+            let actions = files
+                .into_iter()
+                .map(|(mut add, _)| {
+                    add.tags = Some(HashMap::from([(
+                        LEDGER_TAG.to_owned(),
+                        Some(tag_text.clone()),
+                    )]));
+                    Action::Add(add)
+                })
+                .collect();
+            self.ds.commit_actions(
+                name,
+                &mut t,
+                actions,
+                Some(self.edge),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )?;
+            let prefix = self.ds.dir.join(name);
+            self.written.retain(|p| !p.starts_with(&prefix));
+        }
+        let (stored, duplicates, points) = counts;
+        let tag: LedgerTag = BTreeMap::from([(
+            self.edge.to_owned(),
+            EdgeTag {
+                received: received.clone(),
+                dropped: dropped.to_vec(),
+                batches: 1,
+                last_ms: Some(self.received_ms),
+                machines,
+            },
+        )]);
+        let row = BatchRow {
+            edge: self.edge.to_owned(),
+            items: stored,
+            duplicates,
+            points,
+            seqs: ranges_text(&received),
+            dropped: ranges_text(dropped),
+        };
+        self.ds
+            .commit_batch_rows(Some(self.edge), self.received_ms, &[row], tag)
+    }
+}
+
+impl Drop for Commit<'_> {
+    fn drop(&mut self) {
+        for p in &self.written {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
