@@ -90,7 +90,7 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatasetConfig {
-    /// fsync files and the manifest before acknowledging. Off loses acknowledged batches on
+    /// fsync files and table log entries before acknowledging. Off loses acknowledged batches on
     /// power loss; only for tests of throughput.
     pub fsync: bool,
     /// How often small files are compacted.

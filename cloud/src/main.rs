@@ -47,6 +47,14 @@ enum Command {
     },
     /// Load and check the configuration, print it as TOML (keys hidden) and exit.
     CheckConfig,
+    /// Convert a dataset written before Delta Lake (a `manifest.log` in the data directory) to
+    /// Delta tables, then print what the tables hold. Safe to run again; `run` also converts
+    /// at start when needed. Stop the cloud first.
+    Migrate {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -93,6 +101,50 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 toml::to_string_pretty(&cfg).context("render configuration")?
             );
+        }
+        Command::Migrate { json } => {
+            let cfg = CloudConfig::load(cli.config.as_deref())?;
+            let dir = cfg.data_dir.clone();
+            let summary = tokio::task::spawn_blocking(move || {
+                let had_manifest = dir.join("manifest.log").exists();
+                let ds = millrace_cloud::dataset::Dataset::open(&dir, cfg.dataset.fsync)?;
+                anyhow::Ok((had_manifest, ds.sizes(), ds.edges()))
+            })
+            .await??;
+            let (converted, sizes, edges) = summary;
+            if json {
+                let tables: serde_json::Map<String, serde_json::Value> = sizes
+                    .iter()
+                    .map(|(t, (files, rows))| {
+                        (t.as_str().to_owned(), serde_json::json!({"files": files, "rows": rows}))
+                    })
+                    .collect();
+                let edges: serde_json::Map<String, serde_json::Value> = edges
+                    .iter()
+                    .map(|(e, l)| (e.clone(), serde_json::json!({"items": l.items(), "batches": l.batches})))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"converted": converted, "tables": tables, "edges": edges})
+                );
+            } else {
+                println!(
+                    "{}",
+                    if converted {
+                        "converted the dataset to Delta Lake tables"
+                    } else {
+                        "nothing to convert: the dataset is Delta Lake tables already"
+                    }
+                );
+                println!("{:<12} {:>8} {:>12}", "TABLE", "FILES", "ROWS");
+                for (t, (files, rows)) in &sizes {
+                    println!("{:<12} {files:>8} {rows:>12}", t.as_str());
+                }
+                println!("{:<12} {:>8} {:>12}", "EDGE", "BATCHES", "ITEMS");
+                for (e, l) in &edges {
+                    println!("{e:<12} {:>8} {:>12}", l.batches, l.items());
+                }
+            }
         }
         Command::Run => {
             let cfg = CloudConfig::load(cli.config.as_deref())?;

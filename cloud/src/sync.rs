@@ -258,16 +258,20 @@ fn store_once(
         }
     }
     let mut by_partition: BTreeMap<(String, String), Vec<&AlertItem>> = BTreeMap::new();
-    let mut machines: BTreeSet<String> = fresh
+    // Of every item (a batch stored in part before a crash names its machines too).
+    let mut machines: BTreeSet<String> = items
         .iter()
         .map(|it| it.event.machine.to_string())
         .collect();
+    machines.extend(
+        alert_items
+            .iter()
+            .filter_map(|a| a.alert.machine())
+            .map(|m| m.to_string()),
+    );
     for a in &fresh_alerts {
         let site = match a.alert.machine() {
-            Some(m) => {
-                machines.insert(m.to_string());
-                m.site.to_string()
-            }
+            Some(m) => m.site.to_string(),
             None => alerts::NO_SITE.to_owned(),
         };
         by_partition

@@ -119,52 +119,81 @@ fn a_batch_sent_twice_is_stored_once() {
     );
 }
 
+/// The Delta log entries of every table (a commit adds one).
+fn log_entries(dir: &std::path::Path) -> usize {
+    ["telemetry", "events", "part_counts", "alerts", "sync_batches"]
+        .iter()
+        .filter_map(|t| std::fs::read_dir(dir.join(t).join("_delta_log")).ok())
+        .flatten()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        })
+        .count()
+}
+
 #[test]
 fn an_interrupted_commit_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
     millrace_cloud::sync::store(&ds, "e1", &items(1, 100), &[], &[], 1).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(101, 50), &[], &[], 2).unwrap();
+    let (telemetry, events) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
     drop(ds);
-    // A crash after writing a file but before the manifest line was complete.
+    // A crash after the batch's data was committed but before its `sync_batches` row was:
+    // the data tables hold seqs 101..150, the ledger does not.
+    let log = dir.path().join("sync_batches/_delta_log");
+    let mut entries: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    entries.sort();
+    std::fs::remove_file(entries.last().unwrap()).unwrap();
+    // And a crash after a file was written but before any commit named it.
     let orphan = dir
         .path()
-        .join("telemetry/date=2026-01-05/site=site-0/000000000099-e1.parquet");
-    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+        .join("telemetry/date=2026-01-05/site=site-0/0000000000099-e1-orphan.parquet");
     std::fs::write(&orphan, b"partial parquet").unwrap();
-    std::fs::write(orphan.with_extension("parquet.tmp"), b"partial").unwrap();
-    let manifest = dir.path().join("manifest.log");
-    let mut text = std::fs::read(&manifest).unwrap();
-    text.extend_from_slice(b"{\"op\":\"commit\",\"id\":99,\"edge\":\"e1\",\"seqs\":[[101,2");
-    std::fs::write(&manifest, &text).unwrap();
 
     let ds = Dataset::open(dir.path(), true).unwrap();
-    assert!(!orphan.exists(), "files no manifest line names are removed");
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 100)]);
-    // The torn line was cut off: the batch is simply taken again.
-    assert_eq!(
-        millrace_cloud::sync::store(&ds, "e1", &items(101, 50), &[], &[], 2)
-            .unwrap()
-            .stored,
-        50
-    );
+    assert_eq!(rows(&ds, Table::Telemetry), telemetry, "the orphan is not read");
+    // The edge sends the unacknowledged batch again: its rows are not stored twice, and the
+    // batch is complete.
+    let again = millrace_cloud::sync::store(&ds, "e1", &items(101, 60), &[], &[], 3).unwrap();
+    assert_eq!((again.stored, again.duplicates), (10, 50));
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 160)]);
+    // Seqs 151..160: 8 telemetry items of 2 readings, a part and a state change.
+    assert_eq!(rows(&ds, Table::Telemetry), telemetry + 16);
+    assert_eq!(rows(&ds, Table::Events), events + 2);
+    // Files no commit names go once they are old enough.
+    assert!(orphan.exists());
+    assert_eq!(ds.remove_retired(std::time::Duration::from_secs(3600)), 0);
+    ds.remove_retired(std::time::Duration::ZERO);
+    assert!(!orphan.exists());
+    assert_eq!(rows(&ds, Table::Telemetry), telemetry + 16);
     drop(ds);
     let ds = Dataset::open(dir.path(), true).unwrap();
-    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 150)]);
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 160)]);
+    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None)).unwrap();
+    assert_eq!(df.height() as u64, telemetry + 16);
 }
 
 #[test]
-fn a_damaged_manifest_line_in_the_middle_is_an_error_not_a_silent_loss() {
+fn a_damaged_table_log_is_an_error_that_names_the_table() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
     millrace_cloud::sync::store(&ds, "e1", &items(1, 10), &[], &[], 1).unwrap();
     millrace_cloud::sync::store(&ds, "e1", &items(11, 10), &[], &[], 2).unwrap();
     drop(ds);
-    let manifest = dir.path().join("manifest.log");
-    let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&manifest, text.replacen("commit", "c0mmit", 1)).unwrap();
+    let entry = dir
+        .path()
+        .join("events/_delta_log/00000000000000000001.json");
+    let text = std::fs::read_to_string(&entry).unwrap();
+    std::fs::write(&entry, text.replacen("{", "{{", 1)).unwrap();
     let err = Dataset::open(dir.path(), true).unwrap_err().to_string();
-    // Line 1 is the layout version a new dataset starts with; line 2 the first commit.
-    assert!(err.contains("manifest line 2"), "{err}");
+    assert!(err.contains("events"), "{err}");
 }
 
 #[test]
@@ -316,27 +345,90 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
     check(&ds);
 }
 
-#[test]
-fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
+/// A copy of the dataset written by the layout before Delta (a `manifest.log`, kept in the
+/// repository as written by that version's code): e1 sent seqs 1..1500, 1501..2100 (parts, with
+/// 2101..2200 reported dropped), 2201..3000; e2 1..300; then compaction and its removal of
+/// retired files; then e1 3001..3200.
+fn old_dataset() -> tempfile::TempDir {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
+    copy(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/manifest-dataset"),
+        dir.path(),
+    );
+    dir
+}
+
+#[test]
+fn a_dataset_of_the_manifest_layout_is_converted_once_with_nothing_lost() {
+    let dir = old_dataset();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &part_items(1, 5_000), &[], &[], 1).unwrap();
-    millrace_cloud::sync::store(&ds, "e1", &items(5_001, 2_000), &[], &[], 2).unwrap();
+    assert!(!dir.path().join("manifest.log").exists());
+    assert!(dir.path().join("manifest.log.migrated").exists());
+    let edges = ds.edges();
+    assert_eq!(edges["e1"].received.ranges(), &[(1, 2100), (2201, 3200)]);
+    assert_eq!(edges["e1"].dropped.ranges(), &[(2101, 2200)]);
+    assert!(edges["e1"].gaps().is_empty());
+    assert_eq!(edges["e1"].batches, 4);
+    assert_eq!(edges["e2"].received.ranges(), &[(1, 300)]);
+    // Telemetry items (seq % 10 not 0 or 5) have 2 readings; the rest are events, and
+    // 1501..2100 are parts.
+    let tele = |a: u64, b: u64| (a..=b).filter(|s| s % 10 != 0 && s % 10 != 5).count() as u64;
+    let ev = |a: u64, b: u64| (b - a + 1) - tele(a, b);
+    let want_t = 2 * (tele(1, 1500) + tele(2201, 3200) + tele(1, 300));
+    let want_e = ev(1, 1500) + 600 + ev(2201, 3200) + ev(1, 300);
+    assert_eq!(rows(&ds, Table::Telemetry), want_t);
+    assert_eq!(rows(&ds, Table::Events), want_e);
+    // What the files hold, read through the new tables' snapshots.
+    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None)).unwrap();
+    assert_eq!(df.height() as u64, want_t);
     let t0 = 1_767_600_000_000i64;
-    let want = minutes(&ds, t0, t0 + 3 * 86_400_000, false);
+    let raw = minutes(&ds, t0, t0 + 4 * 86_400_000, false);
+    assert_eq!(
+        raw.iter().map(|r| r.2.iter().sum::<i64>()).sum::<i64>() as u64,
+        (1..=1500).chain(2201..=3200).chain(1..=300).filter(|s| s % 10 == 0).count() as u64 + 600
+    );
+    assert!(minutes(&ds, t0, t0 + 4 * 86_400_000, true) == raw, "part counts kept");
+    // The ledger works on: a batch sent again is a duplicate, a new one is stored.
+    let again = millrace_cloud::sync::store(&ds, "e1", &items(3101, 100), &[], &[], 9).unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 100));
+    let next = millrace_cloud::sync::store(&ds, "e1", &items(3201, 100), &[], &[], 9).unwrap();
+    assert_eq!(next.stored, 100);
+    let files = ds.files(Table::Telemetry, None, None).len();
     drop(ds);
+    // Once: opened again, nothing is converted twice.
+    let ds = Dataset::open(dir.path(), true).unwrap();
+    assert_eq!(ds.files(Table::Telemetry, None, None).len(), files);
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 2100), (2201, 3300)]);
+    assert_eq!(ds.edges()["e1"].batches, 5);
+    assert_eq!(rows(&ds, Table::Telemetry), want_t + 2 * tele(3201, 3300));
+}
+
+#[test]
+fn a_dataset_of_the_first_layout_gets_its_part_counts_when_converted() {
+    let dir = old_dataset();
+    let t0 = 1_767_600_000_000i64;
     // Layout 1: no part counts, no layout record.
     let manifest = dir.path().join("manifest.log");
     let text = std::fs::read_to_string(&manifest).unwrap();
     let old: Vec<String> = text
         .lines()
-        .filter(|l| !l.contains("\"format\""))
+        .filter(|l| l.contains("\"commit\"") || !(l.contains("\"format\"") || l.contains("part_counts")))
         .map(|l| {
             let mut v: Value = serde_json::from_str(l).unwrap();
-            v["files"]
-                .as_array_mut()
-                .unwrap()
-                .retain(|f| f["table"] != "part_counts");
+            if let Some(files) = v["files"].as_array_mut() {
+                files.retain(|f| f["table"] != "part_counts");
+            }
             v.to_string()
         })
         .collect();
@@ -345,13 +437,26 @@ fn a_dataset_of_the_first_layout_gets_its_part_counts_when_opened() {
 
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert!(rows(&ds, Table::PartCounts) > 0);
-    assert!(minutes(&ds, t0, t0 + 3 * 86_400_000, true) == want);
+    let raw = minutes(&ds, t0, t0 + 4 * 86_400_000, false);
+    assert!(!raw.is_empty());
+    assert!(minutes(&ds, t0, t0 + 4 * 86_400_000, true) == raw);
     let files = ds.files(Table::PartCounts, None, None).len();
     drop(ds);
-    // Once: opened again, nothing is built twice.
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(ds.files(Table::PartCounts, None, None).len(), files);
-    assert!(minutes(&ds, t0, t0 + 3 * 86_400_000, true) == want);
+}
+
+#[test]
+fn a_damaged_manifest_line_in_the_middle_stops_the_conversion_with_nothing_changed() {
+    let dir = old_dataset();
+    let manifest = dir.path().join("manifest.log");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen("commit", "c0mmit", 1)).unwrap();
+    let err = Dataset::open(dir.path(), true).unwrap_err().to_string();
+    // Line 1 is the layout version; line 2 the first commit.
+    assert!(err.contains("manifest line 2"), "{err}");
+    assert!(manifest.exists());
+    assert!(!dir.path().join("telemetry/_delta_log").exists());
 }
 
 #[test]
@@ -443,13 +548,7 @@ async fn sync_refuses_missing_and_wrong_tokens_and_stores_nothing() {
     assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
     assert!(s.dataset.edges().is_empty());
     assert!(s.dataset.sizes().is_empty());
-    assert!(
-        std::fs::read_to_string(dir.path().join("manifest.log"))
-            .unwrap()
-            .lines()
-            .all(|l| !l.contains("\"commit\"")),
-        "no commit"
-    );
+    assert_eq!(log_entries(dir.path()), 0, "no commit");
     // The right token is accepted.
     let (st, v) = call(&s, post(Some(TOKEN), batch("e1", 1, 10))).await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -930,8 +1029,7 @@ async fn function_figures_from_edges_show_in_edges_and_metrics_without_a_commit(
     let dir = tempfile::tempdir().unwrap();
     let s = state(dir.path(), true);
     call(&s, post(Some(TOKEN), batch("e1", 1, 10))).await;
-    let manifest = || std::fs::read_to_string(dir.path().join("manifest.log")).unwrap();
-    let before = manifest();
+    let before = log_entries(dir.path());
     // A batch with only the figures (an idle edge).
     let report = FunctionReport {
         name: "hot".into(),
@@ -951,7 +1049,7 @@ async fn function_figures_from_edges_show_in_edges_and_metrics_without_a_commit(
     let (st, v) = call(&s, post(Some(TOKEN), body)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["stored"], 0);
-    assert_eq!(manifest(), before, "nothing to commit");
+    assert_eq!(log_entries(dir.path()), before, "nothing to commit");
     let (st, v) = call(&s, get("/api/v1/edges", Some(READ_KEY))).await;
     assert_eq!(st, StatusCode::OK);
     let f = &v["edges"][0]["functions"][0];

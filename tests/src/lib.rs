@@ -24,6 +24,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The Python with the outside peers and readers (`./millrace test` makes it from
+/// tests/python/requirements.txt; `MILLRACE_PYTHON` names another).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("MILLRACE_PYTHON").map_or_else(
+        || PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/millrace-py/bin/python"),
+        Into::into,
+    );
+    assert!(
+        p.exists(),
+        "{} does not exist: run ./millrace test (it installs tests/python/requirements.txt), or set MILLRACE_PYTHON",
+        p.display()
+    );
+    p
+}
+
 /// Polls `check` until it is true or `timeout` passes. Used to wait for *conditions* (a message
 /// arrived, a process is listening), never to assert on how long something took.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {

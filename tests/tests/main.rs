@@ -1403,6 +1403,35 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         .map(|r| r["count"].as_i64().unwrap())
         .sum();
     assert_eq!(n as u64, truth["events"]["telemetry"].as_u64().unwrap());
+
+    // Readers no one here wrote (delta-rs and DuckDB's delta extension) read the cloud's Delta
+    // tables directly, while the cloud runs: the same parts per machine and outcome as the
+    // truth (which the reports above equal), every temperature reading, and the same rows.
+    let out = run_ok(
+        Command::new(millrace_tests::python())
+            .arg(manifest_dir().join("python/delta_readers.py"))
+            .arg(dir.path().join("cloud-data")),
+    );
+    let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(readers["deltalake"], readers["duckdb"], "{readers}");
+    let read = &readers["duckdb"];
+    for m in truth["machines"].as_array().unwrap() {
+        let id = machine_id(m);
+        for outcome in ["good", "scrap", "rework"] {
+            assert_eq!(
+                read["parts"][&id][outcome].as_u64().unwrap_or(0),
+                m["totals"][outcome].as_u64().unwrap(),
+                "{id} {outcome}: {readers}"
+            );
+        }
+    }
+    let temperature: u64 = read["temperature"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(temperature, truth["events"]["telemetry"].as_u64().unwrap());
     edge.stop();
     cloud.stop();
 }

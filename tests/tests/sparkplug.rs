@@ -5,27 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use millrace_tests::{free_port, run_ok, wait_until};
+use millrace_tests::{free_port, python, run_ok, wait_until};
 use serde_json::Value;
 
 use super::{EdgeProcess, PASSWORD, password_hash};
-
-/// The Python with the outside peers (`./millrace test` makes it from tests/python).
-fn python() -> std::path::PathBuf {
-    let p = std::env::var_os("MILLRACE_PYTHON").map_or_else(
-        || {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/millrace-py/bin/python")
-        },
-        Into::into,
-    );
-    assert!(
-        p.exists(),
-        "{} does not exist: run ./millrace test (it installs tests/python/requirements.txt), or set MILLRACE_PYTHON",
-        p.display()
-    );
-    p
-}
 
 fn script(name: &str) -> std::path::PathBuf {
     super::manifest_dir().join("python").join(name)

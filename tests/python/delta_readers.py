@@ -1,0 +1,71 @@
+"""Reads the cloud's Delta tables with two readers no one here wrote: delta-rs (the `deltalake`
+package and its own SQL engine) and DuckDB with its `delta` extension.
+
+Usage: delta_readers.py DATA_DIR
+Prints one JSON object: per reader, the rows of each table, parts per machine and outcome, and
+temperature readings per machine.
+"""
+
+import json
+import os
+import sys
+
+import deltalake
+import duckdb
+import pyarrow as pa
+from duckdb_extensions import import_extension
+
+TABLES = ("telemetry", "events", "part_counts", "alerts")
+
+PARTS = """
+    select site || '/' || line || '/' || machine as m, outcome as o, count(*) as n
+    from events where kind = 'part' group by 1, 2
+"""
+TEMPERATURE = """
+    select site || '/' || line || '/' || machine as m, count(*) as n
+    from telemetry where metric = 'temperature' group by 1
+"""
+
+
+def shape(rows, parts, temperature):
+    out = {"rows": rows, "parts": {}, "temperature": {}}
+    for m, o, n in parts:
+        out["parts"].setdefault(m, {})[o] = n
+    for m, n in temperature:
+        out["temperature"][m] = n
+    return out
+
+
+def with_deltalake(data, tables):
+    q = deltalake.QueryBuilder()
+    for t in tables:
+        q.register(t, deltalake.DeltaTable(os.path.join(data, t)))
+
+    def run(sql):
+        t = pa.table(q.execute(sql).read_all())
+        return list(zip(*(t.column(i).to_pylist() for i in range(t.num_columns))))
+
+    rows = {t: run(f"select count(*) from {t}")[0][0] for t in tables}
+    return shape(rows, run(PARTS), run(TEMPERATURE))
+
+
+def with_duckdb(data, tables):
+    # The extension comes as a PyPI wheel (extensions.duckdb.org may be out of reach).
+    import_extension("delta")
+    con = duckdb.connect()
+    con.execute("LOAD delta")
+    for t in tables:
+        path = os.path.join(data, t).replace("'", "''")
+        con.execute(f"create view {t} as select * from delta_scan('{path}')")
+    rows = {t: con.execute(f"select count(*) from {t}").fetchone()[0] for t in tables}
+    return shape(rows, con.execute(PARTS).fetchall(), con.execute(TEMPERATURE).fetchall())
+
+
+def main():
+    data = sys.argv[1]
+    tables = [t for t in TABLES if os.path.isdir(os.path.join(data, t, "_delta_log"))]
+    print(json.dumps({"deltalake": with_deltalake(data, tables), "duckdb": with_duckdb(data, tables)}))
+
+
+if __name__ == "__main__":
+    main()
