@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Report benchmark (release build): OEE and production over ~50 million events, Millrace
 (Polars, through its REST API) side by side with DuckDB running the same reports as SQL over the
-same Parquet files, in one run on this machine.
+same Delta tables' Parquet files, in one run on this machine.
 
 1. Dataset (kept in --dir between runs, rebuilt when its parameters change): a simulated factory
    of 100 machines (2 sites x 5 lines x 10, ideal cycle times 2.0-2.8 s, two 8 h shifts a day) over
@@ -13,7 +13,7 @@ same Parquet files, in one run on this machine.
      durations cut at shift boundaries and the part counts);
    - production per machine per hour (good, scrap, rework, total).
    Millrace: `GET /api/v1/reports/oee` and `/production` on the running cloud (HTTP + JSON
-   included). DuckDB: the same reports as SQL over the files the cloud's manifest names,
+   included). DuckDB: the same reports as SQL over the files the tables' current snapshots name,
    results fetched to Python.
 3. The two engines' results are compared row by row (counts exactly, times exactly), and the
    Millrace totals against the simulator's ground truth.
@@ -76,19 +76,18 @@ def stop(p):
 
 
 def manifest_files(data):
-    """The Parquet files the cloud's manifest names now (replaying commits and compactions)."""
+    """The Parquet files the cloud's Delta tables hold in their current snapshots (read with
+    delta-rs: `pip install deltalake pyarrow`), by path relative to `data`."""
+    import deltalake
+    import pyarrow as pa
     files = {}
-    with open(os.path.join(data, "manifest.log")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["op"] == "commit":
-                for d in r["files"]:
-                    files[d["path"]] = d
-            elif r["op"] == "compact":
-                for p in r["remove"]:
-                    files.pop(p, None)
-                for d in r["add"]:
-                    files[d["path"]] = d
+    for table in ("events", "part_counts"):
+        root = os.path.join(data, table)
+        if not os.path.isdir(os.path.join(root, "_delta_log")):
+            continue
+        adds = pa.record_batch(deltalake.DeltaTable(root).get_add_actions(flatten=True))
+        for path, rows in zip(adds.column("path").to_pylist(), adds.column("num_records").to_pylist()):
+            files[f"{table}/{path}"] = {"table": table, "rows": rows}
     return files
 
 

@@ -103,7 +103,7 @@ def main():
     out["wire_vs_mqtt_payload"] = out["wire_bytes_per_point"] / out["baseline_mqtt_payload_bytes_per_point"]
     out["batches"] = sent["batches"]
     out["failures_before_cloud_up"] = sent["failures"]
-    # The cloud's own time in commits (decode, Parquet files, fsyncs, manifest): storage ingest.
+    # The cloud's own time in commits (decode, Parquet files, fsyncs, Delta commits): storage ingest.
     metrics = get(f"http://127.0.0.1:{cloud_port}/metrics")
     commit_s = next(float(l.split()[-1]) for l in metrics.splitlines()
                     if l.startswith("millrace_cloud_sync_commit_seconds_sum"))

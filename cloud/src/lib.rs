@@ -102,8 +102,12 @@ impl Cloud {
                     let pass = move || ds.refresh(std::time::Duration::from_millis(900));
                     match tokio::task::spawn_blocking(pass).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "reading the tables' new commits failed"),
-                        Err(e) => tracing::error!(error = %e, "reading the tables' new commits panicked"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "reading the tables' new commits failed")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the tables' new commits panicked")
+                        }
                     }
                 }
             }

@@ -116,12 +116,20 @@ async fn main() -> anyhow::Result<()> {
                 let tables: serde_json::Map<String, serde_json::Value> = sizes
                     .iter()
                     .map(|(t, (files, rows))| {
-                        (t.as_str().to_owned(), serde_json::json!({"files": files, "rows": rows}))
+                        (
+                            t.as_str().to_owned(),
+                            serde_json::json!({"files": files, "rows": rows}),
+                        )
                     })
                     .collect();
                 let edges: serde_json::Map<String, serde_json::Value> = edges
                     .iter()
-                    .map(|(e, l)| (e.clone(), serde_json::json!({"items": l.items(), "batches": l.batches})))
+                    .map(|(e, l)| {
+                        (
+                            e.clone(),
+                            serde_json::json!({"items": l.items(), "batches": l.batches}),
+                        )
+                    })
                     .collect();
                 println!(
                     "{}",

@@ -112,7 +112,12 @@ pub fn store(
         match store_once(ds, edge, items, alert_items, dropped, received_ms) {
             Err(SyncError::Dataset(DatasetError::Conflict(table))) if attempt < 10 => {
                 attempt += 1;
-                tracing::info!(edge, table, attempt, "another node stored some of this edge's data meanwhile; checking the batch again");
+                tracing::info!(
+                    edge,
+                    table,
+                    attempt,
+                    "another node stored some of this edge's data meanwhile; checking the batch again"
+                );
             }
             r => return r,
         }

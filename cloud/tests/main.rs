@@ -121,15 +121,21 @@ fn a_batch_sent_twice_is_stored_once() {
 
 /// The Delta log entries of every table (a commit adds one).
 fn log_entries(dir: &std::path::Path) -> usize {
-    ["telemetry", "events", "part_counts", "alerts", "sync_batches"]
-        .iter()
-        .filter_map(|t| std::fs::read_dir(dir.join(t).join("_delta_log")).ok())
-        .flatten()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        })
-        .count()
+    [
+        "telemetry",
+        "events",
+        "part_counts",
+        "alerts",
+        "sync_batches",
+    ]
+    .iter()
+    .filter_map(|t| std::fs::read_dir(dir.join(t).join("_delta_log")).ok())
+    .flatten()
+    .filter(|e| {
+        e.as_ref()
+            .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))
+    })
+    .count()
 }
 
 #[test]
@@ -158,7 +164,11 @@ fn an_interrupted_commit_leaves_nothing_behind() {
 
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 100)]);
-    assert_eq!(rows(&ds, Table::Telemetry), telemetry, "the orphan is not read");
+    assert_eq!(
+        rows(&ds, Table::Telemetry),
+        telemetry,
+        "the orphan is not read"
+    );
     // The edge sends the unacknowledged batch again: its rows are not stored twice, and the
     // batch is complete.
     let again = millrace_cloud::sync::store(&ds, "e1", &items(101, 60), &[], &[], 3).unwrap();
@@ -396,9 +406,17 @@ fn a_dataset_of_the_manifest_layout_is_converted_once_with_nothing_lost() {
     let raw = minutes(&ds, t0, t0 + 4 * 86_400_000, false);
     assert_eq!(
         raw.iter().map(|r| r.2.iter().sum::<i64>()).sum::<i64>() as u64,
-        (1..=1500).chain(2201..=3200).chain(1..=300).filter(|s| s % 10 == 0).count() as u64 + 600
+        (1..=1500)
+            .chain(2201..=3200)
+            .chain(1..=300)
+            .filter(|s| s % 10 == 0)
+            .count() as u64
+            + 600
     );
-    assert!(minutes(&ds, t0, t0 + 4 * 86_400_000, true) == raw, "part counts kept");
+    assert!(
+        minutes(&ds, t0, t0 + 4 * 86_400_000, true) == raw,
+        "part counts kept"
+    );
     // The ledger works on: a batch sent again is a duplicate, a new one is stored.
     let again = millrace_cloud::sync::store(&ds, "e1", &items(3101, 100), &[], &[], 9).unwrap();
     assert_eq!((again.stored, again.duplicates), (0, 100));
@@ -409,7 +427,10 @@ fn a_dataset_of_the_manifest_layout_is_converted_once_with_nothing_lost() {
     // Once: opened again, nothing is converted twice.
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(ds.files(Table::Telemetry, None, None).len(), files);
-    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 2100), (2201, 3300)]);
+    assert_eq!(
+        ds.edges()["e1"].received.ranges(),
+        &[(1, 2100), (2201, 3300)]
+    );
     assert_eq!(ds.edges()["e1"].batches, 5);
     assert_eq!(rows(&ds, Table::Telemetry), want_t + 2 * tele(3201, 3300));
 }
@@ -423,7 +444,9 @@ fn a_dataset_of_the_first_layout_gets_its_part_counts_when_converted() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let old: Vec<String> = text
         .lines()
-        .filter(|l| l.contains("\"commit\"") || !(l.contains("\"format\"") || l.contains("part_counts")))
+        .filter(|l| {
+            l.contains("\"commit\"") || !(l.contains("\"format\"") || l.contains("part_counts"))
+        })
         .map(|l| {
             let mut v: Value = serde_json::from_str(l).unwrap();
             if let Some(files) = v["files"].as_array_mut() {

@@ -28,7 +28,10 @@ pub fn free_port() -> u16 {
 /// tests/python/requirements.txt; `MILLRACE_PYTHON` names another).
 pub fn python() -> PathBuf {
     let p = std::env::var_os("MILLRACE_PYTHON").map_or_else(
-        || PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/millrace-py/bin/python"),
+        || {
+            PathBuf::from(std::env::var("HOME").expect("HOME"))
+                .join(".cache/millrace-py/bin/python")
+        },
         Into::into,
     );
     assert!(

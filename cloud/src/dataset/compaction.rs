@@ -17,6 +17,7 @@ impl Dataset {
     /// Rewrites partitions with at least `min_files` files into one file each (the ledger in
     /// the new file's tag is the union of the old ones'). Returns the files removed.
     pub fn compact(&self, min_files: usize) -> Result<usize, DatasetError> {
+        let _rt = self.enter();
         let mut removed = 0;
         for table in Table::ALL {
             removed += self.compact_table(table.as_str(), Some(table), min_files)?;
@@ -62,7 +63,9 @@ impl Dataset {
                     .agg(part_counts::COUNTS.map(|c| col(c).sum()))
                     .sort(part_counts::KEY, SortMultipleOptions::default())
                     .collect()?,
-                None => read_files(&paths)?.sort(["received_at"], SortMultipleOptions::default())?,
+                None => {
+                    read_files(&paths)?.sort(["received_at"], SortMultipleOptions::default())?
+                }
             };
             if table == Some(Table::PartCounts) {
                 part_counts_schema(&mut df)?;
@@ -141,7 +144,9 @@ impl Dataset {
         for name in super::delta::NAMES {
             match self.vacuum(name, after) {
                 Ok(n) => deleted += n,
-                Err(e) => tracing::warn!(table = name, error = %e, "vacuum failed; tried again later"),
+                Err(e) => {
+                    tracing::warn!(table = name, error = %e, "vacuum failed; tried again later")
+                }
             }
         }
         deleted

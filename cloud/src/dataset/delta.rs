@@ -58,8 +58,9 @@ pub(super) type LedgerTag = BTreeMap<String, EdgeTag>;
 
 /// Merges ledger tags (compaction: the new file holds what the old ones held).
 pub(super) fn merge_tags<'a>(tags: impl IntoIterator<Item = &'a LedgerTag>) -> LedgerTag {
-    let mut out: BTreeMap<String, (RangeSet, RangeSet, u64, Option<i64>, BTreeSet<String>)> =
-        BTreeMap::new();
+    /// Received, dropped, batches, last received, machines.
+    type Merged = (RangeSet, RangeSet, u64, Option<i64>, BTreeSet<String>);
+    let mut out: BTreeMap<String, Merged> = BTreeMap::new();
     for tag in tags {
         for (edge, t) in tag {
             let e = out.entry(edge.clone()).or_default();
@@ -107,7 +108,11 @@ struct TableView {
 }
 
 impl TableView {
-    fn build(table: Option<Table>, name: &'static str, dt: &DeltaTable) -> Result<Self, DatasetError> {
+    fn build(
+        table: Option<Table>,
+        name: &'static str,
+        dt: &DeltaTable,
+    ) -> Result<Self, DatasetError> {
         let snapshot = dt.snapshot().map_err(delta_err(name))?;
         let mut view = TableView::default();
         #[allow(deprecated)] // the add action's tags are not exposed otherwise
@@ -192,6 +197,25 @@ impl View {
     }
 }
 
+/// Runs `f` on the dataset's runtime and waits for it; from a thread that is inside another
+/// runtime (a caller that did not move the work off its async workers, or a test), on a
+/// thread of its own, since a runtime cannot be blocked on from within one.
+fn block_on<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    } else {
+        rt.block_on(f)
+    }
+}
+
 fn delta_err(table: &'static str) -> impl Fn(deltalake_core::DeltaTableError) -> DatasetError {
     move |e| {
         use deltalake_core::DeltaTableError as E;
@@ -221,7 +245,10 @@ fn table_of(name: &str) -> Option<Table> {
 }
 
 fn static_name(name: &str) -> &'static str {
-    NAMES.into_iter().find(|n| *n == name).expect("a table name")
+    NAMES
+        .into_iter()
+        .find(|n| *n == name)
+        .expect("a table name")
 }
 
 /// The dataset. Methods block (storage, Polars): call them off the async runtime.
@@ -266,7 +293,7 @@ impl Dataset {
             .map_err(io(dir))?;
         let mut tables = BTreeMap::new();
         for name in NAMES {
-            let t = rt.block_on(Self::load(dir, name))?;
+            let t = block_on(&rt, Self::load(dir, name))?;
             tables.insert(name, Mutex::new(t));
         }
         let ds = Self {
@@ -285,8 +312,18 @@ impl Dataset {
         Ok(ds)
     }
 
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.as_ref().expect("runtime until dropped").block_on(f)
+    pub(super) fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        block_on(self.rt.as_ref().expect("runtime until dropped"), f)
+    }
+
+    /// Enters the dataset's runtime (delta-rs builds its engine from the current runtime,
+    /// also in synchronous calls).
+    pub(super) fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.rt.as_ref().expect("runtime until dropped").enter()
     }
 
     fn url(dir: &Path, name: &str) -> Result<url::Url, DatasetError> {
@@ -367,9 +404,7 @@ impl Dataset {
             let mut t = self.table(name);
             let before = t.as_ref().and_then(DeltaTable::version);
             match t.as_mut() {
-                Some(dt) => self
-                    .block_on(dt.update_state())
-                    .map_err(delta_err(name))?,
+                Some(dt) => self.block_on(dt.update_state()).map_err(delta_err(name))?,
                 None => *t = self.block_on(Self::load(&self.dir, name))?,
             }
             let after = t.as_ref().and_then(DeltaTable::version);
@@ -434,6 +469,7 @@ impl Dataset {
     ) -> Result<usize, DatasetError> {
         use futures_util::TryStreamExt;
         use object_store::ObjectStoreExt;
+        let _rt = self.enter();
         let t = self.table(name);
         let Some(dt) = t.as_ref() else { return Ok(0) };
         let snapshot = dt.snapshot().map_err(delta_err(name))?;
@@ -477,7 +513,9 @@ impl Dataset {
             }
             match self.block_on(store.delete(&o.location)) {
                 Ok(()) => deleted += 1,
-                Err(e) => tracing::warn!(table = name, file = %rel, error = %e, "could not delete a file no snapshot needs; tried again later"),
+                Err(e) => {
+                    tracing::warn!(table = name, file = %rel, error = %e, "could not delete a file no snapshot needs; tried again later")
+                }
             }
         }
         Ok(deleted)
@@ -578,7 +616,10 @@ impl Dataset {
             // Files replaced by compaction stay this long for snapshot readers.
             .with_configuration_property(
                 deltalake_core::TableProperty::DeletedFileRetentionDuration,
-                Some(format!("interval {} seconds", super::RETIRE_AFTER.as_secs())),
+                Some(format!(
+                    "interval {} seconds",
+                    super::RETIRE_AFTER.as_secs()
+                )),
             );
         for (col, ty) in Self::delta_columns(df, partitions) {
             b = b.with_column(col, DeltaType::Primitive(ty), true, None);
@@ -586,13 +627,14 @@ impl Dataset {
         let created = match self.block_on(b.into_future()) {
             Ok(dt) => dt,
             // Another node created it first.
-            Err(_) => self
-                .block_on(Self::load(&self.dir, name))?
-                .ok_or_else(|| DatasetError::Delta {
-                    table: name,
-                    message: "cannot create the table".into(),
-                    retryable: true,
-                })?,
+            Err(_) => {
+                self.block_on(Self::load(&self.dir, name))?
+                    .ok_or_else(|| DatasetError::Delta {
+                        table: name,
+                        message: "cannot create the table".into(),
+                        retryable: true,
+                    })?
+            }
         };
         self.fsync_log(name, created.version())?;
         *t = Some(created);
@@ -625,6 +667,7 @@ impl Dataset {
         edge: Option<&str>,
         operation: DeltaOperation,
     ) -> Result<u64, DatasetError> {
+        let _rt = self.enter();
         let dt = t.as_mut().expect("the table exists");
         if let Some(edge) = edge {
             let now = chrono::Utc::now().timestamp_millis();
@@ -705,7 +748,9 @@ impl Dataset {
                         .to_owned();
                     let path = self.dir.join(&f.path);
                     let size = std::fs::metadata(&path).map_err(io(&path))?.len();
-                    Ok(Action::Add(add_action(rel, &f.date, &f.site, size, f.rows, None)))
+                    Ok(Action::Add(add_action(
+                        rel, &f.date, &f.site, size, f.rows, None,
+                    )))
                 })
                 .collect::<Result<Vec<_>, DatasetError>>()?;
             self.commit_actions(
@@ -724,7 +769,15 @@ impl Dataset {
         if m.format < 2 && self.table(Table::PartCounts.as_str()).is_none() {
             self.build_part_counts()?;
         }
-        if self.view.read().expect("view lock").batches.files.is_empty() && !m.edges.is_empty() {
+        if self
+            .view
+            .read()
+            .expect("view lock")
+            .batches
+            .files
+            .is_empty()
+            && !m.edges.is_empty()
+        {
             let tag: LedgerTag = m
                 .edges
                 .iter()
@@ -782,7 +835,10 @@ impl Dataset {
                 .push(self.dir.join(&f.file.path));
         }
         let n = by_partition.len();
-        tracing::info!(partitions = n, "building the part counts from the event files");
+        tracing::info!(
+            partitions = n,
+            "building the part counts from the event files"
+        );
         for (i, ((date, site), paths)) in by_partition.into_iter().enumerate() {
             let mut df = count_parts(scan_files(&paths)?, true).collect()?;
             part_counts_schema(&mut df)?;
@@ -982,10 +1038,7 @@ impl Commit<'_> {
         write_file(&path, df, self.ds.fsync)?;
         let size = std::fs::metadata(&path).map_err(io(&path))?.len();
         let add = add_action(rel, &date, site, size, df.height() as u64, None);
-        self.files
-            .entry(name)
-            .or_default()
-            .push((add, df.clear()));
+        self.files.entry(name).or_default().push((add, df.clear()));
         Ok(())
     }
 
