@@ -12,7 +12,7 @@ secs="${1:-300}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(mqtt_stream event_payload sync_batch)
+    targets=(mqtt_stream event_payload sync_batch sparkplug_session function_module)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # Its own target dir: nightly with sanitizers shares nothing with the main build.

@@ -28,6 +28,8 @@ mod api;
 pub mod broker;
 pub mod config;
 pub mod functions;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ingest;
 mod maintenance;
 mod mqtt;
