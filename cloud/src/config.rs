@@ -110,6 +110,43 @@ impl Default for DatasetConfig {
     }
 }
 
+/// Where the dataset's tables live: the local disk (`data_dir`) by default, or an S3 bucket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `s3://bucket/prefix` (S3 or an S3-compatible store); unset: the tables are directories
+    /// in `data_dir`. Credentials come from the environment as the AWS SDKs read them
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, web identity,
+    /// container and instance credentials), never from this file.
+    pub url: Option<String>,
+    /// The endpoint of an S3-compatible store (`http://127.0.0.1:9000`); unset: AWS's for the
+    /// region (or `AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// The region; unset: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Allow an `http://` endpoint (a store on the same machine or in a test).
+    pub allow_http: bool,
+}
+
+impl StorageConfig {
+    /// The bucket and the prefix of `url` (`s3://bucket/a/b` → `bucket`, `a/b`), if set.
+    pub fn bucket(&self) -> Result<Option<(String, String)>, String> {
+        let Some(u) = &self.url else { return Ok(None) };
+        let parsed = url::Url::parse(u).map_err(|e| format!("`{u}` is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "s3" | "s3a") {
+            return Err(format!(
+                "`{u}`: only s3:// (S3 and S3-compatible stores) is supported; leave it unset for the local disk"
+            ));
+        }
+        let bucket = parsed.host_str().unwrap_or_default();
+        if bucket.is_empty() {
+            return Err(format!("`{u}` names no bucket (s3://bucket/prefix)"));
+        }
+        let prefix = parsed.path().trim_matches('/').to_owned();
+        Ok(Some((bucket.to_owned(), prefix)))
+    }
+}
+
 /// Master data: machines and the shift calendar.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -132,6 +169,8 @@ pub struct CloudConfig {
     pub http: HttpConfig,
     /// The dataset.
     pub dataset: DatasetConfig,
+    /// Where the dataset's tables are stored.
+    pub storage: StorageConfig,
     /// Edges allowed to sync, by edge id.
     pub edges: BTreeMap<String, EdgeAuth>,
     /// Master data.
@@ -144,6 +183,7 @@ impl Default for CloudConfig {
             data_dir: PathBuf::from("data/cloud"),
             http: HttpConfig::default(),
             dataset: DatasetConfig::default(),
+            storage: StorageConfig::default(),
             edges: BTreeMap::new(),
             master: MasterConfig::default(),
         }
@@ -206,6 +246,23 @@ impl CloudConfig {
         if self.http.max_batch_bytes < 1024 || self.http.max_batch_raw_bytes < 1024 {
             return invalid("http.max_batch_bytes", "at least 1024");
         }
+        if let Err(reason) = self.storage.bucket() {
+            return invalid("storage.url", &reason);
+        }
+        if let Some(e) = &self.storage.endpoint {
+            match url::Url::parse(e) {
+                Ok(u)
+                    if u.scheme() == "https"
+                        || (u.scheme() == "http" && self.storage.allow_http) => {}
+                Ok(u) if u.scheme() == "http" => {
+                    return invalid(
+                        "storage.endpoint",
+                        "an http:// endpoint needs storage.allow_http = true",
+                    );
+                }
+                _ => return invalid("storage.endpoint", "an http(s):// URL"),
+            }
+        }
         if self.dataset.compaction_min_files < 2 {
             return invalid("dataset.compaction_min_files", "at least 2");
         }
@@ -253,5 +310,19 @@ mod tests {
             .contains("edge ids")
         );
         assert_eq!(token_digest("abc").len(), 64);
+        assert!(err(&|c| c.storage.url = Some("gs://b/p".into())).contains("only s3://"));
+        assert!(err(&|c| c.storage.url = Some("s3:///p".into())).contains("names no bucket"));
+        assert!(
+            err(&|c| c.storage.endpoint = Some("http://127.0.0.1:9000".into()))
+                .contains("allow_http")
+        );
+        let s = StorageConfig {
+            url: Some("s3://plant-data/millrace/prod/".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.bucket().unwrap(),
+            Some(("plant-data".into(), "millrace/prod".into()))
+        );
     }
 }

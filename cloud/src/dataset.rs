@@ -42,6 +42,7 @@ mod compaction;
 mod delta;
 mod ledger;
 mod legacy;
+mod storage;
 
 use std::fs::File;
 use std::io::Write;
@@ -79,6 +80,14 @@ pub enum DatasetError {
         /// Whether trying again may work.
         retryable: bool,
     },
+    /// The object store refused or did not answer.
+    #[error("storage: {message}")]
+    Storage {
+        /// What went wrong, with a hint.
+        message: String,
+        /// Whether trying again may work.
+        retryable: bool,
+    },
     /// Another node committed a batch of the same edge at the same time: what is stored must
     /// be checked again before this batch is.
     #[error("a concurrent commit of the same edge's data on table {0}")]
@@ -98,7 +107,7 @@ impl DatasetError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Io { .. } | Self::Conflict(_) => true,
-            Self::Delta { retryable, .. } => *retryable,
+            Self::Delta { retryable, .. } | Self::Storage { retryable, .. } => *retryable,
             _ => false,
         }
     }
@@ -203,6 +212,14 @@ fn write_file(path: &Path, df: &mut DataFrame, fsync: bool) -> Result<(), Datase
     Ok(())
 }
 
+/// The Parquet writer of data files (zstd; event files in row groups of
+/// [`EVENTS_ROW_GROUP`] rows).
+fn parquet_writer<W: std::io::Write>(w: W, events: bool) -> ParquetWriter<W> {
+    ParquetWriter::new(w)
+        .with_compression(ParquetCompression::Zstd(None))
+        .with_row_group_size(events.then_some(EVENTS_ROW_GROUP))
+}
+
 /// Writes `df` as Parquet to `tmp` and makes it durable.
 fn write_tmp(path: &Path, tmp: &Path, df: &mut DataFrame, fsync: bool) -> Result<(), DatasetError> {
     let f = File::create(tmp).map_err(io(tmp))?;
@@ -210,10 +227,7 @@ fn write_tmp(path: &Path, tmp: &Path, df: &mut DataFrame, fsync: bool) -> Result
     let events = path
         .components()
         .any(|c| c.as_os_str() == Table::Events.as_str());
-    ParquetWriter::new(&mut w)
-        .with_compression(ParquetCompression::Zstd(None))
-        .with_row_group_size(events.then_some(EVENTS_ROW_GROUP))
-        .finish(df)?;
+    parquet_writer(&mut w, events).finish(df)?;
     let mut f = w.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
     f.flush().map_err(io(tmp))?;
     if fsync {

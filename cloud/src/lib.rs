@@ -80,9 +80,11 @@ impl Cloud {
     pub async fn start(cfg: CloudConfig) -> Result<Self, CloudError> {
         let started = Instant::now();
         let metrics = metrics_handle();
-        let (dir, fsync) = (cfg.data_dir.clone(), cfg.dataset.fsync);
-        let dataset =
-            Arc::new(tokio::task::spawn_blocking(move || Dataset::open(&dir, fsync)).await??);
+        let (dir, fsync, storage) = (cfg.data_dir.clone(), cfg.dataset.fsync, cfg.storage.clone());
+        let dataset = Arc::new(
+            tokio::task::spawn_blocking(move || Dataset::open_with(&storage, &dir, fsync))
+                .await??,
+        );
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         if cfg.edges.is_empty() {
             tracing::warn!("no edges configured ([edges]): every sync request will be refused");
@@ -175,7 +177,7 @@ impl Cloud {
                 .await;
             }
         });
-        tracing::info!(http = %addr, data_dir = %cfg.data_dir.display(), edges = cfg.edges.len(), "cloud started");
+        tracing::info!(http = %addr, data_dir = %cfg.data_dir.display(), tables = %dataset.location(), edges = cfg.edges.len(), "cloud started");
         Ok(Self {
             addr,
             dataset,

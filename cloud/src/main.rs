@@ -104,6 +104,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate { json } => {
             let cfg = CloudConfig::load(cli.config.as_deref())?;
+            if cfg.storage.url.is_some() {
+                anyhow::bail!(
+                    "migrate converts a dataset of an older version in data_dir on the local disk; unset storage.url to run it, then copy the converted tables to the bucket"
+                );
+            }
             let dir = cfg.data_dir.clone();
             let summary = tokio::task::spawn_blocking(move || {
                 let had_manifest = dir.join("manifest.log").exists();

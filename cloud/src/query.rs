@@ -193,7 +193,13 @@ pub(crate) fn date_range(from_ms: i64, to_ms: i64) -> (String, String) {
 /// Scans `table` for `sel` (partition-pruned, filtered); `None` when no file is in range.
 pub fn scan(ds: &Dataset, table: Table, sel: &Selection) -> PolarsResult<Option<LazyFrame>> {
     let (a, b) = date_range(sel.from_ms, sel.to_ms);
-    let files = ds.files(table, Some((&a, &b)), sel.sites.as_deref());
+    // Storage trouble (a bucket that does not answer) is an I/O error: the API answers 503.
+    let files = ds
+        .files(table, Some((&a, &b)), sel.sites.as_deref())
+        .map_err(|e| PolarsError::IO {
+            error: std::sync::Arc::new(std::io::Error::other(e.to_string())),
+            msg: None,
+        })?;
     if files.is_empty() {
         return Ok(None);
     }

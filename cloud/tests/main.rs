@@ -186,7 +186,8 @@ fn an_interrupted_commit_leaves_nothing_behind() {
     drop(ds);
     let ds = Dataset::open(dir.path(), true).unwrap();
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 160)]);
-    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None)).unwrap();
+    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None).unwrap())
+        .unwrap();
     assert_eq!(df.height() as u64, telemetry + 16);
 }
 
@@ -215,10 +216,10 @@ fn compaction_keeps_every_row_and_the_ledger() {
             .unwrap();
     }
     let (before_t, before_e) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
-    let listed = ds.files(Table::Telemetry, None, None);
+    let listed = ds.files(Table::Telemetry, None, None).unwrap();
     let removed = ds.compact(3).unwrap();
     assert!(removed > 0);
-    assert!(ds.files(Table::Telemetry, None, None).len() < listed.len());
+    assert!(ds.files(Table::Telemetry, None, None).unwrap().len() < listed.len());
     // A query that listed the files before the compaction can still read them.
     let df = millrace_cloud::dataset::read_files(&listed).unwrap();
     assert_eq!(df.height() as u64, before_t);
@@ -228,7 +229,8 @@ fn compaction_keeps_every_row_and_the_ledger() {
     assert!(listed.iter().all(|p| !p.exists()));
     assert_eq!(rows(&ds, Table::Telemetry), before_t);
     assert_eq!(rows(&ds, Table::Events), before_e);
-    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None)).unwrap();
+    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None).unwrap())
+        .unwrap();
     assert_eq!(df.height() as u64, before_t);
     drop(ds);
     let ds = Dataset::open(dir.path(), true).unwrap();
@@ -332,14 +334,14 @@ fn part_counts_per_minute_equal_the_raw_events_across_batches_and_compaction() {
     let removed = ds.compact(2).unwrap();
     assert!(removed > 0);
     assert_eq!(
-        ds.files(Table::PartCounts, None, None).len(),
+        ds.files(Table::PartCounts, None, None).unwrap().len(),
         8,
         "one file per date (4) and site (2)"
     );
     check(&ds);
     // Compacted event files are sorted by kind, then time (scans for state changes skip the
     // row groups of parts).
-    for f in ds.files(Table::Events, None, None) {
+    for f in ds.files(Table::Events, None, None).unwrap() {
         let df = millrace_cloud::dataset::read_files(&[f]).unwrap();
         let kinds: Vec<String> = df
             .column("kind")
@@ -400,7 +402,8 @@ fn a_dataset_of_the_manifest_layout_is_converted_once_with_nothing_lost() {
     assert_eq!(rows(&ds, Table::Telemetry), want_t);
     assert_eq!(rows(&ds, Table::Events), want_e);
     // What the files hold, read through the new tables' snapshots.
-    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None)).unwrap();
+    let df = millrace_cloud::dataset::read_files(&ds.files(Table::Telemetry, None, None).unwrap())
+        .unwrap();
     assert_eq!(df.height() as u64, want_t);
     let t0 = 1_767_600_000_000i64;
     let raw = minutes(&ds, t0, t0 + 4 * 86_400_000, false);
@@ -422,11 +425,11 @@ fn a_dataset_of_the_manifest_layout_is_converted_once_with_nothing_lost() {
     assert_eq!((again.stored, again.duplicates), (0, 100));
     let next = millrace_cloud::sync::store(&ds, "e1", &items(3201, 100), &[], &[], 9).unwrap();
     assert_eq!(next.stored, 100);
-    let files = ds.files(Table::Telemetry, None, None).len();
+    let files = ds.files(Table::Telemetry, None, None).unwrap().len();
     drop(ds);
     // Once: opened again, nothing is converted twice.
     let ds = Dataset::open(dir.path(), true).unwrap();
-    assert_eq!(ds.files(Table::Telemetry, None, None).len(), files);
+    assert_eq!(ds.files(Table::Telemetry, None, None).unwrap().len(), files);
     assert_eq!(
         ds.edges()["e1"].received.ranges(),
         &[(1, 2100), (2201, 3300)]
@@ -463,10 +466,13 @@ fn a_dataset_of_the_first_layout_gets_its_part_counts_when_converted() {
     let raw = minutes(&ds, t0, t0 + 4 * 86_400_000, false);
     assert!(!raw.is_empty());
     assert!(minutes(&ds, t0, t0 + 4 * 86_400_000, true) == raw);
-    let files = ds.files(Table::PartCounts, None, None).len();
+    let files = ds.files(Table::PartCounts, None, None).unwrap().len();
     drop(ds);
     let ds = Dataset::open(dir.path(), true).unwrap();
-    assert_eq!(ds.files(Table::PartCounts, None, None).len(), files);
+    assert_eq!(
+        ds.files(Table::PartCounts, None, None).unwrap().len(),
+        files
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ use crate::sparkplug::{Host, MachineMapping, Publisher, SparkplugConfig, StateMa
 
 /// A Sparkplug host with one mapped device (`g/n/d`: telemetry, state, good and scrap
 /// counters) and one mapped node (`g/n2`), recording what it publishes.
+#[derive(Debug)]
 pub struct SparkplugHost {
     host: Host,
     sent: Arc<Mutex<usize>>,

@@ -1,9 +1,10 @@
 """Reads the cloud's Delta tables with two readers no one here wrote: delta-rs (the `deltalake`
 package and its own SQL engine) and DuckDB with its `delta` extension.
 
-Usage: delta_readers.py DATA_DIR
+Usage: delta_readers.py DATA_DIR | s3://BUCKET/PREFIX
 Prints one JSON object: per reader, the rows of each table, parts per machine and outcome, and
-temperature readings per machine.
+temperature readings per machine. On S3 (credentials and AWS_ENDPOINT_URL from the environment)
+only delta-rs reads: DuckDB's S3 access needs its httpfs extension, which is not installed here.
 """
 
 import json
@@ -36,10 +37,37 @@ def shape(rows, parts, temperature):
     return out
 
 
+def is_s3(data):
+    return data.startswith("s3://")
+
+
+def uri(data, table):
+    return f"{data.rstrip('/')}/{table}" if is_s3(data) else os.path.join(data, table)
+
+
+def storage_options(data):
+    if not is_s3(data):
+        return None
+    opts = {"AWS_ALLOW_HTTP": "true"}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        opts["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
+    return opts
+
+
+def exists(data, table):
+    if not is_s3(data):
+        return os.path.isdir(os.path.join(data, table, "_delta_log"))
+    try:
+        deltalake.DeltaTable(uri(data, table), storage_options=storage_options(data))
+        return True
+    except deltalake.exceptions.TableNotFoundError:
+        return False
+
+
 def with_deltalake(data, tables):
     q = deltalake.QueryBuilder()
     for t in tables:
-        q.register(t, deltalake.DeltaTable(os.path.join(data, t)))
+        q.register(t, deltalake.DeltaTable(uri(data, t), storage_options=storage_options(data)))
 
     def run(sql):
         t = pa.table(q.execute(sql).read_all())
@@ -63,8 +91,11 @@ def with_duckdb(data, tables):
 
 def main():
     data = sys.argv[1]
-    tables = [t for t in TABLES if os.path.isdir(os.path.join(data, t, "_delta_log"))]
-    print(json.dumps({"deltalake": with_deltalake(data, tables), "duckdb": with_duckdb(data, tables)}))
+    tables = [t for t in TABLES if exists(data, t)]
+    readers = {"deltalake": with_deltalake(data, tables)}
+    if not is_s3(data):
+        readers["duckdb"] = with_duckdb(data, tables)
+    print(json.dumps(readers))
 
 
 if __name__ == "__main__":

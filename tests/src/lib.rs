@@ -245,6 +245,8 @@ pub struct FaultProxy {
     /// The address clients connect to.
     pub addr: std::net::SocketAddr,
     mode: Arc<tokio::sync::watch::Sender<Fault>>,
+    /// Where connections go (a load balancer moves it: [`FaultProxy::switch_to`]).
+    upstream: Arc<Mutex<std::net::SocketAddr>>,
     /// Replies thrown away in [`Fault::LoseReplies`] mode.
     pub lost_replies: Arc<std::sync::atomic::AtomicU64>,
     _runtime: tokio::runtime::Runtime,
@@ -266,6 +268,8 @@ impl FaultProxy {
         let (tx, rx) = tokio::sync::watch::channel(Fault::Pass);
         let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let lost2 = lost.clone();
+        let target = Arc::new(Mutex::new(upstream));
+        let target2 = target.clone();
         runtime.spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -273,6 +277,7 @@ impl FaultProxy {
                 };
                 let mut rx = rx.clone();
                 let lost = lost2.clone();
+                let upstream = *target2.lock().unwrap();
                 tokio::spawn(async move {
                     let mode = *rx.borrow_and_update();
                     match mode {
@@ -326,6 +331,7 @@ impl FaultProxy {
         Self {
             addr,
             mode: Arc::new(tx),
+            upstream: target,
             lost_replies: lost,
             _runtime: runtime,
         }
@@ -334,6 +340,13 @@ impl FaultProxy {
     /// Changes what the proxy does; connections open now are closed.
     pub fn set(&self, fault: Fault) {
         self.mode.send_replace(fault);
+    }
+
+    /// Sends new connections to `upstream` and closes those open now (a load balancer taking
+    /// a node out).
+    pub fn switch_to(&self, upstream: std::net::SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
+        self.mode.send_modify(|_| {});
     }
 
     /// The proxy as an `http://` base URL.
@@ -468,4 +481,65 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
         cert.to_str().unwrap(),
     ]));
     (cert, key)
+}
+
+/// An S3 server on 127.0.0.1 (moto's, from `tests/python/requirements.txt`), empty, on a port of
+/// its own; stopped when dropped.
+#[derive(Debug)]
+pub struct S3Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl S3Server {
+    /// Starts the server.
+    pub fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start moto's S3 server");
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let endpoint = loop {
+            let line = lines
+                .next()
+                .expect("the S3 server exited before it started")
+                .expect("read");
+            if let Some(i) = line.find("http://127.0.0.1:") {
+                break line[i..].trim().to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, endpoint }
+    }
+
+    /// Creates bucket `name`.
+    pub fn create_bucket(&self, name: &str) {
+        let out = run_ok(Command::new("curl").args([
+            "-fsS",
+            "-X",
+            "PUT",
+            &format!("{}/{name}", self.endpoint),
+        ]));
+        assert!(out.status.success());
+    }
+
+    /// The environment a client of this server needs (credentials the server accepts).
+    pub fn env(&self) -> [(&'static str, &'static str); 3] {
+        [
+            ("AWS_ACCESS_KEY_ID", "millrace-test"),
+            ("AWS_SECRET_ACCESS_KEY", "millrace-test-secret"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 mod dashboard;
 mod faults;
+mod object_storage;
 mod sparkplug;
 
 /// The directory holding the workspace's binaries (`target/debug`), next to this test's `deps/`.

@@ -79,7 +79,7 @@ impl From<QueryError> for ApiError {
             QueryError::Invalid(m) => Self::BadRequest(m),
             QueryError::NotFound(m) => Self::NotFound(m),
             QueryError::Dataset(e) => e.into(),
-            QueryError::Polars(e) => Self::Internal(e.to_string()),
+            QueryError::Polars(e) => e.into(),
         }
     }
 }
@@ -120,6 +120,11 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
 
 impl From<polars::prelude::PolarsError> for ApiError {
     fn from(e: polars::prelude::PolarsError) -> Self {
+        if matches!(e, polars::prelude::PolarsError::IO { .. }) {
+            // Files that could not be read (storage trouble): retry later.
+            tracing::error!(error = %e, "dataset unavailable");
+            return Self::Unavailable(format!("storage unavailable, retry later: {e}"));
+        }
         Self::Internal(e.to_string())
     }
 }

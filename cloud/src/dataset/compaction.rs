@@ -10,7 +10,7 @@ use deltalake_core::protocol::DeltaOperation;
 use polars::prelude::*;
 
 use super::delta::{BATCHES, FileView, add_action, merge_tags, unique};
-use super::{Dataset, DatasetError, Table, io, part_counts_schema, read_files, scan_files};
+use super::{Dataset, DatasetError, Table, part_counts_schema, read_files, scan_files};
 use crate::schema::{events, part_counts, telemetry};
 
 impl Dataset {
@@ -48,7 +48,8 @@ impl Dataset {
             if old.len() < min_files.max(2) {
                 continue;
             }
-            let paths: Vec<PathBuf> = old.iter().map(|f| self.dir.join(&f.file.path)).collect();
+            let files: Vec<_> = old.iter().map(|f| f.file.clone()).collect();
+            let paths: Vec<PathBuf> = self.read_paths(&files)?;
             let mut df = match table {
                 Some(Table::Telemetry | Table::Alerts) => {
                     read_files(&paths)?.sort([telemetry::TS], SortMultipleOptions::default())?
@@ -74,12 +75,17 @@ impl Dataset {
                 Some(_) => format!("date={date}/site={site}/compacted-{}.parquet", unique()),
                 None => format!("date={date}/compacted-{}.parquet", unique()),
             };
-            let path = self.dir.join(name).join(&rel);
-            super::write_file(&path, &mut df, self.fsync)?;
-            let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+            let size = self.storage.put(self.runtime(), name, &rel, &mut df)?;
             let tags: Vec<_> = old.iter().filter_map(|f| f.tag.as_ref()).collect();
             let tag = (!tags.is_empty()).then(|| merge_tags(tags));
-            let mut add = add_action(rel, &date, &site, size, df.height() as u64, tag.as_ref());
+            let mut add = add_action(
+                rel.clone(),
+                &date,
+                &site,
+                size,
+                df.height() as u64,
+                tag.as_ref(),
+            );
             add.data_change = false;
             if table.is_none() {
                 add.partition_values.remove("site");
@@ -123,8 +129,13 @@ impl Dataset {
                 Ok(_) => removed += old.len(),
                 Err(e) => {
                     // Nothing names it: it must not fill the disk that perhaps just ran out.
-                    let _ = std::fs::remove_file(&path);
-                    if matches!(e, DatasetError::Conflict(_) | DatasetError::Delta { .. }) {
+                    self.storage.delete(self.runtime(), name, &rel);
+                    if matches!(
+                        e,
+                        DatasetError::Conflict(_)
+                            | DatasetError::Delta { .. }
+                            | DatasetError::Storage { .. }
+                    ) {
                         // Another node compacted these files first.
                         tracing::warn!(table = name, error = %e, "compaction of a partition skipped");
                         continue;
@@ -148,6 +159,12 @@ impl Dataset {
                     tracing::warn!(table = name, error = %e, "vacuum failed; tried again later")
                 }
             }
+        }
+        // On a bucket: cached copies of files no snapshot names any more.
+        let live = self.live_files();
+        let pruned = self.storage.prune_cache(&live);
+        if pruned > 0 {
+            tracing::debug!(files = pruned, "cached copies of retired files removed");
         }
         deleted
     }

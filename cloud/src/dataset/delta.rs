@@ -16,10 +16,12 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::legacy::{MANIFEST, Manifest};
+use super::storage::Storage;
 use super::{
     DataFile, DatasetError, EdgeLedger, Table, count_parts, io, part_counts_schema, scan_files,
-    sync_dir, write_file,
+    write_file,
 };
+use crate::config::StorageConfig;
 use crate::schema::alerts;
 
 /// The table of stored batches: one row per batch, the ledger in its files' tags.
@@ -200,7 +202,7 @@ impl View {
 /// Runs `f` on the dataset's runtime and waits for it; from a thread that is inside another
 /// runtime (a caller that did not move the work off its async workers, or a test), on a
 /// thread of its own, since a runtime cannot be blocked on from within one.
-fn block_on<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+pub(super) fn block_on<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
 where
     F: std::future::Future + Send,
     F::Output: Send,
@@ -216,7 +218,9 @@ where
     }
 }
 
-fn delta_err(table: &'static str) -> impl Fn(deltalake_core::DeltaTableError) -> DatasetError {
+pub(super) fn delta_err(
+    table: &'static str,
+) -> impl Fn(deltalake_core::DeltaTableError) -> DatasetError {
     move |e| {
         use deltalake_core::DeltaTableError as E;
         let retryable = matches!(
@@ -253,7 +257,9 @@ fn static_name(name: &str) -> &'static str {
 
 /// The dataset. Methods block (storage, Polars): call them off the async runtime.
 pub struct Dataset {
+    /// The local data directory: the tables (local storage) or the cache of their files.
     pub(super) dir: PathBuf,
+    pub(super) storage: Storage,
     rt: Option<tokio::runtime::Runtime>,
     /// The Delta tables, by name (`None` until the first commit creates it).
     tables: BTreeMap<&'static str, Mutex<Option<DeltaTable>>>,
@@ -268,7 +274,9 @@ pub struct Dataset {
 
 impl std::fmt::Debug for Dataset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dataset").field("dir", &self.dir).finish()
+        f.debug_struct("Dataset")
+            .field("storage", &self.storage)
+            .finish()
     }
 }
 
@@ -284,6 +292,26 @@ impl Dataset {
     /// Opens (creating if needed) the dataset in `dir`; a dataset of the layout before Delta
     /// (`manifest.log`) is converted first, once.
     pub fn open(dir: &Path, fsync: bool) -> Result<Self, DatasetError> {
+        Self::open_in(Storage::local(dir, fsync), fsync)
+    }
+
+    /// Opens the dataset where `storage` says: the local disk (`data_dir`, as [`Dataset::open`])
+    /// or an S3 bucket, with the cache of read files in `data_dir/cache`. A bucket that cannot be
+    /// listed (wrong credentials, no such bucket, no answer) is an error here.
+    pub fn open_with(
+        storage: &StorageConfig,
+        data_dir: &Path,
+        fsync: bool,
+    ) -> Result<Self, DatasetError> {
+        match storage.url {
+            None => Self::open(data_dir, fsync),
+            Some(_) => Self::open_in(Storage::s3(storage, &data_dir.join("cache"))?, fsync),
+        }
+    }
+
+    fn open_in(storage: Storage, fsync: bool) -> Result<Self, DatasetError> {
+        let dir = storage.dir.clone();
+        let dir = dir.as_path();
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -291,13 +319,15 @@ impl Dataset {
             .enable_all()
             .build()
             .map_err(io(dir))?;
+        block_on(&rt, storage.check())?;
         let mut tables = BTreeMap::new();
         for name in NAMES {
-            let t = block_on(&rt, Self::load(dir, name))?;
+            let t = block_on(&rt, storage.load(name))?;
             tables.insert(name, Mutex::new(t));
         }
         let ds = Self {
             dir: dir.to_owned(),
+            storage,
             rt: Some(rt),
             tables,
             view: RwLock::new(View::default()),
@@ -306,7 +336,7 @@ impl Dataset {
             refreshed: Mutex::new(Instant::now()),
         };
         ds.rebuild_view()?;
-        if dir.join(MANIFEST).exists() {
+        if ds.storage.is_local() && dir.join(MANIFEST).exists() {
             ds.migrate()?;
         }
         Ok(ds)
@@ -324,30 +354,6 @@ impl Dataset {
     /// also in synchronous calls).
     pub(super) fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
         self.rt.as_ref().expect("runtime until dropped").enter()
-    }
-
-    fn url(dir: &Path, name: &str) -> Result<url::Url, DatasetError> {
-        let path = dir.join(name);
-        std::fs::create_dir_all(&path).map_err(io(&path))?;
-        let path = path.canonicalize().map_err(io(&path))?;
-        url::Url::from_directory_path(&path).map_err(|()| DatasetError::Delta {
-            table: static_name(name),
-            message: format!("{} is not an absolute path", path.display()),
-            retryable: false,
-        })
-    }
-
-    async fn load(dir: &Path, name: &str) -> Result<Option<DeltaTable>, DatasetError> {
-        let name = static_name(name);
-        if !dir.join(name).join("_delta_log").exists() {
-            return Ok(None);
-        }
-        let url = Self::url(dir, name)?;
-        match deltalake_core::open_table(url).await {
-            Ok(t) => Ok(Some(t)),
-            Err(deltalake_core::DeltaTableError::NotATable(_)) => Ok(None),
-            Err(e) => Err(delta_err(name)(e)),
-        }
     }
 
     fn table(&self, name: &str) -> MutexGuard<'_, Option<DeltaTable>> {
@@ -405,7 +411,7 @@ impl Dataset {
             let before = t.as_ref().and_then(DeltaTable::version);
             match t.as_mut() {
                 Some(dt) => self.block_on(dt.update_state()).map_err(delta_err(name))?,
-                None => *t = self.block_on(Self::load(&self.dir, name))?,
+                None => *t = self.block_on(self.storage.load(name))?,
             }
             let after = t.as_ref().and_then(DeltaTable::version);
             if after != before
@@ -451,6 +457,16 @@ impl Dataset {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Paths (relative to the dataset's root) of every file of every table's current snapshot.
+    pub(super) fn live_files(&self) -> BTreeSet<String> {
+        let v = self.view.read().expect("view lock");
+        v.tables
+            .values()
+            .chain([&v.batches])
+            .flat_map(|tv| tv.files.iter().map(|f| f.file.path.clone()))
+            .collect()
     }
 
     /// The current snapshot's files of `sync_batches`.
@@ -521,18 +537,34 @@ impl Dataset {
         Ok(deleted)
     }
 
-    /// Absolute paths of a table's files in its current snapshot, optionally only of some
-    /// dates (inclusive range) and sites.
+    /// Local paths of a table's files in its current snapshot, optionally only of some dates
+    /// (inclusive range) and sites (on a bucket: in the cache, fetched first if missing).
     pub fn files(
         &self,
         table: Table,
         dates: Option<(&str, &str)>,
         sites: Option<&[String]>,
-    ) -> Vec<PathBuf> {
-        self.file_views(table, dates, sites)
+    ) -> Result<Vec<PathBuf>, DatasetError> {
+        let files: Vec<DataFile> = self
+            .file_views(table, dates, sites)
             .into_iter()
-            .map(|f| self.dir.join(&f.file.path))
-            .collect()
+            .map(|f| f.file)
+            .collect();
+        self.read_paths(&files)
+    }
+
+    /// Local paths to read `files` from (see [`Dataset::files`]).
+    pub(super) fn read_paths(&self, files: &[DataFile]) -> Result<Vec<PathBuf>, DatasetError> {
+        self.storage.read_paths(self.runtime(), files)
+    }
+
+    pub(super) fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime until dropped")
+    }
+
+    /// Where the tables are, for people (a directory or `s3://bucket/prefix/`).
+    pub fn location(&self) -> String {
+        self.storage.describe()
     }
 
     /// Number of files and rows per table.
@@ -607,9 +639,11 @@ impl Dataset {
         } else {
             &["date", "site"]
         };
-        let url = Self::url(&self.dir, name)?;
-        let mut b = CreateBuilder::new()
-            .with_location(url.as_str())
+        let mut b = match self.storage.log_store(name)? {
+            Some(log_store) => CreateBuilder::new().with_log_store(log_store),
+            None => CreateBuilder::new().with_location(self.storage.table_url(name)?.as_str()),
+        };
+        b = b
             .with_table_name(name)
             .with_save_mode(SaveMode::Ignore)
             .with_partition_columns(partitions.iter().copied())
@@ -628,7 +662,7 @@ impl Dataset {
             Ok(dt) => dt,
             // Another node created it first.
             Err(_) => {
-                self.block_on(Self::load(&self.dir, name))?
+                self.block_on(self.storage.load(name))?
                     .ok_or_else(|| DatasetError::Delta {
                         table: name,
                         message: "cannot create the table".into(),
@@ -641,20 +675,8 @@ impl Dataset {
         Ok(t)
     }
 
-    /// Makes a committed log entry durable on a local disk (object stores are).
     fn fsync_log(&self, name: &str, version: Option<u64>) -> Result<(), DatasetError> {
-        if !self.fsync {
-            return Ok(());
-        }
-        let log = self.dir.join(name).join("_delta_log");
-        if let Some(v) = version {
-            let p = log.join(format!("{v:020}.json"));
-            if let Ok(f) = std::fs::File::open(&p) {
-                f.sync_all().map_err(io(&p))?;
-            }
-        }
-        sync_dir(&log)?;
-        sync_dir(&self.dir.join(name))
+        self.storage.fsync_log(name, version)
     }
 
     /// Commits `actions` to table `name` (which exists) as one Delta commit; `edge`: the
@@ -880,10 +902,8 @@ impl Dataset {
             edge.unwrap_or("migrated"),
             unique()
         );
-        let path = self.dir.join(BATCHES).join(&rel);
-        write_file(&path, &mut df, self.fsync)?;
-        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
-        let mut add = add_action(rel, &date, "", size, df.height() as u64, Some(&tag));
+        let size = self.storage.put(self.runtime(), BATCHES, &rel, &mut df)?;
+        let mut add = add_action(rel.clone(), &date, "", size, df.height() as u64, Some(&tag));
         add.partition_values.remove("site");
         let mut t = self.ensure_table(BATCHES, &df)?;
         let committed = self.commit_actions(
@@ -898,7 +918,7 @@ impl Dataset {
             },
         );
         if committed.is_err() {
-            let _ = std::fs::remove_file(&path);
+            self.storage.delete(self.runtime(), BATCHES, &rel);
         }
         committed.map(|_| ())
     }
@@ -992,8 +1012,8 @@ pub(crate) struct Commit<'a> {
     received_ms: i64,
     /// Per table: the adds written, not committed yet.
     files: BTreeMap<&'static str, Vec<(Add, DataFrame)>>,
-    /// Paths written and not (yet) committed.
-    written: Vec<PathBuf>,
+    /// Files written and not (yet) committed: table, path relative to it.
+    written: Vec<(&'static str, String)>,
 }
 
 impl Commit<'_> {
@@ -1033,10 +1053,8 @@ impl Commit<'_> {
             self.edge,
             unique()
         );
-        let path = self.ds.dir.join(name).join(&rel);
-        self.written.push(path.clone());
-        write_file(&path, df, self.ds.fsync)?;
-        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+        self.written.push((name, rel.clone()));
+        let size = self.ds.storage.put(self.ds.runtime(), name, &rel, df)?;
         let add = add_action(rel, &date, site, size, df.height() as u64, None);
         self.files.entry(name).or_default().push((add, df.clear()));
         Ok(())
@@ -1088,8 +1106,7 @@ impl Commit<'_> {
                     predicate: None,
                 },
             )?;
-            let prefix = self.ds.dir.join(name);
-            self.written.retain(|p| !p.starts_with(&prefix));
+            self.written.retain(|(table, _)| *table != name);
         }
         let (stored, duplicates, points) = counts;
         let tag: LedgerTag = BTreeMap::from([(
@@ -1117,8 +1134,8 @@ impl Commit<'_> {
 
 impl Drop for Commit<'_> {
     fn drop(&mut self) {
-        for p in &self.written {
-            let _ = std::fs::remove_file(p);
+        for (table, rel) in &self.written {
+            self.ds.storage.delete(self.ds.runtime(), table, rel);
         }
     }
 }

@@ -1,0 +1,308 @@
+//! The cloud on object storage: two cloud nodes on one S3 bucket (moto's S3 server), edges
+//! failing over between them, a node killed with SIGKILL while it commits, and an outside
+//! reader (delta-rs) of the tables in the bucket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use millrace_tests::{FaultProxy, S3Server, free_port, read_json, run_ok, wait_until};
+use serde_json::Value;
+
+use super::{
+    CloudProcess, EdgeProcess, cloud_contents, contents_diff, edge_config, edge_contents,
+    edge_token, machine_id, paced_sim, sim_run, with_sync,
+};
+
+/// A cloud node's config: its own data directory (the cache) and port, the shared bucket, and
+/// the two edges' token digests.
+fn node_config(dir: &Path, name: &str, s3: &S3Server, digests: &[(&str, &str)]) -> PathBuf {
+    let mut text = format!(
+        "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[storage]\nurl = \"s3://plant-data/millrace\"\nendpoint = \"{}\"\nallow_http = true\n",
+        dir.join(name).display(),
+        free_port(),
+        s3.endpoint
+    );
+    for (edge, digest) in digests {
+        text.push_str(&format!("[edges.{edge}]\ntoken_sha256 = \"{digest}\"\n"));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn socket(c: &CloudProcess) -> std::net::SocketAddr {
+    c.http.trim_start_matches("http://").parse().unwrap()
+}
+
+/// The ledger of `edge` as node `c` reports it (`/api/v1/edges?ranges=true`).
+fn ledger(c: &CloudProcess, edge: &str) -> Value {
+    c.get("/api/v1/edges?ranges=true")["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["edge"] == edge)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn items(c: &CloudProcess, edge: &str) -> u64 {
+    ledger(c, edge)["items"].as_u64().unwrap_or(0)
+}
+
+/// A Prometheus counter's total over its labels.
+fn counter(c: &CloudProcess, name: &str) -> u64 {
+    let out = run_ok(Command::new("curl").args(["-fsS", &format!("{}/metrics", c.http)]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Waits for the simulator and the edge's outbox to be done, and returns the last outbox
+/// sequence number the edge gave out.
+fn drained(sim: &mut Child, edge: &EdgeProcess) -> u64 {
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "simulator finished: {status}");
+    assert!(
+        wait_until(Duration::from_secs(300), || {
+            let s = edge.get("/api/v1/sync");
+            s["outbox"]["items"]["events"] == 0 && s["outbox"]["items"]["telemetry"] == 0
+        }),
+        "outbox drained: {}",
+        edge.get("/api/v1/sync")
+    );
+    edge.get("/api/v1/sync")["outbox"]["next_seq"]
+        .as_u64()
+        .unwrap()
+        - 1
+}
+
+/// Every machine of `truth`: the cloud node holds exactly what the edge stored.
+fn assert_same_contents(edge: &EdgeProcess, node: &CloudProcess, truth: &Value) -> usize {
+    let (from, to) = (
+        truth["start_ms"].as_i64().unwrap(),
+        truth["end_ms"].as_i64().unwrap() + 1,
+    );
+    let mut events = 0;
+    for m in truth["machines"].as_array().unwrap() {
+        let id = machine_id(m);
+        let on_edge = edge_contents(edge, &id, from, to);
+        let in_cloud = cloud_contents(node, &id, from, to);
+        assert!(!on_edge.events.is_empty(), "{id}");
+        assert!(
+            on_edge == in_cloud,
+            "{id} ({}): contents differ\n{}",
+            node.http,
+            contents_diff(&on_edge, &in_cloud)
+        );
+        events += on_edge.events.len();
+    }
+    events
+}
+
+#[test]
+fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start();
+    s3.create_bucket("plant-data");
+    let env = s3.env();
+    let (t1, d1) = edge_token("e1");
+    let (t2, d2) = edge_token("e2");
+    let digests = [("e1", d1.as_str()), ("e2", d2.as_str())];
+    let cfg_a = node_config(dir.path(), "node-a", &s3, &digests);
+    let cfg_b = node_config(dir.path(), "node-b", &s3, &digests);
+    let a = CloudProcess::start_with_env(&cfg_a, &env);
+    let mut b = CloudProcess::start_with_env(&cfg_b, &env);
+
+    // Edge 1 reaches the cloud through a load balancer (starting on node A); edge 2 talks to
+    // node B directly. Both nodes commit to the same tables at the same time.
+    let lb = FaultProxy::start(socket(&a));
+    let start_edge = |name: &str, url: &str, token: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let config = edge_config(&d, 0);
+        with_sync(&config, url, "");
+        let env = [
+            ("MILLRACE_EDGE_EDGE_ID", name.to_owned()),
+            ("MILLRACE_EDGE_SYNC__TOKEN", token.to_owned()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        (EdgeProcess::start_with_env(&config, &env), d)
+    };
+    let (e1, d1) = start_edge("e1", &lb.url(), &t1);
+    let (e2, d2) = start_edge("e2", &b.http, &t2);
+    let truth1 = d1.join("truth.json");
+    let mut sim1 = paced_sim(&e1, "31", "2026-03-02T00:00:00Z", "1day", "10s", &truth1);
+    // Edge 2's factory is another site (its machines are not edge 1's).
+    let factory2 = d2.join("factory.toml");
+    std::fs::write(
+        &factory2,
+        "[[machines]]\nsite = \"plant-2\"\nline = \"line-1\"\nmachine = \"press-01\"\nideal_cycle_time_ms = 30000\n[[machines]]\nsite = \"plant-2\"\nline = \"line-1\"\nmachine = \"press-02\"\nideal_cycle_time_ms = 45000\n",
+    )
+    .unwrap();
+    let truth2 = d2.join("truth.json");
+    let mut sim2 = sim_run(&e2)
+        .args(["--config", factory2.to_str().unwrap()])
+        .args([
+            "--qos",
+            "1",
+            "--seed",
+            "32",
+            "--start",
+            "2026-03-02T00:00:00Z",
+        ])
+        .args(["--duration", "1day", "--telemetry-interval", "10s"])
+        .args(["--speed", "3600", "--quiet", "--truth"])
+        .arg(&truth2)
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    let timeout = Duration::from_secs(180);
+
+    // 1. Edge 1 on node A; node B sees A's commits (it reads the table, not A).
+    assert!(wait_until(timeout, || items(&a, "e1") > 0));
+    assert!(wait_until(timeout, || items(&b, "e1") > 0));
+    // 2. The load balancer moves edge 1 to node B in the middle of the stream.
+    let on_a = items(&a, "e1");
+    lb.switch_to(socket(&b));
+    assert!(wait_until(timeout, || items(&b, "e1") > on_a));
+    // 3. Node B is killed (SIGKILL) while both edges' batches are being committed on it; the
+    //    load balancer takes it out, edge 2 waits for it (its outbox keeps the data).
+    let before = items(&b, "e2");
+    assert!(wait_until(timeout, || items(&b, "e2") > before));
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    lb.switch_to(socket(&a));
+    let at_kill = items(&a, "e1");
+    assert!(wait_until(timeout, || items(&a, "e1") > at_kill));
+    // 4. Node B comes back (same data directory, same port); edge 1 moves back to it.
+    drop(b);
+    let b = CloudProcess::start_with_env(&cfg_b, &env);
+    lb.switch_to(socket(&b));
+
+    let last1 = drained(&mut sim1, &e1);
+    let last2 = drained(&mut sim2, &e2);
+    // Both nodes report both edges complete: every outbox sequence number once, no gap.
+    for node in [&a, &b] {
+        for (edge, last) in [("e1", last1), ("e2", last2)] {
+            assert!(
+                wait_until(timeout, || ledger(node, edge)["received"]
+                    == serde_json::json!([[1, last]])),
+                "{edge} on {}: {}",
+                node.http,
+                ledger(node, edge)
+            );
+            assert_eq!(ledger(node, edge)["gap_items"], 0);
+        }
+    }
+    // Full contents, machine by machine, on each node: exactly what each edge stored.
+    let (truth1, truth2) = (read_json(&truth1), read_json(&truth2));
+    for node in [&a, &b] {
+        let n1 = assert_same_contents(&e1, node, &truth1);
+        let n2 = assert_same_contents(&e2, node, &truth2);
+        assert!(n1 > 0 && n2 > 0);
+    }
+    // Conflicts between the nodes' commits happened and were retried, never lost.
+    let conflicts = counter(&a, "millrace_cloud_commit_conflicts_total")
+        + counter(&b, "millrace_cloud_commit_conflicts_total");
+    let retries = counter(&a, "millrace_cloud_commit_retries_total")
+        + counter(&b, "millrace_cloud_commit_retries_total");
+    eprintln!("two nodes: {conflicts} conflicts, {retries} commit retries");
+
+    // An outside reader of the bucket (delta-rs) counts what the edges sent.
+    let out = run_ok(
+        Command::new(millrace_tests::python())
+            .arg(super::manifest_dir().join("python/delta_readers.py"))
+            .arg("s3://plant-data/millrace")
+            .envs(env.iter().copied())
+            .env("AWS_ENDPOINT_URL", &s3.endpoint),
+    );
+    let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let read = &readers["deltalake"];
+    for truth in [&truth1, &truth2] {
+        for m in truth["machines"].as_array().unwrap() {
+            let id = machine_id(m);
+            for outcome in ["good", "scrap", "rework"] {
+                assert_eq!(
+                    read["parts"][&id][outcome].as_u64().unwrap_or(0),
+                    m["totals"][outcome].as_u64().unwrap(),
+                    "{id} {outcome}: {readers}"
+                );
+            }
+        }
+    }
+    let temperature: u64 = read["temperature"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        temperature,
+        truth1["events"]["telemetry"].as_u64().unwrap()
+            + truth2["events"]["telemetry"].as_u64().unwrap()
+    );
+    e1.stop();
+    e2.stop();
+    a.stop();
+    b.stop();
+}
+
+/// `millrace-cloud` with `storage` appended to a config; its exit status and stderr.
+fn cloud_fails_to_start(dir: &Path, storage: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let path = dir.join("bad-storage.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[storage]\n{storage}",
+            dir.join("bad").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(super::bin("millrace-cloud"))
+        .args(["--config", path.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start();
+    let env = s3.env();
+    let (ok, err) = cloud_fails_to_start(
+        dir.path(),
+        &format!(
+            "url = \"s3://no-such-bucket/x\"\nendpoint = \"{}\"\nallow_http = true\n",
+            s3.endpoint
+        ),
+        &env,
+    );
+    assert!(!ok, "started on a missing bucket");
+    assert!(err.contains("the bucket does not exist"), "{err}");
+    // Nothing listens on this port.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (ok, err) = cloud_fails_to_start(
+        dir.path(),
+        &format!("url = \"s3://plant-data/x\"\nendpoint = \"{dead}\"\nallow_http = true\n"),
+        &env,
+    );
+    assert!(!ok, "started without a store");
+    assert!(err.contains("does not answer"), "{err}");
+    // An http:// endpoint without allow_http, and a scheme that is not S3.
+    let (ok, err) = cloud_fails_to_start(
+        dir.path(),
+        &format!("url = \"s3://plant-data/x\"\nendpoint = \"{dead}\"\n"),
+        &env,
+    );
+    assert!(!ok && err.contains("storage.allow_http"), "{err}");
+    let (ok, err) = cloud_fails_to_start(dir.path(), "url = \"gs://plant-data/x\"\n", &env);
+    assert!(!ok && err.contains("only s3://"), "{err}");
+}
