@@ -92,9 +92,12 @@ impl Cloud {
 
         tasks.spawn(service::metrics_upkeep(metrics.clone(), stop.clone()));
 
+        // Commits (this node's and, read every second, other nodes'): live dashboards follow.
+        let commits = Arc::new(tokio::sync::watch::channel(0u64).0);
+
         // What other cloud nodes committed to the same tables, read every second.
         tasks.spawn({
-            let (ds, stop) = (dataset.clone(), stop.clone());
+            let (ds, stop, commits) = (dataset.clone(), stop.clone(), commits.clone());
             async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,7 +106,8 @@ impl Cloud {
                     let ds = ds.clone();
                     let pass = move || ds.refresh(std::time::Duration::from_millis(900));
                     match tokio::task::spawn_blocking(pass).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(false)) => {}
+                        Ok(Ok(true)) => commits.send_modify(|v| *v += 1),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "reading the tables' new commits failed")
                         }
@@ -152,13 +156,12 @@ impl Cloud {
             addr: cfg.http.listen,
             source,
         })?;
-        let (commits, _) = tokio::sync::watch::channel(0u64);
         let state = api::ApiState {
             dataset: dataset.clone(),
             cfg: Arc::new(cfg.clone()),
             metrics,
             started,
-            commits: Arc::new(commits),
+            commits,
             master: Arc::new(std::sync::RwLock::new(reports::Master::load(&cfg))),
             edge_reports: Default::default(),
             live_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_live_subscribers)),

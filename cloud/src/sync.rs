@@ -108,8 +108,19 @@ pub fn store(
     received_ms: i64,
 ) -> Result<SyncAck, SyncError> {
     let mut attempt = 0;
+    // Sequence numbers this node stored in an attempt that then lost a race on a later table:
+    // stored by this delivery, not duplicates, when the next attempt finds them held.
+    let mut ours = HashSet::new();
     loop {
-        match store_once(ds, edge, items, alert_items, dropped, received_ms) {
+        match store_once(
+            ds,
+            edge,
+            items,
+            alert_items,
+            dropped,
+            received_ms,
+            &mut ours,
+        ) {
             Err(SyncError::Dataset(DatasetError::Conflict(table))) if attempt < 10 => {
                 attempt += 1;
                 tracing::info!(
@@ -131,6 +142,7 @@ fn store_once(
     alert_items: &[AlertItem],
     dropped: &[SeqRange],
     received_ms: i64,
+    ours: &mut HashSet<u64>,
 ) -> Result<SyncAck, SyncError> {
     let commit = ds.begin_commit(edge, received_ms);
     let held = commit.held();
@@ -155,7 +167,15 @@ fn store_once(
         .iter()
         .filter(|a| !held(Table::Alerts.as_str(), a.seq) && seen.insert(a.seq))
         .collect();
-    let duplicates = (items.len() - fresh.len() + alert_items.len() - fresh_alerts.len()) as u64;
+    let reclaimed = items
+        .iter()
+        .map(|it| it.seq)
+        .chain(alert_items.iter().map(|a| a.seq))
+        .filter(|s| ours.contains(s))
+        .collect::<HashSet<u64>>()
+        .len() as u64;
+    let duplicates =
+        (items.len() - fresh.len() + alert_items.len() - fresh_alerts.len()) as u64 - reclaimed;
     let complete = ds.edges().get(edge).is_some_and(|l| {
         items.iter().all(|it| l.received.contains(it.seq))
             && alert_items.iter().all(|a| l.received.contains(a.seq))
@@ -171,7 +191,7 @@ fn store_once(
     if complete {
         // A batch sent again whole (its answer was lost): nothing to commit.
         return Ok(SyncAck {
-            stored: 0,
+            stored: reclaimed,
             duplicates,
             points: 0,
         });
@@ -292,13 +312,28 @@ fn store_once(
     let mut seqs = RangeSet::default();
     seqs.extend(items.iter().map(|it| it.seq));
     seqs.extend(alert_items.iter().map(|a| a.seq));
-    let stored = (fresh.len() + fresh_alerts.len()) as u64;
-    commit.finish(
+    let stored = (fresh.len() + fresh_alerts.len()) as u64 + reclaimed;
+    let mut committed = vec![];
+    let finished = commit.finish(
         &seqs,
         dropped,
         machines.into_iter().collect(),
         (stored, duplicates, points),
-    )?;
+        &mut committed,
+    );
+    if let Err(DatasetError::Conflict(_)) = &finished {
+        // The tables committed before the race was lost hold this delivery's rows.
+        ours.extend(
+            fresh
+                .iter()
+                .filter(|it| committed.contains(&primary(it).as_str()))
+                .map(|it| it.seq),
+        );
+        if committed.contains(&Table::Alerts.as_str()) {
+            ours.extend(fresh_alerts.iter().map(|a| a.seq));
+        }
+    }
+    finished?;
     if !fresh_alerts.is_empty() {
         metrics::counter!("millrace_cloud_alerts_total", "edge" => edge.to_owned())
             .increment(fresh_alerts.len() as u64);

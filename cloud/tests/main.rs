@@ -1329,3 +1329,51 @@ async fn the_state_timeline_merges_repeats_cuts_to_the_range_and_refuses_bad_inp
             .starts_with("text/event-stream")
     );
 }
+
+/// Two nodes (two datasets on one directory, as two processes on one shared store) are sent the
+/// same edge's batches at the same moment, as an edge whose answer was lost retries on the other
+/// node: each item is stored by exactly one of them, the other counts it a duplicate, and the
+/// tables hold every item once.
+#[test]
+fn the_same_batch_on_two_nodes_at_once_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Dataset::open(dir.path(), false).unwrap();
+    let b = Dataset::open(dir.path(), false).unwrap();
+    let rounds = 12u64;
+    let per = 50u64;
+    for round in 0..rounds {
+        let batch = items(1 + round * per, per);
+        let barrier = std::sync::Barrier::new(2);
+        let (batch, barrier, na, nb) = (&batch, &barrier, &a, &b);
+        let node = move |ds: &Dataset| {
+            barrier.wait();
+            millrace_cloud::sync::store(ds, "e1", batch, &[], &[], 1_767_600_000_000).unwrap()
+        };
+        let (ra, rb) = std::thread::scope(|s| {
+            let ha = s.spawn(move || node(na));
+            let hb = s.spawn(move || node(nb));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        assert_eq!(ra.stored + rb.stored, per, "round {round}: {ra:?} {rb:?}");
+        assert_eq!(
+            ra.duplicates + rb.duplicates,
+            per,
+            "round {round}: {ra:?} {rb:?}"
+        );
+    }
+    // Both nodes, and a third opened afterwards, see every item once.
+    let c = Dataset::open(dir.path(), false).unwrap();
+    for ds in [&a, &b, &c] {
+        ds.refresh(std::time::Duration::ZERO).unwrap();
+        let ledger = &ds.edges()["e1"];
+        assert_eq!(ledger.received.ranges(), &[(1, rounds * per)]);
+    }
+    let df =
+        millrace_cloud::dataset::read_files(&c.files(Table::Events, None, None).unwrap()).unwrap();
+    let seqs = df.column("outbox_seq").unwrap().n_unique().unwrap();
+    assert_eq!(seqs, df.height(), "no event row twice");
+    let want = (1..=rounds * per)
+        .filter(|s| s % 10 == 0 || s % 10 == 5)
+        .count();
+    assert_eq!(df.height(), want);
+}

@@ -493,11 +493,22 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Starts the server.
+    /// Starts the server (it accepts any credentials).
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// Starts a server that checks credentials: it knows none, so every request is refused
+    /// (`InvalidAccessKeyId`).
+    pub fn start_checking_credentials() -> Self {
+        Self::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = Command::new(python())
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

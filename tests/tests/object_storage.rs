@@ -287,6 +287,22 @@ fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() 
     );
     assert!(!ok, "started on a missing bucket");
     assert!(err.contains("the bucket does not exist"), "{err}");
+    // A store that refuses the credentials.
+    let strict = S3Server::start_checking_credentials();
+    let (ok, err) = cloud_fails_to_start(
+        dir.path(),
+        &format!(
+            "url = \"s3://plant-data/x\"\nendpoint = \"{}\"\nallow_http = true\n",
+            strict.endpoint
+        ),
+        &env,
+    );
+    assert!(!ok, "started with refused credentials");
+    assert!(err.contains("the credentials were refused"), "{err}");
+    assert!(
+        !err.contains(env[1].1),
+        "the secret key is not in the message: {err}"
+    );
     // Nothing listens on this port.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (ok, err) = cloud_fails_to_start(

@@ -397,15 +397,17 @@ impl Dataset {
         Ok(())
     }
 
-    /// Reads what other nodes committed since the last look (at most once per `max_age`).
-    pub fn refresh(&self, max_age: std::time::Duration) -> Result<(), DatasetError> {
+    /// Reads what other nodes committed since the last look (at most once per `max_age`);
+    /// `true` if there was something new.
+    pub fn refresh(&self, max_age: std::time::Duration) -> Result<bool, DatasetError> {
         {
             let mut at = self.refreshed.lock().expect("refresh lock");
             if at.elapsed() < max_age {
-                return Ok(());
+                return Ok(false);
             }
             *at = Instant::now();
         }
+        let mut changed = false;
         for name in NAMES {
             let mut t = self.table(name);
             let before = t.as_ref().and_then(DeltaTable::version);
@@ -418,9 +420,10 @@ impl Dataset {
                 && let Some(dt) = t.as_ref()
             {
                 self.refresh_view(name, dt)?;
+                changed = true;
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// The ledger of every edge (batches complete in the dataset).
@@ -584,6 +587,17 @@ impl Dataset {
     /// is finished or dropped.
     pub(crate) fn begin_commit<'a>(&'a self, edge: &'a str, received_ms: i64) -> Commit<'a> {
         let lock = self.commit_lock.lock().expect("commit lock");
+        let v = self.view.read().expect("view lock");
+        let complete = v
+            .edges
+            .get(edge)
+            .map(|l| l.received.clone())
+            .unwrap_or_default();
+        let held_then = NAMES
+            .into_iter()
+            .filter_map(|n| Some((n, v.view_of(n)?.held.get(edge)?.clone())))
+            .collect();
+        drop(v);
         Commit {
             ds: self,
             _lock: lock,
@@ -591,6 +605,8 @@ impl Dataset {
             received_ms,
             files: BTreeMap::new(),
             written: vec![],
+            complete,
+            held_then,
         }
     }
 
@@ -671,6 +687,9 @@ impl Dataset {
             }
         };
         self.fsync_log(name, created.version())?;
+        // Another node may have created it and committed to it already: the view must show
+        // what the commit is checked against.
+        self.refresh_view(name, &created)?;
         *t = Some(created);
         Ok(t)
     }
@@ -686,12 +705,27 @@ impl Dataset {
         name: &'static str,
         t: &mut MutexGuard<'_, Option<DeltaTable>>,
         mut actions: Vec<Action>,
-        edge: Option<&str>,
+        check: Option<BatchCheck<'_>>,
         operation: DeltaOperation,
     ) -> Result<u64, DatasetError> {
         let _rt = self.enter();
         let dt = t.as_mut().expect("the table exists");
-        if let Some(edge) = edge {
+        if let Some(c) = check {
+            // Commits this node has read since the batch's duplicates were sorted out (the
+            // table's view is current: the caller holds the table): did one store some of it?
+            // Commits after the snapshot are Delta's to check (the edge's `txn` below).
+            let now = self
+                .view
+                .read()
+                .expect("view lock")
+                .view_of(name)
+                .and_then(|tv| tv.held.get(c.edge).cloned());
+            if now.is_some_and(|now| newly_held(&now, c.then, c.seqs)) {
+                metrics::counter!("millrace_cloud_commit_conflicts_total", "table" => name)
+                    .increment(1);
+                return Err(DatasetError::Conflict(name));
+            }
+            let edge = c.edge;
             let now = chrono::Utc::now().timestamp_millis();
             actions.push(Action::Txn(Transaction::new_with_last_update(
                 app_id(edge),
@@ -910,7 +944,9 @@ impl Dataset {
             BATCHES,
             &mut t,
             vec![Action::Add(add)],
-            edge,
+            // A blind append: the batch's data is committed (each table checked), so the row
+            // only records this delivery; another node's row of the same batch is another.
+            None,
             DeltaOperation::Write {
                 mode: SaveMode::Append,
                 partition_by: None,
@@ -1014,22 +1050,57 @@ pub(crate) struct Commit<'a> {
     files: BTreeMap<&'static str, Vec<(Add, DataFrame)>>,
     /// Files written and not (yet) committed: table, path relative to it.
     written: Vec<(&'static str, String)>,
+    /// The edge's sequence numbers complete batches held when the commit began.
+    complete: RangeSet,
+    /// Per table: the edge's sequence numbers it held when the commit began (what the batch's
+    /// duplicates were sorted out against; a commit checks that no other node added more of
+    /// them since).
+    held_then: BTreeMap<&'static str, RangeSet>,
+}
+
+/// What a batch's commit to one table was checked against.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BatchCheck<'a> {
+    edge: &'a str,
+    /// The edge's sequence numbers the table held when the batch's duplicates were sorted out.
+    then: Option<&'a RangeSet>,
+    /// The batch's sequence numbers.
+    seqs: &'a RangeSet,
+}
+
+/// Whether `now` holds a sequence number of `seqs` that `then` did not: another node stored
+/// some of the batch since its duplicates were sorted out.
+fn newly_held(now: &RangeSet, then: Option<&RangeSet>, seqs: &RangeSet) -> bool {
+    let covered = |lo: u64, hi: u64| {
+        let Some(then) = then else { return false };
+        let mut x = lo;
+        for &(a, b) in then.ranges() {
+            if b < x {
+                continue;
+            }
+            if a > x {
+                return false;
+            }
+            if b >= hi {
+                return true;
+            }
+            x = b + 1;
+        }
+        false
+    };
+    now.ranges().iter().any(|&(a, b)| {
+        seqs.ranges().iter().any(|&(c, d)| {
+            let (lo, hi) = (a.max(c), b.min(d));
+            lo <= hi && !covered(lo, hi)
+        })
+    })
 }
 
 impl Commit<'_> {
     /// Whether a table (by name) holds this edge's sequence number already: a complete batch
     /// had it, or one of the table's files says so.
     pub(crate) fn held(&self) -> impl Fn(&str, u64) -> bool + use<> {
-        let v = self.ds.view.read().expect("view lock");
-        let complete = v
-            .edges
-            .get(self.edge)
-            .map(|l| l.received.clone())
-            .unwrap_or_default();
-        let per_table: BTreeMap<&'static str, RangeSet> = NAMES
-            .into_iter()
-            .filter_map(|n| Some((n, v.view_of(n)?.held.get(self.edge)?.clone())))
-            .collect();
+        let (complete, per_table) = (self.complete.clone(), self.held_then.clone());
         move |table: &str, seq: u64| {
             complete.contains(seq) || per_table.get(table).is_some_and(|h| h.contains(seq))
         }
@@ -1065,13 +1136,14 @@ impl Commit<'_> {
     /// `sync_batches` row with the ranges the edge reported `dropped` and the machines
     /// (`site/line/machine`) it had rows of. A [`DatasetError::Conflict`] means another node
     /// stored some of this edge's data meanwhile: store the batch again (its duplicate check
-    /// then sees it).
+    /// then sees it). `committed` gets the tables committed, in order.
     pub(crate) fn finish(
         mut self,
         seqs: &RangeSet,
         dropped: &[SeqRange],
         machines: Vec<String>,
         counts: (u64, u64, u64),
+        committed: &mut Vec<&'static str>,
     ) -> Result<(), DatasetError> {
         let received: Vec<SeqRange> = seqs.ranges().to_vec();
         let data_tag: LedgerTag = BTreeMap::from([(
@@ -1099,7 +1171,11 @@ impl Commit<'_> {
                 name,
                 &mut t,
                 actions,
-                Some(self.edge),
+                Some(BatchCheck {
+                    edge: self.edge,
+                    then: self.held_then.get(name),
+                    seqs,
+                }),
                 DeltaOperation::Write {
                     mode: SaveMode::Append,
                     partition_by: None,
@@ -1107,6 +1183,7 @@ impl Commit<'_> {
                 },
             )?;
             self.written.retain(|(table, _)| *table != name);
+            committed.push(name);
         }
         let (stored, duplicates, points) = counts;
         let tag: LedgerTag = BTreeMap::from([(
