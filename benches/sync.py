@@ -9,7 +9,11 @@
 3. Wire size: bytes of request bodies per telemetry point (everything the edge sent, including
    state and part batches, divided by the points).
 
-Usage: python3 benches/sync.py [--hours 24]
+With --storage local,s3 the whole run is made once per storage: the cloud's tables on the local
+disk, then in a bucket of moto's S3 server on this machine (MILLRACE_PYTHON's venv, from
+tests/python/requirements.txt), so the two rates come from one invocation.
+
+Usage: python3 benches/sync.py [--hours 24] [--storage local|s3|local,s3]
 Writes a JSON summary to stdout and progress to stderr.
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
@@ -42,11 +46,51 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+PYTHON = os.environ.get("MILLRACE_PYTHON", os.path.expanduser("~/.cache/millrace-py/bin/python"))
+
+
+def start_s3(work):
+    """moto's S3 server on a free port with bucket `bench`; returns (process, endpoint)."""
+    port = free_port()
+    p = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "s3.log"), "w"))
+    endpoint = f"http://127.0.0.1:{port}"
+    import urllib.request
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT"))
+            return p, endpoint
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError("the S3 server did not start")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hours", type=int, default=24)
+    ap.add_argument("--storage", default="local", help="local, s3 or local,s3")
     a = ap.parse_args()
+    runs = {}
+    for storage in a.storage.split(","):
+        log(f"== storage: {storage}")
+        runs[storage] = run_once(a, storage)
+    if len(runs) == 1:
+        print(json.dumps(next(iter(runs.values())), indent=2))
+    else:
+        if "local" in runs and "s3" in runs:
+            runs["s3_vs_local_storage_ingest"] = (runs["s3"]["cloud_storage_ingest_points_per_s"]
+                                                  / runs["local"]["cloud_storage_ingest_points_per_s"])
+        print(json.dumps(runs, indent=2))
+
+
+def run_once(a, storage):
     work = tempfile.mkdtemp(prefix="millrace-sync-bench-")
+    s3 = None
+    storage_toml, cloud_env = "", {}
+    if storage == "s3":
+        s3, endpoint = start_s3(work)
+        storage_toml = f'[storage]\nurl = "s3://bench/millrace"\nendpoint = "{endpoint}"\nallow_http = true\n'
+        cloud_env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1"}
     tok, digest = token("bench")
     cloud_port, mqtt, http = free_port(), free_port(), free_port()
     ecfg = os.path.join(work, "edge.toml")
@@ -58,7 +102,7 @@ def main():
     ccfg = os.path.join(work, "cloud.toml")
     with open(ccfg, "w") as f:
         f.write(f'data_dir = "{work}/cloud"\n[http]\nlisten = "127.0.0.1:{cloud_port}"\n'
-                f'[edges.bench]\ntoken_sha256 = "{digest}"\n')
+                f'[edges.bench]\ntoken_sha256 = "{digest}"\n' + storage_toml)
     env = {**os.environ, "RUST_LOG": "warn", "MILLRACE_EDGE_SYNC__TOKEN": tok}
     edge = subprocess.Popen([EDGE, "--config", ecfg], env=env, stderr=open(os.path.join(work, "edge.log"), "w"))
     wait_http(f"http://127.0.0.1:{http}/health")
@@ -85,7 +129,7 @@ def main():
     log("starting the cloud: catch-up …")
     edge_cpu0 = cpu_s(edge.pid)
     t0 = time.monotonic()
-    cloud = subprocess.Popen([CLOUD, "--config", ccfg], env={**os.environ, "RUST_LOG": "warn"},
+    cloud = subprocess.Popen([CLOUD, "--config", ccfg], env={**os.environ, "RUST_LOG": "warn", **cloud_env},
                              stderr=open(os.path.join(work, "cloud.log"), "w"))
     while True:
         s = json.loads(get(f"http://127.0.0.1:{http}/api/v1/sync"))
@@ -111,11 +155,14 @@ def main():
     out["cloud_storage_ingest_points_per_s"] = sent["points"] / commit_s
     ledger = json.loads(get(f"http://127.0.0.1:{cloud_port}/api/v1/edges"))["edges"][0]
     out["cloud_items"], out["cloud_gap_items"] = ledger["items"], ledger["gap_items"]
+    out["storage"] = storage
     for p in (edge, cloud):
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
-    print(json.dumps(out, indent=2))
+    if s3:
+        s3.kill()
     shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":
