@@ -28,6 +28,9 @@ pub(super) struct Storage {
     remote: Option<Remote>,
     /// fsync local files and log entries.
     fsync: bool,
+    /// Cached files no snapshot named at the last prune: removed at the next one if still so
+    /// (a query that listed one before it left the table may still be reading it).
+    doomed: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 /// An S3 bucket.
@@ -78,6 +81,7 @@ impl Storage {
             dir: dir.to_owned(),
             remote: None,
             fsync,
+            doomed: Default::default(),
         }
     }
 
@@ -138,6 +142,7 @@ impl Storage {
                 prefix,
             }),
             fsync: false,
+            doomed: Default::default(),
         })
     }
 
@@ -339,24 +344,27 @@ impl Storage {
     }
 
     /// Removes cached files that no current snapshot names (`live`: paths relative to the
-    /// dataset's root). Returns how many.
+    /// dataset's root) and that no snapshot named at the previous call either (called once per
+    /// vacuum pass: a query reading one has had a pass's time to finish). Returns how many.
     pub(super) fn prune_cache(&self, live: &std::collections::BTreeSet<String>) -> usize {
         if self.remote.is_none() {
             return 0;
         }
-        let mut removed = 0;
-        for entry in walk(&self.dir) {
-            let Ok(rel) = entry.strip_prefix(&self.dir) else {
-                continue;
-            };
-            let rel = rel.to_string_lossy().replace('\\', "/");
-            if rel.ends_with(".parquet")
-                && !live.contains(&rel)
-                && std::fs::remove_file(&entry).is_ok()
-            {
-                removed += 1;
-            }
-        }
+        let dead: std::collections::BTreeSet<PathBuf> = walk(&self.dir)
+            .into_iter()
+            .filter(|p| {
+                p.strip_prefix(&self.dir).is_ok_and(|rel| {
+                    let rel = rel.to_string_lossy().replace('\\', "/");
+                    rel.ends_with(".parquet") && !live.contains(&rel)
+                })
+            })
+            .collect();
+        let mut doomed = self.doomed.lock().expect("cache lock");
+        let removed = dead
+            .intersection(&doomed)
+            .filter(|p| std::fs::remove_file(p).is_ok())
+            .count();
+        *doomed = dead;
         removed
     }
 }
