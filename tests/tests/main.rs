@@ -1415,15 +1415,25 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
     );
     let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(readers["deltalake"], readers["duckdb"], "{readers}");
-    let read = &readers["duckdb"];
-    for m in truth["machines"].as_array().unwrap() {
-        let id = machine_id(m);
-        for outcome in ["good", "scrap", "rework"] {
-            assert_eq!(
-                read["parts"][&id][outcome].as_u64().unwrap_or(0),
-                m["totals"][outcome].as_u64().unwrap(),
-                "{id} {outcome}: {readers}"
-            );
+    assert_reader_counts(&readers, "duckdb", &[&truth]);
+    edge.stop();
+    cloud.stop();
+}
+
+/// What an outside reader (`tests/python/delta_readers.py`, reader `name`) counted equals the
+/// ground truths: parts per machine and outcome, and every temperature reading.
+fn assert_reader_counts(readers: &Value, name: &str, truths: &[&Value]) {
+    let read = &readers[name];
+    for truth in truths {
+        for m in truth["machines"].as_array().unwrap() {
+            let id = machine_id(m);
+            for outcome in ["good", "scrap", "rework"] {
+                assert_eq!(
+                    read["parts"][&id][outcome].as_u64().unwrap_or(0),
+                    m["totals"][outcome].as_u64().unwrap(),
+                    "{id} {outcome}: {readers}"
+                );
+            }
         }
     }
     let temperature: u64 = read["temperature"]
@@ -1432,9 +1442,11 @@ fn cloud_reports_of_a_simulated_factory_equal_the_ground_truth() {
         .values()
         .map(|v| v.as_u64().unwrap())
         .sum();
-    assert_eq!(temperature, truth["events"]["telemetry"].as_u64().unwrap());
-    edge.stop();
-    cloud.stop();
+    let want: u64 = truths
+        .iter()
+        .map(|t| t["events"]["telemetry"].as_u64().unwrap())
+        .sum();
+    assert_eq!(temperature, want, "{readers}");
 }
 
 /// Runs `millrace-sim run` with `args` against `edge` and waits until the edge's outbox is empty.

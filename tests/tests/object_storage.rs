@@ -220,34 +220,21 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
             .env("AWS_ENDPOINT_URL", &s3.endpoint),
     );
     let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let read = &readers["deltalake"];
-    for truth in [&truth1, &truth2] {
-        for m in truth["machines"].as_array().unwrap() {
-            let id = machine_id(m);
-            for outcome in ["good", "scrap", "rework"] {
-                assert_eq!(
-                    read["parts"][&id][outcome].as_u64().unwrap_or(0),
-                    m["totals"][outcome].as_u64().unwrap(),
-                    "{id} {outcome}: {readers}"
-                );
-            }
-        }
-    }
-    let temperature: u64 = read["temperature"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(
-        temperature,
-        truth1["events"]["telemetry"].as_u64().unwrap()
-            + truth2["events"]["telemetry"].as_u64().unwrap()
-    );
+    super::assert_reader_counts(&readers, "deltalake", &[&truth1, &truth2]);
     e1.stop();
     e2.stop();
     a.stop();
     b.stop();
+}
+
+/// A `[storage]` section for bucket `url` at `endpoint` (`allow_http` set or not).
+fn storage(url: &str, endpoint: &str, allow_http: bool) -> String {
+    let http = if allow_http {
+        "allow_http = true\n"
+    } else {
+        ""
+    };
+    format!("url = \"{url}\"\nendpoint = \"{endpoint}\"\n{http}")
 }
 
 /// `millrace-cloud` with `storage` appended to a config; its exit status and stderr.
@@ -279,10 +266,7 @@ fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() 
     let env = s3.env();
     let (ok, err) = cloud_fails_to_start(
         dir.path(),
-        &format!(
-            "url = \"s3://no-such-bucket/x\"\nendpoint = \"{}\"\nallow_http = true\n",
-            s3.endpoint
-        ),
+        &storage("s3://no-such-bucket/x", &s3.endpoint, true),
         &env,
     );
     assert!(!ok, "started on a missing bucket");
@@ -291,10 +275,7 @@ fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() 
     let strict = S3Server::start_checking_credentials();
     let (ok, err) = cloud_fails_to_start(
         dir.path(),
-        &format!(
-            "url = \"s3://plant-data/x\"\nendpoint = \"{}\"\nallow_http = true\n",
-            strict.endpoint
-        ),
+        &storage("s3://plant-data/x", &strict.endpoint, true),
         &env,
     );
     assert!(!ok, "started with refused credentials");
@@ -305,17 +286,14 @@ fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() 
     );
     // Nothing listens on this port.
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let (ok, err) = cloud_fails_to_start(
-        dir.path(),
-        &format!("url = \"s3://plant-data/x\"\nendpoint = \"{dead}\"\nallow_http = true\n"),
-        &env,
-    );
+    let (ok, err) =
+        cloud_fails_to_start(dir.path(), &storage("s3://plant-data/x", &dead, true), &env);
     assert!(!ok, "started without a store");
     assert!(err.contains("does not answer"), "{err}");
     // An http:// endpoint without allow_http, and a scheme that is not S3.
     let (ok, err) = cloud_fails_to_start(
         dir.path(),
-        &format!("url = \"s3://plant-data/x\"\nendpoint = \"{dead}\"\n"),
+        &storage("s3://plant-data/x", &dead, false),
         &env,
     );
     assert!(!ok && err.contains("storage.allow_http"), "{err}");

@@ -686,16 +686,12 @@ impl Dataset {
                     })?
             }
         };
-        self.fsync_log(name, created.version())?;
+        self.storage.fsync_log(name, created.version())?;
         // Another node may have created it and committed to it already: the view must show
         // what the commit is checked against.
         self.refresh_view(name, &created)?;
         *t = Some(created);
         Ok(t)
-    }
-
-    fn fsync_log(&self, name: &str, version: Option<u64>) -> Result<(), DatasetError> {
-        self.storage.fsync_log(name, version)
     }
 
     /// Commits `actions` to table `name` (which exists) as one Delta commit; `edge`: the
@@ -767,7 +763,7 @@ impl Dataset {
                 .increment(done.metrics.num_retries);
         }
         dt.state = Some(done.snapshot());
-        self.fsync_log(name, Some(version))?;
+        self.storage.fsync_log(name, Some(version))?;
         self.refresh_view(name, dt)?;
         metrics::counter!("millrace_cloud_commits_total", "table" => name).increment(1);
         Ok(version)
