@@ -191,6 +191,38 @@ fn an_interrupted_commit_leaves_nothing_behind() {
     assert_eq!(df.height() as u64, telemetry + 16);
 }
 
+/// A damaged checkpoint (the file that opening reads instead of every commit before it) stops
+/// the cloud at start with an error that names the table and says how to recover; the commits
+/// are all still in the log, so without the damaged file the table opens with every row.
+#[test]
+fn a_corrupt_checkpoint_is_an_error_at_start_that_names_the_table_and_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    // Every batch has events: one commit each to `events`; delta-rs checkpoints every 100.
+    for i in 0..100 {
+        millrace_cloud::sync::store(&ds, "e1", &items(1 + i * 10, 10), &[], &[], i as i64).unwrap();
+    }
+    let events = rows(&ds, Table::Events);
+    drop(ds);
+    let log = dir.path().join("events/_delta_log");
+    let checkpoint = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".checkpoint.parquet"))
+        .expect("a checkpoint after 100 commits");
+    std::fs::write(&checkpoint, b"PAR1 not really a checkpoint PAR1").unwrap();
+    let err = Dataset::open(dir.path(), false).unwrap_err().to_string();
+    assert!(err.contains("events"), "{err}");
+    assert!(err.contains("checkpoint"), "{err}");
+    assert!(err.contains("_last_checkpoint"), "names the way out: {err}");
+    // The way out the message gives.
+    std::fs::remove_file(&checkpoint).unwrap();
+    std::fs::remove_file(log.join("_last_checkpoint")).unwrap();
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    assert_eq!(rows(&ds, Table::Events), events);
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 1000)]);
+}
+
 #[test]
 fn a_damaged_table_log_is_an_error_that_names_the_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,6 +237,50 @@ fn a_damaged_table_log_is_an_error_that_names_the_table() {
     std::fs::write(&entry, text.replacen("{", "{{", 1)).unwrap();
     let err = Dataset::open(dir.path(), true).unwrap_err().to_string();
     assert!(err.contains("events"), "{err}");
+}
+
+/// The view a node keeps up to date commit by commit (from each commit's own actions) is the
+/// view a node that opens the dataset afterwards builds from the tables' snapshots: the same
+/// ledger, machines and files, across batches out of order, a duplicate, a dropped range, two
+/// edges and a compaction between commits.
+#[test]
+fn the_view_kept_commit_by_commit_equals_the_view_built_on_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    let store = |edge: &str, first: u64, n: u64, dropped: &[(u64, u64)], at: i64| {
+        millrace_cloud::sync::store(&ds, edge, &items(first, n), &[], dropped, at).unwrap()
+    };
+    store("e1", 1, 100, &[], 1);
+    store("e1", 201, 100, &[], 2);
+    store("e2", 1, 40, &[], 3);
+    store("e1", 101, 100, &[], 4);
+    let again = store("e1", 251, 100, &[], 5);
+    assert_eq!((again.stored, again.duplicates), (50, 50));
+    store("e2", 61, 40, &[(41, 60)], 6);
+    assert!(ds.compact(2).unwrap() > 0);
+    store("e1", 351, 100, &[], 7);
+    store("e2", 101, 10, &[], 8);
+    let seen = |ds: &Dataset| {
+        let files: Vec<_> = Table::ALL
+            .into_iter()
+            .map(|t| {
+                let mut f = ds.files(t, None, None).unwrap();
+                f.sort();
+                f
+            })
+            .collect();
+        (
+            format!("{:?}", ds.edges()),
+            ds.machines(),
+            files,
+            ds.sizes(),
+        )
+    };
+    let kept = seen(&ds);
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 450)]);
+    assert_eq!(ds.edges()["e2"].dropped.ranges(), &[(41, 60)]);
+    let opened = Dataset::open(dir.path(), false).unwrap();
+    assert_eq!(kept, seen(&opened));
 }
 
 #[test]

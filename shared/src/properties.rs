@@ -186,6 +186,22 @@ proptest! {
         let _ = crate::sync::decode_alert_record(&bytes);
     }
 
+    /// Adding many ranges at once holds exactly what adding them one by one holds.
+    #[test]
+    fn ranges_added_at_once_equal_ranges_added_one_by_one(
+        first in vec((0..500u64, 0..20u64), 0..30),
+        more in vec((0..500u64, 0..20u64), 0..60),
+    ) {
+        let mut one_by_one = crate::sync::RangeSet::default();
+        for &(a, n) in first.iter().chain(&more) {
+            one_by_one.insert(a, a + n);
+        }
+        let mut at_once = crate::sync::RangeSet::default();
+        at_once.insert_all(first.iter().map(|&(a, n)| (a, a + n)));
+        at_once.insert_all(more.iter().map(|&(a, n)| (a, a + n)));
+        prop_assert_eq!(at_once, one_by_one);
+    }
+
     #[test]
     fn a_remaining_length_decodes_to_itself(len in 0..=268_435_455usize) {
         let mut b = vec![];

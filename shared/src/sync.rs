@@ -756,6 +756,28 @@ impl RangeSet {
         self.0.splice(start..end, [(lo, hi)]);
     }
 
+    /// Adds many ranges (any order, overlapping or not) in one pass: `O((n + m) log(n + m))`
+    /// where inserting them one by one into the middle of the set costs `O(n)` each.
+    pub fn insert_all(&mut self, ranges: impl IntoIterator<Item = SeqRange>) {
+        let mut all = std::mem::take(&mut self.0);
+        let had = all.len();
+        all.extend(ranges);
+        if all.len() == had {
+            self.0 = all;
+            return;
+        }
+        all.sort_unstable();
+        let mut out: Vec<SeqRange> = Vec::with_capacity(all.len());
+        for (a, b) in all {
+            debug_assert!(a <= b);
+            match out.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        self.0 = out;
+    }
+
     /// Adds every value of an unsorted list (merging runs).
     pub fn extend(&mut self, values: impl IntoIterator<Item = u64>) {
         let mut v: Vec<u64> = values.into_iter().collect();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use millrace_tests::{FaultProxy, S3Server, free_port, read_json, run_ok, wait_until};
+use millrace_tests::{Fault, FaultProxy, S3Server, free_port, read_json, run_ok, wait_until};
 use serde_json::Value;
 
 use super::{
@@ -16,12 +16,12 @@ use super::{
 
 /// A cloud node's config: its own data directory (the cache) and port, the shared bucket, and
 /// the two edges' token digests.
-fn node_config(dir: &Path, name: &str, s3: &S3Server, digests: &[(&str, &str)]) -> PathBuf {
+fn node_config(dir: &Path, name: &str, endpoint: &str, digests: &[(&str, &str)]) -> PathBuf {
     let mut text = format!(
         "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[storage]\nurl = \"s3://plant-data/millrace\"\nendpoint = \"{}\"\nallow_http = true\n",
         dir.join(name).display(),
         free_port(),
-        s3.endpoint
+        endpoint
     );
     for (edge, digest) in digests {
         text.push_str(&format!("[edges.{edge}]\ntoken_sha256 = \"{digest}\"\n"));
@@ -111,8 +111,8 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
     let (t1, d1) = edge_token("e1");
     let (t2, d2) = edge_token("e2");
     let digests = [("e1", d1.as_str()), ("e2", d2.as_str())];
-    let cfg_a = node_config(dir.path(), "node-a", &s3, &digests);
-    let cfg_b = node_config(dir.path(), "node-b", &s3, &digests);
+    let cfg_a = node_config(dir.path(), "node-a", &s3.endpoint, &digests);
+    let cfg_b = node_config(dir.path(), "node-b", &s3.endpoint, &digests);
     let a = CloudProcess::start_with_env(&cfg_a, &env);
     let mut b = CloudProcess::start_with_env(&cfg_b, &env);
 
@@ -225,6 +225,73 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
     e2.stop();
     a.stop();
     b.stop();
+}
+
+/// The store goes away while the cloud runs (its link to the S3 server is cut, then restored):
+/// the edge's batches are refused with 503 and counted, the edge keeps them in its outbox, and
+/// once the store is back every item is stored once and the contents equal the edge's.
+#[test]
+fn a_store_that_goes_away_while_the_cloud_runs_keeps_the_data_on_the_edge_until_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start();
+    s3.create_bucket("plant-data");
+    let env = s3.env();
+    let link = FaultProxy::start(s3.endpoint.trim_start_matches("http://").parse().unwrap());
+    let (token, digest) = edge_token("e1");
+    let cfg = node_config(dir.path(), "node", &link.url(), &[("e1", digest.as_str())]);
+    let cloud = CloudProcess::start_with_env(&cfg, &env);
+    let d = dir.path().join("e1");
+    std::fs::create_dir_all(&d).unwrap();
+    let config = edge_config(&d, 0);
+    with_sync(&config, &cloud.http, "");
+    let edge = EdgeProcess::start_with_env(
+        &config,
+        &[
+            ("MILLRACE_EDGE_EDGE_ID", "e1"),
+            ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
+        ],
+    );
+    let truth = d.join("truth.json");
+    let mut sim = paced_sim(&edge, "41", "2026-03-02T00:00:00Z", "1day", "10s", &truth);
+    let timeout = Duration::from_secs(180);
+    let failures = || {
+        edge.get("/api/v1/sync")["sent"]["failures"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(wait_until(timeout, || items(&cloud, "e1") > 0));
+
+    // The store goes away: batches are refused (503, counted), the edge keeps them.
+    let failed_before = failures();
+    link.set(Fault::Cut);
+    assert!(
+        wait_until(timeout, || failures() > failed_before
+            && counter(
+                &cloud,
+                "millrace_cloud_sync_refused_total{reason=\"storage_unavailable\"}"
+            ) > 0),
+        "refusals while the store is away: edge {}",
+        edge.get("/api/v1/sync")
+    );
+    let waiting = edge.get("/api/v1/sync")["outbox"]["items"].clone();
+    assert!(
+        waiting["events"].as_u64().unwrap() + waiting["telemetry"].as_u64().unwrap() > 0,
+        "the outbox keeps what was refused: {waiting}"
+    );
+
+    // The store is back: everything arrives, once.
+    link.set(Fault::Pass);
+    let last = drained(&mut sim, &edge);
+    assert!(
+        wait_until(timeout, || ledger(&cloud, "e1")["received"]
+            == serde_json::json!([[1, last]])),
+        "{}",
+        ledger(&cloud, "e1")
+    );
+    assert_eq!(ledger(&cloud, "e1")["gap_items"], 0);
+    assert!(assert_same_contents(&edge, &cloud, &read_json(&truth)) > 0);
+    edge.stop();
+    cloud.stop();
 }
 
 /// A `[storage]` section for bucket `url` at `endpoint` (`allow_http` set or not).

@@ -74,7 +74,14 @@ pub(super) async fn sync_batch(
         Ok(r) => r,
         Err(e @ SyncError::Unreadable(_)) => return Err(refuse("bad_batch", e.into())),
         Err(e @ SyncError::WrongEdge { .. }) => return Err(refuse("wrong_edge", e.into())),
-        Err(e @ SyncError::Dataset(_)) => return Err(e.into()),
+        Err(e @ SyncError::Dataset(_)) => {
+            let reason = if e.is_retryable() {
+                "storage_unavailable"
+            } else {
+                "storage_error"
+            };
+            return Err(refuse(reason, e.into()));
+        }
     };
     metrics::counter!("millrace_cloud_sync_batches_total", "edge" => edge.clone()).increment(1);
     metrics::counter!("millrace_cloud_sync_items_total", "edge" => edge.clone())

@@ -61,27 +61,34 @@ pub(super) type LedgerTag = BTreeMap<String, EdgeTag>;
 /// Merges ledger tags (compaction: the new file holds what the old ones held).
 pub(super) fn merge_tags<'a>(tags: impl IntoIterator<Item = &'a LedgerTag>) -> LedgerTag {
     /// Received, dropped, batches, last received, machines.
-    type Merged = (RangeSet, RangeSet, u64, Option<i64>, BTreeSet<String>);
+    type Merged = (
+        Vec<SeqRange>,
+        Vec<SeqRange>,
+        u64,
+        Option<i64>,
+        BTreeSet<String>,
+    );
     let mut out: BTreeMap<String, Merged> = BTreeMap::new();
     for tag in tags {
         for (edge, t) in tag {
             let e = out.entry(edge.clone()).or_default();
-            for &(a, b) in &t.received {
-                e.0.insert(a, b);
-            }
-            for &(a, b) in &t.dropped {
-                e.1.insert(a, b);
-            }
+            e.0.extend_from_slice(&t.received);
+            e.1.extend_from_slice(&t.dropped);
             e.2 += t.batches;
             e.3 = e.3.max(t.last_ms);
             e.4.extend(t.machines.iter().cloned());
         }
     }
+    let set = |ranges: Vec<SeqRange>| {
+        let mut s = RangeSet::default();
+        s.insert_all(ranges);
+        s.ranges().to_vec()
+    };
     out.into_iter()
         .map(|(edge, (r, d, b, t, m))| {
             let tag = EdgeTag {
-                received: r.ranges().to_vec(),
-                dropped: d.ranges().to_vec(),
+                received: set(r),
+                dropped: set(d),
                 batches: b,
                 last_ms: t,
                 machines: m.into_iter().collect(),
@@ -104,9 +111,46 @@ pub(super) struct FileView {
 /// A table's current snapshot, as the dataset uses it.
 #[derive(Debug, Clone, Default)]
 struct TableView {
+    /// The table version it shows (`None`: no table yet).
+    version: Option<u64>,
     files: Vec<FileView>,
     /// Per edge: the sequence numbers this table holds.
     held: BTreeMap<String, RangeSet>,
+}
+
+/// A file's ledger tag, from its `add` action's tags.
+fn tag_of(tags: Option<&HashMap<String, Option<String>>>) -> Option<LedgerTag> {
+    tags.and_then(|t| t.get(LEDGER_TAG).cloned().flatten())
+        .and_then(|s| serde_json::from_str(&s).ok())
+}
+
+impl FileView {
+    /// The view of a file that this node's commit adds.
+    fn of_add(table: Option<Table>, name: &str, add: &Add) -> Self {
+        #[derive(Deserialize)]
+        struct Stats {
+            #[serde(rename = "numRecords")]
+            num_records: u64,
+        }
+        let value = |k: &str| add.partition_values.get(k).cloned().flatten();
+        let rows = add
+            .stats
+            .as_deref()
+            .and_then(|s| serde_json::from_str::<Stats>(s).ok())
+            .map_or(0, |s| s.num_records);
+        FileView {
+            file: DataFile {
+                path: format!("{name}/{}", add.path),
+                table: table.unwrap_or(Table::Telemetry),
+                date: value("date").unwrap_or_default(),
+                site: value("site").unwrap_or_else(|| alerts::NO_SITE.to_owned()),
+                rows,
+            },
+            rel: add.path.clone(),
+            size: add.size,
+            tag: tag_of(add.tags.as_ref()),
+        }
+    }
 }
 
 impl TableView {
@@ -116,27 +160,13 @@ impl TableView {
         dt: &DeltaTable,
     ) -> Result<Self, DatasetError> {
         let snapshot = dt.snapshot().map_err(delta_err(name))?;
-        let mut view = TableView::default();
+        let mut files = vec![];
         #[allow(deprecated)] // the add action's tags are not exposed otherwise
         for f in snapshot.log_data().iter() {
             let pv = f.partition_values_map();
             let value = |k: &str| pv.get(k).cloned().flatten();
-            let tag: Option<LedgerTag> = f
-                .add_action()
-                .tags
-                .as_ref()
-                .and_then(|t| t.get(LEDGER_TAG).cloned().flatten())
-                .and_then(|s| serde_json::from_str(&s).ok());
-            if let Some(tag) = &tag {
-                for (edge, t) in tag {
-                    let held = view.held.entry(edge.clone()).or_default();
-                    for &(a, b) in &t.received {
-                        held.insert(a, b);
-                    }
-                }
-            }
             let rel = f.path().into_owned();
-            view.files.push(FileView {
+            files.push(FileView {
                 file: DataFile {
                     path: format!("{name}/{rel}"),
                     table: table.unwrap_or(Table::Telemetry),
@@ -146,10 +176,33 @@ impl TableView {
                 },
                 rel,
                 size: f.size(),
-                tag,
+                tag: tag_of(f.add_action().tags.as_ref()),
             });
         }
+        let mut view = TableView {
+            version: dt.version(),
+            ..Default::default()
+        };
+        view.add_files(files);
         Ok(view)
+    }
+
+    /// Adds files new in the table, and the sequence numbers their tags say it holds.
+    fn add_files(&mut self, files: Vec<FileView>) {
+        let mut per_edge: BTreeMap<&str, Vec<SeqRange>> = BTreeMap::new();
+        for (edge, t) in files.iter().filter_map(|f| f.tag.as_ref()).flatten() {
+            per_edge
+                .entry(edge)
+                .or_default()
+                .extend_from_slice(&t.received);
+        }
+        for (edge, ranges) in per_edge {
+            self.held
+                .entry(edge.to_owned())
+                .or_default()
+                .insert_all(ranges);
+        }
+        self.files.extend(files);
     }
 }
 
@@ -163,28 +216,23 @@ struct View {
 }
 
 impl View {
+    /// The ledger from every `sync_batches` file.
     fn fold_batches(&mut self) {
-        let tags: Vec<&LedgerTag> = self
-            .batches
-            .files
-            .iter()
-            .filter_map(|f| f.tag.as_ref())
-            .collect();
-        let merged = merge_tags(tags);
         self.edges.clear();
         self.machines.clear();
-        for (edge, t) in merged {
-            let mut l = EdgeLedger::default();
-            for (a, b) in t.received {
-                l.received.insert(a, b);
-            }
-            for (a, b) in t.dropped {
-                l.dropped.insert(a, b);
-            }
-            l.batches = t.batches;
-            l.last_commit_ms = t.last_ms;
+        let tags = merge_tags(self.batches.files.iter().filter_map(|f| f.tag.as_ref()));
+        self.fold_in(tags);
+    }
+
+    /// Adds batches' tags (new `sync_batches` files) to the ledger.
+    fn fold_in(&mut self, tags: LedgerTag) {
+        for (edge, t) in tags {
+            let l = self.edges.entry(edge).or_default();
+            l.received.insert_all(t.received);
+            l.dropped.insert_all(t.dropped);
+            l.batches += t.batches;
+            l.last_commit_ms = l.last_commit_ms.max(t.last_ms);
             self.machines.extend(t.machines);
-            self.edges.insert(edge, l);
         }
     }
 
@@ -196,6 +244,13 @@ impl View {
             .into_iter()
             .find(|t| t.as_str() == name)
             .and_then(|t| self.tables.get(&t))
+    }
+
+    fn view_of_mut(&mut self, name: &str) -> &mut TableView {
+        match table_of(name) {
+            Some(t) => self.tables.entry(t).or_default(),
+            None => &mut self.batches,
+        }
     }
 }
 
@@ -395,6 +450,31 @@ impl Dataset {
             }
         }
         Ok(())
+    }
+
+    /// Adds this node's commit `version` of table `name`, which only added `files`, to the
+    /// view if the view shows the version the commit read (`from`); `false` if it does not
+    /// (rebuild it instead).
+    fn apply_adds(
+        &self,
+        name: &'static str,
+        from: Option<u64>,
+        version: u64,
+        files: Vec<FileView>,
+    ) -> bool {
+        let mut v = self.view.write().expect("view lock");
+        let tv = v.view_of_mut(name);
+        if tv.version != from {
+            return false;
+        }
+        tv.version = Some(version);
+        let tags =
+            (name == BATCHES).then(|| merge_tags(files.iter().filter_map(|f| f.tag.as_ref())));
+        tv.add_files(files);
+        if let Some(tags) = tags {
+            v.fold_in(tags);
+        }
+        true
     }
 
     /// Reads what other nodes committed since the last look (at most once per `max_age`);
@@ -729,6 +809,17 @@ impl Dataset {
                 Some(now),
             )));
         }
+        // A commit that only adds files (every batch's) updates the view from its own
+        // actions; rebuilding it from the snapshot costs O(files) per commit.
+        let added: Option<Vec<FileView>> = actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Txn(_)))
+            .map(|a| match a {
+                Action::Add(add) => Some(FileView::of_add(table_of(name), name, add)),
+                _ => None,
+            })
+            .collect();
+        let read_version = dt.version();
         let snapshot = dt.snapshot().map_err(delta_err(name))?.clone();
         let done = self.block_on(
             CommitBuilder::from(CommitProperties::default())
@@ -764,7 +855,15 @@ impl Dataset {
         }
         dt.state = Some(done.snapshot());
         self.storage.fsync_log(name, Some(version))?;
-        self.refresh_view(name, dt)?;
+        let applied = match added {
+            Some(files) if read_version.map(|v| v + 1) == Some(version) => {
+                self.apply_adds(name, read_version, version, files)
+            }
+            _ => false,
+        };
+        if !applied {
+            self.refresh_view(name, dt)?;
+        }
         metrics::counter!("millrace_cloud_commits_total", "table" => name).increment(1);
         Ok(version)
     }

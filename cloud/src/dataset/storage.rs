@@ -229,8 +229,39 @@ impl Storage {
         match opened {
             Ok(t) => Ok(Some(t)),
             Err(deltalake_core::DeltaTableError::NotATable(_)) => Ok(None),
-            Err(e) => Err(super::delta::delta_err(name)(e)),
+            Err(e) => {
+                let mut err = super::delta::delta_err(name)(e);
+                if let (DatasetError::Delta { message, .. }, Some(version)) =
+                    (&mut err, self.last_checkpoint(name).await)
+                {
+                    message.push_str(&format!(
+                        "; opening reads the table's last checkpoint first: if \
+                         `{name}/_delta_log/{version:020}.checkpoint.parquet` is damaged, \
+                         remove it and `{name}/_delta_log/_last_checkpoint` and the table is \
+                         read from its commits (kept 30 days by default)"
+                    ));
+                }
+                Err(err)
+            }
         }
+    }
+
+    /// The version of table `name`'s last checkpoint, if `_last_checkpoint` names one.
+    async fn last_checkpoint(&self, name: &str) -> Option<u64> {
+        #[derive(serde::Deserialize)]
+        struct LastCheckpoint {
+            version: u64,
+        }
+        let bytes = match &self.remote {
+            None => std::fs::read(self.dir.join(name).join("_delta_log/_last_checkpoint")).ok()?,
+            Some(r) => {
+                let key = r.key(name, "_delta_log/_last_checkpoint");
+                r.store.get(&key).await.ok()?.bytes().await.ok()?.to_vec()
+            }
+        };
+        serde_json::from_slice::<LastCheckpoint>(&bytes)
+            .ok()
+            .map(|c| c.version)
     }
 
     /// Makes a committed log entry durable on a local disk (object stores are).
