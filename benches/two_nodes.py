@@ -72,6 +72,8 @@ def catch_up(work, phase, edges, nodes):
     """Starts `nodes` (name, port, [edges]) on prefix `phase`; waits for every edge's outbox
     to be empty. edges: name -> (process, http port)."""
     digests = [(e, d) for e, (_, _, d) in edges.items()]
+    edges_cpu0 = sum(cpu_s(p.pid) for p, _, _ in edges.values())
+    s3_cpu0 = cpu_s(S3.pid)
     t0 = time.monotonic()
     procs = [start_node(work, n, port, phase, ENDPOINT, digests) for n, port in nodes]
     while True:
@@ -94,15 +96,20 @@ def catch_up(work, phase, edges, nodes):
             "retries": metric(port, "millrace_cloud_commit_retries_total"),
             "cpu_s": cpu_s(p.pid),
         }
-    # Every edge complete on every node (each node reads the other's commits).
+    out["edges_cpu_s"] = sum(cpu_s(p.pid) for p, _, _ in edges.values()) - edges_cpu0
+    out["s3_server_cpu_s"] = cpu_s(S3.pid) - s3_cpu0
+    # Every edge complete on every node (each node reads the other's commits): the ledger holds
+    # every sequence number the edge gave out, no gap.
     for n, port in nodes:
-        for e in edges:
-            for _ in range(200):
+        for e, (_, http, _) in edges.items():
+            last = json.loads(get(f"http://127.0.0.1:{http}/api/v1/sync"))["outbox"]["next_seq"] - 1
+            for _ in range(300):
                 led = next((x for x in json.loads(get(f"http://127.0.0.1:{port}/api/v1/edges"))["edges"]
                             if x["edge"] == e), None)
-                if led and led["gap_items"] == 0 and led["items"] > 0:
+                if led and led["gap_items"] == 0 and led["items"] == last:
                     break
                 time.sleep(0.1)
+            out["nodes"][n][f"{e}_outbox_seqs"] = last
             out["nodes"][n][f"{e}_items"] = led["items"] if led else 0
             out["nodes"][n][f"{e}_gap_items"] = led["gap_items"] if led else None
     for p in procs:
@@ -112,15 +119,17 @@ def catch_up(work, phase, edges, nodes):
 
 
 ENDPOINT = None
+S3 = None
 
 
 def main():
-    global ENDPOINT
+    global ENDPOINT, S3
     ap = argparse.ArgumentParser()
     ap.add_argument("--hours", type=int, default=6)
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="millrace-two-nodes-")
     s3, ENDPOINT = start_s3(work)
+    S3 = s3
     toks = {e: token(e) for e in ("e1", "e2", "e3")}
     log(f"filling three edges' outboxes ({a.hours} h of a 12-machine factory each) …")
     edges = {}

@@ -53,6 +53,7 @@ use serde::{Deserialize, Serialize};
 
 pub use delta::Dataset;
 pub use ledger::EdgeLedger;
+pub use storage::Document;
 
 use crate::schema::{events, part_counts};
 

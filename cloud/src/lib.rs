@@ -95,16 +95,32 @@ impl Cloud {
         // Commits (this node's and, read every second, other nodes'): live dashboards follow.
         let commits = Arc::new(tokio::sync::watch::channel(0u64).0);
 
-        // What other cloud nodes committed to the same tables, read every second.
+        let master = {
+            let (cfg, ds) = (cfg.clone(), dataset.clone());
+            let loaded = tokio::task::spawn_blocking(move || reports::Master::load(&cfg, &ds))
+                .await
+                .expect("loading master data");
+            Arc::new(std::sync::RwLock::new(loaded))
+        };
+
+        // What other cloud nodes committed to the same tables (and saved as master data), read
+        // every second.
         tasks.spawn({
             let (ds, stop, commits) = (dataset.clone(), stop.clone(), commits.clone());
+            let (master, cfg) = (master.clone(), cfg.clone());
+            // The saved master data last read: read again each pass, used when it changed.
+            let seen: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Default::default();
             async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! { _ = tick.tick() => {}, _ = stop.cancelled() => return }
-                    let ds = ds.clone();
-                    let pass = move || ds.refresh(std::time::Duration::from_millis(900));
+                    let (ds, master, cfg) = (ds.clone(), master.clone(), cfg.clone());
+                    let seen = seen.clone();
+                    let pass = move || {
+                        follow_saved_master(&ds, &cfg, &master, &seen);
+                        ds.refresh(std::time::Duration::from_millis(900))
+                    };
                     match tokio::task::spawn_blocking(pass).await {
                         Ok(Ok(false)) => {}
                         Ok(Ok(true)) => commits.send_modify(|v| *v += 1),
@@ -162,7 +178,7 @@ impl Cloud {
             metrics,
             started,
             commits,
-            master: Arc::new(std::sync::RwLock::new(reports::Master::load(&cfg))),
+            master,
             edge_reports: Default::default(),
             live_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_live_subscribers)),
         };
@@ -205,5 +221,32 @@ impl Cloud {
             tracing::warn!("some tasks did not stop within 10 s");
         }
         tracing::info!("cloud stopped");
+    }
+}
+
+/// Reads the master data saved beside the tables when other nodes may have changed it (the
+/// tables are on a bucket), and uses it if it changed since `seen`.
+fn follow_saved_master(
+    ds: &Dataset,
+    cfg: &CloudConfig,
+    master: &std::sync::RwLock<reports::Master>,
+    seen: &std::sync::Mutex<Option<Vec<u8>>>,
+) {
+    if !ds.is_shared() {
+        return;
+    }
+    match ds.document(reports::SAVED_MASTER) {
+        Ok(doc) => {
+            let bytes = doc.map(|d| d.bytes);
+            let mut seen = seen.lock().expect("seen lock");
+            if *seen != bytes {
+                *master.write().expect("master lock") =
+                    reports::Master::with_saved(cfg, bytes.as_deref());
+                *seen = bytes;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading saved master data failed; keeping what was read before")
+        }
     }
 }

@@ -28,7 +28,7 @@ use polars::prelude::*;
 use serde::Deserialize;
 
 pub use live::snapshot;
-pub use master::Master;
+pub use master::{Master, SAVED as SAVED_MASTER};
 pub use oee::{OeeRow, downtime, oee};
 pub use production::{part_minutes, production};
 pub use states::{StateInterval, downsample as downsample_states, state_timeline};

@@ -211,6 +211,23 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
         + counter(&b, "millrace_cloud_commit_retries_total");
     eprintln!("two nodes: {conflicts} conflicts, {retries} commit retries");
 
+    // Master data saved through either node is every node's (it is kept in the bucket), and
+    // one node's edit does not undo the other's.
+    let spec = |machine: &str, ms: u32| serde_json::json!([{"site": "plant-2", "line": "line-1", "machine": machine, "ideal_cycle_time_ms": ms}]);
+    a.put_machines(&spec("press-01", 31_000));
+    b.put_machines(&spec("press-02", 47_000));
+    for node in [&a, &b] {
+        assert!(
+            wait_until(timeout, || {
+                let m = &node.get("/api/v1/master")["ideal_cycle_ms"];
+                m["plant-2/line-1/press-01"] == 31_000 && m["plant-2/line-1/press-02"] == 47_000
+            }),
+            "master data on {}: {}",
+            node.http,
+            node.get("/api/v1/master")
+        );
+    }
+
     // An outside reader of the bucket (delta-rs) counts what the edges sent.
     let out = run_ok(
         Command::new(millrace_tests::python())

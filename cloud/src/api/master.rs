@@ -64,21 +64,16 @@ pub(super) async fn put_machines(
             )));
         }
     }
-    let snapshot = {
-        let mut master = s.master.write().expect("master lock");
-        for m in &specs {
-            master
-                .ideal_cycle_ms
-                .insert(m.id.to_string(), m.ideal_cycle_time_ms);
-        }
-        master.clone()
-    };
-    let dir = s.cfg.data_dir.clone();
-    blocking(move || {
-        snapshot
-            .save(&dir)
+    let edits: Vec<(String, u32)> = specs
+        .iter()
+        .map(|m| (m.id.to_string(), m.ideal_cycle_time_ms))
+        .collect();
+    let (cfg, ds) = (s.cfg.clone(), s.dataset.clone());
+    let saved = blocking(move || {
+        crate::reports::Master::save_edits(&cfg, &ds, &edits)
             .map_err(|e| ApiError::Unavailable(format!("saving master data: {e}")))
     })
     .await?;
+    *s.master.write().expect("master lock") = saved;
     Ok(Json(json!({ "updated": specs.len() })))
 }

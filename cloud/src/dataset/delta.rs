@@ -645,6 +645,27 @@ impl Dataset {
         self.rt.as_ref().expect("runtime until dropped")
     }
 
+    /// Document `name` kept beside the tables, where every node reads it (master data).
+    pub fn document(&self, name: &str) -> Result<Option<super::Document>, DatasetError> {
+        self.block_on(self.storage.get_document(name))
+    }
+
+    /// Writes document `name` if no node changed it since `from` was read (`None`: if it does
+    /// not exist); `false` if one did.
+    pub fn put_document(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        from: Option<&super::Document>,
+    ) -> Result<bool, DatasetError> {
+        self.block_on(self.storage.put_document(name, bytes, from))
+    }
+
+    /// Whether other nodes may share the tables (they are on a bucket).
+    pub fn is_shared(&self) -> bool {
+        !self.storage.is_local()
+    }
+
     /// Where the tables are, for people (a directory or `s3://bucket/prefix/`).
     pub fn location(&self) -> String {
         self.storage.describe()

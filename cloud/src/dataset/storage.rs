@@ -33,6 +33,15 @@ pub(super) struct Storage {
     doomed: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
+/// A small document kept beside the tables (master data), as read.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// Its content.
+    pub bytes: Vec<u8>,
+    /// What an update must find unchanged (on a bucket).
+    version: Option<object_store::UpdateVersion>,
+}
+
 /// An S3 bucket.
 struct Remote {
     /// The bucket's store (`/` at the bucket's root).
@@ -246,6 +255,85 @@ impl Storage {
         }
     }
 
+    /// The document `name` kept beside the tables (at the dataset's root, on a bucket under its
+    /// prefix), with the version a [`Storage::put_document`] updates it from.
+    pub(super) async fn get_document(&self, name: &str) -> Result<Option<Document>, DatasetError> {
+        let Some(r) = &self.remote else {
+            let path = self.dir.join(name);
+            return match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(Document {
+                    bytes,
+                    version: None,
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io(&path)(e).into()),
+            };
+        };
+        let key = r.doc_key(name);
+        match r.store.get(&key).await {
+            Ok(got) => {
+                let version = object_store::UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
+                let bytes = got.bytes().await.map_err(|e| DatasetError::Storage {
+                    message: format!("reading {key}: {}", explain(&e)),
+                    retryable: true,
+                })?;
+                Ok(Some(Document {
+                    bytes: bytes.to_vec(),
+                    version: Some(version),
+                }))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(DatasetError::Storage {
+                message: format!("reading {key}: {}", explain(&e)),
+                retryable: true,
+            }),
+        }
+    }
+
+    /// Writes document `name` if it is still as `from` was read (`None`: if it does not exist);
+    /// `false` if another node changed it meanwhile (read it again and retry). On the local
+    /// disk (one node) it is written in place (temporary file, rename).
+    pub(super) async fn put_document(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        from: Option<&Document>,
+    ) -> Result<bool, DatasetError> {
+        let Some(r) = &self.remote else {
+            let path = self.dir.join(name);
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, &bytes)
+                .and_then(|()| {
+                    if self.fsync {
+                        std::fs::File::open(&tmp)?.sync_all()?;
+                    }
+                    std::fs::rename(&tmp, &path)
+                })
+                .map_err(io(&path));
+            return written.map(|()| true).map_err(Into::into);
+        };
+        let key = r.doc_key(name);
+        let mode = match from.and_then(|d| d.version.clone()) {
+            Some(v) => object_store::PutMode::Update(v),
+            None => object_store::PutMode::Create,
+        };
+        let put = r.store.put_opts(&key, bytes.into(), mode.into()).await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => Ok(false),
+            Err(e) => Err(DatasetError::Storage {
+                message: format!("writing {key}: {}", explain(&e)),
+                retryable: true,
+            }),
+        }
+    }
+
     /// The version of table `name`'s last checkpoint, if `_last_checkpoint` names one.
     async fn last_checkpoint(&self, name: &str) -> Option<u64> {
         #[derive(serde::Deserialize)]
@@ -401,6 +489,15 @@ impl Storage {
 }
 
 impl Remote {
+    /// A document's key: `name` under the prefix.
+    fn doc_key(&self, name: &str) -> ObjectPath {
+        ObjectPath::from(if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}/{name}", self.prefix)
+        })
+    }
+
     fn key(&self, name: &str, rel: &str) -> ObjectPath {
         ObjectPath::from(if self.prefix.is_empty() {
             format!("{name}/{rel}")

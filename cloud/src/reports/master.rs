@@ -2,12 +2,12 @@
 //! and then the edits saved through the API (`master.json` in the data directory).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use millrace_shared::ShiftCalendar;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CloudConfig;
+use crate::dataset::{Dataset, DatasetError};
 
 /// Master data: ideal cycle times and the shift calendar.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,13 +31,14 @@ impl Master {
     }
 }
 
-/// Where edits through the API are kept, in the data directory.
-const SAVED: &str = "master.json";
+/// Where edits through the API are kept: beside the tables (the data directory, or the bucket's
+/// prefix, where every cloud node reads them).
+pub const SAVED: &str = "master.json";
 
 impl Master {
-    /// The configuration's master data, then the edits saved through the API.
-    pub fn load(cfg: &CloudConfig) -> Self {
-        let mut m = Self {
+    /// The configuration's master data.
+    pub fn configured(cfg: &CloudConfig) -> Self {
+        Self {
             ideal_cycle_ms: cfg
                 .master
                 .machines
@@ -46,23 +47,52 @@ impl Master {
                 .collect(),
             default_ideal_cycle_ms: cfg.master.default_ideal_cycle_ms,
             calendar: cfg.master.calendar.clone(),
-        };
-        let saved = cfg.data_dir.join(SAVED);
-        match std::fs::read(&saved).map(|b| serde_json::from_slice::<Self>(&b)) {
-            Ok(Ok(s)) => m.ideal_cycle_ms.extend(s.ideal_cycle_ms),
-            Ok(Err(e)) => {
-                tracing::error!(path = %saved.display(), error = %e, "saved master data unreadable; using the configuration")
+        }
+    }
+
+    /// The configuration's master data, then the edits saved through the API (`saved`: the
+    /// stored document, if any).
+    pub fn with_saved(cfg: &CloudConfig, saved: Option<&[u8]>) -> Self {
+        let mut m = Self::configured(cfg);
+        if let Some(bytes) = saved {
+            match serde_json::from_slice::<Self>(bytes) {
+                Ok(s) => m.ideal_cycle_ms.extend(s.ideal_cycle_ms),
+                Err(e) => {
+                    tracing::error!(document = SAVED, error = %e, "saved master data unreadable; using the configuration")
+                }
             }
-            Err(_) => {}
         }
         m
     }
 
-    /// Saves these master data in `data_dir` (atomically: temp file, rename). Blocks.
-    pub fn save(&self, data_dir: &Path) -> std::io::Result<()> {
-        let path = data_dir.join(SAVED);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializes"))?;
-        std::fs::rename(&tmp, &path)
+    /// The configuration's master data and the edits stored beside `ds`'s tables.
+    pub fn load(cfg: &CloudConfig, ds: &Dataset) -> Self {
+        match ds.document(SAVED) {
+            Ok(doc) => Self::with_saved(cfg, doc.as_ref().map(|d| d.bytes.as_slice())),
+            Err(e) => {
+                tracing::error!(error = %e, "reading saved master data failed; using the configuration");
+                Self::configured(cfg)
+            }
+        }
+    }
+
+    /// Sets ideal cycle times and stores them beside `ds`'s tables, merged into what is stored
+    /// (another node's edits included: an update is only written over the version it read).
+    /// Blocks.
+    pub fn save_edits(
+        cfg: &CloudConfig,
+        ds: &Dataset,
+        edits: &[(String, u32)],
+    ) -> Result<Self, DatasetError> {
+        for _ in 0..20 {
+            let doc = ds.document(SAVED)?;
+            let mut m = Self::with_saved(cfg, doc.as_ref().map(|d| d.bytes.as_slice()));
+            m.ideal_cycle_ms.extend(edits.iter().cloned());
+            let bytes = serde_json::to_vec_pretty(&m).expect("serializes");
+            if ds.put_document(SAVED, bytes, doc.as_ref())? {
+                return Ok(m);
+            }
+        }
+        Err(DatasetError::Conflict(SAVED))
     }
 }
