@@ -266,7 +266,7 @@ impl Storage {
                     version: None,
                 })),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(io(&path)(e).into()),
+                Err(e) => Err(io(&path)(e)),
             };
         };
         let key = r.doc_key(name);
@@ -313,7 +313,7 @@ impl Storage {
                     std::fs::rename(&tmp, &path)
                 })
                 .map_err(io(&path));
-            return written.map(|()| true).map_err(Into::into);
+            return written.map(|()| true);
         };
         let key = r.doc_key(name);
         let mode = match from.and_then(|d| d.version.clone()) {
