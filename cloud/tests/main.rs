@@ -223,6 +223,69 @@ fn a_corrupt_checkpoint_is_an_error_at_start_that_names_the_table_and_the_way_ou
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 1000)]);
 }
 
+/// The retention of a table's log entries (`delta.logRetentionDuration`) in its newest metadata.
+fn log_retention(dir: &std::path::Path, table: &str) -> Option<String> {
+    let log = dir.join(table).join("_delta_log");
+    let mut entries: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    entries.sort();
+    entries.iter().rev().find_map(|p| {
+        std::fs::read_to_string(p).unwrap().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let c = v.get("metaData")?.get("configuration")?;
+            Some(
+                c["delta.logRetentionDuration"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+    })
+}
+
+/// Tables on the local disk keep an hour of log entries (delta-rs lists the log directory at
+/// every commit); a table created without that setting gets it when the cloud opens it.
+#[test]
+fn local_tables_keep_their_log_short_also_tables_created_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    millrace_cloud::sync::store(&ds, "e1", &items(1, 20), &[], &[], 1).unwrap();
+    drop(ds);
+    assert_eq!(
+        log_retention(dir.path(), "events").as_deref(),
+        Some("interval 1 hours")
+    );
+    // As a table of the version before: the setting taken out of its creation.
+    let first = dir
+        .path()
+        .join("events/_delta_log/00000000000000000000.json");
+    let text: Vec<String> = std::fs::read_to_string(&first)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(c) = v.pointer_mut("/metaData/configuration") {
+                c.as_object_mut()
+                    .unwrap()
+                    .remove("delta.logRetentionDuration");
+            }
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&first, text.join("\n") + "\n").unwrap();
+    assert_eq!(log_retention(dir.path(), "events").as_deref(), Some(""));
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    assert_eq!(
+        log_retention(dir.path(), "events").as_deref(),
+        Some("interval 1 hours")
+    );
+    assert_eq!(rows(&ds, Table::Events), 4);
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 20)]);
+}
+
 #[test]
 fn a_damaged_table_log_is_an_error_that_names_the_table() {
     let dir = tempfile::tempdir().unwrap();

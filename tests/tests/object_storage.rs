@@ -368,8 +368,15 @@ fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() 
         !err.contains(env[1].1),
         "the secret key is not in the message: {err}"
     );
-    // Nothing listens on this port.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    // An endpoint that hangs up on every connection (held by the test: a port merely free now
+    // could be taken by another test's server).
+    let hangs_up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", hangs_up.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in hangs_up.incoming() {
+            drop(conn);
+        }
+    });
     let (ok, err) =
         cloud_fails_to_start(dir.path(), &storage("s3://plant-data/x", &dead, true), &env);
     assert!(!ok, "started without a store");

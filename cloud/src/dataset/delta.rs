@@ -27,6 +27,13 @@ use crate::schema::alerts;
 /// The table of stored batches: one row per batch, the ledger in its files' tags.
 pub(super) const BATCHES: &str = "sync_batches";
 
+/// How long a table on the local disk keeps its log entries (Delta's default: 30 days). There is
+/// an entry per commit, and delta-rs lists the log directory at every commit, which on a local
+/// disk costs O(entries) (an S3 listing starts after a key); entries this old go when a
+/// checkpoint is written. Readers of the current snapshot are not affected.
+pub(super) const LOCAL_LOG_RETENTION: &str = "interval 1 hours";
+const LOCAL_LOG_RETENTION_S: u64 = 3600;
+
 /// The tag of an `add` action that says which outbox sequence numbers its table holds.
 const LEDGER_TAG: &str = "millrace.ledger";
 
@@ -390,6 +397,11 @@ impl Dataset {
             fsync,
             refreshed: Mutex::new(Instant::now()),
         };
+        if ds.storage.is_local() {
+            for name in NAMES {
+                ds.keep_log_short(name)?;
+            }
+        }
         ds.rebuild_view()?;
         if ds.storage.is_local() && dir.join(MANIFEST).exists() {
             ds.migrate()?;
@@ -449,6 +461,41 @@ impl Dataset {
                 v.fold_batches();
             }
         }
+        Ok(())
+    }
+
+    /// Sets [`LOCAL_LOG_RETENTION`] on table `name` if it exists without it (a table created
+    /// before it was set).
+    fn keep_log_short(&self, name: &'static str) -> Result<(), DatasetError> {
+        use deltalake_core::kernel::MetadataExt;
+        use deltalake_core::table::config::TablePropertiesExt;
+        let mut t = self.table(name);
+        let Some(dt) = t.as_ref() else { return Ok(()) };
+        let snapshot = dt.snapshot().map_err(delta_err(name))?;
+        let key = deltalake_core::TableProperty::LogRetentionDuration.as_ref();
+        let want = LOCAL_LOG_RETENTION_S;
+        if snapshot.table_config().log_retention_duration().as_secs() == want {
+            return Ok(());
+        }
+        let metadata = snapshot
+            .metadata()
+            .clone()
+            .add_config_key(key.to_owned(), LOCAL_LOG_RETENTION.to_owned())
+            .map_err(|e| delta_err(name)(e.into()))?;
+        tracing::info!(
+            table = name,
+            retention = LOCAL_LOG_RETENTION,
+            "keeping the table's log short"
+        );
+        self.commit_actions(
+            name,
+            &mut t,
+            vec![Action::Metadata(metadata)],
+            None,
+            DeltaOperation::SetTableProperties {
+                properties: HashMap::from([(key.to_owned(), LOCAL_LOG_RETENTION.to_owned())]),
+            },
+        )?;
         Ok(())
     }
 
@@ -772,6 +819,12 @@ impl Dataset {
                     super::RETIRE_AFTER.as_secs()
                 )),
             );
+        if self.storage.is_local() {
+            b = b.with_configuration_property(
+                deltalake_core::TableProperty::LogRetentionDuration,
+                Some(LOCAL_LOG_RETENTION.to_owned()),
+            );
+        }
         for (col, ty) in Self::delta_columns(df, partitions) {
             b = b.with_column(col, DeltaType::Primitive(ty), true, None);
         }

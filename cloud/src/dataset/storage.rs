@@ -247,7 +247,7 @@ impl Storage {
                         "; opening reads the table's last checkpoint first: if \
                          `{name}/_delta_log/{version:020}.checkpoint.parquet` is damaged, \
                          remove it and `{name}/_delta_log/_last_checkpoint` and the table is \
-                         read from its commits (kept 30 days by default)"
+                         read from an earlier checkpoint and the commits after it"
                     ));
                 }
                 Err(err)
