@@ -85,7 +85,7 @@ def manifest_files(data):
         root = os.path.join(data, table)
         if not os.path.isdir(os.path.join(root, "_delta_log")):
             continue
-        adds = pa.record_batch(deltalake.DeltaTable(root).get_add_actions(flatten=True))
+        adds = pa.table(deltalake.DeltaTable(root).get_add_actions(flatten=True))
         for path, rows in zip(adds.column("path").to_pylist(), adds.column("num_records").to_pylist()):
             files[f"{table}/{path}"] = {"table": table, "rows": rows}
     return files
