@@ -204,6 +204,11 @@ fn a_corrupt_checkpoint_is_an_error_at_start_that_names_the_table_and_the_way_ou
     }
     let events = rows(&ds, Table::Events);
     drop(ds);
+    // Opened from the checkpoint: the files' tags (the ledger) are in it.
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 1000)]);
+    assert_eq!(ds.edges()["e1"].batches, 100);
+    drop(ds);
     let log = dir.path().join("events/_delta_log");
     let checkpoint = std::fs::read_dir(&log)
         .unwrap()
@@ -344,6 +349,35 @@ fn the_view_kept_commit_by_commit_equals_the_view_built_on_opening() {
     assert_eq!(ds.edges()["e2"].dropped.ranges(), &[(41, 60)]);
     let opened = Dataset::open(dir.path(), false).unwrap();
     assert_eq!(kept, seen(&opened));
+}
+
+/// Two nodes compact the same partitions, one of them from a view it read before the other's
+/// compaction: the rows are in the table once.
+#[test]
+fn two_nodes_compacting_the_same_files_keep_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Dataset::open(dir.path(), false).unwrap();
+    for i in 0..6 {
+        millrace_cloud::sync::store(&a, "e1", &items(1 + i * 100, 100), &[], &[], i as i64)
+            .unwrap();
+    }
+    let b = Dataset::open(dir.path(), false).unwrap();
+    let (telemetry, events) = (rows(&a, Table::Telemetry), rows(&a, Table::Events));
+    assert!(a.compact(2).unwrap() > 0);
+    // b still sees the files a just replaced.
+    b.compact(2).unwrap();
+    for ds in [&a, &b] {
+        ds.refresh(std::time::Duration::ZERO).unwrap();
+        let df = millrace_cloud::dataset::read_files(&ds.files(Table::Events, None, None).unwrap())
+            .unwrap();
+        assert_eq!(df.height() as u64, events);
+        assert_eq!(
+            df.column("outbox_seq").unwrap().n_unique().unwrap(),
+            df.height()
+        );
+        assert_eq!(rows(ds, Table::Telemetry), telemetry);
+        assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 600)]);
+    }
 }
 
 #[test]

@@ -89,8 +89,32 @@ def with_duckdb(data, tables):
     return shape(rows, con.execute(PARTS).fetchall(), con.execute(TEMPERATURE).fetchall())
 
 
+def batches_of(data, edge):
+    """Diagnostics: the `sync_batches` rows of `edge` and the first outbox sequence numbers the
+    data tables hold, as delta-rs reads them."""
+    q = deltalake.QueryBuilder()
+    for t in ("sync_batches", "events", "telemetry"):
+        q.register(t, deltalake.DeltaTable(uri(data, t), storage_options=storage_options(data)))
+    e = edge.replace("'", "''")
+
+    def run(sql):
+        t = pa.table(q.execute(sql).read_all())
+        return list(zip(*(t.column(i).to_pylist() for i in range(t.num_columns))))
+
+    rows = run(f"select received_at, items, duplicates, seqs from sync_batches "
+               f"where edge = '{e}' order by received_at")
+    first = {}
+    for t in ("events", "telemetry"):
+        sql = f"select distinct outbox_seq from {t} where edge = '{e}' and outbox_seq <= 10 order by 1"
+        first[t] = [r[0] for r in run(sql)]
+    return {"rows": [list(map(str, r)) for r in rows], "first_seqs": first}
+
+
 def main():
     data = sys.argv[1]
+    if len(sys.argv) > 3 and sys.argv[2] == "--batches-of":
+        print(json.dumps(batches_of(data, sys.argv[3]), indent=1))
+        return
     tables = [t for t in TABLES if exists(data, t)]
     readers = {"deltalake": with_deltalake(data, tables)}
     if not is_s3(data):

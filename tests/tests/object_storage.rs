@@ -79,6 +79,23 @@ fn drained(sim: &mut Child, edge: &EdgeProcess) -> u64 {
         - 1
 }
 
+/// Diagnostics: an edge's `sync_batches` rows and first stored sequence numbers, as delta-rs
+/// reads the bucket.
+fn batches_in_bucket(s3: &S3Server, env: &[(&str, &str)], edge: &str) -> String {
+    let out = Command::new(millrace_tests::python())
+        .arg(super::manifest_dir().join("python/delta_readers.py"))
+        .args(["s3://plant-data/millrace", "--batches-of", edge])
+        .envs(env.iter().copied())
+        .env("AWS_ENDPOINT_URL", &s3.endpoint)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Every machine of `truth`: the cloud node holds exactly what the edge stored.
 fn assert_same_contents(edge: &EdgeProcess, node: &CloudProcess, truth: &Value) -> usize {
     let (from, to) = (
@@ -190,9 +207,12 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
             assert!(
                 wait_until(timeout, || ledger(node, edge)["received"]
                     == serde_json::json!([[1, last]])),
-                "{edge} on {}: {}",
+                "{edge} on {}: {}\nnode A: {}\nnode B: {}\ndelta-rs: {}",
                 node.http,
-                ledger(node, edge)
+                ledger(node, edge),
+                ledger(&a, edge),
+                ledger(&b, edge),
+                batches_in_bucket(&s3, &env, edge)
             );
             assert_eq!(ledger(node, edge)["gap_items"], 0);
         }

@@ -115,7 +115,21 @@ impl Dataset {
                 }));
             }
             let mut t = self.ensure_table(name, &df.clear())?;
-            let committed = self.commit_actions(
+            // The files were listed from this node's view: if another node's compaction removed
+            // one since, committing would add their rows a second time (delta-rs does not flag
+            // two removes of one file as a conflict). So: read the table's latest commits, check
+            // that every file is still there, and commit only on top of that version.
+            self.catch_up(name, &mut t)?;
+            if !self.holds_files(name, old.iter().map(|f| f.rel.as_str())) {
+                drop(t);
+                self.storage.delete(self.runtime(), name, &rel);
+                tracing::info!(
+                    table = name,
+                    "compaction of a partition skipped: its files changed meanwhile"
+                );
+                continue;
+            }
+            let committed = self.commit_actions_with(
                 name,
                 &mut t,
                 actions,
@@ -124,6 +138,7 @@ impl Dataset {
                     predicate: None,
                     target_size: 0,
                 },
+                0,
             );
             match committed {
                 Ok(_) => removed += old.len(),

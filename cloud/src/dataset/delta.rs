@@ -599,6 +599,37 @@ impl Dataset {
             .collect()
     }
 
+    /// Reads table `name`'s commits since this node last did (the caller holds the table).
+    pub(super) fn catch_up(
+        &self,
+        name: &'static str,
+        t: &mut MutexGuard<'_, Option<DeltaTable>>,
+    ) -> Result<(), DatasetError> {
+        let Some(dt) = t.as_mut() else { return Ok(()) };
+        let before = dt.version();
+        self.block_on(dt.update_state()).map_err(delta_err(name))?;
+        if dt.version() != before {
+            self.refresh_view(name, dt)?;
+        }
+        Ok(())
+    }
+
+    /// Whether table `name`'s current snapshot (as this node last read it) names every file of
+    /// `rels` (paths relative to the table).
+    pub(super) fn holds_files<'a>(
+        &self,
+        name: &str,
+        rels: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
+        let v = self.view.read().expect("view lock");
+        let Some(tv) = v.view_of(name) else {
+            return false;
+        };
+        let live: std::collections::HashSet<&str> =
+            tv.files.iter().map(|f| f.rel.as_str()).collect();
+        rels.into_iter().all(|r| live.contains(r))
+    }
+
     /// The current snapshot's files of `sync_batches`.
     pub(super) fn batch_file_views(&self) -> Vec<FileView> {
         self.view.read().expect("view lock").batches.files.clone()
@@ -854,9 +885,23 @@ impl Dataset {
         &self,
         name: &'static str,
         t: &mut MutexGuard<'_, Option<DeltaTable>>,
+        actions: Vec<Action>,
+        check: Option<BatchCheck<'_>>,
+        operation: DeltaOperation,
+    ) -> Result<u64, DatasetError> {
+        self.commit_actions_with(name, t, actions, check, operation, 20)
+    }
+
+    /// [`Dataset::commit_actions`], moved to a later version at most `max_retries` times when
+    /// other commits came first (0: only on top of the version read, or not at all).
+    pub(super) fn commit_actions_with(
+        &self,
+        name: &'static str,
+        t: &mut MutexGuard<'_, Option<DeltaTable>>,
         mut actions: Vec<Action>,
         check: Option<BatchCheck<'_>>,
         operation: DeltaOperation,
+        max_retries: usize,
     ) -> Result<u64, DatasetError> {
         let _rt = self.enter();
         let dt = t.as_mut().expect("the table exists");
@@ -898,7 +943,7 @@ impl Dataset {
         let done = self.block_on(
             CommitBuilder::from(CommitProperties::default())
                 .with_actions(actions)
-                .with_max_retries(20)
+                .with_max_retries(max_retries)
                 .build(Some(&snapshot), dt.log_store(), operation)
                 .into_future(),
         );
