@@ -383,7 +383,9 @@ impl Dataset {
             .map_err(io(dir))?;
         block_on(&rt, storage.check())?;
         let mut tables = BTreeMap::new();
-        for name in NAMES {
+        // The ledger first: every batch it names was committed to the data tables before its
+        // row, so the data tables read after it hold at least what it says is complete.
+        for name in NAMES.into_iter().rev() {
             let t = block_on(&rt, storage.load(name))?;
             tables.insert(name, Mutex::new(t));
         }
@@ -535,7 +537,9 @@ impl Dataset {
             *at = Instant::now();
         }
         let mut changed = false;
-        for name in NAMES {
+        // The ledger first (see `open_in`): a node never reports a batch complete whose rows
+        // it cannot read yet.
+        for name in NAMES.into_iter().rev() {
             let mut t = self.table(name);
             let before = t.as_ref().and_then(DeltaTable::version);
             match t.as_mut() {
