@@ -49,6 +49,16 @@ def cpu_s(pid):
 PYTHON = os.environ.get("MILLRACE_PYTHON", os.path.expanduser("~/.cache/millrace-py/bin/python"))
 
 
+def edge_toml(edge_id, data_dir, mqtt, http, cloud_port):
+    """An edge that keeps nothing after sync and whose outbox holds hours of a factory while
+    its cloud at cloud_port is down."""
+    return (f'edge_id = "{edge_id}"\ndata_dir = "{data_dir}"\n[mqtt]\nlisten = "127.0.0.1:{mqtt}"\n'
+            f'allow_anonymous = true\n[http]\nlisten = "127.0.0.1:{http}"\n'
+            f'[store.retention]\ntelemetry = "0s"\nevents = "0s"\n'
+            f'[sync]\nenabled = true\ncloud_url = "http://127.0.0.1:{cloud_port}"\n'
+            f'outbox_quota_bytes = 17179869184\nretry_max = "200ms"\n')
+
+
 def start_s3(work):
     """moto's S3 server on a free port with bucket `bench`; returns (process, endpoint)."""
     port = free_port()
@@ -95,10 +105,8 @@ def run_once(a, storage):
     cloud_port, mqtt, http = free_port(), free_port(), free_port()
     ecfg = os.path.join(work, "edge.toml")
     with open(ecfg, "w") as f:
-        f.write(f'edge_id = "bench"\ndata_dir = "{work}/edge"\n[mqtt]\nlisten = "127.0.0.1:{mqtt}"\nallow_anonymous = true\n'
-                f'[http]\nlisten = "127.0.0.1:{http}"\n[store.retention]\ntelemetry = "0s"\nevents = "0s"\n'
-                f'[sync]\nenabled = true\ncloud_url = "http://127.0.0.1:{cloud_port}"\noutbox_quota_bytes = 17179869184\n'
-                f'retry_max = "200ms"\n' + os.environ.get("SYNC_EXTRA", "").replace(";", "\n") + "\n")
+        f.write(edge_toml("bench", f"{work}/edge", mqtt, http, cloud_port)
+                + os.environ.get("SYNC_EXTRA", "").replace(";", "\n") + "\n")
     ccfg = os.path.join(work, "cloud.toml")
     with open(ccfg, "w") as f:
         f.write(f'data_dir = "{work}/cloud"\n[http]\nlisten = "127.0.0.1:{cloud_port}"\n'

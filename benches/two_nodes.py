@@ -21,7 +21,7 @@ import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest import SIM, EDGE, free_port, get, log  # noqa: E402
-from sync import CLOUD, cpu_s, start_s3, token, wait_http  # noqa: E402
+from sync import CLOUD, cpu_s, edge_toml, start_s3, token, wait_http  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1"}
 
@@ -34,11 +34,7 @@ def filled_edge(work, name, seed, hours, digest_tok):
     mqtt, http, cloud_port = free_port(), free_port(), free_port()
     cfg = os.path.join(d, "edge.toml")
     with open(cfg, "w") as f:
-        f.write(f'edge_id = "{name}"\ndata_dir = "{d}/data"\n[mqtt]\nlisten = "127.0.0.1:{mqtt}"\n'
-                f'allow_anonymous = true\n[http]\nlisten = "127.0.0.1:{http}"\n'
-                f'[store.retention]\ntelemetry = "0s"\nevents = "0s"\n'
-                f'[sync]\nenabled = true\ncloud_url = "http://127.0.0.1:{cloud_port}"\n'
-                f'outbox_quota_bytes = 17179869184\nretry_max = "200ms"\n')
+        f.write(edge_toml(name, f"{d}/data", mqtt, http, cloud_port))
     env = {**os.environ, "RUST_LOG": "warn", "MILLRACE_EDGE_SYNC__TOKEN": tok}
     p = subprocess.Popen([EDGE, "--config", cfg], env=env, stderr=open(os.path.join(d, "edge.log"), "w"))
     wait_http(f"http://127.0.0.1:{http}/health")

@@ -70,6 +70,14 @@ fn items(first: u64, n: u64) -> Vec<SyncItem> {
         .collect()
 }
 
+/// Stores `batches` batches of 100 items from edge `e1` (seq 1, 2, …).
+fn store_hundreds(ds: &Dataset, batches: u64) {
+    for i in 0..batches {
+        millrace_cloud::sync::store(ds, "e1", &items(1 + i * 100, 100), &[], &[], i as i64)
+            .unwrap();
+    }
+}
+
 fn rows(ds: &Dataset, table: Table) -> u64 {
     ds.sizes().get(&table).map_or(0, |s| s.1)
 }
@@ -357,10 +365,7 @@ fn the_view_kept_commit_by_commit_equals_the_view_built_on_opening() {
 fn two_nodes_compacting_the_same_files_keep_every_row_once() {
     let dir = tempfile::tempdir().unwrap();
     let a = Dataset::open(dir.path(), false).unwrap();
-    for i in 0..6 {
-        millrace_cloud::sync::store(&a, "e1", &items(1 + i * 100, 100), &[], &[], i as i64)
-            .unwrap();
-    }
+    store_hundreds(&a, 6);
     let b = Dataset::open(dir.path(), false).unwrap();
     let (telemetry, events) = (rows(&a, Table::Telemetry), rows(&a, Table::Events));
     assert!(a.compact(2).unwrap() > 0);
@@ -384,10 +389,7 @@ fn two_nodes_compacting_the_same_files_keep_every_row_once() {
 fn compaction_keeps_every_row_and_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let ds = Dataset::open(dir.path(), true).unwrap();
-    for i in 0..6 {
-        millrace_cloud::sync::store(&ds, "e1", &items(1 + i * 100, 100), &[], &[], i as i64)
-            .unwrap();
-    }
+    store_hundreds(&ds, 6);
     let (before_t, before_e) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
     let listed = ds.files(Table::Telemetry, None, None).unwrap();
     let removed = ds.compact(3).unwrap();

@@ -119,6 +119,19 @@ fn assert_same_contents(edge: &EdgeProcess, node: &CloudProcess, truth: &Value) 
     events
 }
 
+/// Edge `name` (its directory under `dir`, also returned) syncing to `url` with `token`.
+fn syncing_edge(dir: &Path, name: &str, url: &str, token: &str) -> (EdgeProcess, PathBuf) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let config = edge_config(&d, 0);
+    with_sync(&config, url, "");
+    let env = [
+        ("MILLRACE_EDGE_EDGE_ID", name),
+        ("MILLRACE_EDGE_SYNC__TOKEN", token),
+    ];
+    (EdgeProcess::start_with_env(&config, &env), d)
+}
+
 #[test]
 fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_9() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,18 +149,8 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
     // Edge 1 reaches the cloud through a load balancer (starting on node A); edge 2 talks to
     // node B directly. Both nodes commit to the same tables at the same time.
     let lb = FaultProxy::start(socket(&a));
-    let start_edge = |name: &str, url: &str, token: &str| {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let config = edge_config(&d, 0);
-        with_sync(&config, url, "");
-        let env = [
-            ("MILLRACE_EDGE_EDGE_ID", name.to_owned()),
-            ("MILLRACE_EDGE_SYNC__TOKEN", token.to_owned()),
-        ];
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        (EdgeProcess::start_with_env(&config, &env), d)
-    };
+    let start_edge =
+        |name: &str, url: &str, token: &str| syncing_edge(dir.path(), name, url, token);
     let (e1, d1) = start_edge("e1", &lb.url(), &t1);
     let (e2, d2) = start_edge("e2", &b.http, &t2);
     let truth1 = d1.join("truth.json");
@@ -277,17 +280,7 @@ fn a_store_that_goes_away_while_the_cloud_runs_keeps_the_data_on_the_edge_until_
     let (token, digest) = edge_token("e1");
     let cfg = node_config(dir.path(), "node", &link.url(), &[("e1", digest.as_str())]);
     let cloud = CloudProcess::start_with_env(&cfg, &env);
-    let d = dir.path().join("e1");
-    std::fs::create_dir_all(&d).unwrap();
-    let config = edge_config(&d, 0);
-    with_sync(&config, &cloud.http, "");
-    let edge = EdgeProcess::start_with_env(
-        &config,
-        &[
-            ("MILLRACE_EDGE_EDGE_ID", "e1"),
-            ("MILLRACE_EDGE_SYNC__TOKEN", token.as_str()),
-        ],
-    );
+    let (edge, d) = syncing_edge(dir.path(), "e1", &cloud.http, &token);
     let truth = d.join("truth.json");
     let mut sim = paced_sim(&edge, "41", "2026-03-02T00:00:00Z", "1day", "10s", &truth);
     let timeout = Duration::from_secs(180);

@@ -31,8 +31,12 @@ pub(super) const BATCHES: &str = "sync_batches";
 /// an entry per commit, and delta-rs lists the log directory at every commit, which on a local
 /// disk costs O(entries) (an S3 listing starts after a key); entries this old go when a
 /// checkpoint is written. Readers of the current snapshot are not affected.
-pub(super) const LOCAL_LOG_RETENTION: &str = "interval 1 hours";
-const LOCAL_LOG_RETENTION_S: u64 = 3600;
+const LOCAL_LOG_RETENTION_HOURS: u64 = 1;
+
+/// [`LOCAL_LOG_RETENTION_HOURS`] as a Delta table property value.
+fn local_log_retention() -> String {
+    format!("interval {LOCAL_LOG_RETENTION_HOURS} hours")
+}
 
 /// The tag of an `add` action that says which outbox sequence numbers its table holds.
 const LEDGER_TAG: &str = "millrace.ledger";
@@ -132,6 +136,30 @@ fn tag_of(tags: Option<&HashMap<String, Option<String>>>) -> Option<LedgerTag> {
 }
 
 impl FileView {
+    /// The view of file `rel` of table `name` with its partition values (`value`).
+    fn new(
+        table: Option<Table>,
+        name: &str,
+        rel: String,
+        value: impl Fn(&str) -> Option<String>,
+        rows: u64,
+        size: i64,
+        tag: Option<LedgerTag>,
+    ) -> Self {
+        FileView {
+            file: DataFile {
+                path: format!("{name}/{rel}"),
+                table: table.unwrap_or(Table::Telemetry),
+                date: value("date").unwrap_or_default(),
+                site: value("site").unwrap_or_else(|| alerts::NO_SITE.to_owned()),
+                rows,
+            },
+            rel,
+            size,
+            tag,
+        }
+    }
+
     /// The view of a file that this node's commit adds.
     fn of_add(table: Option<Table>, name: &str, add: &Add) -> Self {
         #[derive(Deserialize)]
@@ -139,24 +167,20 @@ impl FileView {
             #[serde(rename = "numRecords")]
             num_records: u64,
         }
-        let value = |k: &str| add.partition_values.get(k).cloned().flatten();
         let rows = add
             .stats
             .as_deref()
             .and_then(|s| serde_json::from_str::<Stats>(s).ok())
             .map_or(0, |s| s.num_records);
-        FileView {
-            file: DataFile {
-                path: format!("{name}/{}", add.path),
-                table: table.unwrap_or(Table::Telemetry),
-                date: value("date").unwrap_or_default(),
-                site: value("site").unwrap_or_else(|| alerts::NO_SITE.to_owned()),
-                rows,
-            },
-            rel: add.path.clone(),
-            size: add.size,
-            tag: tag_of(add.tags.as_ref()),
-        }
+        Self::new(
+            table,
+            name,
+            add.path.clone(),
+            |k| add.partition_values.get(k).cloned().flatten(),
+            rows,
+            add.size,
+            tag_of(add.tags.as_ref()),
+        )
     }
 }
 
@@ -171,20 +195,15 @@ impl TableView {
         #[allow(deprecated)] // the add action's tags are not exposed otherwise
         for f in snapshot.log_data().iter() {
             let pv = f.partition_values_map();
-            let value = |k: &str| pv.get(k).cloned().flatten();
-            let rel = f.path().into_owned();
-            files.push(FileView {
-                file: DataFile {
-                    path: format!("{name}/{rel}"),
-                    table: table.unwrap_or(Table::Telemetry),
-                    date: value("date").unwrap_or_default(),
-                    site: value("site").unwrap_or_else(|| alerts::NO_SITE.to_owned()),
-                    rows: f.num_records().unwrap_or(0) as u64,
-                },
-                rel,
-                size: f.size(),
-                tag: tag_of(f.add_action().tags.as_ref()),
-            });
+            files.push(FileView::new(
+                table,
+                name,
+                f.path().into_owned(),
+                |k| pv.get(k).cloned().flatten(),
+                f.num_records().unwrap_or(0) as u64,
+                f.size(),
+                tag_of(f.add_action().tags.as_ref()),
+            ));
         }
         let mut view = TableView {
             version: dt.version(),
@@ -466,7 +485,7 @@ impl Dataset {
         Ok(())
     }
 
-    /// Sets [`LOCAL_LOG_RETENTION`] on table `name` if it exists without it (a table created
+    /// Sets [`LOCAL_LOG_RETENTION_HOURS`] on table `name` if it exists without it (a table created
     /// before it was set).
     fn keep_log_short(&self, name: &'static str) -> Result<(), DatasetError> {
         use deltalake_core::kernel::MetadataExt;
@@ -475,18 +494,20 @@ impl Dataset {
         let Some(dt) = t.as_ref() else { return Ok(()) };
         let snapshot = dt.snapshot().map_err(delta_err(name))?;
         let key = deltalake_core::TableProperty::LogRetentionDuration.as_ref();
-        let want = LOCAL_LOG_RETENTION_S;
-        if snapshot.table_config().log_retention_duration().as_secs() == want {
+        let value = local_log_retention();
+        if snapshot.table_config().log_retention_duration().as_secs()
+            == LOCAL_LOG_RETENTION_HOURS * 3600
+        {
             return Ok(());
         }
         let metadata = snapshot
             .metadata()
             .clone()
-            .add_config_key(key.to_owned(), LOCAL_LOG_RETENTION.to_owned())
+            .add_config_key(key.to_owned(), value.clone())
             .map_err(|e| delta_err(name)(e.into()))?;
         tracing::info!(
             table = name,
-            retention = LOCAL_LOG_RETENTION,
+            retention = %value,
             "keeping the table's log short"
         );
         self.commit_actions(
@@ -495,7 +516,7 @@ impl Dataset {
             vec![Action::Metadata(metadata)],
             None,
             DeltaOperation::SetTableProperties {
-                properties: HashMap::from([(key.to_owned(), LOCAL_LOG_RETENTION.to_owned())]),
+                properties: HashMap::from([(key.to_owned(), value)]),
             },
         )?;
         Ok(())
@@ -540,19 +561,7 @@ impl Dataset {
         // The ledger first (see `open_in`): a node never reports a batch complete whose rows
         // it cannot read yet.
         for name in NAMES.into_iter().rev() {
-            let mut t = self.table(name);
-            let before = t.as_ref().and_then(DeltaTable::version);
-            match t.as_mut() {
-                Some(dt) => self.block_on(dt.update_state()).map_err(delta_err(name))?,
-                None => *t = self.block_on(self.storage.load(name))?,
-            }
-            let after = t.as_ref().and_then(DeltaTable::version);
-            if after != before
-                && let Some(dt) = t.as_ref()
-            {
-                self.refresh_view(name, dt)?;
-                changed = true;
-            }
+            changed |= self.catch_up(name, &mut self.table(name))?;
         }
         Ok(changed)
     }
@@ -603,19 +612,23 @@ impl Dataset {
             .collect()
     }
 
-    /// Reads table `name`'s commits since this node last did (the caller holds the table).
+    /// Reads table `name`'s commits since this node last did (a table another node created
+    /// included) and updates the view; the caller holds the table. `true` if there were any.
     pub(super) fn catch_up(
         &self,
         name: &'static str,
         t: &mut MutexGuard<'_, Option<DeltaTable>>,
-    ) -> Result<(), DatasetError> {
-        let Some(dt) = t.as_mut() else { return Ok(()) };
-        let before = dt.version();
-        self.block_on(dt.update_state()).map_err(delta_err(name))?;
-        if dt.version() != before {
-            self.refresh_view(name, dt)?;
+    ) -> Result<bool, DatasetError> {
+        let before = t.as_ref().and_then(DeltaTable::version);
+        match t.as_mut() {
+            Some(dt) => self.block_on(dt.update_state()).map_err(delta_err(name))?,
+            None => **t = self.block_on(self.storage.load(name))?,
         }
-        Ok(())
+        let Some(dt) = t.as_ref().filter(|dt| dt.version() != before) else {
+            return Ok(false);
+        };
+        self.refresh_view(name, dt)?;
+        Ok(true)
     }
 
     /// Whether table `name`'s current snapshot (as this node last read it) names every file of
@@ -857,7 +870,7 @@ impl Dataset {
         if self.storage.is_local() {
             b = b.with_configuration_property(
                 deltalake_core::TableProperty::LogRetentionDuration,
-                Some(LOCAL_LOG_RETENTION.to_owned()),
+                Some(local_log_retention()),
             );
         }
         for (col, ty) in Self::delta_columns(df, partitions) {

@@ -96,3 +96,25 @@ impl Master {
         Err(DatasetError::Conflict(SAVED))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A saved document that is not master data (a damaged file, a hand edit) leaves the
+    /// configuration's master data in force; a good one adds its ideal cycle times.
+    #[test]
+    fn unreadable_saved_master_data_falls_back_to_the_configuration() {
+        let mut cfg = CloudConfig::default();
+        cfg.master.default_ideal_cycle_ms = 30_000;
+        for bad in [&b"{not json"[..], b"[]", b""] {
+            let m = Master::with_saved(&cfg, Some(bad));
+            assert!(m.ideal_cycle_ms.is_empty());
+            assert_eq!(m.default_ideal_cycle_ms, 30_000);
+        }
+        let good = br#"{"ideal_cycle_ms":{"s/l/m":45000},"default_ideal_cycle_ms":0,"calendar":{"shifts":[]}}"#;
+        let m = Master::with_saved(&cfg, Some(good));
+        assert_eq!(m.ideal_cycle_ms["s/l/m"], 45_000);
+        assert_eq!(m.default_ideal_cycle_ms, 30_000);
+    }
+}
