@@ -47,6 +47,7 @@ def cpu_s(pid):
 
 
 PYTHON = os.environ.get("MILLRACE_PYTHON", os.path.expanduser("~/.cache/millrace-py/bin/python"))
+S3_SERVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "python", "s3_server.py")
 
 
 def edge_toml(edge_id, data_dir, mqtt, http, cloud_port):
@@ -60,9 +61,11 @@ def edge_toml(edge_id, data_dir, mqtt, http, cloud_port):
 
 
 def start_s3(work):
-    """moto's S3 server on a free port with bucket `bench`; returns (process, endpoint)."""
+    """moto's S3 server (with atomic conditional writes: tests/python/s3_server.py) on a free
+    port with bucket `bench`; returns (process, endpoint)."""
     port = free_port()
-    p = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    p = subprocess.Popen([PYTHON, S3_SERVER,
+                          "-H", "127.0.0.1", "-p", str(port)],
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "s3.log"), "w"))
     endpoint = f"http://127.0.0.1:{port}"
     import urllib.request

@@ -126,6 +126,10 @@ pub struct StorageConfig {
     pub region: Option<String>,
     /// Allow an `http://` endpoint (a store on the same machine or in a test).
     pub allow_http: bool,
+    /// Exactly one cloud node ever writes this dataset: start even if the store's conditional
+    /// writes are not atomic (checked at start otherwise; several nodes on such a store would
+    /// overwrite each other's commits).
+    pub single_writer: bool,
 }
 
 impl StorageConfig {

@@ -385,6 +385,155 @@ fn two_nodes_compacting_the_same_files_keep_every_row_once() {
     }
 }
 
+/// Two nodes start on one empty dataset at the same moment, each fed by an edge of its own,
+/// while both also read each other's commits and compact: every batch of both edges is in the
+/// ledger and every row in the tables once, on both nodes and on a third opened afterwards.
+/// (The tables are created by whichever node comes first; any interleaving must give this.)
+#[test]
+fn two_nodes_starting_together_storing_refreshing_and_compacting_lose_no_batch() {
+    let (batches, per) = (24u64, 20u64);
+    for round in 0..4 {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Dataset::open(dir.path(), false).unwrap();
+        let b = Dataset::open(dir.path(), false).unwrap();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let barrier = std::sync::Barrier::new(4);
+        std::thread::scope(|s| {
+            for (ds, edge) in [(&a, "e1"), (&b, "e2")] {
+                let (barrier, done) = (&barrier, &done);
+                s.spawn(move || {
+                    barrier.wait();
+                    for i in 0..batches {
+                        let ack = millrace_cloud::sync::store(
+                            ds,
+                            edge,
+                            &items(1 + i * per, per),
+                            &[],
+                            &[],
+                            1_767_600_000_000 + i as i64,
+                        )
+                        .unwrap();
+                        assert_eq!((ack.stored, ack.duplicates), (per, 0), "{edge} batch {i}");
+                        if i % 6 == 5 {
+                            ds.compact(2).unwrap();
+                        }
+                    }
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+                s.spawn(move || {
+                    barrier.wait();
+                    while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+                        ds.refresh(std::time::Duration::ZERO).unwrap();
+                    }
+                });
+            }
+        });
+        let c = Dataset::open(dir.path(), false).unwrap();
+        let want_events = (1..=batches * per)
+            .filter(|s| s % 10 == 0 || s % 10 == 5)
+            .count()
+            * 2;
+        for (name, ds) in [("a", &a), ("b", &b), ("c", &c)] {
+            ds.refresh(std::time::Duration::ZERO).unwrap();
+            for edge in ["e1", "e2"] {
+                assert_eq!(
+                    ds.edges()[edge].received.ranges(),
+                    &[(1, batches * per)],
+                    "round {round}: node {name}'s ledger of {edge}"
+                );
+            }
+            let df =
+                millrace_cloud::dataset::read_files(&ds.files(Table::Events, None, None).unwrap())
+                    .unwrap();
+            assert_eq!(
+                df.height(),
+                want_events,
+                "round {round}: node {name}'s events"
+            );
+            let edges = df.column("edge").unwrap().as_materialized_series().clone();
+            let seqs = df
+                .column("outbox_seq")
+                .unwrap()
+                .as_materialized_series()
+                .clone();
+            let keys: std::collections::HashSet<String> = (0..df.height())
+                .map(|i| format!("{}/{}", edges.get(i).unwrap(), seqs.get(i).unwrap()))
+                .collect();
+            assert_eq!(
+                keys.len(),
+                want_events,
+                "round {round}: node {name}: a row twice"
+            );
+        }
+    }
+}
+
+/// A table on the local disk keeps an hour of log: once a checkpoint covers them, entries
+/// older than that are deleted by the next commit (delta-rs lists the whole log at every
+/// commit), and the table still opens with everything it held.
+#[test]
+fn log_entries_older_than_an_hour_go_once_a_checkpoint_covers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    let store = |i: u64| {
+        millrace_cloud::sync::store(&ds, "e1", &items(1 + i * 10, 10), &[], &[], i as i64).unwrap();
+    };
+    // Version 0 creates each table, then one commit per batch: a checkpoint at version 99.
+    for i in 0..100 {
+        store(i);
+    }
+    let (telemetry, events) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
+    let log = dir.path().join("sync_batches/_delta_log");
+    let entries = |suffix: &str| {
+        std::fs::read_dir(&log)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(entries(".json").len(), 101);
+    assert_eq!(entries(".checkpoint.parquet").len(), 1);
+    store(100);
+    assert_eq!(
+        entries(".json").len(),
+        102,
+        "nothing older than an hour yet"
+    );
+    // Two hours pass for every entry so far.
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+    for table in ["telemetry", "events", "part_counts", "sync_batches"] {
+        for e in std::fs::read_dir(dir.path().join(table).join("_delta_log")).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_file() {
+                let f = std::fs::File::options().write(true).open(&path).unwrap();
+                f.set_modified(then).unwrap();
+            }
+        }
+    }
+    store(101);
+    // Versions 0..=98 went; the checkpoint (99) and what follows it stay.
+    let mut left: Vec<String> = entries(".json")
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "00000000000000000099.json",
+            "00000000000000000100.json",
+            "00000000000000000101.json",
+            "00000000000000000102.json"
+        ]
+    );
+    drop(ds);
+    let ds = Dataset::open(dir.path(), false).unwrap();
+    assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 1020)]);
+    assert_eq!(ds.edges()["e1"].batches, 102);
+    assert_eq!(rows(&ds, Table::Telemetry), telemetry + 2 * 16);
+    assert_eq!(rows(&ds, Table::Events), events + 2 * 2);
+}
+
 #[test]
 fn compaction_keeps_every_row_and_the_ledger() {
     let dir = tempfile::tempdir().unwrap();

@@ -483,7 +483,8 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-/// An S3 server on 127.0.0.1 (moto's, from `tests/python/requirements.txt`), empty, on a port of
+/// An S3 server on 127.0.0.1 (moto's, from `tests/python/requirements.txt`, with atomic
+/// conditional writes: `tests/python/s3_server.py`), empty, on a port of
 /// its own; stopped when dropped.
 #[derive(Debug)]
 pub struct S3Server {
@@ -507,7 +508,8 @@ impl S3Server {
     fn start_with_env(env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/s3_server.py"))
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -549,6 +551,83 @@ impl S3Server {
 }
 
 impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// s3s-fs (crates.io, disk-backed; `./millrace test` installs it in
+/// `~/.cache/millrace-tools`, `MILLRACE_S3S_FS` names another) on 127.0.0.1, port of its own,
+/// with the buckets `buckets` (directories under `root`); stopped when dropped.
+#[derive(Debug)]
+pub struct S3sFs {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl S3sFs {
+    /// The access and secret key it accepts.
+    const KEYS: (&'static str, &'static str) = ("millrace-s3s", "millrace-s3s-secret");
+
+    /// Starts the server on `root`.
+    pub fn start(root: &Path, buckets: &[&str]) -> Self {
+        use std::io::BufRead;
+        for b in buckets {
+            std::fs::create_dir_all(root.join(b)).expect("bucket directory");
+        }
+        let bin = std::env::var_os("MILLRACE_S3S_FS").map_or_else(
+            || {
+                PathBuf::from(std::env::var("HOME").expect("HOME"))
+                    .join(".cache/millrace-tools/bin/s3s-fs")
+            },
+            Into::into,
+        );
+        assert!(
+            bin.exists(),
+            "{} does not exist: run ./millrace test (it installs s3s-fs), or set MILLRACE_S3S_FS",
+            bin.display()
+        );
+        let mut child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(["--access-key", Self::KEYS.0, "--secret-key", Self::KEYS.1])
+            .arg(root)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let endpoint = loop {
+            let line = lines
+                .next()
+                .expect("s3s-fs exited before it started")
+                .expect("read");
+            if let Some(i) = line.find("http://127.0.0.1:") {
+                let port: String = line[i + 17..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                break format!("http://127.0.0.1:{port}");
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, endpoint }
+    }
+
+    /// The environment a client of this server needs.
+    pub fn env(&self) -> [(&'static str, &'static str); 3] {
+        [
+            ("AWS_ACCESS_KEY_ID", Self::KEYS.0),
+            ("AWS_SECRET_ACCESS_KEY", Self::KEYS.1),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    }
+}
+
+impl Drop for S3sFs {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use millrace_tests::{Fault, FaultProxy, S3Server, free_port, read_json, run_ok, wait_until};
+use millrace_tests::{
+    Fault, FaultProxy, S3Server, S3sFs, free_port, read_json, run_ok, wait_until,
+};
 use serde_json::Value;
 
 use super::{
@@ -403,4 +405,62 @@ fn a_missing_bucket_or_a_store_that_does_not_answer_is_a_clear_error_at_start() 
     assert!(!ok && err.contains("storage.allow_http"), "{err}");
     let (ok, err) = cloud_fails_to_start(dir.path(), "url = \"gs://plant-data/x\"\n", &env);
     assert!(!ok && err.contains("only s3://"), "{err}");
+}
+
+/// A second S3 server no one here wrote: s3s-fs (disk-backed). It checks a conditional write
+/// and then writes in two steps, so writers racing for one object are all told they won: the
+/// cloud refuses it at start and names the way out. With `storage.single_writer` one node runs
+/// on it: an edge's data arrives once, and delta-rs reads the tables through the server.
+#[test]
+fn a_store_whose_conditional_writes_are_not_atomic_is_refused_unless_one_node_writes_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3sFs::start(&dir.path().join("s3s-root"), &["plant-data"]);
+    let env = s3.env();
+    let (ok, err) = cloud_fails_to_start(
+        dir.path(),
+        &storage("s3://plant-data/millrace", &s3.endpoint, true),
+        &env,
+    );
+    assert!(!ok, "started on a store whose conditional writes race");
+    assert!(
+        err.contains("does not make conditional writes atomic")
+            && err.contains("storage.single_writer = true"),
+        "{err}"
+    );
+
+    // One node alone.
+    let (token, digest) = edge_token("e1");
+    let cfg = node_config(dir.path(), "node", &s3.endpoint, &[("e1", digest.as_str())]);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "allow_http = true\n",
+        "allow_http = true\nsingle_writer = true\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let cloud = CloudProcess::start_with_env(&cfg, &env);
+    let (edge, d) = syncing_edge(dir.path(), "e1", &cloud.http, &token);
+    let truth = d.join("truth.json");
+    let mut sim = paced_sim(&edge, "43", "2026-03-02T00:00:00Z", "6h", "10s", &truth);
+    let last = drained(&mut sim, &edge);
+    assert!(
+        wait_until(
+            Duration::from_secs(180),
+            || ledger(&cloud, "e1")["received"] == serde_json::json!([[1, last]])
+        ),
+        "{}",
+        ledger(&cloud, "e1")
+    );
+    assert_eq!(ledger(&cloud, "e1")["gap_items"], 0);
+    let truth = read_json(&truth);
+    assert!(assert_same_contents(&edge, &cloud, &truth) > 0);
+    let out = run_ok(
+        Command::new(millrace_tests::python())
+            .arg(super::manifest_dir().join("python/delta_readers.py"))
+            .arg("s3://plant-data/millrace")
+            .envs(env.iter().copied())
+            .env("AWS_ENDPOINT_URL", &s3.endpoint),
+    );
+    let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    super::assert_reader_counts(&readers, "deltalake", &[&truth]);
+    edge.stop();
+    cloud.stop();
 }

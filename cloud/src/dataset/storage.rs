@@ -21,6 +21,11 @@ use crate::config::StorageConfig;
 /// Data files fetched at once into the cache.
 const FETCHES_AT_ONCE: usize = 8;
 
+/// The start check of a bucket's conditional writes: rounds, and writers that race to create
+/// one new object in each.
+const PROBE_ROUNDS: usize = 3;
+const PROBE_WRITERS: usize = 8;
+
 /// The dataset's storage.
 pub(super) struct Storage {
     /// Local: the tables' directory. S3: the directory of the cache of their files.
@@ -50,6 +55,8 @@ struct Remote {
     root: url::Url,
     /// The tables' prefix in the bucket (empty: the bucket's root).
     prefix: String,
+    /// `storage.single_writer`: the conditional writes are not checked at start.
+    single_writer: bool,
 }
 
 impl std::fmt::Debug for Storage {
@@ -149,6 +156,7 @@ impl Storage {
                 store: Arc::new(store),
                 root: url::Url::parse(&root).map_err(|e| bad(e.to_string()))?,
                 prefix,
+                single_writer: cfg.single_writer,
             }),
             fsync: false,
             doomed: Default::default(),
@@ -169,7 +177,8 @@ impl Storage {
     }
 
     /// Makes sure the bucket answers (a clear error at start for wrong credentials, a missing
-    /// bucket or an unreachable endpoint).
+    /// bucket or an unreachable endpoint) and that its conditional writes are atomic, unless
+    /// `storage.single_writer` says one node writes alone.
     pub(super) async fn check(&self) -> Result<(), DatasetError> {
         let Some(r) = &self.remote else {
             return Ok(());
@@ -178,11 +187,71 @@ impl Storage {
         r.store
             .list_with_delimiter(prefix.as_ref())
             .await
-            .map(|_| ())
             .map_err(|e| DatasetError::Storage {
                 message: format!("cannot list {}: {}", r.root, explain(&e)),
                 retryable: false,
-            })
+            })?;
+        if r.single_writer {
+            tracing::info!(
+                store = %r.root,
+                "storage.single_writer: the store's conditional writes are not checked; only this node may write the dataset"
+            );
+            return Ok(());
+        }
+        self.check_conditional_writes(r).await
+    }
+
+    /// Delta's commits from several nodes are safe only if, of writers that race to create one
+    /// object (`If-None-Match: *`), exactly one is told it did: a store that checks and then
+    /// writes in two steps tells several, and their commits of one version overwrite each other
+    /// (s3s-fs 0.14 does; S3, MinIO and R2 decide atomically). [`PROBE_WRITERS`] writers race
+    /// for a new object, [`PROBE_ROUNDS`] times; the objects are deleted afterwards. A probe,
+    /// not a proof: a store that fails it is certainly unsafe.
+    async fn check_conditional_writes(&self, r: &Remote) -> Result<(), DatasetError> {
+        use object_store::{PutMode, PutPayload};
+        let base = if r.prefix.is_empty() {
+            format!("_millrace/probe-{}", super::delta::unique())
+        } else {
+            format!("{}/_millrace/probe-{}", r.prefix, super::delta::unique())
+        };
+        for round in 1..=PROBE_ROUNDS {
+            let key = ObjectPath::from(format!("{base}-{round}"));
+            let puts = (0..PROBE_WRITERS).map(|i| {
+                let (store, key) = (r.store.clone(), key.clone());
+                async move {
+                    let body = PutPayload::from(format!("millrace start check, writer {i}"));
+                    store.put_opts(&key, body, PutMode::Create.into()).await
+                }
+            });
+            let results = futures_util::future::join_all(puts).await;
+            let _ = r.store.delete(&key).await;
+            let mut told_yes = 0;
+            for res in results {
+                match res {
+                    Ok(_) => told_yes += 1,
+                    Err(
+                        object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::Precondition { .. },
+                    ) => {}
+                    Err(e) => {
+                        return Err(DatasetError::Storage {
+                            message: format!("cannot write to {}: {}", r.root, explain(&e)),
+                            retryable: false,
+                        });
+                    }
+                }
+            }
+            if told_yes > 1 {
+                return Err(DatasetError::Storage {
+                    message: format!(
+                        "the store at {} does not make conditional writes atomic: of {PROBE_WRITERS} writers racing to create one new object, {told_yes} were told they had (round {round} of {PROBE_ROUNDS}); Delta commits of several cloud nodes would overwrite each other and lose data. Use a store whose conditional writes are atomic (AWS S3, MinIO, Cloudflare R2), or set storage.single_writer = true if exactly one cloud node ever writes this dataset",
+                        r.root
+                    ),
+                    retryable: false,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The table's URL (a local directory is made if missing).
