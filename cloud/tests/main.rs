@@ -156,13 +156,7 @@ fn an_interrupted_commit_leaves_nothing_behind() {
     drop(ds);
     // A crash after the batch's data was committed but before its `sync_batches` row was:
     // the data tables hold seqs 101..150, the ledger does not.
-    let log = dir.path().join("sync_batches/_delta_log");
-    let mut entries: Vec<_> = std::fs::read_dir(&log)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    entries.sort();
+    let entries = log_files(dir.path(), "sync_batches", ".json");
     std::fs::remove_file(entries.last().unwrap()).unwrap();
     // And a crash after a file was written but before any commit named it.
     let orphan = dir
@@ -236,15 +230,20 @@ fn a_corrupt_checkpoint_is_an_error_at_start_that_names_the_table_and_the_way_ou
     assert_eq!(ds.edges()["e1"].received.ranges(), &[(1, 1000)]);
 }
 
-/// The retention of a table's log entries (`delta.logRetentionDuration`) in its newest metadata.
-fn log_retention(dir: &std::path::Path, table: &str) -> Option<String> {
-    let log = dir.join(table).join("_delta_log");
-    let mut entries: Vec<_> = std::fs::read_dir(&log)
+/// The files of table `table`'s Delta log whose names end with `suffix`, in version order.
+fn log_files(dir: &std::path::Path, table: &str, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join(table).join("_delta_log"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
         .collect();
-    entries.sort();
+    files.sort();
+    files
+}
+
+/// The retention of a table's log entries (`delta.logRetentionDuration`) in its newest metadata.
+fn log_retention(dir: &std::path::Path, table: &str) -> Option<String> {
+    let entries = log_files(dir, table, ".json");
     entries.iter().rev().find_map(|p| {
         std::fs::read_to_string(p).unwrap().lines().find_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -483,14 +482,7 @@ fn log_entries_older_than_an_hour_go_once_a_checkpoint_covers_them() {
         store(i);
     }
     let (telemetry, events) = (rows(&ds, Table::Telemetry), rows(&ds, Table::Events));
-    let log = dir.path().join("sync_batches/_delta_log");
-    let entries = |suffix: &str| {
-        std::fs::read_dir(&log)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.to_string_lossy().ends_with(suffix))
-            .collect::<Vec<_>>()
-    };
+    let entries = |suffix: &str| log_files(dir.path(), "sync_batches", suffix);
     assert_eq!(entries(".json").len(), 101);
     assert_eq!(entries(".checkpoint.parquet").len(), 1);
     store(100);
@@ -512,11 +504,10 @@ fn log_entries_older_than_an_hour_go_once_a_checkpoint_covers_them() {
     }
     store(101);
     // Versions 0..=98 went; the checkpoint (99) and what follows it stay.
-    let mut left: Vec<String> = entries(".json")
+    let left: Vec<String> = entries(".json")
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    left.sort();
     assert_eq!(
         left,
         [

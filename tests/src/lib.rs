@@ -27,19 +27,48 @@ pub fn free_port() -> u16 {
 /// The Python with the outside peers and readers (`./millrace test` makes it from
 /// tests/python/requirements.txt; `MILLRACE_PYTHON` names another).
 pub fn python() -> PathBuf {
-    let p = std::env::var_os("MILLRACE_PYTHON").map_or_else(
-        || {
-            PathBuf::from(std::env::var("HOME").expect("HOME"))
-                .join(".cache/millrace-py/bin/python")
-        },
+    installed_tool(
+        "MILLRACE_PYTHON",
+        ".cache/millrace-py/bin/python",
+        "it installs tests/python/requirements.txt",
+    )
+}
+
+/// A tool `./millrace test` installs under `$HOME/<home_path>` (`what` it does), or the one the
+/// environment variable `var` names.
+fn installed_tool(var: &str, home_path: &str, what: &str) -> PathBuf {
+    let p = std::env::var_os(var).map_or_else(
+        || PathBuf::from(std::env::var("HOME").expect("HOME")).join(home_path),
         Into::into,
     );
     assert!(
         p.exists(),
-        "{} does not exist: run ./millrace test (it installs tests/python/requirements.txt), or set MILLRACE_PYTHON",
+        "{} does not exist: run ./millrace test ({what}), or set {var}",
         p.display()
     );
     p
+}
+
+/// Reads a server's output until it names the address it listens on (`http://127.0.0.1:PORT`),
+/// and the rest of it in the background (so the server never blocks on a full pipe).
+fn announced_endpoint(out: impl std::io::Read + Send + 'static, server: &str) -> String {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(out).lines();
+    let endpoint = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{server} exited before it started"))
+            .expect("read");
+        if let Some(i) = line.find("http://127.0.0.1:") {
+            let port: String = line[i + "http://127.0.0.1:".len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            break format!("http://127.0.0.1:{port}");
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    endpoint
 }
 
 /// Polls `check` until it is true or `timeout` passes. Used to wait for *conditions* (a message
@@ -506,7 +535,6 @@ impl S3Server {
     }
 
     fn start_with_env(env: &[(&str, &str)]) -> Self {
-        use std::io::BufRead;
         let mut child = Command::new(python())
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/s3_server.py"))
             .args(["-H", "127.0.0.1", "-p", "0"])
@@ -515,17 +543,7 @@ impl S3Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start moto's S3 server");
-        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let endpoint = loop {
-            let line = lines
-                .next()
-                .expect("the S3 server exited before it started")
-                .expect("read");
-            if let Some(i) = line.find("http://127.0.0.1:") {
-                break line[i..].trim().to_owned();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let endpoint = announced_endpoint(child.stderr.take().expect("stderr"), "moto");
         Self { child, endpoint }
     }
 
@@ -573,21 +591,13 @@ impl S3sFs {
 
     /// Starts the server on `root`.
     pub fn start(root: &Path, buckets: &[&str]) -> Self {
-        use std::io::BufRead;
         for b in buckets {
             std::fs::create_dir_all(root.join(b)).expect("bucket directory");
         }
-        let bin = std::env::var_os("MILLRACE_S3S_FS").map_or_else(
-            || {
-                PathBuf::from(std::env::var("HOME").expect("HOME"))
-                    .join(".cache/millrace-tools/bin/s3s-fs")
-            },
-            Into::into,
-        );
-        assert!(
-            bin.exists(),
-            "{} does not exist: run ./millrace test (it installs s3s-fs), or set MILLRACE_S3S_FS",
-            bin.display()
+        let bin = installed_tool(
+            "MILLRACE_S3S_FS",
+            ".cache/millrace-tools/bin/s3s-fs",
+            "it installs s3s-fs",
         );
         let mut child = Command::new(bin)
             .args(["--host", "127.0.0.1", "--port", "0"])
@@ -599,21 +609,7 @@ impl S3sFs {
             .stderr(Stdio::null())
             .spawn()
             .expect("start s3s-fs");
-        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let endpoint = loop {
-            let line = lines
-                .next()
-                .expect("s3s-fs exited before it started")
-                .expect("read");
-            if let Some(i) = line.find("http://127.0.0.1:") {
-                let port: String = line[i + 17..]
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                break format!("http://127.0.0.1:{port}");
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let endpoint = announced_endpoint(child.stdout.take().expect("stdout"), "s3s-fs");
         Self { child, endpoint }
     }
 

@@ -81,14 +81,28 @@ fn drained(sim: &mut Child, edge: &EdgeProcess) -> u64 {
         - 1
 }
 
+/// `tests/python/delta_readers.py` on the tables in `s3://plant-data/millrace` at `endpoint`,
+/// with `args` after the URL.
+fn bucket_reader(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> Command {
+    let mut c = Command::new(millrace_tests::python());
+    c.arg(super::manifest_dir().join("python/delta_readers.py"))
+        .arg("s3://plant-data/millrace")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("AWS_ENDPOINT_URL", endpoint);
+    c
+}
+
+/// What delta-rs (and DuckDB) count in the tables of the bucket at `endpoint`.
+fn read_bucket(endpoint: &str, env: &[(&str, &str)]) -> Value {
+    let out = run_ok(&mut bucket_reader(endpoint, env, &[]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Diagnostics: an edge's `sync_batches` rows and first stored sequence numbers, as delta-rs
 /// reads the bucket.
 fn batches_in_bucket(s3: &S3Server, env: &[(&str, &str)], edge: &str) -> String {
-    let out = Command::new(millrace_tests::python())
-        .arg(super::manifest_dir().join("python/delta_readers.py"))
-        .args(["s3://plant-data/millrace", "--batches-of", edge])
-        .envs(env.iter().copied())
-        .env("AWS_ENDPOINT_URL", &s3.endpoint)
+    let out = bucket_reader(&s3.endpoint, env, &["--batches-of", edge])
         .output()
         .unwrap();
     format!(
@@ -254,14 +268,7 @@ fn two_cloud_nodes_on_one_bucket_store_every_item_once_across_failover_and_kill_
     }
 
     // An outside reader of the bucket (delta-rs) counts what the edges sent.
-    let out = run_ok(
-        Command::new(millrace_tests::python())
-            .arg(super::manifest_dir().join("python/delta_readers.py"))
-            .arg("s3://plant-data/millrace")
-            .envs(env.iter().copied())
-            .env("AWS_ENDPOINT_URL", &s3.endpoint),
-    );
-    let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let readers = read_bucket(&s3.endpoint, &env);
     super::assert_reader_counts(&readers, "deltalake", &[&truth1, &truth2]);
     e1.stop();
     e2.stop();
@@ -452,14 +459,7 @@ fn a_store_whose_conditional_writes_are_not_atomic_is_refused_unless_one_node_wr
     assert_eq!(ledger(&cloud, "e1")["gap_items"], 0);
     let truth = read_json(&truth);
     assert!(assert_same_contents(&edge, &cloud, &truth) > 0);
-    let out = run_ok(
-        Command::new(millrace_tests::python())
-            .arg(super::manifest_dir().join("python/delta_readers.py"))
-            .arg("s3://plant-data/millrace")
-            .envs(env.iter().copied())
-            .env("AWS_ENDPOINT_URL", &s3.endpoint),
-    );
-    let readers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let readers = read_bucket(&s3.endpoint, &env);
     super::assert_reader_counts(&readers, "deltalake", &[&truth]);
     edge.stop();
     cloud.stop();
